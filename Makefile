@@ -1,0 +1,26 @@
+# Two entry points (see README): `make demo` runs the embedded demo, `make test` runs the test suite.
+# Both create .venv on first use and reuse it afterwards.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo env clean-env
+
+env: $(STAMP)
+
+$(STAMP): requirements/stack.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23"
+	$(PY) -m pip install -q -r requirements/stack.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+clean-env:
+	rm -rf $(VENV)
