@@ -1,1 +1,2 @@
 
+from .vil import ViL  # noqa: F401

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .parallel import mlstm_parallel
 
-MLSTM_BACKENDS: Dict[str, Callable[..., Tensor]] = {'parallel': mlstm_parallel}
+MLSTM_BACKENDS: Dict[str, Callable[..., Tensor]] = {'parallel': mlstm_parallel, 'auto': mlstm_parallel}
 
 
 def mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, backend: str = 'parallel') -> Tensor:

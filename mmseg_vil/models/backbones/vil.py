@@ -1,0 +1,218 @@
+"""Vision-LSTM (ViL) backbone, numerically identical to the official ``VisionLSTM2`` (Alkin et al., 2024).
+
+An isotropic stack of mLSTM blocks over 16x16 patch tokens; even blocks traverse the tokens from the top-left, odd
+blocks from the bottom-right. ``out_indices`` count mLSTM blocks (24 in every preset, i.e. 12 official block pairs).
+"""
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from torch import Tensor, nn
+
+from ...registry import register_model
+from ...utils.checkpoint import load_state_dict_strictly, read_state_dict
+from ..layers.pos_embed import resample_grid_pos_embed
+from ..layers.vil_block import ViLBlock
+from .vil_checkpoint import convert_vil_state_dict, split_backbone_and_head
+
+OUT_TYPES = ('featmap', 'raw', 'pooled')
+
+
+def _pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+@register_model
+class ViL(BaseModule):
+    """Vision-LSTM backbone for MMSegmentation and MMPretrain.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``/``'s'``/``'b'``), or a dict with ``embed_dims`` and
+            ``num_layers`` (number of mLSTM blocks) and optionally ``num_heads``, ``expansion``,
+            ``qkv_block_size``, ``conv_kernel_size``.
+        img_size: build resolution; sets the grid of the learnable position embedding. Other input sizes work:
+            the embedding is resampled (bicubic) at run time, and at load time when a checkpoint's grid differs.
+        patch_size: patch size (and stride) of the patch embedding.
+        in_channels: input channels.
+        out_indices: mLSTM blocks whose outputs are returned (negative values count from the end). The default
+            (7, 11, 15, 23) is the official UperNet setting.
+        out_type: ``'featmap'`` (NCHW maps), ``'raw'`` (``(B, N, D)`` tokens, row-major) or ``'pooled'``
+            (``(B, 2D)`` concatenation of the first and last token, the released classifiers' pooling).
+        final_norm: apply the final LayerNorm (eps 1e-6) to the output of the last block. The official
+            segmentation models use raw block outputs (False); the classifiers use it (True).
+        drop_path_rate: stochastic-depth rate of the last block.
+        drop_path_decay: rates grow linearly from 0 over the blocks; if False every block uses ``drop_path_rate``.
+        with_cp: gradient checkpointing of each block while training (saves memory, costs a recomputation).
+        mlstm_backend: mLSTM cell backend (see :mod:`mmseg_vil.models.layers.mlstm`).
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH[, prefix=...])`` loads a released ``.th`` file, a
+            ``VisionLSTM2`` state dict or a checkpoint of this package strictly; otherwise the official init.
+    """
+
+    arch_zoo: Dict[str, dict] = {
+        **dict.fromkeys(['t', 'tiny'], dict(embed_dims=192, num_layers=24)),
+        **dict.fromkeys(['s', 'small'], dict(embed_dims=384, num_layers=24)),
+        **dict.fromkeys(['b', 'base'], dict(embed_dims=768, num_layers=24)),
+    }
+    arch_defaults = dict(num_heads=4, expansion=2, qkv_block_size=4, conv_kernel_size=3)
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 img_size: Union[int, Sequence[int]] = 224,
+                 patch_size: int = 16,
+                 in_channels: int = 3,
+                 out_indices: Union[int, Sequence[int]] = (7, 11, 15, 23),
+                 out_type: str = 'featmap',
+                 final_norm: bool = False,
+                 drop_path_rate: float = 0.0,
+                 drop_path_decay: bool = True,
+                 with_cp: bool = False,
+                 mlstm_backend: str = 'auto',
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self._parse_arch(arch)
+        self.embed_dims = self.arch_settings['embed_dims']
+        self.num_layers = self.arch_settings['num_layers']
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        if out_type not in OUT_TYPES:
+            raise ValueError(f'out_type={out_type!r} is not supported; choose one of {OUT_TYPES}')
+        self.out_type = out_type
+        self.out_indices = self._parse_out_indices(out_indices)
+        self.final_norm = final_norm
+        self.with_cp = with_cp
+
+        self.patch_embed = nn.Conv2d(in_channels, self.embed_dims, patch_size, stride=patch_size)
+        grid = tuple(s // patch_size for s in _pair(img_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, *grid, self.embed_dims))
+        rates = (torch.linspace(0, drop_path_rate, self.num_layers).tolist() if drop_path_decay
+                 else [drop_path_rate] * self.num_layers)
+        mixer_kwargs = {k: self.arch_settings[k] for k in self.arch_defaults}
+        self.layers = nn.ModuleList(
+            ViLBlock(self.embed_dims, reverse=bool(i % 2), drop_path=rates[i], mlstm_backend=mlstm_backend,
+                     **mixer_kwargs) for i in range(self.num_layers))
+        self.norm = nn.LayerNorm(self.embed_dims, eps=1e-6) if final_norm else None
+        self._register_load_state_dict_pre_hook(self._resample_loaded_pos_embed)
+        self.reset_parameters()
+
+    def _parse_arch(self, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            if arch.lower() not in self.arch_zoo:
+                raise ValueError(f'Unknown ViL arch {arch!r}; choose one of {sorted(set(self.arch_zoo))} '
+                                 'or pass a dict with embed_dims and num_layers')
+            arch = self.arch_zoo[arch.lower()]
+        missing = {'embed_dims', 'num_layers'} - set(arch)
+        if missing:
+            raise ValueError(f'ViL arch dict {arch} lacks {sorted(missing)}')
+        return {**self.arch_defaults, **arch}
+
+    def _parse_out_indices(self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+        indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
+        bad = [i for i in indices if not -self.num_layers <= i < self.num_layers]
+        if bad or not indices:
+            raise ValueError(f'out_indices {indices} invalid: each must lie in [{-self.num_layers}, '
+                             f'{self.num_layers - 1}] (the model has {self.num_layers} mLSTM blocks)')
+        return tuple(sorted(i % self.num_layers for i in indices))
+
+    def reset_parameters(self) -> None:
+        """The official initialisation (vil_spec.md §3)."""
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.embed_dims, -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for layer in self.layers:
+            layer.norm.reset_parameters()
+            layer.mixer.reset_parameters()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+
+    def init_weights(self) -> None:
+        """Load ``init_cfg``'s pretrained checkpoint strictly, or keep the official init."""
+        if not (self.init_cfg and self.init_cfg.get('type') == 'Pretrained'):
+            super().init_weights()
+            return
+        path = self.init_cfg['checkpoint']
+        state_dict, _ = split_backbone_and_head(
+            convert_vil_state_dict(read_state_dict(path, prefix=self.init_cfg.get('prefix'))))
+        if self.norm is None:
+            state_dict.pop('norm.weight', None)
+            state_dict.pop('norm.bias', None)
+        state_dict['pos_embed'] = resample_grid_pos_embed(state_dict['pos_embed'], self.pos_embed.shape[1:3])
+        load_state_dict_strictly(self, state_dict, source=path)
+        print_log(f'ViL: loaded {len(state_dict)} tensors from {path}', logger='current')
+        self._is_init = True
+
+    def _resample_loaded_pos_embed(self, state_dict: dict, prefix: str, *args) -> None:
+        key = prefix + 'pos_embed'
+        if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
+            old_grid = tuple(state_dict[key].shape[1:3])
+            state_dict[key] = resample_grid_pos_embed(state_dict[key], self.pos_embed.shape[1:3])
+            print_log(f'ViL: resampled position embedding {old_grid} -> {tuple(self.pos_embed.shape[1:3])}',
+                      logger='current')
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f'ViL expects a 4-D (B, C, H, W) image batch, got shape {tuple(x.shape)}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'ViL was built for in_channels={self.in_channels}, got {x.shape[1]} channels '
+                             f'(input shape {tuple(x.shape)}); set in_channels accordingly')
+        if min(x.shape[-2:]) < self.patch_size:
+            raise ValueError(f'Input {tuple(x.shape[-2:])} is smaller than one {self.patch_size}x{self.patch_size} '
+                             'patch; resize it or use a smaller patch_size')
+
+    def embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """Patch tokens ``(B, N, D)`` with position embedding, and their grid. Pads H, W up to the patch size."""
+        self._check_input(x)
+        pad_h, pad_w = (-s % self.patch_size for s in x.shape[-2:])
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.patch_embed(x).permute(0, 2, 3, 1)
+        grid = tuple(x.shape[1:3])
+        x = x + resample_grid_pos_embed(self.pos_embed, grid)
+        return x.flatten(1, 2), grid
+
+    def _run_block(self, block: ViLBlock, x: Tensor, grid: Tuple[int, int]) -> Tensor:
+        if self.with_cp and self.training and x.requires_grad:
+            return cp.checkpoint(block, x, grid, use_reentrant=False)
+        return block(x, grid)
+
+    def forward_intermediates(self, x: Tensor) -> Tuple[Dict[int, Tensor], Tuple[int, int]]:
+        """Raw tokens after each block in ``out_indices`` (the last one final-normed if ``final_norm``)."""
+        x, grid = self.embed(x)
+        outs = {}
+        for i, block in enumerate(self.layers[:self.out_indices[-1] + 1]):
+            x = self._run_block(block, x, grid)
+            if i in self.out_indices:
+                outs[i] = self.norm(x) if self.norm is not None and i == self.num_layers - 1 else x
+        return outs, grid
+
+    def format_output(self, tokens: Tensor, grid: Tuple[int, int]) -> Tensor:
+        if self.out_type == 'raw':
+            return tokens
+        if self.out_type == 'pooled':
+            return torch.cat([tokens[:, 0], tokens[:, -1]], dim=1)
+        return tokens.transpose(1, 2).unflatten(-1, grid).contiguous()
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        outs, grid = self.forward_intermediates(x)
+        return tuple(self.format_output(outs[i], grid) for i in self.out_indices)
+
+    def no_weight_decay(self) -> set:
+        return {'pos_embed'}
+
+    def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:
+        """Layer id for layer-wise lr decay, the official ``group_two_blocks`` grouping.
+
+        Each pair of blocks (one per direction) is one layer: embeddings 0, pair ``j`` is ``j + 1``, the rest
+        (final norm, heads) ``num_layers - 1``, where ``num_layers = num_pairs + 2``.
+        """
+        num_layers = (self.num_layers + 1) // 2 + 2
+        if not param_name.startswith(prefix):
+            return num_layers - 1, num_layers
+        name = param_name[len(prefix):]
+        if name.startswith(('patch_embed', 'pos_embed')):
+            return 0, num_layers
+        if name.startswith('layers.'):
+            return int(name.split('.')[1]) // 2 + 1, num_layers
+        return num_layers - 1, num_layers
