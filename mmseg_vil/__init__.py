@@ -7,7 +7,8 @@ from . import compat
 
 compat.apply()
 
-from . import models  # noqa: E402  (registration after the compat fixes)
+from . import datasets, models  # noqa: E402  (registration after the compat fixes)
+from . import engine  # noqa: E402  (optimizer constructor, CPU data-parallel wrapper)
 from .version import __version__  # noqa: E402
 
-__all__ = ['__version__', 'compat', 'models']
+__all__ = ['__version__', 'compat', 'datasets', 'engine', 'models']

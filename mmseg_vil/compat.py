@@ -7,6 +7,9 @@
 2. PyTorch >= 2.6 loads checkpoints with ``weights_only=True``, and MMEngine 0.10.7 resume then fails on its own
    ``HistoryBuffer`` and the NumPy arrays inside it. :func:`allow_mmengine_checkpoint_types` adds exactly those
    types to PyTorch's safe globals; anything else in a checkpoint is still refused by the weights-only unpickler.
+   ``HistoryBuffer`` also pickles its class-level statistics functions (as ``builtins.getattr`` calls, which must
+   not be allow-listed); :func:`slim_history_buffer_pickles` stops writing them: they are class attributes that
+   every process re-creates, and ``HistoryBuffer.__setstate__`` already treats them as optional.
 """
 import importlib.util
 import sys
@@ -88,6 +91,16 @@ def mmengine_checkpoint_types() -> list:
     return [HistoryBuffer, *numpy_types]
 
 
+def _history_buffer_state(self) -> dict:
+    return {key: value for key, value in self.__dict__.items() if key != 'statistics_methods'}
+
+
+def slim_history_buffer_pickles() -> None:
+    """Pickle ``HistoryBuffer`` without its statistics functions, so weights-only loading accepts it."""
+    from mmengine.logging import HistoryBuffer
+    HistoryBuffer.__getstate__ = _history_buffer_state
+
+
 def allow_mmengine_checkpoint_types() -> None:
     """Allow-list MMEngine's own checkpoint types for ``torch.load(weights_only=True)``."""
     if hasattr(torch.serialization, 'add_safe_globals'):
@@ -97,4 +110,5 @@ def allow_mmengine_checkpoint_types() -> None:
 def apply() -> None:
     """Apply every compatibility fix; idempotent."""
     install_mmcv_ops_fallback()
+    slim_history_buffer_pickles()
     allow_mmengine_checkpoint_types()
