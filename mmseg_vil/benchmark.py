@@ -1,0 +1,304 @@
+"""Throughput and peak-memory benchmark of ViL against DeiT (mmseg ``VisionTransformer``) and Vim.
+
+Every model runs in the same process on the same device with synthetic inputs: backbone alone or the full UperNet
+segmentor of ``configs/``, a training step (forward + backward + SGD step) or inference (forward under
+``torch.inference_mode``), in img/s and peak allocated GiB (CUDA only). ``tools/benchmark.py`` is the CLI.
+"""
+import contextlib
+import datetime
+import functools
+import gc
+import glob
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.model import revert_sync_batchnorm
+from mmengine.structures import PixelData
+from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
+from torch import nn
+
+import mmseg_vil  # noqa: F401  (registers ViL and Vim)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BATCH = {224: 64, 512: 8, 1024: 2, 2048: 1}
+
+BACKBONES: Dict[str, dict] = {
+    'vil-t': dict(type='ViL', arch='tiny'), 'vil-s': dict(type='ViL', arch='small'),
+    'vil-b': dict(type='ViL', arch='base'),
+    'deit-t': dict(type='VisionTransformer', embed_dims=192, num_heads=3),
+    'deit-s': dict(type='VisionTransformer', embed_dims=384, num_heads=6),
+    'deit-b': dict(type='VisionTransformer', embed_dims=768, num_heads=12),
+    'vim-t': dict(type='Vim', arch='tiny'), 'vim-s': dict(type='Vim', arch='small'),
+}
+UPERNET_CONFIG_GLOBS = {'vil': 'configs/vil/upernet_vil-{size}16_*.py', 'deit': 'configs/vit/upernet_deit-{size}16_*.py',
+                        'vim': 'configs/vim/upernet_vim-{size}*.py'}
+
+
+@dataclass
+class Result:
+    model: str
+    scope: str
+    mode: str
+    size: int
+    batch: int
+    img_per_s: Optional[float] = None
+    peak_mem_gib: Optional[float] = None
+    ms_per_iter: Optional[float] = None
+    error: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def split_model_name(name: str):
+    """``'vil-t@chunkwise'`` -> (``'vil-t'``, ``'chunkwise'``); the suffix picks the ViL mLSTM backend."""
+    base, _, backend = name.partition('@')
+    if base not in BACKBONES:
+        raise ValueError(f'Unknown model {base!r}; choose from {sorted(BACKBONES)} (ViL may take @<mlstm backend>)')
+    return base, backend or None
+
+
+def _upernet_config(base: str) -> Config:
+    family, size = base.split('-')
+    pattern = UPERNET_CONFIG_GLOBS[family].format(size=size)
+    matches = sorted(glob.glob(str(REPO_ROOT / pattern)))
+    if not matches:
+        raise FileNotFoundError(f'no UperNet config matches {pattern}')
+    return Config.fromfile(matches[0])
+
+
+def build_model(name: str, scope: str, size: int) -> nn.Module:
+    """Backbone (``scope='backbone'``) or full UperNet (``scope='upernet'``) for ``size`` x ``size`` inputs."""
+    base, backend = split_model_name(name)
+    if scope == 'backbone':
+        cfg = dict(BACKBONES[base])
+    elif scope == 'upernet':
+        full = _upernet_config(base).model
+        full.pop('pretrained', None)
+        cfg = full.backbone
+    else:
+        raise ValueError(f'scope must be backbone or upernet, got {scope!r}')
+    cfg.update(img_size=size, init_cfg=None)
+    if backend:
+        cfg['mlstm_backend'] = backend
+    if scope == 'upernet':
+        full.backbone = cfg
+        full.data_preprocessor = None
+        return revert_sync_batchnorm(MODELS.build(full))
+    return MODELS.build(cfg)
+
+
+def use_sdpa_attention(model: nn.Module) -> int:
+    """Make ``nn.MultiheadAttention`` skip returning attention weights so PyTorch uses fused SDPA kernels.
+
+    mmcv's attention wrapper asks for the weights (and discards them), which forces the unfused path; the
+    baseline deserves the fast path. Returns the number of patched modules.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            module.forward = functools.partial(nn.MultiheadAttention.forward, module, need_weights=False)
+            count += 1
+    return count
+
+
+def _synthetic_batch(model: nn.Module, scope: str, batch: int, size: int, device: torch.device):
+    images = torch.randn(batch, 3, size, size, device=device)
+    if scope == 'backbone':
+        return images, None
+    num_classes = model.decode_head.num_classes
+    samples = []
+    for _ in range(batch):
+        sample = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
+                                             pad_shape=(size, size)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, size, size), device=device))
+        samples.append(sample)
+    return images, samples
+
+
+def _step_fn(model: nn.Module, scope: str, mode: str, images, samples):
+    if mode == 'train':
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+        def step():
+            if scope == 'backbone':
+                loss = sum(out.float().mean() for out in model(images))
+            else:
+                loss = sum(v for k, v in model.loss(images, samples).items() if 'loss' in k)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    def infer():
+        with torch.inference_mode():
+            if scope == 'backbone':
+                model(images)
+            else:
+                model.predict(images, samples)
+    return infer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, scope: str, mode: str, size: int, batch: int, device: torch.device, amp_dtype=None,
+            warmup: int = 3, iters: int = 10, compile_model: bool = False) -> Result:
+    """Time one configuration; an out-of-memory error is recorded, not raised."""
+    result = Result(model=name, scope=scope, mode=mode, size=size, batch=batch)
+    model = None
+    try:
+        model = build_model(name, scope, size).to(device)
+        result.extra['params_m'] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+        result.extra['sdpa_patched'] = use_sdpa_attention(model)
+        model.train(mode == 'train')
+        if compile_model:
+            model = torch.compile(model)
+        images, samples = _synthetic_batch(model, scope, batch, size, device)
+        step = _step_fn(model, scope, mode, images, samples)
+        autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            for _ in range(warmup):
+                step()
+            _sync(device)
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                step()
+            _sync(device)
+            elapsed = time.perf_counter() - start
+        result.ms_per_iter = round(1000 * elapsed / iters, 2)
+        result.img_per_s = round(batch * iters / elapsed, 2)
+        if device.type == 'cuda':
+            result.peak_mem_gib = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    except torch.cuda.OutOfMemoryError:
+        result.error = 'OOM'
+    except (RuntimeError, FileNotFoundError, KeyError, ValueError) as err:
+        result.error = f'{type(err).__name__}: {str(err).splitlines()[0][:200]}'
+    finally:
+        del model
+        gc.collect()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return result
+
+
+def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[str], scopes: Iterable[str],
+                  device: str = 'cuda', amp: Optional[str] = 'bf16', batch: Optional[Dict[int, int]] = None,
+                  warmup: int = 3, iters: int = 10, compile_model: bool = False) -> dict:
+    """Run every (scope, size, mode, model) combination; returns a JSON-ready dict with environment and results."""
+    dev = torch.device(device)
+    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None, 'none': None}[amp]
+    batch = {**DEFAULT_BATCH, **(batch or {})}
+    results: List[Result] = []
+    models = list(models)
+    for scope in scopes:
+        for size in sizes:
+            for mode in modes:
+                for name in models:
+                    res = measure(name, scope, mode, size, batch.get(size, 1), dev, amp_dtype, warmup, iters,
+                                  compile_model)
+                    print_log(f'[{scope} {mode} {size}px b{res.batch}] {name}: '
+                              + (res.error or f'{res.img_per_s} img/s, {res.ms_per_iter} ms/iter, '
+                                 f'peak {res.peak_mem_gib} GiB'), logger='current')
+                    results.append(res)
+    return dict(environment=environment(dev, amp), results=[asdict(r) for r in results])
+
+
+def environment(device: torch.device, amp: Optional[str]) -> dict:
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+               torch=torch.__version__, python=platform.python_version(), device=str(device), amp=amp,
+               cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    if device.type == 'cuda':
+        env['gpu'] = torch.cuda.get_device_name(device)
+    try:
+        import triton
+        env['triton'] = triton.__version__
+    except ImportError:
+        env['triton'] = None
+    return env
+
+
+def ratio_table(report: dict, reference: str = 'deit-t', candidate: str = 'vil-t') -> List[dict]:
+    """Candidate / reference ratios of throughput and memory for each (scope, mode, size)."""
+    rows = {}
+    for r in report['results']:
+        rows[(r['scope'], r['mode'], r['size'], split_model_name(r['model'])[0], r['model'])] = r
+    out = []
+    for (scope, mode, size, base, name), r in rows.items():
+        if base != candidate.split('@')[0]:
+            continue
+        ref = next((v for k, v in rows.items() if k[:3] == (scope, mode, size) and k[4] == reference), None)
+        if ref is None or r['img_per_s'] is None or ref['img_per_s'] is None:
+            continue
+        mem = (r['peak_mem_gib'] / ref['peak_mem_gib']
+               if r['peak_mem_gib'] and ref['peak_mem_gib'] else None)
+        out.append(dict(scope=scope, mode=mode, size=size, model=name, reference=reference,
+                        speed_ratio=round(r['img_per_s'] / ref['img_per_s'], 3),
+                        memory_ratio=round(mem, 3) if mem else None))
+    return out
+
+
+def markdown_report(report: dict) -> str:
+    env = report['environment']
+    lines = [f"Device: {env.get('gpu') or env['cpu']} ({env['device']}), torch {env['torch']}, triton "
+             f"{env['triton']}, amp {env['amp']}, {env['date']}", '',
+             '| scope | mode | size | batch | model | img/s | ms/iter | peak GiB | params (M) |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    for r in report['results']:
+        lines.append(f"| {r['scope']} | {r['mode']} | {r['size']} | {r['batch']} | {r['model']} | "
+                     f"{r['img_per_s'] if r['error'] is None else r['error']} | {r['ms_per_iter']} | "
+                     f"{r['peak_mem_gib']} | {r['extra'].get('params_m')} |")
+    ratios = ratio_table(report)
+    if ratios:
+        lines += ['', '| scope | mode | size | model | vs | speed ratio | memory ratio |',
+                  '| --- | --- | --- | --- | --- | --- | --- |']
+        lines += [f"| {r['scope']} | {r['mode']} | {r['size']} | {r['model']} | {r['reference']} | "
+                  f"{r['speed_ratio']} | {r['memory_ratio']} |" for r in ratios]
+    return '\n'.join(lines) + '\n'
+
+
+def plot_report(report: dict, path: str) -> None:
+    """Grouped bars of img/s per (scope, mode, size), one bar per model, log scale."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r['scope'], r['mode'], r['size']) for r in report['results']})
+    models = list(dict.fromkeys(r['model'] for r in report['results']))
+    values = {(r['scope'], r['mode'], r['size'], r['model']): r['img_per_s'] for r in report['results']}
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(models)) / 3), 4))
+    width = 0.8 / max(1, len(models))
+    for j, model in enumerate(models):
+        heights = [values.get((*g, model)) or 0 for g in groups]
+        ax.bar([i + j * width for i in range(len(groups))], heights, width, label=model)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f'{s}\n{m}\n{z}px' for s, m, z in groups], fontsize=7)
+    ax.set_ylabel('img/s')
+    if any(v for v in values.values()):
+        ax.set_yscale('log')
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(report['environment'].get('gpu') or report['environment']['cpu'], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_report(report: dict, out_dir: str) -> Dict[str, str]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = dict(json=str(out / 'benchmark.json'), markdown=str(out / 'benchmark.md'), plot=str(out / 'benchmark.png'))
+    Path(paths['json']).write_text(json.dumps(report, indent=1))
+    Path(paths['markdown']).write_text(markdown_report(report))
+    plot_report(report, paths['plot'])
+    return paths

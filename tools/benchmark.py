@@ -1,0 +1,46 @@
+"""Benchmark ViL against DeiT and Vim: img/s and peak memory, training step and inference, backbone or UperNet.
+
+    python tools/benchmark.py --device cuda --models vil-t deit-t vim-t --sizes 224 512 1024 --out-dir bench/
+    python tools/benchmark.py --device cpu --amp none --models vil-t deit-t --sizes 512 --modes infer --batch 512=1
+
+``vil-t@parallel`` selects an mLSTM backend. Writes benchmark.json, benchmark.md (tables and ViL-T/DeiT-T ratios)
+and benchmark.png into --out-dir.
+"""
+import argparse
+
+from mmseg_vil.benchmark import BACKBONES, markdown_report, run_benchmark, save_report
+
+
+def parse_batch(items):
+    pairs = (item.split('=') for item in items)
+    return {int(size): int(batch) for size, batch in pairs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=sorted(BACKBONES), help='e.g. vil-t vil-t@parallel deit-t')
+    parser.add_argument('--sizes', nargs='+', type=int, default=[224, 512, 1024, 2048])
+    parser.add_argument('--modes', nargs='+', choices=['train', 'infer'], default=['train', 'infer'])
+    parser.add_argument('--scopes', nargs='+', choices=['backbone', 'upernet'], default=['backbone'])
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--amp', choices=['bf16', 'fp16', 'none'], default='bf16')
+    parser.add_argument('--batch', nargs='*', default=[], metavar='SIZE=BATCH',
+                        help='override the per-size batch (defaults 224=64 512=8 1024=2 2048=1)')
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--out-dir', default='work_dirs/benchmark')
+    args = parser.parse_args()
+
+    report = run_benchmark(args.models, args.sizes, args.modes, args.scopes, device=args.device,
+                           amp=None if args.amp == 'none' else args.amp, batch=parse_batch(args.batch),
+                           warmup=args.warmup, iters=args.iters, compile_model=args.compile)
+    report['environment']['command'] = 'python tools/benchmark.py ' + ' '.join(
+        f'{k}={v}' for k, v in vars(args).items())
+    paths = save_report(report, args.out_dir)
+    print(markdown_report(report))
+    print('written:', ', '.join(paths.values()))
+
+
+if __name__ == '__main__':
+    main()
