@@ -217,3 +217,14 @@ def test_converter_tool(tmp_path):
     model = ViL(arch=dict(embed_dims=64, num_layers=8), img_size=64, out_indices=-1, final_norm=True)
     model.load_state_dict(converted['state_dict'], strict=True)
     assert converted['meta']['source_format'] == 'released'
+
+
+def test_block_diagonal_dense_weight_equals_blockwise_product():
+    from mmseg_vil.models.layers.vil_block import BlockDiagonalLinear
+    proj = BlockDiagonalLinear(16)
+    torch.nn.init.normal_(proj.weight)
+    x = torch.randn(3, 5, 16)
+    dense = torch.nn.functional.linear(x, proj.dense_weight(), proj.bias)  # the CUDA path
+    torch.testing.assert_close(dense, proj(x))
+    expected = torch.stack([x[..., 4 * b:4 * b + 4] @ proj.weight[b].T for b in range(4)], -2).flatten(-2)
+    torch.testing.assert_close(proj(x), expected)
