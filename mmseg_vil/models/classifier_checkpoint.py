@@ -37,8 +37,12 @@ def load_vil_classifier_checkpoint(model: nn.Module, checkpoint: Union[str, os.P
     The position embedding is resampled (bicubic, as the official loader) to the model's grid, e.g. a 192px
     pre-training checkpoint into a 224px model; any other missing, unexpected or mis-shaped key raises.
     """
-    is_path = isinstance(checkpoint, (str, os.PathLike))
-    state_dict = vil_classifier_state_dict(read_state_dict(os.fspath(checkpoint)) if is_path else checkpoint)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = os.fspath(checkpoint)
+        checkpoint = read_state_dict(source)
+    else:
+        source = 'state dict'
+    state_dict = vil_classifier_state_dict(checkpoint)
     grid = model.backbone.pos_embed.shape[1:3]
     state_dict['backbone.pos_embed'] = resample_grid_pos_embed(state_dict['backbone.pos_embed'], grid)
-    load_state_dict_strictly(model, state_dict, source=os.fspath(checkpoint) if is_path else 'state dict')
+    load_state_dict_strictly(model, state_dict, source=source)

@@ -43,7 +43,8 @@ def convert_official_vim(state_dict: Mapping[str, Tensor]) -> StateDict:
     The classifier ``head`` is dropped, ``patch_embed.proj`` becomes ``patch_embed``, the mixers' direction
     suffixes become ``forward_branch`` / ``backward_branch`` modules, and the sequence ``pos_embed`` (patch entries
     with the class entry in the middle) is split into a square ``(1, h, w, D)`` grid and ``cls_pos_embed``.
-    The input is not modified.
+    The input is not modified. Only the patch-stride models are supported: nothing in the weights of the stride-8
+    "+" models tells them apart, and their 27x27 grid would be resampled as if it were one of 16-pixel patches.
     """
     if not is_official_vim(state_dict):
         return OrderedDict(state_dict)
@@ -263,8 +264,11 @@ class Vim(BaseModule):
         final norm when this model has none. The input is not modified.
         """
         state_dict = convert_official_vim(state_dict)
-        if 'pos_embed' in state_dict:
-            state_dict['pos_embed'] = resample_grid_pos_embed(state_dict['pos_embed'], self.grid_size)
+        pos_embed = state_dict.get('pos_embed')
+        if pos_embed is not None and pos_embed.dim() == 4 and tuple(pos_embed.shape[1:3]) != self.grid_size:
+            state_dict['pos_embed'] = resample_grid_pos_embed(pos_embed, self.grid_size)
+            print_log(f'Vim: pos_embed resampled from a {tuple(pos_embed.shape[1:3])} grid to {self.grid_size}',
+                      logger='current')
         unused = []
         if not self.with_cls_token:
             unused += ['cls_token', 'cls_pos_embed']
@@ -301,6 +305,7 @@ class Vim(BaseModule):
         return _insert_middle(pos_embed, self.cls_pos_embed) if self.with_cls_token else pos_embed
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Return one output per entry of ``out_indices`` for images ``x`` of shape ``(B, C, H, W)``."""
         patches = self.patch_embed(self._pad_to_patches(x))
         grid = (patches.shape[-2], patches.shape[-1])
         tokens = patches.flatten(2).transpose(1, 2)

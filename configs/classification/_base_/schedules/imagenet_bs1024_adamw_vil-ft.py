@@ -3,5 +3,5 @@
 _base_ = './imagenet_bs2048_adamw_vil.py'
 
 optim_wrapper = dict(optimizer=dict(lr=1e-5 * 1024 / 1024), clip_grad=None)
-train_cfg = dict(max_epochs=20, val_interval=1)
+train_cfg = dict(max_epochs=20)
 auto_scale_lr = dict(base_batch_size=1024)

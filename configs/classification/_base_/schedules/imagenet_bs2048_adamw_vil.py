@@ -19,7 +19,7 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', eta_min=1e-6, by_epoch=True, begin=warmup_epochs, convert_to_iter_based=True),
 ]
 
-train_cfg = dict(by_epoch=True, max_epochs=800, val_interval=10)
+train_cfg = dict(by_epoch=True, max_epochs=800, val_interval=1)
 val_cfg = dict()
 test_cfg = dict()
 

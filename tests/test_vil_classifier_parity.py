@@ -1,0 +1,110 @@
+"""Official VisionLSTM2 classifier logits through MMPretrain: every classifier case of every fixture file.
+
+Each case's official state dict is written as an official ``.pth`` and as a released ``.th`` (training-code names),
+converted by tools/model_converters/vil2mmpretrain.py, loaded with MMEngine's own ``load_checkpoint`` (strict) into
+an ``ImageClassifier`` built from a config dict by MMPretrain's registry, and run with ``mode='tensor'`` (logits) and
+``mode='predict'`` (scores). See tests/data/vil_official/README.md for what each case computed.
+"""
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.registry import DefaultScope
+from mmengine.runner import load_checkpoint
+from mmpretrain.registry import MODELS
+from mmpretrain.structures import DataSample
+from test_classification import one_thread  # noqa: F401  (autouse: single-threaded torch)
+from test_vil_backbone import _official_to_released
+
+from mmseg_vil.models.classifier_checkpoint import load_vil_classifier_checkpoint, vil_classifier_state_dict
+from mmseg_vil.utils.checkpoint import CheckpointMismatchError
+
+ROOT = Path(__file__).parents[1]
+FIXTURE_DIR = ROOT / 'tests' / 'data' / 'vil_official'
+CONVERTER = ROOT / 'tools' / 'model_converters' / 'vil2mmpretrain.py'
+TOL = dict(atol=1e-5, rtol=1e-4)
+# The official options the released classifiers use, which ViL + ViLClsHead implement.
+SUPPORTED = dict(mode='classifier', pooling='bilateral_flatten', legacy_norm=True, conv_kind='2d', conv_kernel_size=3,
+                 proj_bias=True, norm_bias=True, stride=None)
+
+
+def _fixtures():
+    return {path: torch.load(path, weights_only=True) for path in sorted(FIXTURE_DIR.glob('*.pt'))}
+
+
+FIXTURES = _fixtures()
+CASES = [pytest.param(path, name, id=f'{path.stem}:{name}') for path, fixture in FIXTURES.items()
+         for name, case in fixture['cases'].items() if case['kind'] == 'classifier']
+
+
+def classifier_cfg(config: dict) -> dict:
+    """The MMPretrain ImageClassifier equivalent to ``VisionLSTM2(**config)``, built at the checkpoint's grid."""
+    unsupported = {k: config.get(k) for k, v in SUPPORTED.items() if config.get(k) != v}
+    assert not unsupported, f'fixture uses options the ViL classifier does not implement: {unsupported}'
+    return dict(
+        type='ImageClassifier',
+        backbone=dict(type='ViL', arch=dict(embed_dims=config['dim'], num_layers=2 * config['depth']),
+                      img_size=config['input_shape'][1:], patch_size=config['patch_size'], out_indices=(-1, ),
+                      out_type='pooled', final_norm=True, mlstm_backend='parallel'),
+        head=dict(type='ViLClsHead', num_classes=config['output_shape'][0], in_channels=2 * config['dim']))
+
+
+def build_classifier(config: dict):
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(classifier_cfg(config))
+
+
+def convert(src: Path, dst: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, 'argv', [str(CONVERTER), str(src), str(dst)])
+    runpy.run_path(str(CONVERTER), run_name='__main__')
+
+
+@pytest.mark.parametrize('layout', ['official', 'released'])
+@pytest.mark.parametrize('path,name', CASES)
+def test_classifier_parity_through_mmpretrain(tmp_path, monkeypatch, path, name, layout):
+    case = FIXTURES[path]['cases'][name]
+    source = tmp_path / f'{layout}.th'
+    if layout == 'released':
+        torch.save({'state_dict': _official_to_released(case['state_dict']), 'ctor_kwargs': case['config']}, source)
+    else:
+        torch.save(case['state_dict'], source)
+    converted = tmp_path / 'mmpretrain.pth'
+    convert(source, converted, monkeypatch)
+
+    model = build_classifier(case['config'])
+    load_checkpoint(model, str(converted), map_location='cpu', strict=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(case['input'], mode='tensor')
+        samples = model(case['input'], [DataSample() for _ in case['input']], mode='predict')
+    error = (logits - case['expected']).abs().max().item()
+    print(f'{path.stem}:{name} [{layout}] max abs error {error:.3g}')
+    torch.testing.assert_close(logits, case['expected'], **TOL)
+    torch.testing.assert_close(torch.stack([s.pred_score for s in samples]), case['expected'].softmax(-1), **TOL)
+    assert [s.pred_label.item() for s in samples] == case['expected'].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize('path,name', CASES)
+def test_load_function_reads_official_state_dicts(path, name):
+    """``load_vil_classifier_checkpoint`` takes the official state dict as is (no converter run)."""
+    case = FIXTURES[path]['cases'][name]
+    model = build_classifier(case['config']).eval()
+    load_vil_classifier_checkpoint(model, case['state_dict'])
+    with torch.no_grad():
+        torch.testing.assert_close(model(case['input'], mode='tensor'), case['expected'], **TOL)
+
+
+def test_classifier_cases_exist():
+    assert CASES, f'no classifier case in the fixtures of {FIXTURE_DIR}'
+
+
+def test_checkpoint_errors_name_the_problem():
+    case = next(c for f in FIXTURES.values() for c in f['cases'].values() if c['kind'] == 'classifier')
+    backbone_only = {k: v for k, v in case['state_dict'].items() if not k.startswith(('head.', 'legacy_norm.'))}
+    with pytest.raises(CheckpointMismatchError, match='no classifier'):
+        vil_classifier_state_dict(backbone_only)
+    wrong_classes = build_classifier({**case['config'], 'output_shape': (7, )})
+    with pytest.raises(CheckpointMismatchError, match=r'head\.fc\.weight \(10, 128\) vs model \(7, 128\)'):
+        load_vil_classifier_checkpoint(wrong_classes, case['state_dict'])
