@@ -1,7 +1,8 @@
 # Copyright (c) mmseg-vil contributors. Licensed under the Apache License, Version 2.0.
-"""Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out DIR] [--show-dir DIR] [--tta]``.
+"""Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out DIR] [--show-dir DIR]
+[--tta] [--cfg-options ...]``; prints mIoU and writes ``<work_dir>/test_metrics.json``.
 
-Prints mIoU and writes ``<work_dir>/test_metrics.json``. A thin wrapper over :mod:`mmseg_vil.engine`.
+A thin wrapper over :mod:`mmseg_vil.engine`.
 """
 from mmseg_vil.engine.cli import test_main
 

@@ -1,17 +1,19 @@
 # Copyright (c) mmseg-vil contributors. Licensed under the Apache License, Version 2.0.
 """Multi-process training and testing on machines without CUDA (torchrun + gloo).
 
-MMEngine's ``pytorch`` launcher assumes GPUs twice: ``init_dist`` calls ``torch.cuda.set_device(LOCAL_RANK)``, and
-``Runner.wrap_model`` passes ``device_ids=[LOCAL_RANK]`` to ``DistributedDataParallel``, which DDP rejects for a
-model on CPU. :func:`setup_cpu_distributed` works around both, so that the distributed code path (gradient
-all-reduce, sharded sampling, rank-0 checkpointing) can be exercised on CPU; on a CUDA machine it does nothing.
+MMEngine's ``pytorch`` launcher assumes GPUs three times: ``init_dist`` calls ``torch.cuda.set_device(LOCAL_RANK)``,
+``Runner.wrap_model`` passes ``device_ids=[LOCAL_RANK]`` to ``DistributedDataParallel`` (which DDP rejects for a model
+on CPU), and it keeps SyncBN layers, which only run on GPUs. :func:`setup_cpu_distributed` works around all three, so
+that the distributed code path (gradient all-reduce, sharded sampling, rank-0 checkpointing) runs on CPU with the
+unchanged configs; on a CUDA machine it does nothing.
 """
 from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
 from mmengine.config import Config
-from mmengine.model import MMDistributedDataParallel
+from mmengine.logging import print_log
+from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
 from mmengine.registry import MODEL_WRAPPERS
 
 
@@ -20,10 +22,13 @@ class CPUDistributedDataParallel(MMDistributedDataParallel):
     """``MMDistributedDataParallel`` for a model that lives on CPU.
 
     The Runner always supplies ``device_ids=[LOCAL_RANK]``; DDP only accepts ``None`` for CPU modules, so it is
-    dropped here.
+    dropped here. SyncBN layers become BN: each process normalises with the statistics of its own batch.
     """
 
     def __init__(self, module: torch.nn.Module, device_ids=None, **kwargs) -> None:
+        if any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()):
+            print_log('CPU data parallel: SyncBN needs GPUs, using per-process BN', logger='current')
+            module = revert_sync_batchnorm(module)
         super().__init__(module=module, device_ids=None, **kwargs)
 
 

@@ -86,7 +86,7 @@ def run_test(cfg: Config,
         cfg: a config from :func:`load_config`; modified in place.
         checkpoint: the weights to evaluate.
         out: directory for the predicted label maps (PNG, dataset label values).
-        show_dir: directory for drawn predictions (every ``default_hooks.visualization.interval``-th image).
+        show_dir: directory for every image drawn with its ground truth and prediction.
         tta: multi-scale + flip test-time augmentation with the config's ``tta_pipeline`` and ``tta_model``.
 
     Returns:
@@ -96,7 +96,7 @@ def run_test(cfg: Config,
     if show_dir is not None:
         if 'visualization' not in cfg.default_hooks:
             raise KeyError('--show-dir needs default_hooks.visualization (a SegVisualizationHook) in the config')
-        cfg.default_hooks.visualization.draw = True
+        cfg.default_hooks.visualization.update(draw=True, interval=1)  # every image, not every 50th
         cfg.visualizer.save_dir = show_dir
     if tta:
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline

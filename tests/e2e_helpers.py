@@ -1,0 +1,49 @@
+"""Shared by the end-to-end tests: a generated ADE20K-layout folder and running the package's tools as scripts."""
+import os
+import os.path as osp
+import socket
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+from mmseg_vil.datasets.synthetic_ade20k import generate_ade20k
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TINY_CONFIG = osp.join(ROOT, 'tests', 'configs', 'upernet_vil-tiny_synthetic-64x64.py')
+DATA_LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+
+
+def make_ade20k(root: str) -> str:
+    """Four training and two validation 64x64 images with labels, in the ADEChallengeData2016 layout."""
+    generate_ade20k(root, num_train=4, num_val=2, size=(64, 64))
+    return root
+
+
+def data_root_options(data_root: str) -> List[str]:
+    """``--cfg-options`` entries pointing every dataloader at ``data_root``."""
+    return [f'{loader}.dataset.data_root={data_root}' for loader in DATA_LOADERS]
+
+
+def tool_env(**extra: str) -> Dict[str, str]:
+    env = dict(os.environ, **extra)
+    env.pop('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', None)  # checkpoints must load with torch.load's weights-only default
+    return env
+
+
+def run_command(command: List[str], timeout: int = 400, env: Optional[Dict[str, str]] = None) -> str:
+    """Run ``command`` from the repository root; return stdout and stderr, failing with their tail."""
+    proc = subprocess.run(command, cwd=ROOT, env=env or tool_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    assert proc.returncode == 0, f'{command} failed ({proc.returncode}):\n{proc.stdout[-6000:]}'
+    return proc.stdout
+
+
+def run_tool(args: List[str], timeout: int = 400) -> str:
+    """Run a Python tool of the repository, ``python <args>``, like :func:`run_command`."""
+    return run_command([sys.executable, *args], timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
