@@ -4,7 +4,7 @@ Backbones must be buildable from MMSegmentation configs (``default_scope='mmseg'
 (``default_scope='mmpretrain'``). Registering explicitly in both avoids relying on MMEngine's parent-registry lookup.
 MMPretrain is optional: without it only the MMSegmentation registry is used.
 """
-from typing import Type, TypeVar
+from typing import TypeVar
 
 from mmseg.registry import MODELS as MMSEG_MODELS
 

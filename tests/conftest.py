@@ -1,1 +1,13 @@
+import pytest
+import torch
+
 import mmseg_vil  # noqa: F401  (applies the compat fixes and registers the models before any test imports mmseg)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def one_thread():
+    """Tiny test models are dominated by per-op overhead, which OpenMP threads on a busy 2-core machine multiply."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,15 +33,6 @@ RELEASED_PARAMS = {
 }
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny models are dominated by per-op overhead, which oversubscribed OpenMP threads multiply many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(model_cfg):
     with DefaultScope.overwrite_default_scope('mmpretrain'):
         return MODELS.build(model_cfg)

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS
-from test_classification import one_thread  # noqa: F401  (autouse: single-threaded torch)
-from test_vil_backbone import _official_to_released
+from vil_official import official_to_released
 
 ROOT = Path(__file__).parents[1]
 FIXTURE = ROOT / 'tests' / 'data' / 'vil_official' / 'vil_official_parity.pt'
@@ -26,7 +25,7 @@ def checkpoints(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('vil_seg_init')
     case = torch.load(FIXTURE, weights_only=True)['cases']['cls_square']
     released = tmp / 'vil2_classifier.th'
-    torch.save({'state_dict': _official_to_released(case['state_dict'])}, released)
+    torch.save({'state_dict': official_to_released(case['state_dict'])}, released)
     mmpretrain = tmp / 'vil_mmpretrain.pth'
     argv = sys.argv
     sys.argv = [str(CONVERTER), str(released), str(mmpretrain)]

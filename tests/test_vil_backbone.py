@@ -13,6 +13,7 @@ from mmseg_vil.models.backbones.vil import ViL
 from mmseg_vil.models.backbones.vil_checkpoint import (convert_vil_state_dict, detect_vil_format,
                                                       released_to_official)
 from mmseg_vil.utils.checkpoint import CheckpointMismatchError
+from vil_official import official_to_released
 
 ROOT = Path(__file__).parents[1]
 FIXTURE = ROOT / 'tests' / 'data' / 'vil_official' / 'vil_official_parity.pt'
@@ -127,26 +128,6 @@ def _fixture_state_dict():
     return torch.load(FIXTURE, weights_only=True)['cases']['cls_square']['state_dict']
 
 
-def _official_to_released(official):
-    """Inverse of the hub's renaming, written from vil_spec.md §5 to produce a released-format (.th) state dict."""
-    out = {}
-    for key, value in official.items():
-        parts = key.split('.')
-        if parts[0] == 'blocks':
-            index = 2 * int(parts[1]) + (parts[2] == 'rowwise_from_bot_right')
-            rest = '.'.join(parts[3:]).replace('norm.', 'xlstm_norm.', 1) if parts[3] == 'norm' else \
-                '.'.join(parts[3:]).replace('layer.', 'xlstm.', 1).replace('.conv.', '.conv1d.')
-            key = f'xlstm.blocks.{index}.{rest}'
-        elif parts[0] == 'norm':
-            key = 'xlstm.post_blocks_norm.' + parts[1]
-        elif parts[0] == 'legacy_norm':
-            key = 'head.0.' + parts[1]
-        elif parts[0] == 'head':
-            key = 'head.1.' + parts[1]
-        out[key] = value
-    return out
-
-
 def test_released_key_mapping_examples():
     mapped = released_to_official({
         'xlstm.blocks.3.xlstm.conv1d.weight': 0, 'xlstm.blocks.0.xlstm_norm.bias': 1,
@@ -160,7 +141,7 @@ def test_released_key_mapping_examples():
 
 def test_released_official_and_ours_formats_load_identically(tmp_path):
     official = _fixture_state_dict()
-    released = {'state_dict': _official_to_released(official), 'ctor_kwargs': {'dim': 64}}
+    released = {'state_dict': official_to_released(official), 'ctor_kwargs': {'dim': 64}}
     assert detect_vil_format(released['state_dict']) == 'released'
     assert detect_vil_format(official) == 'official'
     ours = convert_vil_state_dict(official)
@@ -210,7 +191,7 @@ def test_mismatched_checkpoint_is_an_error_listing_keys(tmp_path):
 
 
 def test_converter_tool(tmp_path):
-    torch.save({'state_dict': _official_to_released(_fixture_state_dict())}, tmp_path / 'vil.th')
+    torch.save({'state_dict': official_to_released(_fixture_state_dict())}, tmp_path / 'vil.th')
     subprocess.run([sys.executable, str(ROOT / 'tools/model_converters/vil2mmseg.py'), str(tmp_path / 'vil.th'),
                     str(tmp_path / 'out.pth')], check=True, capture_output=True)
     converted = torch.load(tmp_path / 'out.pth', weights_only=True)

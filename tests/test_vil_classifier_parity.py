@@ -15,8 +15,7 @@ from mmengine.registry import DefaultScope
 from mmengine.runner import load_checkpoint
 from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
-from test_classification import one_thread  # noqa: F401  (autouse: single-threaded torch)
-from test_vil_backbone import _official_to_released
+from vil_official import official_to_released
 
 from mmseg_vil.models.classifier_checkpoint import load_vil_classifier_checkpoint, vil_classifier_state_dict
 from mmseg_vil.utils.checkpoint import CheckpointMismatchError
@@ -67,7 +66,7 @@ def test_classifier_parity_through_mmpretrain(tmp_path, monkeypatch, path, name,
     case = FIXTURES[path]['cases'][name]
     source = tmp_path / f'{layout}.th'
     if layout == 'released':
-        torch.save({'state_dict': _official_to_released(case['state_dict']), 'ctor_kwargs': case['config']}, source)
+        torch.save({'state_dict': official_to_released(case['state_dict']), 'ctor_kwargs': case['config']}, source)
     else:
         torch.save(case['state_dict'], source)
     converted = tmp_path / 'mmpretrain.pth'

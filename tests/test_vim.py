@@ -25,15 +25,6 @@ SUPPORTED = dict(d_state=16, stride=16, patch_size=16, bimamba_type='v2', if_div
 TINY = dict(embed_dims=16, num_layers=2)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """These tensors are tiny; on a shared CPU, OpenMP threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @lru_cache(maxsize=None)
 def load_fixture(path):
     fixture = torch.load(path, weights_only=True)

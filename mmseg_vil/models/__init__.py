@@ -1,1 +1,1 @@
-from . import backbones, heads, layers, necks  # noqa: F401  (registers the models)
+from . import backbones, heads, layers  # noqa: F401  (registers the models)
