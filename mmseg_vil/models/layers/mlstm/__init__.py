@@ -2,15 +2,55 @@
 
 ``mlstm(q, k, v, igate, fgate, backend=...)`` computes the Vision-LSTM matrix-memory cell (vil_spec.md §2.6) with
 ``q, k, v`` of shape ``(B, NH, N, DH)`` and gate pre-activations of shape ``(B, NH, N)``. Every backend computes the
-same function (and the same gradients); they differ in speed and memory.
+same function with the same (full autograd) gradients; they differ in speed and memory:
+
+* ``parallel``: the official quadratic form, O(N^2) memory; fastest on CPU for short sequences.
+* ``chunkwise``: pure PyTorch, memory linear in N; any device.
+* ``fused``: our Triton kernels, CUDA only (or any device under ``TRITON_INTERPRET=1``); registered when Triton
+  imports.
+* ``auto``: the fastest accurate one for the device, dtype, head dim and sequence length.
 """
 from typing import Callable, Dict
 
+import torch
 from torch import Tensor
 
+from .chunkwise import mlstm_chunkwise
 from .parallel import mlstm_parallel
 
-MLSTM_BACKENDS: Dict[str, Callable[..., Tensor]] = {'parallel': mlstm_parallel, 'auto': mlstm_parallel}
+try:
+    from .fused import mlstm_fused
+except ImportError:  # no Triton
+    mlstm_fused = None
+
+# Choices of 'auto', from CPU timings (mlstm_kernels.md §4) and H200 timings (benchmarks/mlstm_kernel_notes.md).
+# The quadratic form is the fastest torch backend for short sequences and float32/64 (in half precision it loses
+# accuracy: scores and normaliser in half precision); float32 runs the fused kernels as 3xTF32, which beats the torch
+# backends only for moderate head dims and lengths.
+PARALLEL_MAX_LEN = 256
+FUSED_FLOAT32_MAX_HEAD_DIM = 192
+FUSED_FLOAT32_MAX_LEN = 4096
+
+
+def mlstm_auto(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor) -> Tensor:
+    """The fastest accurate backend for the device, dtype, head dim and sequence length."""
+    n, head_dim = q.shape[-2:]
+    if q.is_cuda and mlstm_fused is not None and (
+            q.dtype in (torch.float16, torch.bfloat16)
+            or (q.dtype == torch.float32 and head_dim <= FUSED_FLOAT32_MAX_HEAD_DIM and n <= FUSED_FLOAT32_MAX_LEN)):
+        return mlstm_fused(q, k, v, igate, fgate)
+    if n < PARALLEL_MAX_LEN and q.dtype in (torch.float32, torch.float64):
+        return mlstm_parallel(q, k, v, igate, fgate)
+    return mlstm_chunkwise(q, k, v, igate, fgate)
+
+
+MLSTM_BACKENDS: Dict[str, Callable[..., Tensor]] = {
+    'parallel': mlstm_parallel,
+    'chunkwise': mlstm_chunkwise,
+    'auto': mlstm_auto,
+}
+if mlstm_fused is not None:
+    MLSTM_BACKENDS['fused'] = mlstm_fused
 
 
 def mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, backend: str = 'parallel') -> Tensor:
@@ -22,4 +62,4 @@ def mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, backend
     return fn(q, k, v, igate, fgate)
 
 
-__all__ = ['MLSTM_BACKENDS', 'mlstm', 'mlstm_parallel']
+__all__ = ['MLSTM_BACKENDS', 'mlstm', 'mlstm_auto', 'mlstm_chunkwise', 'mlstm_fused', 'mlstm_parallel']

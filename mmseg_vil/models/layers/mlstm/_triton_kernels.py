@@ -1,20 +1,44 @@
 """Triton kernels of the fused mLSTM backend (``fused.py`` derives the math they implement).
 
-Flash-attention style: a program owns one tile of queries (forward, dq) or of keys (dk, dv) and walks the causal tiles
-of the other side, so no N x N matrix is ever stored. The stabiliser m is known up front (a cummax computed outside),
-so unlike softmax attention no running rescaling is needed: the stabilised decay of (query t, key s) is
-``exp(row_log[t] + col_log[s])`` with ``row_log = F - m`` and ``col_log = i - F``. Head dims are padded to a power of
-two (at least 16, the smallest ``tl.dot``) through masks. Tensors are contiguous ``(B*NH, N, DH)``, per-step vectors
-``(B*NH, N)``, all vectors and gradients float32.
+Forward and all three backward products have one shape, so one tile kernel computes them all:
+
+    out[a] = sum over causal pairs b of  (x_a . y_b + shift_t) * scale * exp(logD[t,s] - m_t) * z_b
+
+    forward:  a = query t, b = key s <= t,  x = q, y = k, z = v          (then divided by the normaliser)
+    dq:       a = query t, b = key s <= t,  x = g/divisor, y = v, z = k,  shift = row shift
+    dk:       a = key s,   b = query t >= s, x = v, y = g/divisor, z = q,  shift = row shift
+    dv:       a = key s,   b = query t >= s, x = k, y = q, z = g/divisor
+
+Flash-attention style: a program owns a tile of rows a (and a slice of z's columns) and walks the causal tiles b, so no
+N x N matrix is stored. The stabiliser m is known up front (a cummax, computed outside), so unlike softmax attention no
+running rescaling is needed: the stabilised decay is ``exp(row_log[t] + col_log[s])`` with ``row_log = F - m`` and
+``col_log = i - F``. Both are large (|F| grows with N) while their sum is small, so each comes as a float32 pair
+``hi + lo``: hi + hi cancels exactly and lo + lo restores the digits float32 would lose.
+
+The x.y dot runs over head-dim chunks of BLOCK_DK and the output over slices of BLOCK_DZ (a grid axis), so that large
+heads (ViL-B: 384) need no more registers than small ones; chunks are powers of two (at least 16, the smallest
+``tl.dot``) and masked where they pass the head dim (96 -> 128). Tensors are contiguous ``(B*NH, N, HEAD_DIM)``;
+per-step vectors ``(B*NH, N)`` float32.
+
+Around it, three O(N) kernels replace what would be dozens of small torch ops per call: the stabiliser scan (forward),
+the per-row backward prologue and the gate-gradient epilogue.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _causal_decay(target_log, target_pos, source_log, source_pos):
+def _causal_decay(target_hi, target_lo, target_pos, source_hi, source_lo, source_pos):
     """exp(logD - m) of every (target, source) pair of a tile; 0 where the source lies in the target's future."""
-    return tl.where(source_pos <= target_pos, tl.exp(target_log + source_log), 0.0)
+    log_decay = (target_hi + source_hi) + (target_lo + source_lo)
+    return tl.exp(tl.where(source_pos <= target_pos, log_decay, float('-inf')))
+
+
+@triton.jit
+def _load_log(hi_ptr, lo_ptr, offs, seq_len):
+    """A hi/lo log vector; steps past the end get -inf, so their decays are 0 and never meet 0 * inf."""
+    mask = offs < seq_len
+    return tl.load(hi_ptr + offs, mask=mask, other=float('-inf')), tl.load(lo_ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -24,126 +48,181 @@ def _load_tile(ptr, offs_n, offs_d, seq_len, head_dim):
 
 
 @triton.jit
-def _store_tile(ptr, value, offs_n, offs_d, seq_len, head_dim):
-    tl.store(ptr + offs_n[:, None] * head_dim + offs_d[None, :], value.to(ptr.dtype.element_ty),
-             mask=(offs_n[:, None] < seq_len) & (offs_d[None, :] < head_dim))
+def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """tl.dot with float32 accumulation; DOT_IN_FLOAT32 upcasts first (the interpreter multiplies bfloat16 bits)."""
+    if DOT_IN_FLOAT32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
-def mlstm_fwd_kernel(Q, K, V, ROW_LOG, COL_LOG, NORM_FLOOR, H, ROW_SUM, seq_len, head_dim, scale, eps,
-                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    """h_t = (sum_s C[t,s] v_s) / (max(|sum_s C[t,s]|, exp(-m_t)) + eps); keeps sum_s C[t,s] for the backward."""
-    q_start = tl.program_id(0) * BLOCK_Q
+def mlstm_tile_kernel(X, Y, Z, OUT, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, COL_LOG_LO, NORM_FLOOR, ROW_SUM,
+                      seq_len, scale, eps, HEAD_DIM: tl.constexpr,
+                      KEY_MAJOR: tl.constexpr, FORWARD: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                      BLOCK_OWN: tl.constexpr, BLOCK_LOOP: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DZ: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """One tile of ``out`` (see the module docstring). FORWARD: divide by max(|row sum|, exp(-m)) + eps and store the
+    row sums (needed by the backward) too. NORM_FLOOR and ROW_SUM are only read when FORWARD, SHIFT when HAS_SHIFT."""
+    own_start = tl.program_id(0) * BLOCK_OWN
     head = tl.program_id(1).to(tl.int64)
-    Q += head * seq_len * head_dim
-    K += head * seq_len * head_dim
-    V += head * seq_len * head_dim
-    H += head * seq_len * head_dim
-    ROW_LOG += head * seq_len
-    COL_LOG += head * seq_len
-    NORM_FLOOR += head * seq_len
-    ROW_SUM += head * seq_len
+    tiles = head * seq_len * HEAD_DIM
+    steps = head * seq_len
+    X += tiles
+    Y += tiles
+    Z += tiles
+    OUT += tiles
+    offs_a = own_start + tl.arange(0, BLOCK_OWN)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dz = tl.program_id(2) * BLOCK_DZ + tl.arange(0, BLOCK_DZ)
 
-    offs_t = q_start + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_t < seq_len
-    q = _load_tile(Q, offs_t, offs_d, seq_len, head_dim)
-    row_log = tl.load(ROW_LOG + offs_t, mask=rows, other=0.0)
-    numerator = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    for k_start in range(0, tl.minimum(q_start + BLOCK_Q, seq_len), BLOCK_K):
-        offs_s = k_start + tl.arange(0, BLOCK_K)
-        k = _load_tile(K, offs_s, offs_d, seq_len, head_dim)
-        v = _load_tile(V, offs_s, offs_d, seq_len, head_dim)
-        col_log = tl.load(COL_LOG + offs_s, mask=offs_s < seq_len, other=float('-inf'))
-        decay = _causal_decay(row_log[:, None], offs_t[:, None], col_log[None, :], offs_s[None, :])
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale * decay
-        row_sum += tl.sum(scores, axis=1)
-        numerator += tl.dot(scores.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if KEY_MAJOR:  # own keys s, walk the queries t >= s
+        own_hi, own_lo = _load_log(COL_LOG_HI + steps, COL_LOG_LO + steps, offs_a, seq_len)
+        loop_start = (own_start // BLOCK_LOOP) * BLOCK_LOOP
+        loop_end = seq_len
+    else:  # own queries t, walk the keys s <= t
+        own_hi, own_lo = _load_log(ROW_LOG_HI + steps, ROW_LOG_LO + steps, offs_a, seq_len)
+        loop_start = 0
+        loop_end = tl.minimum(own_start + BLOCK_OWN, seq_len)
+        if HAS_SHIFT:
+            shift = tl.load(SHIFT + steps + offs_a, mask=offs_a < seq_len, other=0.0)
 
-    norm_floor = tl.load(NORM_FLOOR + offs_t, mask=rows, other=1.0)
-    h = numerator / (tl.maximum(tl.abs(row_sum), norm_floor) + eps)[:, None]
-    _store_tile(H, h, offs_t, offs_d, seq_len, head_dim)
-    tl.store(ROW_SUM + offs_t, row_sum, mask=rows)
+    acc = tl.zeros((BLOCK_OWN, BLOCK_DZ), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
+    for b_start in range(loop_start, loop_end, BLOCK_LOOP):
+        offs_b = b_start + tl.arange(0, BLOCK_LOOP)
+        dots = tl.zeros((BLOCK_OWN, BLOCK_LOOP), dtype=tl.float32)
+        for d_start in tl.static_range(0, HEAD_DIM, BLOCK_DK):
+            x = _load_tile(X, offs_a, d_start + offs_dk, seq_len, HEAD_DIM)
+            y = _load_tile(Y, offs_b, d_start + offs_dk, seq_len, HEAD_DIM)
+            dots += _dot(x, tl.trans(y), DOT_PRECISION, DOT_IN_FLOAT32)
+        if KEY_MAJOR:
+            loop_hi, loop_lo = _load_log(ROW_LOG_HI + steps, ROW_LOG_LO + steps, offs_b, seq_len)
+            decay = _causal_decay(loop_hi[None, :], loop_lo[None, :], offs_b[None, :],
+                                  own_hi[:, None], own_lo[:, None], offs_a[:, None])
+            if HAS_SHIFT:
+                dots += tl.load(SHIFT + steps + offs_b, mask=offs_b < seq_len, other=0.0)[None, :]
+        else:
+            loop_hi, loop_lo = _load_log(COL_LOG_HI + steps, COL_LOG_LO + steps, offs_b, seq_len)
+            decay = _causal_decay(own_hi[:, None], own_lo[:, None], offs_a[:, None],
+                                  loop_hi[None, :], loop_lo[None, :], offs_b[None, :])
+            if HAS_SHIFT:
+                dots += shift[:, None]
+        weights = dots * scale * decay
+        if FORWARD:
+            row_sum += tl.sum(weights, axis=1)
+        z = _load_tile(Z, offs_b, offs_dz, seq_len, HEAD_DIM)
+        acc += _dot(weights.to(z.dtype), z, DOT_PRECISION, DOT_IN_FLOAT32)
+
+    if FORWARD:
+        rows = offs_a < seq_len
+        norm_floor = tl.load(NORM_FLOOR + steps + offs_a, mask=rows, other=1.0)
+        acc = acc / (tl.maximum(tl.abs(row_sum), norm_floor) + eps)[:, None]
+        tl.store(ROW_SUM + steps + offs_a, row_sum, mask=rows & (tl.program_id(2) == 0))
+    tl.store(OUT + offs_a[:, None] * HEAD_DIM + offs_dz[None, :], acc.to(OUT.dtype.element_ty),
+             mask=(offs_a[:, None] < seq_len) & (offs_dz[None, :] < HEAD_DIM))
 
 
 @triton.jit
-def mlstm_bwd_dq_kernel(Q, K, V, GRAD_H, ROW_LOG, COL_LOG, GRAD_SCALE, ROW_SHIFT, DQ, seq_len, head_dim, scale,
-                        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
-    """dq_t = scale * sum_s dP[t,s] k_s, dP[t,s] = (grad_scale_t g_t.v_s + row_shift_t) exp(logD[t,s] - m_t)."""
-    q_start = tl.program_id(0) * BLOCK_Q
-    head = tl.program_id(1).to(tl.int64)
-    Q += head * seq_len * head_dim
-    K += head * seq_len * head_dim
-    V += head * seq_len * head_dim
-    GRAD_H += head * seq_len * head_dim
-    DQ += head * seq_len * head_dim
-    ROW_LOG += head * seq_len
-    COL_LOG += head * seq_len
-    GRAD_SCALE += head * seq_len
-    ROW_SHIFT += head * seq_len
-
-    offs_t = q_start + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_t < seq_len
-    q = _load_tile(Q, offs_t, offs_d, seq_len, head_dim)
-    grad_scale = tl.load(GRAD_SCALE + offs_t, mask=rows, other=0.0)
-    scaled_grad = (_load_tile(GRAD_H, offs_t, offs_d, seq_len, head_dim) * grad_scale[:, None]).to(q.dtype)
-    row_shift = tl.load(ROW_SHIFT + offs_t, mask=rows, other=0.0)
-    row_log = tl.load(ROW_LOG + offs_t, mask=rows, other=0.0)
-    dq = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for k_start in range(0, tl.minimum(q_start + BLOCK_Q, seq_len), BLOCK_K):
-        offs_s = k_start + tl.arange(0, BLOCK_K)
-        k = _load_tile(K, offs_s, offs_d, seq_len, head_dim)
-        v = _load_tile(V, offs_s, offs_d, seq_len, head_dim)
-        col_log = tl.load(COL_LOG + offs_s, mask=offs_s < seq_len, other=float('-inf'))
-        decay = _causal_decay(row_log[:, None], offs_t[:, None], col_log[None, :], offs_s[None, :])
-        grad_p = (tl.dot(scaled_grad, tl.trans(v), input_precision=DOT_PRECISION) + row_shift[:, None]) * decay
-        dq += tl.dot(grad_p.to(k.dtype), k, input_precision=DOT_PRECISION)
-    _store_tile(DQ, dq * scale, offs_t, offs_d, seq_len, head_dim)
+def _later_max(value_a, index_a, value_b, index_b):
+    """Combine of a running (max, argmax) scan; ties go to the later step, like torch.cummax."""
+    take_b = value_b >= value_a
+    return tl.where(take_b, value_b, value_a), tl.where(take_b, index_b, index_a)
 
 
 @triton.jit
-def mlstm_bwd_dkdv_kernel(Q, K, V, GRAD_H, ROW_LOG, COL_LOG, GRAD_SCALE, ROW_SHIFT, DK, DV, seq_len, head_dim, scale,
-                          BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
-    """dk_s = scale * sum_t dP[t,s] q_t and dv_s = sum_t C[t,s] grad_scale_t g_t, over the queries t >= s."""
-    k_start = tl.program_id(0) * BLOCK_K
-    head = tl.program_id(1).to(tl.int64)
-    Q += head * seq_len * head_dim
-    K += head * seq_len * head_dim
-    V += head * seq_len * head_dim
-    GRAD_H += head * seq_len * head_dim
-    DK += head * seq_len * head_dim
-    DV += head * seq_len * head_dim
-    ROW_LOG += head * seq_len
-    COL_LOG += head * seq_len
-    GRAD_SCALE += head * seq_len
-    ROW_SHIFT += head * seq_len
+def _store_split(hi_ptr, lo_ptr, x, offs, mask):
+    """Store a float64 vector as the float32 pair hi + lo."""
+    hi = x.to(tl.float32)
+    tl.store(hi_ptr + offs, hi, mask=mask)
+    tl.store(lo_ptr + offs, (x - hi.to(tl.float64)).to(tl.float32), mask=mask)
 
-    offs_s = k_start + tl.arange(0, BLOCK_K)
+
+@triton.jit
+def mlstm_stabiliser_kernel(IGATE, FGATE, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, COL_LOG_LO, NORM_FLOOR, ARGMAX,
+                            seq_len, BLOCK_N: tl.constexpr):
+    """Per head, in float64: F = cumsum(logsigmoid(fgate)) and m_t = F_t + max_{s<=t}(i_s - F_s), the row max of
+    logD, with its argmax s*_t. Stores F - m and i - F (hi/lo), exp(-m) and s*. One program walks one head."""
+    steps = tl.program_id(0).to(tl.int64) * seq_len
+    cum_log_f = tl.zeros([1], dtype=tl.float64)
+    running_max = tl.full([1], float('-inf'), dtype=tl.float64)
+    running_argmax = tl.zeros([1], dtype=tl.int32)
+    for start in range(0, seq_len, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        mask = offs < seq_len
+        fgate = tl.load(FGATE + steps + offs, mask=mask, other=0.0).to(tl.float64)
+        igate = tl.load(IGATE + steps + offs, mask=mask, other=0.0).to(tl.float64)
+        log_f = tl.where(mask, tl.minimum(fgate, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fgate))), 0.0)
+        cum = cum_log_f + tl.cumsum(log_f, 0)
+        col_log = igate - cum
+        block_max, block_argmax = tl.associative_scan((tl.where(mask, col_log, float('-inf')), offs), 0, _later_max)
+        step_max, step_argmax = _later_max(running_max, running_argmax, block_max, block_argmax)
+        m = cum + step_max
+        _store_split(ROW_LOG_HI + steps, ROW_LOG_LO + steps, cum - m, offs, mask)
+        _store_split(COL_LOG_HI + steps, COL_LOG_LO + steps, col_log, offs, mask)
+        tl.store(NORM_FLOOR + steps + offs, tl.exp(-m).to(tl.float32), mask=mask)
+        tl.store(ARGMAX + steps + offs, step_argmax, mask=mask)
+        # Carry to the next block: the running max and its argmax are non-decreasing along the block.
+        cum_log_f += tl.sum(log_f, 0, keep_dims=True)
+        running_max = tl.max(tl.where(mask, step_max, float('-inf')), 0, keep_dims=True)
+        running_argmax = tl.max(tl.where(mask, step_argmax, 0), 0, keep_dims=True)
+
+
+@triton.jit
+def mlstm_grad_prep_kernel(GRAD_H, H, ROW_SUM, NORM_FLOOR, ARGMAX, SCALED_GRAD, ROW_SHIFT, GRAD_M, COLUMN_GRAD_M,
+                           n_rows, seq_len, eps, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """Per row t of the backward (rows of all heads flattened): with d_t the divisor and delta_t = g_t.h_t, stores
+    g_t / d_t (input dtype), the row shift beta_t and the direct gradient of m_t, -delta_t eps / d_t, which also goes
+    to column s*_t (m_t = logD[t, s*_t]). That scatter uses atomics, like torch's scatter_add on CUDA."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < n_rows
     offs_d = tl.arange(0, BLOCK_D)
-    cols = offs_s < seq_len
-    k = _load_tile(K, offs_s, offs_d, seq_len, head_dim)
-    v = _load_tile(V, offs_s, offs_d, seq_len, head_dim)
-    col_log = tl.load(COL_LOG + offs_s, mask=cols, other=float('-inf'))
-    dk = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
-    for q_start in range((k_start // BLOCK_Q) * BLOCK_Q, seq_len, BLOCK_Q):
-        offs_t = q_start + tl.arange(0, BLOCK_Q)
-        rows = offs_t < seq_len
-        q = _load_tile(Q, offs_t, offs_d, seq_len, head_dim)
-        grad_scale = tl.load(GRAD_SCALE + offs_t, mask=rows, other=0.0)
-        scaled_grad = (_load_tile(GRAD_H, offs_t, offs_d, seq_len, head_dim) * grad_scale[:, None]).to(q.dtype)
-        row_shift = tl.load(ROW_SHIFT + offs_t, mask=rows, other=0.0)
-        row_log = tl.load(ROW_LOG + offs_t, mask=rows, other=0.0)
-        # Transposed tiles (keys x queries), so that both updates are plain dots.
-        decay_t = _causal_decay(row_log[None, :], offs_t[None, :], col_log[:, None], offs_s[:, None])
-        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale * decay_t
-        grad_p_t = (tl.dot(v, tl.trans(scaled_grad), input_precision=DOT_PRECISION) + row_shift[None, :]) * decay_t
-        dv += tl.dot(scores_t.to(q.dtype), scaled_grad, input_precision=DOT_PRECISION)
-        dk += tl.dot(grad_p_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    _store_tile(DK, dk * scale, offs_s, offs_d, seq_len, head_dim)
-    _store_tile(DV, dv, offs_s, offs_d, seq_len, head_dim)
+    tile = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    grad_h = tl.load(GRAD_H + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    delta = tl.sum(grad_h * tl.load(H + tile, mask=tile_ok, other=0.0).to(tl.float32), axis=1)
+    row_sum = tl.load(ROW_SUM + rows, mask=row_ok, other=0.0)
+    norm_floor = tl.load(NORM_FLOOR + rows, mask=row_ok, other=1.0)
+    divisor = tl.maximum(tl.abs(row_sum), norm_floor) + eps
+    tl.store(SCALED_GRAD + tile, (grad_h / divisor[:, None]).to(SCALED_GRAD.dtype.element_ty), mask=tile_ok)
+    sign = tl.where(row_sum > 0, 1.0, tl.where(row_sum < 0, -1.0, 0.0))
+    tl.store(ROW_SHIFT + rows, tl.where(tl.abs(row_sum) > norm_floor, -delta / divisor * sign, 0.0), mask=row_ok)
+    grad_m = -delta * eps / divisor
+    tl.store(GRAD_M + rows, grad_m, mask=row_ok)
+    argmax = tl.load(ARGMAX + rows, mask=row_ok, other=0)
+    tl.atomic_add(COLUMN_GRAD_M + (rows - rows % seq_len) + argmax, grad_m, mask=row_ok)
+
+
+@triton.jit
+def mlstm_gate_grad_kernel(Q, K, DQ, DK, GRAD_M, COLUMN_GRAD_M, FGATE, DQ_OUT, DK_OUT, DIGATE, DFGATE, seq_len,
+                           HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gate gradients of one head (module docstring of fused.py): the row and column sums of dL/dlogD are q_t.dq_t
+    and k_s.dk_s, plus the gradient of m; di = column sum, dlog f = reverse cumsum of (row - column sum). Walks the
+    head backwards carrying that cumsum; also casts dq and dk to the input dtype on the way."""
+    head = tl.program_id(0).to(tl.int64)
+    steps = head * seq_len
+    tiles = steps * HEAD_DIM
+    grad_log_f_after = tl.zeros([1], dtype=tl.float32)
+    num_blocks = tl.cdiv(seq_len, BLOCK_N)
+    for block in range(0, num_blocks):
+        offs = (num_blocks - 1 - block) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = offs < seq_len
+        row_total = tl.load(GRAD_M + steps + offs, mask=mask, other=0.0)
+        column_total = tl.load(COLUMN_GRAD_M + steps + offs, mask=mask, other=0.0)
+        for d_start in tl.static_range(0, HEAD_DIM, BLOCK_D):
+            offs_d = d_start + tl.arange(0, BLOCK_D)
+            tile = offs[:, None] * HEAD_DIM + offs_d[None, :]
+            tile_ok = mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+            dq = tl.load(DQ + tiles + tile, mask=tile_ok, other=0.0)
+            dk = tl.load(DK + tiles + tile, mask=tile_ok, other=0.0)
+            row_total += tl.sum(tl.load(Q + tiles + tile, mask=tile_ok, other=0.0).to(tl.float32) * dq, axis=1)
+            column_total += tl.sum(tl.load(K + tiles + tile, mask=tile_ok, other=0.0).to(tl.float32) * dk, axis=1)
+            tl.store(DQ_OUT + tiles + tile, dq.to(DQ_OUT.dtype.element_ty), mask=tile_ok)
+            tl.store(DK_OUT + tiles + tile, dk.to(DK_OUT.dtype.element_ty), mask=tile_ok)
+        grad_cum_log_f = row_total - column_total
+        grad_log_f = grad_log_f_after + tl.cumsum(grad_cum_log_f, 0, reverse=True)
+        grad_log_f_after += tl.sum(grad_cum_log_f, 0, keep_dims=True)
+        fgate = tl.load(FGATE + steps + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DIGATE + steps + offs, column_total.to(DIGATE.dtype.element_ty), mask=mask)
+        tl.store(DFGATE + steps + offs, (grad_log_f * tl.sigmoid(-fgate)).to(DFGATE.dtype.element_ty), mask=mask)

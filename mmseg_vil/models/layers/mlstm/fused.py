@@ -1,8 +1,9 @@
 """Fused mLSTM for CUDA: our own Triton forward and backward with the exact gradients of the parallel cell.
 
-Why the gradient is derived by hand: the mlstm-kernels Triton backward holds the normaliser and the stabiliser constant
-(mlstm_kernels.md §3.2), ViL was trained with full autograd. Per head, with P[t,s] = (q_t.k_s / sqrt(DH)) exp(logD[t,s])
-the un-stabilised scores, S_t = sum_s P[t,s] and m_t the row max of logD, the cell is (vil_spec.md §2.6)
+Why the gradient is derived by hand: the mlstm-kernels Triton backward holds the normaliser and the stabiliser
+constant (mlstm_kernels.md §3.2), ViL was trained with full autograd. Per head, with
+P[t,s] = (q_t.k_s / sqrt(DH)) exp(logD[t,s]) the un-stabilised scores, S_t = sum_s P[t,s] and m_t the row max of
+logD, the cell is (vil_spec.md §2.6)
 
     h_t = sum_s P[t,s] v_s / Z_t,   Z_t = max(|S_t|, 1) + eps exp(m_t),
 
@@ -13,16 +14,19 @@ sum r_t = S_t exp(-m_t), the divisor d_t = max(|r_t|, exp(-m_t)) + eps and delta
         beta_t = -delta_t / d_t * sign(r_t) * [|r_t| > exp(-m_t)]     (through the normaliser's |S| branch)
     dL/dm_t (direct) = -delta_t eps / d_t                              (through eps exp(m), either branch)
 
-The kernels turn the first line into dq, dk, dv. The log-decay gradients need no kernel: the row and column sums of
-dL/dlogD[t,s] = dP[t,s] P[t,s] are q_t.dq_t and k_s.dk_s. m_t is logD[t, s*_t] at the argmax s*_t (a cummax, like the
-gradient of torch's max), so its gradient is added to row t and to column s*_t. Then with logD[t,s] = F_t - F_s + i_s:
-di_s = column sum, dF_t = row sum - column sum, dlog f = reverse cumsum of dF, dfgate = dlog f * sigmoid(-fgate).
+The tile kernel turns the first line into dq, dk, dv. The row and column sums of dL/dlogD[t,s] = dP[t,s] P[t,s] are
+q_t.dq_t and k_s.dk_s, so the gate gradients need no N x N work. m_t is logD[t, s*_t] at the argmax s*_t (a cummax,
+like the gradient of torch's max), so its gradient is added to row t and to column s*_t. Then with
+logD[t,s] = F_t - F_s + i_s: di_s = column sum, dF_t = row sum - column sum, dlog f = reverse cumsum of dF,
+dfgate = dlog f * sigmoid(-fgate).
+
+Per call: forward = stabiliser scan + one tile launch; backward = per-row prologue + three tile launches (dq, dk, dv)
++ gate-gradient epilogue. Few launches matter: at ViL sizes the GPU work is well under a millisecond.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 from torch import Tensor
 
@@ -37,34 +41,59 @@ def _kernels_interpreted() -> bool:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:
         return False
-    return isinstance(kernels.mlstm_fwd_kernel, InterpretedFunction)
+    return isinstance(kernels.mlstm_tile_kernel, InterpretedFunction)
 
 
-def _launch_config(head_dim: int) -> dict:
-    """Tile sizes and warps by padded head dim; the accumulators (tile x BLOCK_D, float32) must fit in registers."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if block_d <= 128:
-        return dict(BLOCK_Q=64, BLOCK_K=64, BLOCK_D=block_d, num_warps=4)
-    if block_d <= 256:
-        return dict(BLOCK_Q=64, BLOCK_K=32, BLOCK_D=block_d, num_warps=8)
-    return dict(BLOCK_Q=32, BLOCK_K=32, BLOCK_D=block_d, num_warps=8)
+def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes, head-dim chunks, warps and pipeline stages (benchmarks/mlstm_kernel_notes.md).
+
+    Half precision: the fastest of the H200 sweep for head dims 96 and 384 (forward+backward replayed from a CUDA
+    graph). float32 (3xTF32) operands take twice the shared memory: smaller tiles free of spills in the ptxas report,
+    one pipeline stage above DH=128 to fit. The interpreter gets large unequal tiles and small chunks: fewer programs
+    run faster there, and the tile-boundary and chunking logic of the CUDA configurations is exercised on CPU.
+    """
+    chunk = min(128, max(16, triton.next_power_of_2(head_dim)))
+    if _kernels_interpreted():
+        return dict(BLOCK_OWN=128, BLOCK_LOOP=64, BLOCK_DK=min(chunk, 64), BLOCK_DZ=min(chunk, 64))
+    if dtype != torch.float32:
+        return dict(BLOCK_OWN=64, BLOCK_LOOP=32, BLOCK_DK=chunk, BLOCK_DZ=chunk, num_warps=4, num_stages=2)
+    small_dk, small_dz = min(chunk, 32), min(chunk, 64)
+    if head_dim <= 128:
+        return dict(BLOCK_OWN=64, BLOCK_LOOP=32, BLOCK_DK=small_dk, BLOCK_DZ=small_dz, num_warps=4, num_stages=2)
+    return dict(BLOCK_OWN=32, BLOCK_LOOP=32, BLOCK_DK=small_dk, BLOCK_DZ=small_dz, num_warps=4, num_stages=1)
+
+
+def _scan_block(n: int) -> int:
+    """Steps per block of the per-head scans; the interpreter takes small blocks to exercise the carries."""
+    return 64 if _kernels_interpreted() else min(1024, triton.next_power_of_2(n))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs get float32 products unless torch itself allows TF32, so results match the torch backends."""
-    return 'tf32' if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else 'ieee'
+    """float32 inputs: 3xTF32 (tensor cores, close to float32 accuracy) unless torch itself allows plain TF32, so
+    results match the torch backends. Half-precision dots always accumulate in float32; the precision is ignored."""
+    return 'tf32x3' if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else 'tf32'
 
 
-def _stabiliser(igate: Tensor, fgate: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-step vectors of the decay: F - m, i - F, exp(-m), and the argmax s*_t of row t's log decays.
+def _dot_options(dtype: torch.dtype) -> dict:
+    """The interpreter multiplies bfloat16 bit patterns as integers, so there the dot operands go to float32 (exact
+    products, the same float32 accumulation as the tensor cores)."""
+    return dict(DOT_PRECISION=_dot_precision(dtype),
+                DOT_IN_FLOAT32=dtype == torch.bfloat16 and _kernels_interpreted())
 
-    Uses m_t = max_{s<=t} logD[t,s] = F_t + cummax_t(i - F). Computed in float64 and rounded once, which keeps
-    F_t - F_s accurate over long sequences.
-    """
-    cum_log_f = torch.cumsum(F.logsigmoid(fgate.double()), dim=-1)
-    running_max, argmax = torch.cummax(igate.double() - cum_log_f, dim=-1)
-    m = cum_log_f + running_max
-    return (cum_log_f - m).float(), (igate.double() - cum_log_f).float(), torch.exp(-m).float(), argmax
+
+def _tile_product(x: Tensor, y: Tensor, z: Tensor, logs, key_major: bool, out_dtype: torch.dtype,
+                  shift: Optional[Tensor] = None, normaliser: Optional[Tuple[Tensor, Tensor, float]] = None) -> Tensor:
+    """One launch of the tile kernel; ``normaliser = (norm_floor, row_sum_out, eps)`` makes it the forward."""
+    heads_total, n, head_dim = x.shape
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    norm_floor, row_sum, eps = normaliser or (None, None, 0.0)
+    config = _launch_config(head_dim, x.dtype)
+    grid = (triton.cdiv(n, config['BLOCK_OWN']), heads_total, triton.cdiv(head_dim, config['BLOCK_DZ']))
+    kernels.mlstm_tile_kernel[grid](
+        x, y, z, out, shift, *logs, norm_floor, row_sum, n, 1 / math.sqrt(head_dim), eps, HEAD_DIM=head_dim,
+        KEY_MAJOR=key_major, FORWARD=normaliser is not None, HAS_SHIFT=shift is not None, **_dot_options(x.dtype),
+        **config)
+    return out
 
 
 class FusedMLSTM(torch.autograd.Function):
@@ -74,47 +103,43 @@ class FusedMLSTM(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float) -> Tensor:
         batch, heads, n, head_dim = q.shape
         q, k, v = (x.contiguous().view(batch * heads, n, head_dim) for x in (q, k, v))
-        row_log, col_log, norm_floor, argmax = _stabiliser(igate, fgate)
-        h = torch.empty_like(q)
-        row_sum = torch.empty(batch * heads, n, dtype=torch.float32, device=q.device)
-        config = _launch_config(head_dim)
-        grid = (triton.cdiv(n, config['BLOCK_Q']), batch * heads)
-        kernels.mlstm_fwd_kernel[grid](q, k, v, row_log, col_log, norm_floor, h, row_sum, n, head_dim,
-                                       1 / math.sqrt(head_dim), eps, DOT_PRECISION=_dot_precision(q.dtype), **config)
-        ctx.save_for_backward(q, k, v, h, fgate, row_log, col_log, norm_floor, argmax, row_sum)
+        igate, fgate = (x.contiguous().view(batch * heads, n) for x in (igate, fgate))
+        logs = [torch.empty(batch * heads, n, dtype=torch.float32, device=q.device) for _ in range(4)]
+        norm_floor, row_sum = (torch.empty_like(logs[0]) for _ in range(2))
+        argmax = torch.empty(batch * heads, n, dtype=torch.int32, device=q.device)
+        kernels.mlstm_stabiliser_kernel[(batch * heads,)](igate, fgate, *logs, norm_floor, argmax, n,
+                                                           BLOCK_N=_scan_block(n))
+        h = _tile_product(q, k, v, logs, key_major=False, out_dtype=q.dtype, normaliser=(norm_floor, row_sum, eps))
+        ctx.save_for_backward(q, k, v, h, igate, fgate, norm_floor, argmax, row_sum, *logs)
         ctx.eps = eps
-        ctx.igate_dtype = igate.dtype
+        ctx.batch_heads = (batch, heads)
         return h.view(batch, heads, n, head_dim)
 
     @staticmethod
     def backward(ctx, grad_h: Tensor):
-        q, k, v, h, fgate, row_log, col_log, norm_floor, argmax, row_sum = ctx.saved_tensors
+        q, k, v, h, igate, fgate, norm_floor, argmax, row_sum, *logs = ctx.saved_tensors
         heads_total, n, head_dim = q.shape
-        grad_h = grad_h.reshape(heads_total, n, head_dim).to(q.dtype).contiguous()
-        divisor = torch.maximum(row_sum.abs(), norm_floor) + ctx.eps
-        delta = (grad_h.float() * h.float()).sum(-1)
-        grad_scale = 1 / divisor
-        row_shift = -delta / divisor * torch.sign(row_sum) * (row_sum.abs() > norm_floor)
-        grad_m = -delta * ctx.eps / divisor
+        scaled_grad = torch.empty_like(q)
+        row_shift, grad_m = (torch.empty_like(row_sum) for _ in range(2))
+        column_grad_m = torch.zeros_like(row_sum)
+        rows_per_program = 16
+        kernels.mlstm_grad_prep_kernel[(triton.cdiv(heads_total * n, rows_per_program),)](
+            grad_h.reshape(q.shape).contiguous(), h, row_sum, norm_floor, argmax, scaled_grad, row_shift, grad_m,
+            column_grad_m, heads_total * n, n, ctx.eps, HEAD_DIM=head_dim, BLOCK_ROWS=rows_per_program,
+            BLOCK_D=triton.next_power_of_2(head_dim))
 
-        dq, dk, dv = (torch.empty(heads_total, n, head_dim, dtype=torch.float32, device=q.device) for _ in range(3))
-        config = _launch_config(head_dim)
-        common = dict(seq_len=n, head_dim=head_dim, scale=1 / math.sqrt(head_dim),
-                      DOT_PRECISION=_dot_precision(q.dtype), **config)
-        kernels.mlstm_bwd_dq_kernel[(triton.cdiv(n, config['BLOCK_Q']), heads_total)](
-            q, k, v, grad_h, row_log, col_log, grad_scale, row_shift, dq, **common)
-        kernels.mlstm_bwd_dkdv_kernel[(triton.cdiv(n, config['BLOCK_K']), heads_total)](
-            q, k, v, grad_h, row_log, col_log, grad_scale, row_shift, dk, dv, **common)
+        dq = _tile_product(scaled_grad, v, k, logs, key_major=False, out_dtype=torch.float32, shift=row_shift)
+        dk = _tile_product(v, scaled_grad, q, logs, key_major=True, out_dtype=torch.float32, shift=row_shift)
+        dv = _tile_product(k, q, scaled_grad, logs, key_major=True, out_dtype=v.dtype)
 
-        grad_m = grad_m.view_as(fgate)
-        row_total = (q.float() * dq).sum(-1).view_as(fgate) + grad_m
-        column_total = (k.float() * dk).sum(-1).view_as(fgate).scatter_add(-1, argmax, grad_m)
-        grad_cum_log_f = row_total - column_total
-        grad_log_f = grad_cum_log_f.flip(-1).cumsum(-1).flip(-1)
-        grad_fgate = grad_log_f * torch.sigmoid(-fgate.float())
-        shape = fgate.shape + (head_dim,)
-        return (dq.view(shape).to(q.dtype), dk.view(shape).to(k.dtype), dv.view(shape).to(v.dtype),
-                column_total.to(ctx.igate_dtype), grad_fgate.to(fgate.dtype), None)
+        dq_out, dk_out = torch.empty_like(q), torch.empty_like(k)
+        d_igate, d_fgate = torch.empty_like(igate), torch.empty_like(fgate)
+        kernels.mlstm_gate_grad_kernel[(heads_total,)](
+            q, k, dq, dk, grad_m, column_grad_m, fgate, dq_out, dk_out, d_igate, d_fgate, n, HEAD_DIM=head_dim,
+            BLOCK_N=min(64, _scan_block(n)), BLOCK_D=min(64, triton.next_power_of_2(head_dim)))
+        batch, heads = ctx.batch_heads
+        return (dq_out.view(batch, heads, n, head_dim), dk_out.view(batch, heads, n, head_dim),
+                dv.view(batch, heads, n, head_dim), d_igate.view(batch, heads, n), d_fgate.view(batch, heads, n), None)
 
 
 def mlstm_fused(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6) -> Tensor:

@@ -21,14 +21,15 @@ def mlstm_parallel(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor
         ``(B, NH, N, DH)`` hidden states, in the dtype of ``q``.
     """
     n = q.shape[-2]
-    log_f = F.logsigmoid(fgate.float())
+    gate_dtype = torch.promote_types(q.dtype, torch.float32)  # gates at least in float32, float64 stays float64
+    log_f = F.logsigmoid(fgate.to(gate_dtype))
     cum = torch.cumsum(log_f, dim=-1)
     # logD[t, s] = F_t - F_s + i_s for s <= t (forget gate of step s is not applied to input s).
-    log_d = cum.unsqueeze(-1) - cum.unsqueeze(-2) + igate.float().unsqueeze(-2)
+    log_d = cum.unsqueeze(-1) - cum.unsqueeze(-2) + igate.to(gate_dtype).unsqueeze(-2)
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     log_d = log_d.masked_fill(~causal, float('-inf'))
     max_log_d = log_d.amax(dim=-1, keepdim=True)
     decay = torch.exp(log_d - max_log_d)
     scores = (q @ (k / math.sqrt(q.shape[-1])).transpose(-2, -1)) * decay.to(q.dtype)
-    normaliser = torch.maximum(scores.sum(dim=-1, keepdim=True).abs().float(), torch.exp(-max_log_d))
+    normaliser = torch.maximum(scores.sum(dim=-1, keepdim=True).abs().to(gate_dtype), torch.exp(-max_log_d))
     return ((scores / (normaliser + eps).to(q.dtype)) @ v).to(q.dtype)

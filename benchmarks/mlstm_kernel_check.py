@@ -1,0 +1,210 @@
+"""Check and time the fused mLSTM Triton kernels on a CUDA GPU (issue 6); notes: benchmarks/mlstm_kernel_notes.md.
+
+1. Correctness: fused output and gradients against the chunkwise backend in float64 (exact to ~1e-13, see
+   tests/test_mlstm_backends.py) for the ViL head dims 96/192/384 (T/S/B) at several N, in float32 and bfloat16.
+2. Timing (median ms): forward and forward+backward of the fused, parallel and chunkwise backends, with torch SDPA
+   (causal attention of the same shape) as a yardstick, launched eagerly (triton's do_bench; what training sees) and
+   replayed from a CUDA graph (do_bench_cudagraph; GPU time without the host's launch overhead); peak memory.
+3. ``--sweep``: CUDA-graph forward+backward time of candidate tile configurations per head dim.
+
+Usage, from the repo root on a CUDA machine: ``python benchmarks/mlstm_kernel_check.py --out DIR [--sweep]``.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from mmseg_vil.models.layers.mlstm import fused, mlstm_chunkwise, mlstm_fused, mlstm_parallel
+
+GATES = ('igate', 'fgate')
+GRAD_NAMES = ('dq', 'dk', 'dv', 'digate', 'dfgate')
+
+
+def make_inputs(batch, heads, n, head_dim, dtype, seed=0):
+    """ViL-like gates (forget +3..+6, 10% strongly negative; input ~N(0,1)), as in the tests; on the GPU."""
+    gen = torch.Generator(device='cuda').manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen, device='cuda') for _ in range(3))
+    igate = torch.randn(batch, heads, n, generator=gen, device='cuda')
+    fgate = 3 + 3 * torch.rand(batch, heads, n, generator=gen, device='cuda')
+    strongly_negative = torch.rand(batch, heads, n, generator=gen, device='cuda') < 0.1
+    fgate = torch.where(strongly_negative, -4 + torch.randn_like(fgate), fgate)
+    return [x.to(dtype) for x in (q, k, v, igate, fgate)]
+
+
+def relative_errors(n, head_dim, dtype):
+    """Max errors as in the tests: relative to max(|ref|, 1e-2 x the largest reference gradient)."""
+    inputs = make_inputs(1, 2, n, head_dim, dtype)
+    grad_h = torch.randn(1, 2, n, head_dim, device='cuda').to(dtype)
+    ref_inputs = [x.double().requires_grad_() for x in inputs]
+    expected = mlstm_chunkwise(*ref_inputs)
+    expected_grads = torch.autograd.grad(expected, ref_inputs, grad_h.double())
+    inputs = [x.requires_grad_() for x in inputs]
+    actual = mlstm_fused(*inputs)
+    actual_grads = torch.autograd.grad(actual, inputs, grad_h)
+    grad_scale = max(g.abs().max().item() for g in expected_grads)
+    errors = {}
+    for name, a, e in zip(('h',) + GRAD_NAMES, (actual, *actual_grads), (expected, *expected_grads)):
+        floor = 1e-2 * (e.abs().max().item() if name == 'h' else grad_scale)
+        errors[name] = (a.double() - e).abs().max().item() / max(e.abs().max().item(), floor)
+    return errors
+
+
+def sdpa(q, k, v, igate, fgate):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+BACKENDS = {'fused': mlstm_fused, 'parallel': mlstm_parallel, 'chunkwise': mlstm_chunkwise, 'sdpa (yardstick)': sdpa}
+
+
+def time_backend(op, batch, heads, n, head_dim, dtype, graph_only=False):
+    """Median ms of eager forward (no grad), eager forward+backward and graph-replayed forward+backward, and the
+    peak extra memory of forward+backward in MiB."""
+    inputs = [x.requires_grad_() for x in make_inputs(batch, heads, n, head_dim, dtype)]
+    grad_h = torch.randn(batch, heads, n, head_dim, device='cuda', dtype=dtype)
+
+    def forward():
+        with torch.no_grad():
+            op(*inputs)
+
+    def forward_backward():
+        torch.autograd.grad(op(*inputs), inputs, grad_h, allow_unused=True)
+
+    try:
+        graph_ms = do_bench_cudagraph(forward_backward, rep=100, return_mode='median')
+    except Exception:  # noqa: BLE001 - a backend that cannot be captured still gets its eager numbers
+        if graph_only:
+            raise
+        graph_ms = float('nan')
+    if graph_only:
+        return graph_ms
+    forward_ms = do_bench(forward, warmup=25, rep=200, return_mode='median')
+    total_ms = do_bench(forward_backward, warmup=25, rep=200, return_mode='median')
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    forward_backward()
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return forward_ms, total_ms, graph_ms, peak_mib
+
+
+def check(out_lines, results):
+    out_lines.append('## correctness: fused vs chunkwise float64 (max relative error)')
+    for head_dim in (96, 192, 384):
+        for n in (196, 1000, 4096):
+            for dtype in (torch.float32, torch.bfloat16):
+                errors = relative_errors(n, head_dim, dtype)
+                results.append(dict(kind='check', n=n, head_dim=head_dim, dtype=str(dtype), **errors))
+                out_lines.append(f'DH={head_dim:3d} N={n:5d} {str(dtype)[6:]:9s} '
+                                 + ' '.join(f'{k}={v:.1e}' for k, v in errors.items()))
+    errors = relative_errors(200, 96, torch.float16)
+    out_lines.append('DH= 96 N=  200 float16   ' + ' '.join(f'{k}={v:.1e}' for k, v in errors.items()))
+
+
+TIMING_SHAPES = [  # name, B, NH, N, DH
+    ('ViL-T 224px', 64, 4, 196, 96),
+    ('ViL-T 512px', 8, 4, 1024, 96),
+    ('ViL-S 224px', 64, 4, 196, 192),
+    ('ViL-B 224px', 64, 4, 196, 384),
+    ('long', 1, 4, 16384, 96),
+]
+
+
+def timing(out_lines, results, dtype):
+    out_lines.append(f'## timing {str(dtype)[6:]}: median ms eager forward | eager fwd+bwd | graph fwd+bwd | '
+                     'peak MiB of fwd+bwd')
+    for name, batch, heads, n, head_dim in TIMING_SHAPES:
+        for backend, op in BACKENDS.items():
+            if backend == 'parallel' and n > 4096:
+                continue  # N^2 memory
+            try:
+                fwd, total, graph, mib = time_backend(op, batch, heads, n, head_dim, dtype)
+            except Exception as exc:  # noqa: BLE001 - report e.g. out-of-memory and go on
+                out_lines.append(f'{name} B={batch} N={n} DH={head_dim} {backend} failed: {exc}'[:200])
+                torch.cuda.empty_cache()
+                continue
+            results.append(dict(kind='time', shape=name, batch=batch, heads=heads, n=n, head_dim=head_dim,
+                                dtype=str(dtype), backend=backend, forward_ms=fwd, forward_backward_ms=total,
+                                graph_forward_backward_ms=graph, peak_mib=mib))
+            out_lines.append(f'{name:12s} B={batch} NH={heads} N={n} DH={head_dim} {backend:17s} '
+                             f'{fwd:8.3f} | {total:8.3f} | {graph:8.3f} | {mib:8.0f}')
+
+
+def profile_fused(out_lines, batch=64, heads=4, n=196, head_dim=96, dtype=torch.bfloat16):
+    """Where the fused forward+backward spends GPU time at the ViL-T 224px shape (kernels vs small torch ops)."""
+    inputs = [x.requires_grad_() for x in make_inputs(batch, heads, n, head_dim, dtype)]
+    grad_h = torch.randn(batch, heads, n, head_dim, device='cuda', dtype=dtype)
+    for _ in range(3):
+        torch.autograd.grad(mlstm_fused(*inputs), inputs, grad_h)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            torch.autograd.grad(mlstm_fused(*inputs), inputs, grad_h)
+        torch.cuda.synchronize()
+    out_lines.append(f'## profile of 10 fused forward+backward, B={batch} NH={heads} N={n} DH={head_dim} {dtype}')
+    out_lines.append(prof.key_averages().table(sort_by='cuda_time_total', row_limit=25, max_name_column_width=60))
+
+
+SWEEP = [  # (BLOCK_OWN, BLOCK_LOOP, BLOCK_DK, BLOCK_DZ, num_warps, num_stages), used for all four tile launches
+    (128, 64, 64, 128, 8, 2), (128, 64, 64, 128, 8, 3), (64, 64, 64, 128, 4, 2), (128, 128, 64, 128, 8, 2),
+    (128, 32, 64, 128, 8, 2), (64, 32, 128, 128, 4, 2),
+]
+
+
+def sweep(out_lines, results, dtype):
+    out_lines.append(f'## tile sweep {str(dtype)[6:]}: OWN LOOP DK DZ warps stages -> graph fwd+bwd ms')
+    default_config = fused._launch_config
+    try:
+        for head_dim, shapes in ((96, [(64, 196), (8, 1024)]), (384, [(64, 196)])):
+            for own, loop, dk, dz, warps, stages in SWEEP:
+                config = dict(BLOCK_OWN=own, BLOCK_LOOP=loop, BLOCK_DK=min(dk, triton.next_power_of_2(head_dim)),
+                              BLOCK_DZ=min(dz, triton.next_power_of_2(head_dim)), num_warps=warps, num_stages=stages)
+                fused._launch_config = lambda *_, config=config: config
+                for batch, n in shapes:
+                    try:
+                        graph = time_backend(mlstm_fused, batch, 4, n, head_dim, dtype, graph_only=True)
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: report and go on
+                        out_lines.append(f'DH={head_dim} B={batch} N={n} {config} failed: {exc}'[:200])
+                        continue
+                    results.append(dict(kind='sweep', head_dim=head_dim, batch=batch, n=n, dtype=str(dtype),
+                                        graph_forward_backward_ms=graph, **config))
+                    out_lines.append(f'DH={head_dim} B={batch:2d} N={n:4d} {own:3d} {loop:3d} {dk:3d} {dz:3d} {warps} '
+                                     f'{stages} -> {graph:7.3f}')
+    finally:
+        fused._launch_config = default_config
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', default='.', help='folder for mlstm_kernel_check.{txt,json}')
+    parser.add_argument('--sweep', action='store_true', help='also time candidate tile configurations')
+    args = parser.parse_args()
+
+    start = time.time()
+    out_lines = [f'# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | '
+                 f'python {platform.python_version()} | {time.strftime("%Y-%m-%d %H:%M")}']
+    results = []
+    check(out_lines, results)
+    for dtype in (torch.bfloat16, torch.float32):
+        timing(out_lines, results, dtype)
+    profile_fused(out_lines)
+    if args.sweep:
+        sweep(out_lines, results, torch.bfloat16)
+    out_lines.append(f'# total {time.time() - start:.0f} s')
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'mlstm_kernel_check.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, 'mlstm_kernel_check.txt'), 'w') as f:
+        f.write('\n'.join(out_lines) + '\n')
+    print('\n'.join(out_lines))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,208 @@
+"""Every mLSTM backend computes the parallel cell's function and its full autograd gradients.
+
+The reference is the formula of vil_spec.md §2.6 evaluated in float64 on the same (dtype-rounded) inputs; it is
+written out here because ``mlstm_parallel`` keeps its gates in float32 even for float64 inputs. Gates are ViL-like
+(forget pre-activations +3..+6, input ~N(0,1)) with some strongly negative forget gates, so that the max stabiliser
+and both branches of the normaliser max(|q.n|, exp(-m)) matter.
+
+The fused Triton kernels run on CUDA when there is one. Otherwise they run on CPU under ``TRITON_INTERPRET=1``, which
+must be set before the kernels are decorated, i.e. before ``mmseg_vil`` is imported: one test re-runs this file's
+fused tests in a subprocess with the variable set.
+"""
+import functools
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmseg_vil.models.layers.mlstm import MLSTM_BACKENDS, mlstm
+from mmseg_vil.models.layers.mlstm.chunkwise import mlstm_chunkwise
+
+SEQ_LENS = (1, 15, 64, 196, 200, 1024)
+HEAD_DIMS = (8, 12, 96)
+EPS = 1e-6
+# Max error of output and gradients, relative to the larger of the tensor's own max and FLOOR x the case's largest
+# gradient (a gradient that cancels to ~0, e.g. dq at N=1 on the |q.n| branch, is judged on the gradients' scale).
+FLOOR = 1e-2
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.bfloat16: 3e-2,
+}
+# The parallel form differences one float32 cumsum of log forget gates (F_t - F_s), which loses digits as |F| grows.
+# In bfloat16 it also computes scores and normaliser in bfloat16 (gradients off by O(1) at N >= 196), so it is not
+# held to the bfloat16 tolerance at all; the other backends accumulate in float32.
+PARALLEL_FLOAT32_TOLERANCE = 1e-3
+
+
+def reference_float64(q, k, v, igate, fgate):
+    """vil_spec.md §2.6 in float64; also returns whether each row's normaliser took the exp(-m) branch."""
+    n = q.shape[-2]
+    cum_log_f = torch.cumsum(F.logsigmoid(fgate), dim=-1)
+    log_d = cum_log_f.unsqueeze(-1) - cum_log_f.unsqueeze(-2) + igate.unsqueeze(-2)
+    log_d = log_d.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float('-inf'))
+    m = log_d.amax(dim=-1, keepdim=True)
+    c = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])) * torch.exp(log_d - m)
+    row_sum = c.sum(dim=-1, keepdim=True).abs()
+    normaliser = torch.maximum(row_sum, torch.exp(-m))
+    return (c / (normaliser + EPS)) @ v, row_sum < torch.exp(-m)
+
+
+def make_inputs(n, head_dim, dtype, seed, batch=2, heads=2):
+    """q, k, v, igate, fgate and an output gradient, in float64 but already rounded to ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, grad_h = (torch.randn(batch, heads, n, head_dim, generator=gen, dtype=torch.float64) for _ in range(4))
+    igate = torch.randn(batch, heads, n, generator=gen, dtype=torch.float64)
+    fgate = 3 + 3 * torch.rand(batch, heads, n, generator=gen, dtype=torch.float64)
+    strongly_negative = torch.rand(batch, heads, n, generator=gen) < 0.1
+    fgate[strongly_negative] = -4 + torch.randn(int(strongly_negative.sum()), generator=gen, dtype=torch.float64)
+    return [x.to(dtype).double() for x in (q, k, v, igate, fgate, grad_h)]
+
+
+@functools.lru_cache(maxsize=None)
+def reference_case(n, head_dim, dtype, seed=0):
+    """Inputs, output gradient, reference output and reference input gradients of one case."""
+    *inputs, grad_h = make_inputs(n, head_dim, dtype, seed)
+    inputs = [x.requires_grad_() for x in inputs]
+    expected, _ = reference_float64(*inputs)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_h)
+    return [x.detach() for x in inputs], grad_h, expected.detach(), expected_grads
+
+
+def backend_errors(backend, n, head_dim, dtype, device='cpu'):
+    """Relative max errors of a backend's output and (q, k, v, igate, fgate) gradients against the reference."""
+    inputs, grad_h, expected, expected_grads = reference_case(n, head_dim, dtype)
+    actual_inputs = [x.to(device, dtype).requires_grad_() for x in inputs]
+    actual = mlstm(*actual_inputs, backend=backend)
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    actual_grads = torch.autograd.grad(actual, actual_inputs, grad_h.to(device, dtype))
+
+    grad_scale = max(g.abs().max().item() for g in expected_grads)
+    names = ('h', 'dq', 'dk', 'dv', 'digate', 'dfgate')
+    errors = {}
+    for name, a, e in zip(names, (actual, *actual_grads), (expected, *expected_grads)):
+        floor = FLOOR * (e.abs().max().item() if name == 'h' else grad_scale)
+        errors[name] = (a.detach().cpu().double() - e).abs().max().item() / max(e.abs().max().item(), floor)
+    return errors
+
+
+def assert_close_to_reference(backend, n, head_dim, dtype, tolerance, device='cpu'):
+    errors = backend_errors(backend, n, head_dim, dtype, device)
+    assert all(math.isfinite(e) and e <= tolerance for e in errors.values()), \
+        f'{backend} {dtype} N={n} DH={head_dim}: errors {errors} over {tolerance}'
+
+
+def test_inputs_exercise_both_normaliser_branches():
+    *inputs, _ = make_inputs(200, 12, torch.float64, seed=0)
+    _, floor_branch = reference_float64(*inputs)
+    assert floor_branch.any() and not floor_branch.all()
+
+
+@pytest.mark.parametrize('head_dim', HEAD_DIMS)
+@pytest.mark.parametrize('n', SEQ_LENS)
+def test_parallel_float32_matches_reference(n, head_dim):
+    assert_close_to_reference('parallel', n, head_dim, torch.float32, PARALLEL_FLOAT32_TOLERANCE)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('head_dim', HEAD_DIMS)
+@pytest.mark.parametrize('n', SEQ_LENS)
+def test_chunkwise_matches_reference(n, head_dim, dtype):
+    assert_close_to_reference('chunkwise', n, head_dim, dtype, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize('n,dtype,tolerance', [(196, torch.float32, PARALLEL_FLOAT32_TOLERANCE),
+                                               (1024, torch.float32, TOLERANCES[torch.float32]),
+                                               (196, torch.bfloat16, TOLERANCES[torch.bfloat16])])
+def test_auto_on_cpu_matches_reference(n, dtype, tolerance):
+    """Covers auto's CPU choices: parallel for short float32, chunkwise for long or half precision."""
+    assert_close_to_reference('auto', n, 12, dtype, tolerance)
+
+
+@pytest.mark.parametrize('n', SEQ_LENS)
+def test_chunkwise_float64_is_exact(n):
+    assert_close_to_reference('chunkwise', n, 12, torch.float64, TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize('chunk_size', [16, 37, 64, 256])
+def test_chunkwise_padding_does_not_change_results(chunk_size):
+    """N=200 runs as 13 x 16 and 6 x 34 steps (padded), 4 x 50 and one chunk; all give the same result."""
+    *inputs, _ = make_inputs(200, 12, torch.float64, seed=1)
+    expected, _ = reference_float64(*inputs)
+    actual = mlstm_chunkwise(*inputs, chunk_size=chunk_size)
+    assert (actual - expected).abs().max() <= TOLERANCES[torch.float64] * expected.abs().max()
+
+
+def test_unknown_backend_is_rejected():
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match='Unknown mLSTM backend'):
+        mlstm(q, q, q, q[..., 0], q[..., 0], backend='nope')
+
+
+# ---------------------------------------------------------------------------------------------- fused Triton kernels
+def _fused_device():
+    """'cuda', 'cpu' (kernels interpreted) or None where the fused kernels cannot run in this process."""
+    if 'fused' not in MLSTM_BACKENDS:
+        return None
+    if torch.cuda.is_available():
+        return 'cuda'
+    from mmseg_vil.models.layers.mlstm.fused import _kernels_interpreted
+    return 'cpu' if _kernels_interpreted() else None
+
+
+FUSED_DEVICE = _fused_device()
+needs_fused = pytest.mark.skipif(FUSED_DEVICE is None, reason='fused kernels need CUDA or TRITON_INTERPRET=1')
+
+# The interpreter is slow: every sequence length once, every head dim and dtype at some lengths.
+FUSED_CASES = [(1, 8, torch.float32), (15, 12, torch.float32), (64, 8, torch.float32), (196, 96, torch.float32),
+               (200, 12, torch.float32), (1024, 8, torch.float32), (64, 12, torch.bfloat16),
+               (200, 12, torch.bfloat16)]
+
+
+@needs_fused
+@pytest.mark.parametrize('n,head_dim,dtype', FUSED_CASES)
+def test_fused_backend_matches_reference(n, head_dim, dtype):
+    assert_close_to_reference('fused', n, head_dim, dtype, TOLERANCES[dtype], device=FUSED_DEVICE)
+
+
+@pytest.mark.skipif('fused' not in MLSTM_BACKENDS or FUSED_DEVICE is not None,
+                    reason='needs Triton, and the kernels not runnable in this process')
+def test_fused_backend_on_cpu_without_interpreter_raises():
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match='TRITON_INTERPRET'):
+        mlstm(q, q, q, q[..., 0], q[..., 0], backend='fused')
+
+
+@pytest.mark.skipif('fused' not in MLSTM_BACKENDS, reason='needs Triton')
+@pytest.mark.skipif(FUSED_DEVICE is not None, reason='the fused tests run in this process')
+def test_fused_backend_under_triton_interpreter():
+    result = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__,
+         '-k', 'test_fused_backend_matches_reference or test_backbone_features_agree_across_backends'],
+        env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert re.fullmatch(rf'{len(FUSED_CASES) + 3} passed.*', summary), summary  # + the backbone tests
+
+
+# ---------------------------------------------------------------------------------------------- whole backbone
+@pytest.mark.parametrize('backend', ['chunkwise', 'auto', 'fused'])
+def test_backbone_features_agree_across_backends(backend):
+    if backend == 'fused' and FUSED_DEVICE is None:
+        pytest.skip('fused kernels need CUDA or TRITON_INTERPRET=1')
+    from mmseg_vil.models.backbones.vil import ViL
+    device = FUSED_DEVICE or 'cpu'
+    torch.manual_seed(0)
+    reference = ViL(arch=dict(embed_dims=32, num_layers=4), img_size=(64, 72), patch_size=8, out_indices=(1, 3),
+                    mlstm_backend='parallel').to(device).eval()
+    candidate = ViL(arch=dict(embed_dims=32, num_layers=4), img_size=(64, 72), patch_size=8, out_indices=(1, 3),
+                    mlstm_backend=backend).to(device).eval()
+    candidate.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 64, 72, device=device)  # 72 tokens: not a multiple of any chunk or tile size
+    for ours, expected in zip(candidate(x), reference(x)):
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
