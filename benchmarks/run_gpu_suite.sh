@@ -13,4 +13,5 @@ timeout 90 python3 tools/benchmark.py $common --scopes upernet --sizes 512 --mod
   --out-dir "$out/upernet" 2>&1 | grep -v -i warn | tee -a "$out/log.txt"
 timeout 120 python3 tools/benchmark.py --iters 6 --warmup 3 --modes train --compile --scopes backbone \
   --sizes 224 512 --models vil-t deit-t --out-dir "$out/compiled" 2>&1 | grep -v -i warn | tee -a "$out/log.txt"
-rm -f "$out"/upernet/benchmark.png "$out"/compiled/benchmark.png
+rm -f "$out"/upernet/benchmark.png "$out"/compiled/benchmark.png "$out"/*/benchmark.md
+for d in "$out"/*/; do [ -f "$d/benchmark.json" ] && rm -f "$d/benchmark.partial.json"; done

@@ -195,8 +195,13 @@ def measure(name: str, scope: str, mode: str, size: int, batch: int, device: tor
 
 def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[str], scopes: Iterable[str],
                   device: str = 'cuda', amp: Optional[str] = 'bf16', batch: Optional[Dict[int, int]] = None,
-                  warmup: int = 3, iters: int = 10, compile_model: bool = False) -> dict:
-    """Run every (scope, size, mode, model) combination; returns a JSON-ready dict with environment and results."""
+                  warmup: int = 3, iters: int = 10, compile_model: bool = False,
+                  partial_path: Optional[str] = None) -> dict:
+    """Run every (scope, size, mode, model) combination; returns a JSON-ready dict with environment and results.
+
+    With ``partial_path`` the report so far is rewritten there after every measurement, so a run cut short by a
+    time limit still leaves its results.
+    """
     dev = torch.device(device)
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None, 'none': None}[amp]
     batch = {**DEFAULT_BATCH, **(batch or {})}
@@ -212,6 +217,9 @@ def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[s
                               + (res.error or f'{res.img_per_s} img/s, {res.ms_per_iter} ms/iter, '
                                  f'peak {res.peak_mem_gib} GiB'), logger='current')
                     results.append(res)
+                    if partial_path:
+                        Path(partial_path).write_text(json.dumps(
+                            dict(environment=environment(dev, amp), results=[asdict(r) for r in results]), indent=1))
     return dict(environment=environment(dev, amp), results=[asdict(r) for r in results])
 
 

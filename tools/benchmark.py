@@ -7,6 +7,7 @@
 and benchmark.png into --out-dir.
 """
 import argparse
+import os
 
 from mmseg_vil.benchmark import BACKBONES, markdown_report, run_benchmark, save_report
 
@@ -31,10 +32,12 @@ def main() -> None:
     parser.add_argument('--compile', action='store_true', help='torch.compile every model')
     parser.add_argument('--out-dir', default='work_dirs/benchmark')
     args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
 
     report = run_benchmark(args.models, args.sizes, args.modes, args.scopes, device=args.device,
                            amp=None if args.amp == 'none' else args.amp, batch=parse_batch(args.batch),
-                           warmup=args.warmup, iters=args.iters, compile_model=args.compile)
+                           warmup=args.warmup, iters=args.iters, compile_model=args.compile,
+                           partial_path=os.path.join(args.out_dir, 'benchmark.partial.json'))
     report['environment']['command'] = 'python tools/benchmark.py ' + ' '.join(
         f'{k}={v}' for k, v in vars(args).items())
     paths = save_report(report, args.out_dir)

@@ -1,4 +1,10 @@
 """User-facing workflows on top of ``mmseg.apis``: batch inference to files and model comparison."""
+from .compare import ComparisonRow, ModelSpec, compare, plot_comparison, render_markdown, write_json
+from .complexity import build_inference_model, count_flops, count_parameters
 from .inference import InferenceSummary, SegmentationWriter, collect_images, init_segmentor, segment_images
 
-__all__ = ['InferenceSummary', 'SegmentationWriter', 'collect_images', 'init_segmentor', 'segment_images']
+__all__ = [
+    'ComparisonRow', 'InferenceSummary', 'ModelSpec', 'SegmentationWriter', 'build_inference_model', 'collect_images',
+    'compare', 'count_flops', 'count_parameters', 'init_segmentor', 'plot_comparison', 'render_markdown',
+    'segment_images', 'write_json'
+]

@@ -14,13 +14,16 @@ different folders do not collide) it writes
 import glob
 import os
 import os.path as osp
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import mmcv
 import numpy as np
 import torch
+from mmengine.model import revert_sync_batchnorm
 from mmengine.utils import ProgressBar
+from mmseg.apis import inference_model, init_model
 from torch import nn
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -65,10 +68,10 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
 
 
 def init_segmentor(config: str, checkpoint: Optional[str], device: str = 'cpu') -> nn.Module:
-    """``mmseg.apis.init_model`` plus SyncBN -> BN on CPU (SyncBN refuses CPU tensors)."""
-    from mmengine.model import revert_sync_batchnorm
-    from mmseg.apis import init_model
+    """``mmseg.apis.init_model``, then SyncBN -> BN on CPU as MMSegmentation's demos do.
 
+    One process has no group to synchronise with, and some PyTorch versions reject CPU input to SyncBN.
+    """
     model = init_model(config, checkpoint, device=device)
     return revert_sync_batchnorm(model) if torch.device(device).type == 'cpu' else model
 
@@ -79,13 +82,21 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, opacity: f
     return np.clip((1 - opacity) * image + opacity * colours, 0, 255).astype(np.uint8)
 
 
-def _progress(total: int):
-    """tqdm when installed (nicer, shows rate and ETA), else MMEngine's always-available bar; both offer update()."""
+@contextmanager
+def _progress(total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Yield ``update(n)`` of a progress bar: tqdm when installed (rate, ETA), else MMEngine's always-present bar."""
+    if not enabled:
+        yield lambda n: None
+        return
     try:
         from tqdm import tqdm
     except ImportError:
-        return ProgressBar(total)
-    return tqdm(total=total, unit='img')
+        bar = ProgressBar(total)
+        yield bar.update
+        bar.file.write('\n')  # MMEngine's bar leaves the cursor on its line
+        return
+    with tqdm(total=total, unit='img') as bar:
+        yield bar.update
 
 
 def _batches(items: Sequence[str], batch_size: int) -> Iterator[Sequence[str]]:
@@ -121,8 +132,6 @@ class SegmentationWriter:
         return osp.join(self.out_dir, 'pred', stem + '.png'), osp.join(self.out_dir, 'vis', stem + '.png')
 
     def _segment(self, group: List[Tuple[str, np.ndarray]], root: str, summary: InferenceSummary) -> None:
-        from mmseg.apis import inference_model
-
         try:
             results = inference_model(self.model, [image for _, image in group])
         except Exception as error:  # noqa: BLE001  (one bad group must not stop the others)
@@ -141,26 +150,23 @@ class SegmentationWriter:
         if not paths:
             return summary
         root = osp.commonpath([osp.dirname(osp.abspath(p)) for p in paths])
-        bar = _progress(len(paths)) if progress else None
-        for batch in _batches(paths, self.batch_size):
-            readable = []
-            for path in batch:
-                try:
-                    image = mmcv.imread(path)
-                except Exception as error:  # noqa: BLE001  (missing file, permission, I/O error)
-                    image, reason = None, repr(error)
-                else:
-                    reason = 'not a readable image (corrupt or unsupported format)'
-                if image is None:
-                    summary.failures[path] = reason
-                else:
-                    readable.append((path, image))
-            for group in _group_by_shape(readable):
-                self._segment(group, root, summary)
-            if bar is not None:
-                bar.update(len(batch))
-        if bar is not None and hasattr(bar, 'close'):
-            bar.close()
+        with _progress(len(paths), enabled=progress) as update:
+            for batch in _batches(paths, self.batch_size):
+                readable = []
+                for path in batch:
+                    try:
+                        image = mmcv.imread(path)
+                    except Exception as error:  # noqa: BLE001  (missing file, permission, I/O error)
+                        image, reason = None, repr(error)
+                    else:
+                        reason = 'not a readable image (corrupt or unsupported format)'
+                    if image is None:
+                        summary.failures[path] = reason
+                    else:
+                        readable.append((path, image))
+                for group in _group_by_shape(readable):
+                    self._segment(group, root, summary)
+                update(len(batch))
         return summary
 
 
