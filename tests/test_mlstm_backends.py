@@ -183,11 +183,11 @@ def test_fused_backend_on_cpu_without_interpreter_raises():
 def test_fused_backend_under_triton_interpreter():
     result = subprocess.run(
         [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__,
-         '-k', 'test_fused_backend_matches_reference or test_backbone_features_agree_across_backends'],
+         '-k', 'test_fused_backend_matches_reference or test_backbone_'],
         env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    assert re.fullmatch(rf'{len(FUSED_CASES) + 3} passed.*', summary), summary  # + the backbone tests
+    assert re.fullmatch(r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*', summary), summary  # none skipped
 
 
 # ---------------------------------------------------------------------------------------------- whole backbone
@@ -206,3 +206,25 @@ def test_backbone_features_agree_across_backends(backend):
     x = torch.randn(2, 3, 64, 72, device=device)  # 72 tokens: not a multiple of any chunk or tile size
     for ours, expected in zip(candidate(x), reference(x)):
         torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('backend', ['parallel', 'chunkwise', 'fused'])
+def test_backbone_compiles_without_graph_breaks(backend):
+    """fullgraph=True turns any graph break into an error; the fused kernels are opaque custom ops to the compiler."""
+    if backend == 'fused' and FUSED_DEVICE is None:
+        pytest.skip('fused kernels need CUDA or TRITON_INTERPRET=1')
+    from mmseg_vil.models.backbones.vil import ViL
+    device = FUSED_DEVICE or 'cpu'
+    model = ViL(arch=dict(embed_dims=32, num_layers=2), img_size=(32, 48), patch_size=8, out_indices=(1,),
+                mlstm_backend=backend).to(device)
+    x = torch.randn(2, 3, 32, 48, device=device)
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    out = compiled(x)[0]
+    out.square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = model(x)[0]
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected)
+    for grad, param in zip(grads, model.parameters()):
+        torch.testing.assert_close(grad, param.grad)

@@ -24,7 +24,7 @@ Per call: forward = stabiliser scan + one tile launch; backward = per-row prolog
 + gate-gradient epilogue. Few launches matter: at ViL sizes the GPU work is well under a millisecond.
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -96,50 +96,79 @@ def _tile_product(x: Tensor, y: Tensor, z: Tensor, logs, key_major: bool, out_dt
     return out
 
 
-class FusedMLSTM(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels; gradients as derived in the module docstring."""
+# The kernels are wrapped as torch.library custom ops with a registered autograd formula, so that torch.compile
+# treats them as opaque calls (no graph break, and Inductor never re-compiles our Triton kernels).
+@torch.library.custom_op('mmseg_vil::mlstm_fused_forward', mutates_args=())
+def _fused_forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float) -> List[Tensor]:
+    """``h`` and the per-row statistics the backward needs: norm floor, argmax, row sum and the four log terms."""
+    batch, heads, n, head_dim = q.shape
+    q, k, v = (x.contiguous().view(batch * heads, n, head_dim) for x in (q, k, v))
+    igate, fgate = (x.contiguous().view(batch * heads, n) for x in (igate, fgate))
+    logs = [torch.empty(batch * heads, n, dtype=torch.float32, device=q.device) for _ in range(4)]
+    norm_floor, row_sum = (torch.empty_like(logs[0]) for _ in range(2))
+    argmax = torch.empty(batch * heads, n, dtype=torch.int32, device=q.device)
+    kernels.mlstm_stabiliser_kernel[(batch * heads,)](igate, fgate, *logs, norm_floor, argmax, n,
+                                                       BLOCK_N=_scan_block(n))
+    h = _tile_product(q, k, v, logs, key_major=False, out_dtype=q.dtype, normaliser=(norm_floor, row_sum, eps))
+    return [h.view(batch, heads, n, head_dim), norm_floor, argmax, row_sum, *logs]
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float) -> Tensor:
-        batch, heads, n, head_dim = q.shape
-        q, k, v = (x.contiguous().view(batch * heads, n, head_dim) for x in (q, k, v))
-        igate, fgate = (x.contiguous().view(batch * heads, n) for x in (igate, fgate))
-        logs = [torch.empty(batch * heads, n, dtype=torch.float32, device=q.device) for _ in range(4)]
-        norm_floor, row_sum = (torch.empty_like(logs[0]) for _ in range(2))
-        argmax = torch.empty(batch * heads, n, dtype=torch.int32, device=q.device)
-        kernels.mlstm_stabiliser_kernel[(batch * heads,)](igate, fgate, *logs, norm_floor, argmax, n,
-                                                           BLOCK_N=_scan_block(n))
-        h = _tile_product(q, k, v, logs, key_major=False, out_dtype=q.dtype, normaliser=(norm_floor, row_sum, eps))
-        ctx.save_for_backward(q, k, v, h, igate, fgate, norm_floor, argmax, row_sum, *logs)
-        ctx.eps = eps
-        ctx.batch_heads = (batch, heads)
-        return h.view(batch, heads, n, head_dim)
 
-    @staticmethod
-    def backward(ctx, grad_h: Tensor):
-        q, k, v, h, igate, fgate, norm_floor, argmax, row_sum, *logs = ctx.saved_tensors
-        heads_total, n, head_dim = q.shape
-        scaled_grad = torch.empty_like(q)
-        row_shift, grad_m = (torch.empty_like(row_sum) for _ in range(2))
-        column_grad_m = torch.zeros_like(row_sum)
-        rows_per_program = 16
-        kernels.mlstm_grad_prep_kernel[(triton.cdiv(heads_total * n, rows_per_program),)](
-            grad_h.reshape(q.shape).contiguous(), h, row_sum, norm_floor, argmax, scaled_grad, row_shift, grad_m,
-            column_grad_m, heads_total * n, n, ctx.eps, HEAD_DIM=head_dim, BLOCK_ROWS=rows_per_program,
-            BLOCK_D=triton.next_power_of_2(head_dim))
+@_fused_forward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float) -> List[Tensor]:
+    rows = igate.new_empty(igate.shape, dtype=torch.float32).flatten(0, 1)
+    return [torch.empty_like(q, memory_format=torch.contiguous_format), rows, rows.to(torch.int32),
+            *(torch.empty_like(rows) for _ in range(5))]
 
-        dq = _tile_product(scaled_grad, v, k, logs, key_major=False, out_dtype=torch.float32, shift=row_shift)
-        dk = _tile_product(v, scaled_grad, q, logs, key_major=True, out_dtype=torch.float32, shift=row_shift)
-        dv = _tile_product(k, q, scaled_grad, logs, key_major=True, out_dtype=v.dtype)
 
-        dq_out, dk_out = torch.empty_like(q), torch.empty_like(k)
-        d_igate, d_fgate = torch.empty_like(igate), torch.empty_like(fgate)
-        kernels.mlstm_gate_grad_kernel[(heads_total,)](
-            q, k, dq, dk, grad_m, column_grad_m, fgate, dq_out, dk_out, d_igate, d_fgate, n, HEAD_DIM=head_dim,
-            BLOCK_N=min(64, _scan_block(n)), BLOCK_D=min(64, triton.next_power_of_2(head_dim)))
-        batch, heads = ctx.batch_heads
-        return (dq_out.view(batch, heads, n, head_dim), dk_out.view(batch, heads, n, head_dim),
-                dv.view(batch, heads, n, head_dim), d_igate.view(batch, heads, n), d_fgate.view(batch, heads, n), None)
+@torch.library.custom_op('mmseg_vil::mlstm_fused_backward', mutates_args=())
+def _fused_backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor,
+                    norm_floor: Tensor, argmax: Tensor, row_sum: Tensor, log_a: Tensor, log_b: Tensor,
+                    log_c: Tensor, log_d: Tensor, eps: float) -> List[Tensor]:
+    """Gradients of q, k, v, igate and fgate, as derived in the module docstring."""
+    batch, heads, n, head_dim = q.shape
+    q, k, v, h = (x.contiguous().view(batch * heads, n, head_dim) for x in (q, k, v, h))
+    igate, fgate = (x.contiguous().view(batch * heads, n) for x in (igate, fgate))
+    logs = [log_a, log_b, log_c, log_d]
+    heads_total = batch * heads
+    scaled_grad = torch.empty_like(q)
+    row_shift, grad_m = (torch.empty_like(row_sum) for _ in range(2))
+    column_grad_m = torch.zeros_like(row_sum)
+    rows_per_program = 16
+    kernels.mlstm_grad_prep_kernel[(triton.cdiv(heads_total * n, rows_per_program),)](
+        grad_h.reshape(q.shape).contiguous(), h, row_sum, norm_floor, argmax, scaled_grad, row_shift, grad_m,
+        column_grad_m, heads_total * n, n, eps, HEAD_DIM=head_dim, BLOCK_ROWS=rows_per_program,
+        BLOCK_D=triton.next_power_of_2(head_dim))
+
+    dq = _tile_product(scaled_grad, v, k, logs, key_major=False, out_dtype=torch.float32, shift=row_shift)
+    dk = _tile_product(v, scaled_grad, q, logs, key_major=True, out_dtype=torch.float32, shift=row_shift)
+    dv = _tile_product(k, q, scaled_grad, logs, key_major=True, out_dtype=v.dtype)
+
+    dq_out, dk_out = torch.empty_like(q), torch.empty_like(k)
+    d_igate, d_fgate = torch.empty_like(igate), torch.empty_like(fgate)
+    kernels.mlstm_gate_grad_kernel[(heads_total,)](
+        q, k, dq, dk, grad_m, column_grad_m, fgate, dq_out, dk_out, d_igate, d_fgate, n, HEAD_DIM=head_dim,
+        BLOCK_N=min(64, _scan_block(n)), BLOCK_D=min(64, triton.next_power_of_2(head_dim)))
+    return [dq_out.view(batch, heads, n, head_dim), dk_out.view(batch, heads, n, head_dim),
+            dv.view(batch, heads, n, head_dim), d_igate.view(batch, heads, n), d_fgate.view(batch, heads, n)]
+
+
+@_fused_backward.register_fake
+def _(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor, *stats) -> List[Tensor]:
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, igate, fgate)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, igate, fgate, eps = inputs
+    ctx.save_for_backward(q, k, v, igate, fgate, *output)
+    ctx.eps = eps
+
+
+def _backward(ctx, grads):
+    q, k, v, igate, fgate, h, *stats = ctx.saved_tensors
+    return (*_fused_backward(grads[0], q, k, v, h, igate, fgate, *stats, ctx.eps), None)
+
+
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mlstm_fused(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6) -> Tensor:
@@ -149,4 +178,4 @@ def mlstm_fused(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, e
                            "'chunkwise' or 'parallel' backend, or set TRITON_INTERPRET=1 before importing mmseg_vil.")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f'The fused mLSTM backend supports {SUPPORTED_DTYPES}, got {q.dtype}.')
-    return FusedMLSTM.apply(q, k.to(q.dtype), v.to(q.dtype), igate, fgate, eps)
+    return _fused_forward(q, k.to(q.dtype), v.to(q.dtype), igate, fgate, eps)[0]
