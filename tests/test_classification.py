@@ -148,7 +148,8 @@ def test_classify_tool_reports_topk_labels(trained, monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', [str(CLASSIFY), str(config), str(trained['checkpoint']),
                                       *map(str, images), '--topk', '3'])
     runpy.run_path(str(CLASSIFY), run_name='__main__')
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
+    # MMPretrain's progress bar may leave terminal control characters in front of a line: parse from the '{'.
+    lines = [json.loads(line[line.index('{'):]) for line in capsys.readouterr().out.splitlines() if '{"image"' in line]
     assert [line['image'] for line in lines] == list(map(str, images))
     correct = 0
     for line, image in zip(lines, images):
