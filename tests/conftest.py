@@ -12,13 +12,3 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-@pytest.fixture(autouse=True)
-def isolated_default_scope():
-    """Forget the MMEngine default scopes a test created (a Runner makes its own current), so that a later test
-    building from MMPretrain's registries is not sent to MMSegmentation's."""
-    from mmengine.registry import DefaultScope
-    before = set(DefaultScope._instance_dict)
-    yield
-    for name in set(DefaultScope._instance_dict) - before:
-        DefaultScope._instance_dict.pop(name)

@@ -142,16 +142,18 @@ def test_backbone_without_depth_information_is_refused():
 
 def test_registered_for_mmpretrain_classifiers():
     """In MMPretrain's registry too; an ImageClassifier's own get_layer_depth puts the head on top."""
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS as PRETRAIN_MODELS
     from mmpretrain.registry import OPTIM_WRAPPER_CONSTRUCTORS as PRETRAIN_CONSTRUCTORS
 
     assert OPTIM_WRAPPER_CONSTRUCTORS.get('LayerDecayOptimWrapperConstructor') is LayerDecayOptimWrapperConstructor
     assert PRETRAIN_CONSTRUCTORS.get('LayerDecayOptimWrapperConstructor') is LayerDecayOptimWrapperConstructor
-    model = PRETRAIN_MODELS.build(
-        dict(type='ImageClassifier',
-             backbone=dict(type='ViL', arch=dict(embed_dims=16, num_layers=4), img_size=32, out_indices=(3, ),
-                           out_type='pooled', final_norm=True),
-             head=dict(type='LinearClsHead', num_classes=5, in_channels=32)))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):  # the registry follows the current default scope
+        model = PRETRAIN_MODELS.build(
+            dict(type='ImageClassifier',
+                 backbone=dict(type='ViL', arch=dict(embed_dims=16, num_layers=4), img_size=32, out_indices=(3, ),
+                               out_type='pooled', final_norm=True),
+                 head=dict(type='LinearClsHead', num_classes=5, in_channels=32)))
     constructor = LayerDecayOptimWrapperConstructor(
         dict(optimizer=dict(type='AdamW', lr=1.0, weight_decay=0.1)), dict(layer_decay_rate=0.5))
     params = []

@@ -1,6 +1,7 @@
 """ThreeAugment: exactly one of greyscale / solarize / blur per image, matching PIL's (the official code's) ops."""
 import numpy as np
 import pytest
+from mmengine.registry import DefaultScope
 from mmpretrain.registry import TRANSFORMS
 from PIL import Image, ImageFilter, ImageOps
 
@@ -28,7 +29,8 @@ def _reference(img_bgr: np.ndarray, operation: str, sigma: float) -> np.ndarray:
 
 
 def test_each_output_is_one_reference_operation_and_all_occur():
-    transform = TRANSFORMS.build(dict(type='ThreeAugment', blur_sigma=(0.1, 2.0)))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):  # the registry follows the current default scope
+        transform = TRANSFORMS.build(dict(type='ThreeAugment', blur_sigma=(0.1, 2.0)))
     img = _image()
     seen = set()
     for seed in range(40):
