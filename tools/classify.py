@@ -11,37 +11,8 @@ else from the config's test dataset (ImageNet-1K names). Prints one JSON line pe
 """
 import argparse
 import json
-from typing import Dict, List, Optional, Sequence
 
-import torch
-from mmpretrain import ImageClassificationInferencer
-
-from mmseg_vil.models.classifier_checkpoint import load_vil_classifier_checkpoint
-
-
-def checkpoint_classes(path: str) -> Optional[Sequence[str]]:
-    """Class names a training-run checkpoint records; ``None`` for files without them (official, converted)."""
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    meta = checkpoint.get('meta') or {}
-    return meta.get('dataset_meta', {}).get('classes')
-
-
-def build_inferencer(config: str, checkpoint: str, device: str = 'cpu') -> ImageClassificationInferencer:
-    """An inferencer whose model holds ``checkpoint``, loaded strictly (MMPretrain's own loading is not)."""
-    inferencer = ImageClassificationInferencer(config, pretrained=False, device=device,
-                                               classes=checkpoint_classes(checkpoint))
-    load_vil_classifier_checkpoint(inferencer.model, checkpoint)
-    return inferencer
-
-
-def top_k(inferencer: ImageClassificationInferencer, images: Sequence[str], k: int = 5) -> List[List[Dict]]:
-    """Per image, the ``k`` most probable classes as ``{'label', 'class', 'score'}``, most probable first."""
-    results = []
-    for sample in inferencer(list(images), return_datasamples=True):
-        scores, labels = sample.pred_score.topk(min(k, sample.pred_score.numel()))
-        results.append([{'label': label, 'class': inferencer.classes[label] if inferencer.classes else None,
-                         'score': score} for score, label in zip(scores.tolist(), labels.tolist())])
-    return results
+from mmseg_vil.apis.classification import build_inferencer, top_k
 
 
 def main() -> None:
