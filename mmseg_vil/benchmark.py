@@ -26,6 +26,7 @@ from mmseg.structures import SegDataSample
 from torch import nn
 
 import mmseg_vil  # noqa: F401  (registers ViL and Vim)
+from mmseg_vil.apis.complexity import count_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BATCH = {224: 64, 512: 8, 1024: 2, 2048: 1}
@@ -157,7 +158,7 @@ def measure(name: str, scope: str, mode: str, size: int, batch: int, device: tor
     model = None
     try:
         model = build_model(name, scope, size).to(device)
-        result.extra['params_m'] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+        result.extra['params_m'] = round(count_parameters(model) / 1e6, 2)
         result.extra['sdpa_patched'] = use_sdpa_attention(model)
         model.train(mode == 'train')
         if compile_model:

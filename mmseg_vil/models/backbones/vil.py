@@ -6,23 +6,20 @@ blocks from the bottom-right. ``out_indices`` count mLSTM blocks (24 in every pr
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
+from mmengine.utils import to_2tuple
 from torch import Tensor, nn
 
 from ...registry import register_model
 from ...utils.checkpoint import load_state_dict_strictly, read_state_dict
 from ..layers.pos_embed import resample_grid_pos_embed
 from ..layers.vil_block import ViLBlock
+from .isotropic import pad_to_patches, resolve_out_indices
 from .vil_checkpoint import convert_vil_state_dict, split_backbone_and_head
 
 OUT_TYPES = ('featmap', 'raw', 'pooled')
-
-
-def _pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 @register_model
@@ -80,12 +77,12 @@ class ViL(BaseModule):
         if out_type not in OUT_TYPES:
             raise ValueError(f'out_type={out_type!r} is not supported; choose one of {OUT_TYPES}')
         self.out_type = out_type
-        self.out_indices = self._parse_out_indices(out_indices)
+        self.out_indices = resolve_out_indices(out_indices, self.num_layers, 'mLSTM blocks')
         self.final_norm = final_norm
         self.with_cp = with_cp
 
         self.patch_embed = nn.Conv2d(in_channels, self.embed_dims, patch_size, stride=patch_size)
-        grid = tuple(s // patch_size for s in _pair(img_size))
+        grid = tuple(s // patch_size for s in to_2tuple(img_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, *grid, self.embed_dims))
         rates = (torch.linspace(0, drop_path_rate, self.num_layers).tolist() if drop_path_decay
                  else [drop_path_rate] * self.num_layers)
@@ -107,14 +104,6 @@ class ViL(BaseModule):
         if missing:
             raise ValueError(f'ViL arch dict {arch} lacks {sorted(missing)}')
         return {**self.arch_defaults, **arch}
-
-    def _parse_out_indices(self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
-        indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
-        bad = [i for i in indices if not -self.num_layers <= i < self.num_layers]
-        if bad or not indices:
-            raise ValueError(f'out_indices {indices} invalid: each must lie in [{-self.num_layers}, '
-                             f'{self.num_layers - 1}] (the model has {self.num_layers} mLSTM blocks)')
-        return tuple(sorted(i % self.num_layers for i in indices))
 
     def reset_parameters(self) -> None:
         """The official initialisation (vil_spec.md §3)."""
@@ -151,23 +140,9 @@ class ViL(BaseModule):
             print_log(f'ViL: resampled position embedding {old_grid} -> {tuple(self.pos_embed.shape[1:3])}',
                       logger='current')
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f'ViL expects a 4-D (B, C, H, W) image batch, got shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f'ViL was built for in_channels={self.in_channels}, got {x.shape[1]} channels '
-                             f'(input shape {tuple(x.shape)}); set in_channels accordingly')
-        if min(x.shape[-2:]) < self.patch_size:
-            raise ValueError(f'Input {tuple(x.shape[-2:])} is smaller than one {self.patch_size}x{self.patch_size} '
-                             'patch; resize it or use a smaller patch_size')
-
     def embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Patch tokens ``(B, N, D)`` with position embedding, and their grid. Pads H, W up to the patch size."""
-        self._check_input(x)
-        pad_h, pad_w = (-s % self.patch_size for s in x.shape[-2:])
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        x = self.patch_embed(x).permute(0, 2, 3, 1)
+        x = self.patch_embed(pad_to_patches(x, self.in_channels, self.patch_size, 'ViL')).permute(0, 2, 3, 1)
         grid = tuple(x.shape[1:3])
         x = x + resample_grid_pos_embed(self.pos_embed, grid)
         return x.flatten(1, 2), grid

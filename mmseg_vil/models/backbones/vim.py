@@ -10,7 +10,6 @@ from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
@@ -22,6 +21,7 @@ from mmseg_vil.utils.checkpoint import StateDict, load_state_dict_strictly, read
 from ..layers.mamba import BidirectionalMamba
 from ..layers.pos_embed import resample_grid_pos_embed
 from ..layers.selective_scan import DEFAULT_CHUNK_SIZE
+from .isotropic import pad_to_patches, resolve_out_indices
 
 # Official mixer parameter name -> ours; the official "_b" parameters belong to the backward scan.
 _OFFICIAL_MIXER_NAMES = {
@@ -193,7 +193,7 @@ class Vim(BaseModule):
             raise ValueError("out_type='cls_token' needs with_cls_token=True")
         if final_norm and feature_source != 'residual':
             raise ValueError("final_norm normalises the residual stream and needs feature_source='residual'")
-        self.out_indices = self._resolve_out_indices(out_indices)
+        self.out_indices = resolve_out_indices(out_indices, self.num_layers, 'layers')
         self.out_type = out_type
         self.feature_source = feature_source
         self.with_cls_token = with_cls_token
@@ -225,16 +225,6 @@ class Vim(BaseModule):
         if missing:
             raise ValueError(f'a custom Vim arch needs the keys embed_dims and num_layers; missing {sorted(missing)}')
         return int(arch['embed_dims']), int(arch['num_layers'])
-
-    def _resolve_out_indices(self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
-        indices = [out_indices] if isinstance(out_indices, int) else list(out_indices)
-        for index in indices:
-            if not -self.num_layers <= index < self.num_layers:
-                raise ValueError(f'out index {index} is out of range for {self.num_layers} layers '
-                                 f'(allowed: {-self.num_layers} to {self.num_layers - 1})')
-        if not indices:
-            raise ValueError('out_indices must name at least one layer')
-        return tuple(sorted({index % self.num_layers for index in indices}))
 
     @torch.no_grad()
     def _init_parameters(self) -> None:
@@ -306,7 +296,7 @@ class Vim(BaseModule):
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Return one output per entry of ``out_indices`` for images ``x`` of shape ``(B, C, H, W)``."""
-        patches = self.patch_embed(self._pad_to_patches(x))
+        patches = self.patch_embed(pad_to_patches(x, self.in_channels, self.patch_size, 'Vim'))
         grid = (patches.shape[-2], patches.shape[-1])
         tokens = patches.flatten(2).transpose(1, 2)
         if self.with_cls_token:
@@ -324,19 +314,6 @@ class Vim(BaseModule):
                     feature = self.norm_f(feature)
                 outs.append(self._format_output(feature, grid))
         return tuple(outs)
-
-    def _pad_to_patches(self, x: Tensor) -> Tensor:
-        """Validate the input and zero-pad its right and bottom to whole patches."""
-        if x.dim() != 4:
-            raise ValueError(f'Vim expects a 4-D (B, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f'Vim was built for in_channels={self.in_channels}, got {x.shape[1]} channels')
-        height, width = x.shape[-2:]
-        if min(height, width) < self.patch_size:
-            raise ValueError(f'input size {height}x{width} is smaller than one patch; '
-                             f'height and width must be at least patch_size={self.patch_size}')
-        pad_height, pad_width = -height % self.patch_size, -width % self.patch_size
-        return F.pad(x, (0, pad_width, 0, pad_height)) if pad_height or pad_width else x
 
     def _format_output(self, feature: Tensor, grid: Tuple[int, int]) -> Tensor:
         if self.out_type == 'raw':
