@@ -1,0 +1,162 @@
+"""Forward of the chunkwise Triton mLSTM: chunk states, then every chunk's outputs in parallel (two launches).
+
+1. ``mlstm_chunk_state_kernel`` walks the chunks of a head in order, one program per (key block, value block, head),
+   and stores after every chunk c the matrix state C_c = sum_{s<=e_c} exp(logD[e_c,s] - m_{e_c}) k_s v_s^T, the
+   normaliser state n_c (the same sum of k_s) and m at the chunk end with its argmax (scans.py). The backward
+   recomputes these instead of keeping them: DH x DH floats per chunk would outweigh q, k and v.
+2. ``mlstm_chunk_output_kernel``, one program per (chunk, head), adds the in-chunk quadratic form to the previous
+   chunk's state read by each query, and divides by the parallel form's normaliser max(|row sum|, exp(-m_t)) + eps.
+   The row sums are kept for the backward. Scores are built once per chunk and reused for every value block.
+
+All sums accumulate in float32 (float64 for float64 inputs); dot operands are the input dtype.
+"""
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._triton_kernels import _dot
+from .scans import causal_decay, chunk_end, chunk_stabiliser, gate_scan, load_gates, row_stabiliser
+from .tiles import (chunk_steps, head_offset, load_state_block, load_state_vector, load_tokens, state_block_ptrs,
+                    state_offset, store_tokens, token_major_buffer, token_major_strides, token_strides)
+
+
+@triton.jit
+def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX,
+                             stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                             stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
+                             seq_len, num_heads, num_chunks, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                             BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             DOT_IN_FLOAT32: tl.constexpr):
+    """States after every chunk for one (key block, value block) of one head; see the module docstring."""
+    key_start = tl.program_id(0) * BLOCK_D
+    value_start = tl.program_id(1) * BLOCK_D
+    batch_head = tl.program_id(2)
+    K += head_offset(batch_head, num_heads, stride_kb, stride_kh)
+    V += head_offset(batch_head, num_heads, stride_vb, stride_vh)
+    IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
+    FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
+    STATE_C += state_offset(batch_head, 0, num_chunks, HEAD_DIM)
+    STATE_N += batch_head.to(tl.int64) * num_chunks * HEAD_DIM
+    CHUNK_MAX += batch_head.to(tl.int64) * num_chunks
+    CHUNK_ARGMAX += batch_head.to(tl.int64) * num_chunks
+    ACC = STATE_C.dtype.element_ty
+    stores_chunk_ends = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+    offs_key = key_start + tl.arange(0, BLOCK_D)
+
+    state = tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC)
+    norm = tl.zeros((BLOCK_D,), dtype=ACC)
+    prev_max = tl.full([], float('-inf'), tl.float64)
+    prev_argmax = tl.full([], 0, tl.int32)
+    for chunk in range(0, num_chunks):
+        steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
+        igate, fgate = load_gates(IGATE, FGATE, positions, valid, stride_in, stride_fn)
+        cum, key_log = gate_scan(igate, fgate, valid)
+        row_log, argmax, _ = row_stabiliser(key_log, steps, prev_max, prev_argmax)
+        end_max, end_argmax, end_row_log = chunk_end(cum, row_log, argmax, valid)
+        carry = tl.exp((prev_max - end_row_log).to(ACC))
+        k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, BLOCK_D)
+        v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
+        weighted_k = k.to(ACC) * tl.exp((key_log - end_row_log).to(ACC))[:, None]
+        state = state * carry + _dot(tl.trans(weighted_k.to(k.dtype)), v, DOT_PRECISION, DOT_IN_FLOAT32)
+        norm = norm * carry + tl.sum(weighted_k, 0)
+
+        ptrs, mask = state_block_ptrs(STATE_C + chunk * HEAD_DIM * HEAD_DIM, key_start, value_start, HEAD_DIM,
+                                      BLOCK_D)
+        tl.store(ptrs, state, mask=mask)
+        tl.store(STATE_N + chunk * HEAD_DIM + offs_key, norm, mask=(offs_key < HEAD_DIM) & (value_start == 0))
+        tl.store(CHUNK_MAX + chunk, end_max, mask=stores_chunk_ends)
+        tl.store(CHUNK_ARGMAX + chunk, end_argmax, mask=stores_chunk_ends)
+        prev_max = end_max
+        prev_argmax = end_argmax
+
+
+@triton.jit
+def mlstm_chunk_output_kernel(Q, K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX, H, ROW_SUM,
+                              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                              stride_vb, stride_vh, stride_vn, stride_ib, stride_ih, stride_in,
+                              stride_fb, stride_fh, stride_fn, stride_hb, stride_hh, stride_hn,
+                              seq_len, num_heads, num_chunks, scale, eps, HEAD_DIM: tl.constexpr,
+                              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, REVERSE: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """h of one chunk of one head (all head-dim blocks) and its row sums; see the module docstring."""
+    chunk = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
+    K += head_offset(batch_head, num_heads, stride_kb, stride_kh)
+    V += head_offset(batch_head, num_heads, stride_vb, stride_vh)
+    H += head_offset(batch_head, num_heads, stride_hb, stride_hh)
+    IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
+    FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
+    prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
+    prev_state_n = STATE_N + (batch_head.to(tl.int64) * num_chunks + chunk - 1) * HEAD_DIM
+    steps_offset = batch_head.to(tl.int64) * num_chunks
+    ACC = STATE_C.dtype.element_ty
+
+    steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
+    _, cum, key_log, row_log, _, _, prev_max = chunk_stabiliser(
+        IGATE, FGATE, CHUNK_MAX + steps_offset, CHUNK_ARGMAX + steps_offset, chunk, steps, positions, valid,
+        stride_in, stride_fn)
+    decay = causal_decay(key_log, row_log, steps, ACC)
+    state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
+
+    scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
+    query_dot_norm = tl.zeros((CHUNK,), dtype=ACC)
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
+        q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
+        k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
+        scores += _dot(q, tl.trans(k), DOT_PRECISION, DOT_IN_FLOAT32)
+        if chunk > 0:
+            norm = load_state_vector(prev_state_n, d_start, HEAD_DIM, BLOCK_D)
+            query_dot_norm += tl.sum(q.to(ACC) * norm[None, :], 1)
+    weights = scores * scale * decay
+    row_sum = tl.sum(weights, 1) + state_weight * query_dot_norm
+    divisor = tl.maximum(tl.abs(row_sum), tl.exp(-(cum + row_log)).to(ACC)) + eps
+    weights = weights.to(Q.dtype.element_ty)
+
+    for value_start in range(0, HEAD_DIM, BLOCK_D):
+        v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
+        acc = _dot(weights, v, DOT_PRECISION, DOT_IN_FLOAT32)
+        if chunk > 0:
+            earlier_keys = tl.zeros((CHUNK, BLOCK_D), dtype=ACC)
+            for key_start in range(0, HEAD_DIM, BLOCK_D):
+                q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
+                state = load_state_block(prev_state_c, key_start, value_start, HEAD_DIM, BLOCK_D)
+                earlier_keys += _dot(q, state.to(q.dtype), DOT_PRECISION, DOT_IN_FLOAT32)
+            acc += earlier_keys * state_weight[:, None]
+        store_tokens(H, acc / divisor[:, None], positions, valid, value_start, stride_hn, HEAD_DIM, BLOCK_D)
+    tl.store(ROW_SUM + batch_head.to(tl.int64) * seq_len + steps, row_sum, mask=valid)
+
+
+def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dict
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Matrix and normaliser state after every chunk, and m and its argmax at every chunk end (one launch)."""
+    batch, heads, n, head_dim = k.shape
+    num_chunks = triton.cdiv(n, config['CHUNK'])
+    acc_dtype = torch.promote_types(k.dtype, torch.float32)
+    state_c = torch.empty(batch * heads, num_chunks, head_dim, head_dim, dtype=acc_dtype, device=k.device)
+    state_n = torch.empty(batch * heads, num_chunks, head_dim, dtype=acc_dtype, device=k.device)
+    chunk_max = torch.empty(batch * heads, num_chunks, dtype=torch.float64, device=k.device)
+    chunk_argmax = torch.empty(batch * heads, num_chunks, dtype=torch.int32, device=k.device)
+    blocks = triton.cdiv(head_dim, config['BLOCK_D'])
+    mlstm_chunk_state_kernel[(blocks, blocks, batch * heads)](
+        k, v, igate, fgate, state_c, state_n, chunk_max, chunk_argmax, *token_strides(k), *token_strides(v),
+        *token_strides(igate), *token_strides(fgate), n, heads, num_chunks, **config)
+    return state_c, state_n, chunk_max, chunk_argmax
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, config: dict
+            ) -> Tuple[Tensor, Tensor]:
+    """h as a ``(B, N, NH, DH)`` buffer and the row sums ``(B*NH, N)`` the backward needs."""
+    batch, heads, n, head_dim = q.shape
+    state_c, state_n, chunk_max, chunk_argmax = chunk_states(k, v, igate, fgate, config)
+    h = token_major_buffer((batch, n, heads, head_dim), q)
+    row_sum = torch.empty(batch * heads, n, dtype=state_c.dtype, device=q.device)
+    num_chunks = chunk_max.shape[1]
+    mlstm_chunk_output_kernel[(num_chunks, batch * heads)](
+        q, k, v, igate, fgate, state_c, state_n, chunk_max, chunk_argmax, h, row_sum, *token_strides(q),
+        *token_strides(k), *token_strides(v), *token_strides(igate), *token_strides(fgate), *token_major_strides(h),
+        n, heads, num_chunks, 1 / head_dim ** 0.5, eps, **config)
+    return h, row_sum

@@ -1,0 +1,83 @@
+"""Gate scans and the exact max stabiliser of the chunkwise mLSTM, chunk by chunk.
+
+Per head, with F_t = sum_{r<=t} logsigmoid(fgate_r), logD[t,s] = F_t - F_s + i_s (s <= t) and the parallel cell's
+row max m_t = max_{s<=t} logD[t,s], write M_t = m_t - F_t = max_{s<=t} (i_s - F_s): a running max, non-decreasing in
+t, with argmax s*_t (ties to the later step). Every stabilised decay is exp((i_s - F_s) - M_t) <= 1, and splitting it
+at the end e of any chunk with e between s and t gives two factors that are each <= 1:
+
+    exp((i_s - F_s) - M_e)      the key s summed into the state after the chunk (its weight in C, n),
+    exp(M_e - M_t)              that state read by query t (forward), or query t summed into the reverse state.
+
+So the states need no running rescaling, and the stabiliser is the parallel form's, not a floored or chunk-local one.
+|F| grows with N, so nothing is stored relative to step 0: each chunk c works relative to its own start,
+
+    b_t = F_t - F_{start(c)-1}   (local cumsum),   u_s = i_s - b_s,   mu_t = m_t - b_t = max(m_{c-1}, max_{s<=t} u_s)
+
+with m_{c-1} = m at the end of the previous chunk (-inf before the first). In those terms the in-chunk decay is
+exp(u_s - mu_t), the key weight into the chunk's state exp(u_s - mu_e), the previous state's weight for query t
+exp(m_{c-1} - mu_t), and the chunk end value m_c = b_e + mu_e. Only m_c (and its argmax) crosses chunks: a max-plus
+recurrence that the state kernels, which walk the chunks in order anyway, carry along. The scans run in float64
+(differences of large local sums keep their digits); every product then happens in the accumulation dtype.
+"""
+import triton
+import triton.language as tl
+
+from .._triton_kernels import _later_max
+
+
+@triton.jit
+def load_gates(IGATE, FGATE, positions, valid, stride_i, stride_f):
+    """Input and forget gate pre-activations of a chunk in float64; 0 past the end."""
+    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0).to(tl.float64)
+    fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0).to(tl.float64)
+    return igate, fgate
+
+
+@triton.jit
+def gate_scan(igate, fgate, valid):
+    """Local cumsum b of logsigmoid(fgate) and the key log weights u = i - b (-inf past the end, so weight 0)."""
+    log_f = tl.where(valid, tl.minimum(fgate, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fgate))), 0.0)
+    cum = tl.cumsum(log_f, 0)
+    return cum, tl.where(valid, igate - cum, float('-inf'))
+
+
+@triton.jit
+def row_stabiliser(key_log, steps, prev_max, prev_argmax):
+    """mu_t = max(prev_max, max_{s<=t} u_s) per step, the argmax s*_t (a step index; ties to the later step) and
+    whether it lies in an earlier chunk (the previous chunk end's argmax ``prev_argmax``)."""
+    run_max, run_argmax = tl.associative_scan((key_log, steps), 0, _later_max)
+    from_state = prev_max > run_max
+    return tl.where(from_state, prev_max, run_max), tl.where(from_state, prev_argmax, run_argmax), from_state
+
+
+@triton.jit
+def chunk_end(cum, row_log, argmax, valid):
+    """m and its argmax at the chunk's last step, and mu there (cum, mu and argmax are monotone along the chunk)."""
+    end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
+    return tl.min(cum, 0) + end_row_log, tl.max(tl.where(valid, argmax, -1), 0), end_row_log
+
+
+@triton.jit
+def previous_chunk_end(CHUNK_MAX, CHUNK_ARGMAX, chunk):
+    """m and its argmax at the end of the previous chunk; -inf (no state) before the first."""
+    has_state = chunk > 0
+    prev_max = tl.load(CHUNK_MAX + chunk - 1, mask=has_state, other=float('-inf'))
+    return prev_max, tl.load(CHUNK_ARGMAX + chunk - 1, mask=has_state, other=0)
+
+
+@triton.jit
+def chunk_stabiliser(IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, chunk, steps, positions, valid, stride_i, stride_f):
+    """Everything a chunk program needs of the gates: the raw gates, local cumsum, key log weights u, row log
+    stabiliser mu, argmax s*, whether s* lies before the chunk, and m of the previous chunk's end."""
+    igate, fgate = load_gates(IGATE, FGATE, positions, valid, stride_i, stride_f)
+    cum, key_log = gate_scan(igate, fgate, valid)
+    prev_max, prev_argmax = previous_chunk_end(CHUNK_MAX, CHUNK_ARGMAX, chunk)
+    row_log, argmax, from_state = row_stabiliser(key_log, steps, prev_max, prev_argmax)
+    return fgate, cum, key_log, row_log, argmax, from_state, prev_max
+
+
+@triton.jit
+def causal_decay(key_log, row_log, steps, ACC: tl.constexpr):
+    """``(CHUNK, CHUNK)`` in-chunk decays exp(u_s - mu_t) for s <= t (rows t, columns s), 0 elsewhere."""
+    log_decay = tl.where(steps[None, :] <= steps[:, None], key_log[None, :] - row_log[:, None], float('-inf'))
+    return tl.exp(log_decay.to(ACC))

@@ -1,0 +1,103 @@
+"""Memory layout of the chunkwise kernels: strided token tiles, head-dim blocks and the per-chunk state buffers.
+
+q, k, v and the output gradient are read through their strides (any layout whose head-dim stride is 1, e.g. views of
+a projection output ``(B, N, 3 NH DH)``). A chunk's tokens are read at ``positions``: step t of the scan is token t,
+or token N-1-t when the direction is reversed, so the reversed cell needs no flipped copies. Outputs h, dq, dk, dv go
+to contiguous ``(B, N, NH, DH)`` buffers and the gate gradients to ``(B, N, NH)``: the caller's
+``transpose(1, 2).flatten(2)`` is then free.
+
+The head dim is walked in blocks of BLOCK_D = the largest of 64/32/16 that divides it (96 -> 3 x 32, 192 and
+384 -> 64), so the ViL head dims need no padding to powers of two; other head dims get masked blocks.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+def head_dim_block(head_dim: int) -> int:
+    """Largest of 64/32/16 that divides ``head_dim``; otherwise a masked power of two (16 at least: ``tl.dot``)."""
+    for block in (64, 32, 16):
+        if head_dim % block == 0:
+            return block
+    return min(64, max(16, triton.next_power_of_2(head_dim)))
+
+
+def token_strides(x: Tensor) -> Tuple[int, int, int]:
+    """(batch, head, step) strides of a head-major ``(B, NH, N[, DH])`` tensor, the order the kernels take them in."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def token_major_strides(x: Tensor) -> Tuple[int, int, int]:
+    """(batch, head, step) strides of a token-major ``(B, N, NH[, DH])`` tensor."""
+    return x.stride(0), x.stride(2), x.stride(1)
+
+
+def token_major_buffer(shape: Tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A contiguous ``(B, N, NH)`` or ``(B, N, NH, DH)`` output buffer on the device of ``like``."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+@triton.jit
+def head_offset(batch_head, num_heads, stride_b, stride_h):
+    """Offset of head ``batch_head = b * NH + h`` in a tensor with these batch and head strides (int64)."""
+    return (batch_head // num_heads).to(tl.int64) * stride_b + (batch_head % num_heads).to(tl.int64) * stride_h
+
+
+@triton.jit
+def chunk_steps(chunk, seq_len, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """Scan steps of a chunk, which of them exist, and the token each one reads (int64 for the address maths)."""
+    steps = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = steps < seq_len
+    if REVERSE:
+        positions = (seq_len - 1 - steps).to(tl.int64)
+    else:
+        positions = steps.to(tl.int64)
+    return steps, valid, positions
+
+
+@triton.jit
+def load_tokens(ptr, positions, valid, d_start, stride_n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(CHUNK, BLOCK_D)`` tile of head-dim block ``d_start``; rows past the end and columns past HEAD_DIM are 0."""
+    offs_d = d_start + tl.arange(0, BLOCK_D)
+    mask = valid[:, None]
+    if HEAD_DIM % BLOCK_D != 0:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(ptr + positions[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tokens(ptr, tile, positions, valid, d_start, stride_n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_d = d_start + tl.arange(0, BLOCK_D)
+    mask = valid[:, None]
+    if HEAD_DIM % BLOCK_D != 0:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(ptr + positions[:, None] * stride_n + offs_d[None, :], tile.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def state_offset(batch_head, chunk, num_chunks, HEAD_DIM: tl.constexpr):
+    """Offset of the ``(HEAD_DIM, HEAD_DIM)`` matrix state of one chunk in a ``(B*NH, chunks, DH, DH)`` buffer."""
+    return (batch_head.to(tl.int64) * num_chunks + chunk) * HEAD_DIM * HEAD_DIM
+
+
+@triton.jit
+def state_block_ptrs(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers and mask of the ``(BLOCK_D, BLOCK_D)`` block at (row_start, col_start) of a matrix state."""
+    rows = row_start + tl.arange(0, BLOCK_D)
+    cols = col_start + tl.arange(0, BLOCK_D)
+    return ptr + rows[:, None] * HEAD_DIM + cols[None, :], (rows[:, None] < HEAD_DIM) & (cols[None, :] < HEAD_DIM)
+
+
+@triton.jit
+def load_state_block(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptrs, mask = state_block_ptrs(ptr, row_start, col_start, HEAD_DIM, BLOCK_D)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_state_vector(ptr, start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK_D)
+    return tl.load(ptr + offs, mask=offs < HEAD_DIM, other=0.0)
