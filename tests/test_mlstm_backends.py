@@ -81,7 +81,11 @@ def backend_errors(backend, n, head_dim, dtype, device='cpu'):
     actual = mlstm(*actual_inputs, backend=backend)
     assert actual.dtype == dtype and actual.shape == expected.shape
     actual_grads = torch.autograd.grad(actual, actual_inputs, grad_h.to(device, dtype))
+    return relative_errors(actual, actual_grads, expected, expected_grads)
 
+
+def relative_errors(actual, actual_grads, expected, expected_grads):
+    """Max error of h and each gradient relative to max(|expected|, FLOOR x |h| or the largest expected gradient)."""
     grad_scale = max(g.abs().max().item() for g in expected_grads)
     names = ('h', 'dq', 'dk', 'dv', 'digate', 'dfgate')
     errors = {}

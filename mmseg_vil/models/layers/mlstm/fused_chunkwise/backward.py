@@ -65,7 +65,7 @@ def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, FGATE, ROW_SUM, CHUNK_MAX, CH
 
     rows = batch_head.to(tl.int64) * seq_len + steps
     row_sum = tl.load(ROW_SUM + rows, mask=valid, other=0.0)
-    norm_floor = tl.exp(-(cum + row_log)).to(ACC)
+    norm_floor = tl.exp((-(cum + row_log)).to(ACC))
     divisor = tl.maximum(tl.abs(row_sum), norm_floor) + eps
     sign = tl.where(row_sum > 0, 1.0, tl.where(row_sum < 0, -1.0, 0.0))
     grad_m = -delta * eps / divisor

@@ -113,7 +113,7 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX
             query_dot_norm += tl.sum(q.to(ACC) * norm[None, :], 1)
     weights = scores * scale * decay
     row_sum = tl.sum(weights, 1) + state_weight * query_dot_norm
-    divisor = tl.maximum(tl.abs(row_sum), tl.exp(-(cum + row_log)).to(ACC)) + eps
+    divisor = tl.maximum(tl.abs(row_sum), tl.exp((-(cum + row_log)).to(ACC))) + eps
     weights = weights.to(Q.dtype.element_ty)
 
     for value_start in range(0, HEAD_DIM, BLOCK_D):

@@ -21,8 +21,9 @@ MAX_CHUNK_SIZE = 128  # larger chunks spill registers; mlstm_kernels' backward i
 
 def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -> dict:
     """Compile-time parameters of every kernel of one call, and their warps."""
-    return dict(HEAD_DIM=head_dim, CHUNK=chunk_size, BLOCK_D=head_dim_block(head_dim), REVERSE=reverse,
-                num_warps=8 if chunk_size > 64 else 4, **_dot_options(dtype))
+    return dict(HEAD_DIM=head_dim, CHUNK=chunk_size, BLOCK_D=head_dim_block(head_dim, _kernels_interpreted()),
+                REVERSE=reverse,
+                num_warps=8 if chunk_size > 64 else 4, num_stages=1, **_dot_options(dtype))
 
 
 @torch.library.custom_op('mmseg_vil::mlstm_fused_chunkwise_forward', mutates_args=())

@@ -27,18 +27,22 @@ from .._triton_kernels import _later_max
 
 @triton.jit
 def load_gates(IGATE, FGATE, positions, valid, stride_i, stride_f):
-    """Input and forget gate pre-activations of a chunk in float64; 0 past the end."""
-    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0).to(tl.float64)
-    fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0).to(tl.float64)
+    """Input and forget gate pre-activations of a chunk, at least in float32; 0 past the end."""
+    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0)
+    fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0)
+    if fgate.dtype != tl.float64:
+        igate = igate.to(tl.float32)
+        fgate = fgate.to(tl.float32)
     return igate, fgate
 
 
 @triton.jit
 def gate_scan(igate, fgate, valid):
-    """Local cumsum b of logsigmoid(fgate) and the key log weights u = i - b (-inf past the end, so weight 0)."""
+    """Local cumsum b of logsigmoid(fgate) and the key log weights u = i - b (-inf past the end, so weight 0), both
+    float64: logsigmoid itself in the gates' dtype (float64 maths functions are slow and take many registers)."""
     log_f = tl.where(valid, tl.minimum(fgate, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fgate))), 0.0)
-    cum = tl.cumsum(log_f, 0)
-    return cum, tl.where(valid, igate - cum, float('-inf'))
+    cum = tl.cumsum(log_f.to(tl.float64), 0)
+    return cum, tl.where(valid, igate.to(tl.float64) - cum, float('-inf'))
 
 
 @triton.jit

@@ -17,8 +17,14 @@ import triton.language as tl
 from torch import Tensor
 
 
-def head_dim_block(head_dim: int) -> int:
-    """Largest of 64/32/16 that divides ``head_dim``; otherwise a masked power of two (16 at least: ``tl.dot``)."""
+def head_dim_block(head_dim: int, interpreted: bool = False) -> int:
+    """Largest of 64/32/16 that divides ``head_dim``, otherwise a masked power of two (16 at least: ``tl.dot``).
+
+    The Triton interpreter pays per program and per device-function call, not per element, so there the blocks are
+    as large as possible (up to 128): the tests still walk several blocks, partial (masked) ones and whole ones.
+    """
+    if interpreted:
+        return min(128, max(16, triton.next_power_of_2(head_dim)))
     for block in (64, 32, 16):
         if head_dim % block == 0:
             return block
@@ -93,8 +99,10 @@ def state_block_ptrs(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, BLOCK_D:
 
 @triton.jit
 def load_state_block(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    ptrs, mask = state_block_ptrs(ptr, row_start, col_start, HEAD_DIM, BLOCK_D)
-    return tl.load(ptrs, mask=mask, other=0.0)
+    rows = row_start + tl.arange(0, BLOCK_D)
+    cols = col_start + tl.arange(0, BLOCK_D)
+    return tl.load(ptr + rows[:, None] * HEAD_DIM + cols[None, :],
+                   mask=(rows[:, None] < HEAD_DIM) & (cols[None, :] < HEAD_DIM), other=0.0)
 
 
 @triton.jit
