@@ -195,9 +195,9 @@ def test_fused_backend_under_triton_interpreter():
 
 
 # ---------------------------------------------------------------------------------------------- whole backbone
-@pytest.mark.parametrize('backend', ['chunkwise', 'auto', 'fused'])
+@pytest.mark.parametrize('backend', ['chunkwise', 'auto', 'fused', 'fused_chunkwise'])
 def test_backbone_features_agree_across_backends(backend):
-    if backend == 'fused' and FUSED_DEVICE is None:
+    if backend.startswith('fused') and FUSED_DEVICE is None:
         pytest.skip('fused kernels need CUDA or TRITON_INTERPRET=1')
     from mmseg_vil.models.backbones.vil import ViL
     device = FUSED_DEVICE or 'cpu'

@@ -1,4 +1,4 @@
-"""Backward of the chunkwise Triton mLSTM: the parallel cell's exact gradients in four launches.
+"""Backward of the chunkwise Triton mLSTM: the parallel cell's exact gradients in five launches.
 
 The gradient itself is derived in ``fused.py``: with g_t = dL/dh_t, the divisor d_t = max(|r_t|, exp(-m_t)) + eps,
 delta_t = g_t.h_t, the row shift beta_t (through the normaliser's |r| branch) and the direct m-gradient
@@ -16,12 +16,15 @@ Launches:
    scans.py), which every key of chunk j reads with its state weight exp(u_s - mu_e) (for dk, dv). It also stores
    <dC_j, C_j> + <dn_j, n_j>: that is sum_{t > e_j >= s} dL/dlogD[t,s] / sc, which is exactly the forget-gate
    gradient at the first step of chunk j+1 without the m-gradient.
-4. ``mlstm_chunk_grad_kernel`` (per chunk): dq, dk, dv (in-chunk quadratic form + states), then the gate gradients.
-   The row and column sums of dL/dlogD are q_t.dq_t + gm_t and k_s.dk_s + sum_{t: s*_t = s} gm_t, so
-   di = column sum, and dlog f_r = sum_{t >= r} (row - column sum) = in-chunk reverse cumsum + the crossing sum of
-   launch 3 + the m-gradients of later rows whose argmax lies at or before this chunk. The argmax targets of later
-   chunks are looked up in the per-chunk arrays of launches 1 and 2, so nothing is scattered with atomics and the
-   result is deterministic. dfgate = dlog f * sigmoid(-fgate).
+4. ``mlstm_chunk_grad_query_kernel`` (per chunk): dq (in-chunk quadratic form + the previous chunk's state) and the
+   row sums of dL/dlogD, q_t.dq_t + gm_t.
+5. ``mlstm_chunk_grad_key_kernel`` (per chunk): dk, dv (in-chunk + the reverse state) and the column sums
+   k_s.dk_s + sum_{t: s*_t = s} gm_t, then the gate gradients: di = column sum, and
+   dlog f_r = sum_{t >= r} (row - column sum) = in-chunk reverse cumsum + the crossing sum of launch 3 + the
+   m-gradients of later rows whose argmax lies at or before this chunk. The argmax targets of later chunks are
+   looked up in the per-chunk arrays of launches 1 and 2, so nothing is scattered with atomics and the result is
+   deterministic. dfgate = dlog f * sigmoid(-fgate).
+Splitting dq from dk/dv keeps each kernel's live tiles few enough to stay in registers.
 """
 from typing import List
 
@@ -30,14 +33,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._triton_kernels import _dot
 from .forward import chunk_states
 from .scans import causal_decay, chunk_stabiliser
-from .tiles import (chunk_steps, head_offset, load_state_block, load_state_vector, load_tokens, state_block_ptrs,
-                    state_offset, store_tokens, token_major_buffer, token_major_strides, token_strides)
+from .tiles import (SIZES, chunk_steps, dot, head_offset, load_state_block, load_state_vector, load_tokens,
+                    state_block_ptrs, state_offset, store_tokens, token_major_buffer, token_major_strides,
+                    token_strides)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, FGATE, ROW_SUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
                                  GRAD_M, STATE_GRAD_M, stride_gb, stride_gh, stride_gn, stride_hb, stride_hh,
                                  stride_hn, stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
@@ -75,7 +78,7 @@ def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, FGATE, ROW_SUM, CHUNK_MAX, CH
     tl.store(STATE_GRAD_M + chunk_ends + chunk, tl.sum(tl.where(valid & from_state, grad_m, 0.0), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
                                       STATE_C, STATE_N, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
                                       stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
@@ -115,8 +118,8 @@ def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_
         scaled_grad = (grad_h.to(ACC) * inv_divisor[:, None]).to(q.dtype)
         weighted_q = q.to(ACC) * tl.exp((prev_max - row_log).to(ACC))[:, None]
         carry = tl.exp((prev_max - end_row_log).to(ACC))
-        grad_state = grad_state * carry + _dot(tl.trans(weighted_q.to(q.dtype)), scaled_grad, DOT_PRECISION,
-                                               DOT_IN_FLOAT32)
+        grad_state = dot(tl.trans(weighted_q.to(q.dtype)), scaled_grad, grad_state * carry, DOT_PRECISION,
+                         DOT_IN_FLOAT32)
         grad_norm = grad_norm * carry + tl.sum(weighted_q * shift[:, None], 0)
 
         boundary = chunk - 1
@@ -127,23 +130,21 @@ def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_
         tl.store(GRAD_STATE_N + norm_offset + offs_key, grad_norm, mask=stores_norm)
         state = load_state_block(STATE_C + state_offset(batch_head, boundary, num_chunks, HEAD_DIM), key_start,
                                  value_start, HEAD_DIM, BLOCK_D)
-        norm = load_state_vector(STATE_N + norm_offset, key_start, HEAD_DIM, BLOCK_D)
+        norm = load_state_vector(STATE_N + norm_offset, key_start, True, HEAD_DIM, BLOCK_D)
         crossing = tl.sum(tl.sum(grad_state * state, 1), 0) + tl.sum(tl.where(stores_norm, grad_norm * norm, 0.0), 0)
         tl.store(CROSSING + ((chunk_ends + boundary) * NUM_BLOCKS + tl.program_id(0)) * NUM_BLOCKS
                  + tl.program_id(1), crossing)
 
 
-@triton.jit
-def mlstm_chunk_grad_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT, GRAD_M,
-                            STATE_GRAD_M, STATE_C, STATE_N, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
-                            DQ, DK, DV, DIGATE, DFGATE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-                            stride_kn, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
-                            stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
-                            stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
-                            seq_len, num_heads, num_chunks, scale, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, BLOCK_CROSSING: tl.constexpr,
-                            REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
-    """dq, dk, dv and the gate gradients of one chunk of one head (launch 4 of the module docstring)."""
+@triton.jit(do_not_specialize=SIZES)
+def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+                                  GRAD_M, STATE_C, STATE_N, DQ, ROW_TOTAL, stride_qb, stride_qh, stride_qn,
+                                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh,
+                                  stride_gn, stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
+                                  stride_ob, stride_oh, stride_on, seq_len, num_heads, num_chunks, scale,
+                                  HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """dq of one chunk of one head and its rows' sums of dL/dlogD, q_t.dq_t + gm_t (launch 4)."""
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
     Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
@@ -153,33 +154,92 @@ def mlstm_chunk_grad_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGM
     IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
     FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
     DQ += head_offset(batch_head, num_heads, stride_ob, stride_oh)
+    chunk_ends = batch_head.to(tl.int64) * num_chunks
+    prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
+    prev_state_n = STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM
+    ACC = STATE_C.dtype.element_ty
+    IN = Q.dtype.element_ty
+
+    steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
+    _, _, key_log, row_log, _, _, prev_max = chunk_stabiliser(
+        IGATE, FGATE, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk, steps, positions, valid, stride_in,
+        stride_fn)
+    rows = batch_head.to(tl.int64) * seq_len + steps
+    inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
+    shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
+    state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
+
+    grad_scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
+        grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
+        v = load_tokens(V, positions, valid, d_start, stride_vn, HEAD_DIM, BLOCK_D)
+        grad_scores = dot((grad_h.to(ACC) * inv_divisor[:, None]).to(IN), tl.trans(v), grad_scores, DOT_PRECISION,
+                          DOT_IN_FLOAT32)
+    grad_weights = ((grad_scores + shift[:, None]) * causal_decay(key_log, row_log, steps, False, ACC)
+                    * scale).to(IN)
+
+    # Earlier keys through the previous chunk's state (a loop bound, not a branch: see the forward's output kernel),
+    # rows pre-scaled by its weight.
+    has_state = chunk > 0
+    state_end = tl.where(has_state, HEAD_DIM, 0)
+    row_total = tl.load(GRAD_M + rows, mask=valid, other=0.0)
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
+        k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
+        dq = dot(grad_weights, k, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
+        for value_start in range(0, state_end, BLOCK_D):
+            grad_h = load_tokens(GRAD_H, positions, valid, value_start, stride_gn, HEAD_DIM, BLOCK_D)
+            weighted_grad = (grad_h.to(ACC) * (inv_divisor * state_weight)[:, None]).to(IN)
+            state = load_state_block(prev_state_c, d_start, value_start, HEAD_DIM, BLOCK_D)
+            dq = dot(weighted_grad, tl.trans(state.to(IN)), dq, DOT_PRECISION, DOT_IN_FLOAT32)
+        norm = load_state_vector(prev_state_n, d_start, has_state, HEAD_DIM, BLOCK_D)
+        dq += (shift * state_weight)[:, None] * norm[None, :]
+        q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
+        row_total += tl.sum(q.to(ACC) * dq, 1)
+        store_tokens(DQ, dq, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
+    tl.store(ROW_TOTAL + rows, row_total, mask=valid)
+
+
+@triton.jit(do_not_specialize=SIZES)
+def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+                                GRAD_M, ROW_TOTAL, STATE_GRAD_M, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
+                                DK, DV, DIGATE, DFGATE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                stride_kn, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
+                                stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
+                                stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+                                seq_len, num_heads, num_chunks, scale, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, BLOCK_CROSSING: tl.constexpr,
+                                REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """dk, dv and the gate gradients of one chunk of one head (launch 5). Tiles are key-major (rows s, columns t),
+    so the sums over queries need no transposed tiles."""
+    chunk = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
+    K += head_offset(batch_head, num_heads, stride_kb, stride_kh)
+    V += head_offset(batch_head, num_heads, stride_vb, stride_vh)
+    GRAD_H += head_offset(batch_head, num_heads, stride_gb, stride_gh)
+    IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
+    FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
     DK += head_offset(batch_head, num_heads, stride_ob, stride_oh)
     DV += head_offset(batch_head, num_heads, stride_ob, stride_oh)
     DIGATE += head_offset(batch_head, num_heads, stride_db, stride_dh)
     DFGATE += head_offset(batch_head, num_heads, stride_db, stride_dh)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
-    prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
-    prev_state_n = STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM
     grad_state_c = GRAD_STATE_C + state_offset(batch_head, chunk, num_chunks, HEAD_DIM)
     grad_state_n = GRAD_STATE_N + (chunk_ends + chunk) * HEAD_DIM
     NUM_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
-    ACC = STATE_C.dtype.element_ty
+    ACC = GRAD_STATE_C.dtype.element_ty
     IN = Q.dtype.element_ty
-    has_prev = chunk > 0
     has_next = chunk < num_chunks - 1
 
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-    fgate, _, key_log, row_log, argmax, from_state, prev_max = chunk_stabiliser(
+    fgate, _, key_log, row_log, argmax, from_state, _ = chunk_stabiliser(
         IGATE, FGATE, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk, steps, positions, valid, stride_in,
         stride_fn)
     end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
-    decay = causal_decay(key_log, row_log, steps, ACC) * scale
-    query_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # weight of the previous chunk's state
-    key_weight = tl.exp((key_log - end_row_log).to(ACC)) * scale  # weight in this chunk's state
+    key_weight = tl.exp((key_log - end_row_log).to(ACC)) * scale  # weight in this chunk's state; 0 past the end
     rows = batch_head.to(tl.int64) * seq_len + steps
     inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
     shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
-    grad_m = tl.load(GRAD_M + rows, mask=valid, other=0.0)
 
     scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
     grad_scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
@@ -188,54 +248,42 @@ def mlstm_chunk_grad_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGM
         k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
         v = load_tokens(V, positions, valid, d_start, stride_vn, HEAD_DIM, BLOCK_D)
         grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
-        scaled_grad = (grad_h.to(ACC) * inv_divisor[:, None]).to(IN)
-        scores += _dot(q, tl.trans(k), DOT_PRECISION, DOT_IN_FLOAT32)
-        grad_scores += _dot(scaled_grad, tl.trans(v), DOT_PRECISION, DOT_IN_FLOAT32)
-    weights = scores * decay
-    grad_weights = (grad_scores + shift[:, None]) * decay
-    weights_t = tl.trans(weights).to(IN)
-    grad_weights_t = tl.trans(grad_weights).to(IN)
-    grad_weights = grad_weights.to(IN)
+        scores = dot(k, tl.trans(q), scores, DOT_PRECISION, DOT_IN_FLOAT32)
+        grad_scores = dot(v, tl.trans((grad_h.to(ACC) * inv_divisor[:, None]).to(IN)), grad_scores, DOT_PRECISION,
+                          DOT_IN_FLOAT32)
+    decay = causal_decay(key_log, row_log, steps, True, ACC) * scale
+    weights = (scores * decay).to(IN)
+    grad_weights = ((grad_scores + shift[None, :]) * decay).to(IN)
 
-    row_total = grad_m
+    # Later queries through the reverse state after this chunk (none after the last: a loop bound, not a branch),
+    # keys pre-scaled by their weight in it.
+    state_end = tl.where(has_next, HEAD_DIM, 0)
     column_total = tl.zeros((CHUNK,), dtype=ACC)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
-        q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
-        k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
         grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
-        scaled_grad = (grad_h.to(ACC) * inv_divisor[:, None]).to(IN)
-        dq = _dot(grad_weights, k, DOT_PRECISION, DOT_IN_FLOAT32)
-        dk = _dot(grad_weights_t, q, DOT_PRECISION, DOT_IN_FLOAT32)
-        dv = _dot(weights_t, scaled_grad, DOT_PRECISION, DOT_IN_FLOAT32)
-        if has_prev:  # earlier keys, through the state after the previous chunk
-            earlier_keys = tl.zeros((CHUNK, BLOCK_D), dtype=ACC)
-            for other_start in range(0, HEAD_DIM, BLOCK_D):
-                other_grad = load_tokens(GRAD_H, positions, valid, other_start, stride_gn, HEAD_DIM, BLOCK_D)
-                other_grad = (other_grad.to(ACC) * inv_divisor[:, None]).to(IN)
-                state = load_state_block(prev_state_c, d_start, other_start, HEAD_DIM, BLOCK_D)
-                earlier_keys += _dot(other_grad, tl.trans(state.to(IN)), DOT_PRECISION, DOT_IN_FLOAT32)
-            norm = load_state_vector(prev_state_n, d_start, HEAD_DIM, BLOCK_D)
-            dq += (earlier_keys + shift[:, None] * norm[None, :]) * query_weight[:, None]
-        if has_next:  # later queries, through the reverse state after this chunk
-            to_key = tl.zeros((CHUNK, BLOCK_D), dtype=ACC)
-            to_value = tl.zeros((CHUNK, BLOCK_D), dtype=ACC)
-            for other_start in range(0, HEAD_DIM, BLOCK_D):
-                other_v = load_tokens(V, positions, valid, other_start, stride_vn, HEAD_DIM, BLOCK_D)
-                other_k = load_tokens(K, positions, valid, other_start, stride_kn, HEAD_DIM, BLOCK_D)
-                key_rows = load_state_block(grad_state_c, d_start, other_start, HEAD_DIM, BLOCK_D)
-                value_columns = load_state_block(grad_state_c, other_start, d_start, HEAD_DIM, BLOCK_D)
-                to_key += _dot(other_v, tl.trans(key_rows.to(IN)), DOT_PRECISION, DOT_IN_FLOAT32)
-                to_value += _dot(other_k, value_columns.to(IN), DOT_PRECISION, DOT_IN_FLOAT32)
-            grad_norm = load_state_vector(grad_state_n, d_start, HEAD_DIM, BLOCK_D)
-            dk += (to_key + grad_norm[None, :]) * key_weight[:, None]
-            dv += to_value * key_weight[:, None]
-        row_total += tl.sum(q.to(ACC) * dq, 1)
-        column_total += tl.sum(k.to(ACC) * dk, 1)
-        store_tokens(DQ, dq, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
-        store_tokens(DK, dk, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
+        dv = dot(weights, (grad_h.to(ACC) * inv_divisor[:, None]).to(IN), tl.zeros((CHUNK, BLOCK_D), dtype=ACC),
+                 DOT_PRECISION, DOT_IN_FLOAT32)
+        for key_start in range(0, state_end, BLOCK_D):
+            k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, BLOCK_D)
+            state = load_state_block(grad_state_c, key_start, d_start, HEAD_DIM, BLOCK_D)
+            dv = dot((k.to(ACC) * key_weight[:, None]).to(IN), state.to(IN), dv, DOT_PRECISION, DOT_IN_FLOAT32)
         store_tokens(DV, dv, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
 
+        q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
+        dk = dot(grad_weights, q, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
+        for value_start in range(0, state_end, BLOCK_D):
+            v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
+            state = load_state_block(grad_state_c, d_start, value_start, HEAD_DIM, BLOCK_D)
+            dk = dot((v.to(ACC) * key_weight[:, None]).to(IN), tl.trans(state.to(IN)), dk, DOT_PRECISION,
+                     DOT_IN_FLOAT32)
+        grad_norm = load_state_vector(grad_state_n, d_start, has_next, HEAD_DIM, BLOCK_D)
+        dk += key_weight[:, None] * grad_norm[None, :]
+        k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
+        column_total += tl.sum(k.to(ACC) * dk, 1)
+        store_tokens(DK, dk, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
+
     # m_t = logD[t, s*_t]: gm_t also belongs to column s*_t, here if s*_t is in this chunk ...
+    grad_m = tl.load(GRAD_M + rows, mask=valid, other=0.0)
     in_chunk = valid & (from_state == 0)
     column_total += tl.sum(tl.where((argmax[:, None] == steps[None, :]) & in_chunk[:, None], grad_m[:, None], 0.0), 0)
     # ... or from the rows of later chunks whose argmax is a chunk end's (launch 2's per-chunk sums).
@@ -253,6 +301,7 @@ def mlstm_chunk_grad_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGM
         partials = tl.load(CROSSING + (chunk_ends + chunk) * NUM_BLOCKS * NUM_BLOCKS + offs,
                            mask=offs < NUM_BLOCKS * NUM_BLOCKS, other=0.0)
         crossing += tl.sum(partials, 0) * scale
+    row_total = tl.load(ROW_TOTAL + rows, mask=valid, other=0.0)
     grad_log_f = tl.cumsum(tl.where(valid, row_total - column_total, 0.0), 0, reverse=True) + crossing
     gate_positions = positions * stride_dn
     tl.store(DIGATE + gate_positions, column_total.to(DIGATE.dtype.element_ty), mask=valid)
@@ -271,9 +320,11 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     num_chunks = chunk_max.shape[1]
     blocks = triton.cdiv(head_dim, config['BLOCK_D'])
     gate_strides = (*token_strides(igate), *token_strides(fgate))
-    inv_divisor, row_shift, grad_m = (torch.empty_like(row_sum) for _ in range(3))
+    token_args = (*token_strides(q), *token_strides(k), *token_strides(v), *token_major_strides(grad_h),
+                  *gate_strides)
+    inv_divisor, row_shift, grad_m, row_total = (torch.empty_like(row_sum) for _ in range(4))
     state_grad_m = torch.empty(batch * heads, num_chunks, dtype=row_sum.dtype, device=q.device)
-    scan_config = {key: config[key] for key in ('HEAD_DIM', 'CHUNK', 'BLOCK_D', 'REVERSE')}
+    scan_config = {key: config[key] for key in ('HEAD_DIM', 'CHUNK', 'BLOCK_D', 'REVERSE', 'num_warps')}
     mlstm_chunk_grad_prep_kernel[(num_chunks, batch * heads)](
         grad_h, h, igate, fgate, row_sum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_grad_m,
         *token_major_strides(grad_h), *token_major_strides(h), *gate_strides, n, heads, num_chunks, eps,
@@ -287,12 +338,14 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
         num_chunks, **config)
 
     dq, dk, dv = (token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3))
+    mlstm_chunk_grad_query_kernel[(num_chunks, batch * heads)](
+        q, k, v, grad_h, igate, fgate, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_c, state_n,
+        dq, row_total, *token_args, *token_major_strides(dq), n, heads, num_chunks, 1 / head_dim ** 0.5, **config)
     d_igate = token_major_buffer((batch, n, heads), igate)
     d_fgate = token_major_buffer((batch, n, heads), fgate)
-    mlstm_chunk_grad_kernel[(num_chunks, batch * heads)](
-        q, k, v, grad_h, igate, fgate, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_grad_m,
-        state_c, state_n, grad_state_c, grad_state_n, crossing, dq, dk, dv, d_igate, d_fgate, *token_strides(q),
-        *token_strides(k), *token_strides(v), *token_major_strides(grad_h), *gate_strides,
-        *token_major_strides(dq), *token_major_strides(d_igate), n, heads, num_chunks, 1 / head_dim ** 0.5,
+    mlstm_chunk_grad_key_kernel[(num_chunks, batch * heads)](
+        q, k, v, grad_h, igate, fgate, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, row_total,
+        state_grad_m, grad_state_c, grad_state_n, crossing, dk, dv, d_igate, d_fgate, *token_args,
+        *token_major_strides(dk), *token_major_strides(d_igate), n, heads, num_chunks, 1 / head_dim ** 0.5,
         BLOCK_CHUNKS=64, BLOCK_CROSSING=triton.next_power_of_2(blocks * blocks), **config)
     return [dq, dk, dv, d_igate, d_fgate]

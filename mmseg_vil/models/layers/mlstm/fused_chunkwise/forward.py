@@ -17,13 +17,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._triton_kernels import _dot
-from .scans import causal_decay, chunk_end, chunk_stabiliser, gate_scan, load_gates, row_stabiliser
-from .tiles import (chunk_steps, head_offset, load_state_block, load_state_vector, load_tokens, state_block_ptrs,
-                    state_offset, store_tokens, token_major_buffer, token_major_strides, token_strides)
+from .scans import causal_decay, chunk_end, chunk_stabiliser, gate_scan, load_gates
+from .tiles import (SIZES, chunk_steps, dot, head_offset, load_state_block, load_state_vector, load_tokens,
+                    state_block_ptrs, state_offset, store_tokens, token_major_buffer, token_major_strides,
+                    token_strides)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX,
                              stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                              stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
@@ -54,13 +54,12 @@ def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CH
         steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
         igate, fgate = load_gates(IGATE, FGATE, positions, valid, stride_in, stride_fn)
         cum, key_log = gate_scan(igate, fgate, valid)
-        row_log, argmax, _ = row_stabiliser(key_log, steps, prev_max, prev_argmax)
-        end_max, end_argmax, end_row_log = chunk_end(cum, row_log, argmax, valid)
+        end_max, end_argmax, end_row_log = chunk_end(cum, key_log, steps, prev_max, prev_argmax)
         carry = tl.exp((prev_max - end_row_log).to(ACC))
         k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, BLOCK_D)
         v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
         weighted_k = k.to(ACC) * tl.exp((key_log - end_row_log).to(ACC))[:, None]
-        state = state * carry + _dot(tl.trans(weighted_k.to(k.dtype)), v, DOT_PRECISION, DOT_IN_FLOAT32)
+        state = dot(tl.trans(weighted_k.to(k.dtype)), v, state * carry, DOT_PRECISION, DOT_IN_FLOAT32)
         norm = norm * carry + tl.sum(weighted_k, 0)
 
         ptrs, mask = state_block_ptrs(STATE_C + chunk * HEAD_DIM * HEAD_DIM, key_start, value_start, HEAD_DIM,
@@ -73,7 +72,7 @@ def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CH
         prev_argmax = end_argmax
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def mlstm_chunk_output_kernel(Q, K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX, H, ROW_SUM,
                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                               stride_vb, stride_vh, stride_vn, stride_ib, stride_ih, stride_in,
@@ -99,33 +98,34 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX
     _, cum, key_log, row_log, _, _, prev_max = chunk_stabiliser(
         IGATE, FGATE, CHUNK_MAX + steps_offset, CHUNK_ARGMAX + steps_offset, chunk, steps, positions, valid,
         stride_in, stride_fn)
-    decay = causal_decay(key_log, row_log, steps, ACC)
+    decay = causal_decay(key_log, row_log, steps, False, ACC)
     state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
 
+    has_state = chunk > 0
     scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
     query_dot_norm = tl.zeros((CHUNK,), dtype=ACC)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
         k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
-        scores += _dot(q, tl.trans(k), DOT_PRECISION, DOT_IN_FLOAT32)
-        if chunk > 0:
-            norm = load_state_vector(prev_state_n, d_start, HEAD_DIM, BLOCK_D)
-            query_dot_norm += tl.sum(q.to(ACC) * norm[None, :], 1)
+        scores = dot(q, tl.trans(k), scores, DOT_PRECISION, DOT_IN_FLOAT32)
+        norm = load_state_vector(prev_state_n, d_start, has_state, HEAD_DIM, BLOCK_D)
+        query_dot_norm += tl.sum(q.to(ACC) * norm[None, :], 1)
     weights = scores * scale * decay
     row_sum = tl.sum(weights, 1) + state_weight * query_dot_norm
     divisor = tl.maximum(tl.abs(row_sum), tl.exp((-(cum + row_log)).to(ACC))) + eps
     weights = weights.to(Q.dtype.element_ty)
 
+    # Earlier keys come through the previous chunk's state (none before the first chunk: a loop bound, not a
+    # branch, so the accumulator keeps one register layout), with the queries pre-scaled by its weight.
+    state_end = tl.where(has_state, HEAD_DIM, 0)
     for value_start in range(0, HEAD_DIM, BLOCK_D):
         v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
-        acc = _dot(weights, v, DOT_PRECISION, DOT_IN_FLOAT32)
-        if chunk > 0:
-            earlier_keys = tl.zeros((CHUNK, BLOCK_D), dtype=ACC)
-            for key_start in range(0, HEAD_DIM, BLOCK_D):
-                q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
-                state = load_state_block(prev_state_c, key_start, value_start, HEAD_DIM, BLOCK_D)
-                earlier_keys += _dot(q, state.to(q.dtype), DOT_PRECISION, DOT_IN_FLOAT32)
-            acc += earlier_keys * state_weight[:, None]
+        acc = dot(weights, v, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
+        for key_start in range(0, state_end, BLOCK_D):
+            q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
+            weighted_q = (q.to(ACC) * state_weight[:, None]).to(q.dtype)
+            state = load_state_block(prev_state_c, key_start, value_start, HEAD_DIM, BLOCK_D)
+            acc = dot(weighted_q, state.to(q.dtype), acc, DOT_PRECISION, DOT_IN_FLOAT32)
         store_tokens(H, acc / divisor[:, None], positions, valid, value_start, stride_hn, HEAD_DIM, BLOCK_D)
     tl.store(ROW_SUM + batch_head.to(tl.int64) * seq_len + steps, row_sum, mask=valid)
 

@@ -55,10 +55,14 @@ def row_stabiliser(key_log, steps, prev_max, prev_argmax):
 
 
 @triton.jit
-def chunk_end(cum, row_log, argmax, valid):
-    """m and its argmax at the chunk's last step, and mu there (cum, mu and argmax are monotone along the chunk)."""
-    end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
-    return tl.min(cum, 0) + end_row_log, tl.max(tl.where(valid, argmax, -1), 0), end_row_log
+def chunk_end(cum, key_log, steps, prev_max, prev_argmax):
+    """m, its argmax and mu at the chunk's last step from the previous chunk end's m and argmax: reductions only,
+    no scan (ties to the later step, as in ``row_stabiliser``)."""
+    chunk_max = tl.max(key_log, 0)
+    chunk_argmax = tl.max(tl.where(key_log == chunk_max, steps, -1), 0)
+    in_chunk = chunk_max >= prev_max
+    end_row_log = tl.where(in_chunk, chunk_max, prev_max)
+    return tl.min(cum, 0) + end_row_log, tl.where(in_chunk, chunk_argmax, prev_argmax), end_row_log
 
 
 @triton.jit
@@ -81,7 +85,11 @@ def chunk_stabiliser(IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, chunk, steps, positi
 
 
 @triton.jit
-def causal_decay(key_log, row_log, steps, ACC: tl.constexpr):
-    """``(CHUNK, CHUNK)`` in-chunk decays exp(u_s - mu_t) for s <= t (rows t, columns s), 0 elsewhere."""
-    log_decay = tl.where(steps[None, :] <= steps[:, None], key_log[None, :] - row_log[:, None], float('-inf'))
+def causal_decay(key_log, row_log, steps, KEY_MAJOR: tl.constexpr, ACC: tl.constexpr):
+    """``(CHUNK, CHUNK)`` in-chunk decays exp(u_s - mu_t) for s <= t, 0 elsewhere: rows t and columns s, or rows s
+    and columns t when KEY_MAJOR (for sums over queries, without transposing tiles)."""
+    if KEY_MAJOR:
+        log_decay = tl.where(steps[:, None] <= steps[None, :], key_log[:, None] - row_log[None, :], float('-inf'))
+    else:
+        log_decay = tl.where(steps[None, :] <= steps[:, None], key_log[None, :] - row_log[:, None], float('-inf'))
     return tl.exp(log_decay.to(ACC))

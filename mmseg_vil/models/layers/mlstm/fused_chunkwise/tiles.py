@@ -17,6 +17,10 @@ import triton.language as tl
 from torch import Tensor
 
 
+# Size arguments every kernel takes; not specialised, so that new sequence lengths or batch sizes never recompile.
+SIZES = ('seq_len', 'num_heads', 'num_chunks')
+
+
 def head_dim_block(head_dim: int, interpreted: bool = False) -> int:
     """Largest of 64/32/16 that divides ``head_dim``, otherwise a masked power of two (16 at least: ``tl.dot``).
 
@@ -44,6 +48,16 @@ def token_major_strides(x: Tensor) -> Tuple[int, int, int]:
 def token_major_buffer(shape: Tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """A contiguous ``(B, N, NH)`` or ``(B, N, NH, DH)`` output buffer on the device of ``like``."""
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """``acc + a @ b`` on the tensor cores, accumulating in place; DOT_IN_FLOAT32 upcasts the operands first (the
+    interpreter multiplies bfloat16 bit patterns as integers)."""
+    if DOT_IN_FLOAT32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -106,6 +120,7 @@ def load_state_block(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
-def load_state_vector(ptr, start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def load_state_vector(ptr, start, exists, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A block of a normaliser state; 0 where the state does not exist (before the first, after the last chunk)."""
     offs = start + tl.arange(0, BLOCK_D)
-    return tl.load(ptr + offs, mask=offs < HEAD_DIM, other=0.0)
+    return tl.load(ptr + offs, mask=(offs < HEAD_DIM) & exists, other=0.0)
