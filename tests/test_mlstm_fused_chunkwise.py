@@ -110,6 +110,18 @@ def test_kernel_reads_projection_layout(reverse):
 
 
 @needs_kernels
+def test_kernel_takes_expanded_output_gradient():
+    """The gradient of h.sum() reaches the backward as an expanded tensor (all strides 0)."""
+    inputs, _, expected, _ = reference_case(20, 8, F64)
+    inputs = [x.requires_grad_() for x in inputs]
+    expected_grads = torch.autograd.grad(reference_float64(*inputs)[0].sum(), inputs)
+    actual_inputs = [x.detach().to(FUSED_DEVICE).requires_grad_() for x in inputs]
+    actual = mlstm_fused_chunkwise(*actual_inputs, chunk_size=16)
+    errors = relative_errors(actual, torch.autograd.grad(actual.sum(), actual_inputs), expected, expected_grads)
+    assert all(e <= TOLERANCES[F64] for e in errors.values()), errors
+
+
+@needs_kernels
 def test_kernel_compiles_fullgraph_as_opaque_op():
     """fullgraph=True fails on any graph break; compiled forward and backward equal eager."""
     inputs, grad_h, _, _ = reference_case(40, 8, F32)

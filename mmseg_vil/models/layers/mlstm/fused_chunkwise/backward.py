@@ -33,14 +33,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .forward import chunk_states
+from .forward import STATE_WARPS, chunk_states
 from .scans import causal_decay, chunk_stabiliser
-from .tiles import (SIZES, chunk_steps, dot, head_offset, load_state_block, load_state_vector, load_tokens,
+from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
                     state_block_ptrs, state_offset, store_tokens, token_major_buffer, token_major_strides,
                     token_strides)
 
 
-@triton.jit(do_not_specialize=SIZES)
+@jit_kernel
 def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, FGATE, ROW_SUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
                                  GRAD_M, STATE_GRAD_M, stride_gb, stride_gh, stride_gn, stride_hb, stride_hh,
                                  stride_hn, stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
@@ -78,7 +78,7 @@ def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, FGATE, ROW_SUM, CHUNK_MAX, CH
     tl.store(STATE_GRAD_M + chunk_ends + chunk, tl.sum(tl.where(valid & from_state, grad_m, 0.0), 0))
 
 
-@triton.jit(do_not_specialize=SIZES)
+@jit_kernel
 def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
                                       STATE_C, STATE_N, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
                                       stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
@@ -136,11 +136,12 @@ def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_
                  + tl.program_id(1), crossing)
 
 
-@triton.jit(do_not_specialize=SIZES)
+@jit_kernel
 def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
                                   GRAD_M, STATE_C, STATE_N, DQ, ROW_TOTAL, stride_qb, stride_qh, stride_qn,
-                                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh,
-                                  stride_gn, stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
+                                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                                  stride_gb, stride_gh, stride_gn, stride_ib, stride_ih, stride_in,
+                                  stride_fb, stride_fh, stride_fn,
                                   stride_ob, stride_oh, stride_on, seq_len, num_heads, num_chunks, scale,
                                   HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                                   REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
@@ -199,7 +200,7 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUN
     tl.store(ROW_TOTAL + rows, row_total, mask=valid)
 
 
-@triton.jit(do_not_specialize=SIZES)
+@jit_kernel
 def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
                                 GRAD_M, ROW_TOTAL, STATE_GRAD_M, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
                                 DK, DV, DIGATE, DFGATE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
@@ -335,7 +336,7 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     mlstm_chunk_state_backward_kernel[(blocks, blocks, batch * heads)](
         q, grad_h, igate, fgate, chunk_max, chunk_argmax, inv_divisor, row_shift, state_c, state_n, grad_state_c,
         grad_state_n, crossing, *token_strides(q), *token_major_strides(grad_h), *gate_strides, n, heads,
-        num_chunks, **config)
+        num_chunks, **{**config, 'num_warps': STATE_WARPS})
 
     dq, dk, dv = (token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3))
     mlstm_chunk_grad_query_kernel[(num_chunks, batch * heads)](

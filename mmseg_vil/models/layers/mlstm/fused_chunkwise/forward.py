@@ -18,12 +18,15 @@ import triton.language as tl
 from torch import Tensor
 
 from .scans import causal_decay, chunk_end, chunk_stabiliser, gate_scan, load_gates
-from .tiles import (SIZES, chunk_steps, dot, head_offset, load_state_block, load_state_vector, load_tokens,
+from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
                     state_block_ptrs, state_offset, store_tokens, token_major_buffer, token_major_strides,
                     token_strides)
 
 
-@triton.jit(do_not_specialize=SIZES)
+STATE_WARPS = 4  # the state kernels' tiles are (BLOCK_D, CHUNK) and (BLOCK_D, BLOCK_D): small
+
+
+@jit_kernel
 def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX,
                              stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                              stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
@@ -62,17 +65,19 @@ def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CH
         state = dot(tl.trans(weighted_k.to(k.dtype)), v, state * carry, DOT_PRECISION, DOT_IN_FLOAT32)
         norm = norm * carry + tl.sum(weighted_k, 0)
 
+        has_reader = chunk < num_chunks - 1  # nothing reads the state after the last chunk
         ptrs, mask = state_block_ptrs(STATE_C + chunk * HEAD_DIM * HEAD_DIM, key_start, value_start, HEAD_DIM,
                                       BLOCK_D)
-        tl.store(ptrs, state, mask=mask)
-        tl.store(STATE_N + chunk * HEAD_DIM + offs_key, norm, mask=(offs_key < HEAD_DIM) & (value_start == 0))
+        tl.store(ptrs, state, mask=mask & has_reader)
+        tl.store(STATE_N + chunk * HEAD_DIM + offs_key, norm,
+                 mask=(offs_key < HEAD_DIM) & (value_start == 0) & has_reader)
         tl.store(CHUNK_MAX + chunk, end_max, mask=stores_chunk_ends)
         tl.store(CHUNK_ARGMAX + chunk, end_argmax, mask=stores_chunk_ends)
         prev_max = end_max
         prev_argmax = end_argmax
 
 
-@triton.jit(do_not_specialize=SIZES)
+@jit_kernel
 def mlstm_chunk_output_kernel(Q, K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX, H, ROW_SUM,
                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                               stride_vb, stride_vh, stride_vn, stride_ib, stride_ih, stride_in,
@@ -143,7 +148,8 @@ def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dic
     blocks = triton.cdiv(head_dim, config['BLOCK_D'])
     mlstm_chunk_state_kernel[(blocks, blocks, batch * heads)](
         k, v, igate, fgate, state_c, state_n, chunk_max, chunk_argmax, *token_strides(k), *token_strides(v),
-        *token_strides(igate), *token_strides(fgate), n, heads, num_chunks, **config)
+        *token_strides(igate), *token_strides(fgate), n, heads, num_chunks,
+        **{**config, 'num_warps': STATE_WARPS})
     return state_c, state_n, chunk_max, chunk_argmax
 
 

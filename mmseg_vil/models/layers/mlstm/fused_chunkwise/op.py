@@ -20,10 +20,14 @@ MAX_CHUNK_SIZE = 128  # larger chunks spill registers; mlstm_kernels' backward i
 
 
 def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -> dict:
-    """Compile-time parameters of every kernel of one call, and their warps."""
-    return dict(HEAD_DIM=head_dim, CHUNK=chunk_size, BLOCK_D=head_dim_block(head_dim, _kernels_interpreted()),
-                REVERSE=reverse,
-                num_warps=8 if chunk_size > 64 else 4, num_stages=1, **_dot_options(dtype))
+    """Compile-time parameters and warps of the per-chunk kernels of one call (the state kernels take 4 warps).
+
+    Spill-free in the ptxas report (sm_90) for the ViL head dims at chunk 64 in half precision; float32 and chunk
+    128 spill a little (benchmarks/mlstm_kernel_check.py times chunk 32/64/128).
+    """
+    block_d = head_dim_block(head_dim, dtype, _kernels_interpreted())
+    return dict(HEAD_DIM=head_dim, CHUNK=chunk_size, BLOCK_D=block_d, REVERSE=reverse,
+                num_warps=8 if chunk_size >= 64 else 4, num_stages=1, **_dot_options(dtype))
 
 
 @torch.library.custom_op('mmseg_vil::mlstm_fused_chunkwise_forward', mutates_args=())
@@ -46,6 +50,8 @@ def _(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float,
 def _backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor,
               row_sum: Tensor, eps: float, chunk_size: int, reverse: bool) -> List[Tensor]:
     """``[dq, dk, dv (B, N, NH, DH), d_igate, d_fgate (B, N, NH)]``."""
+    if grad_h.stride(-1) != 1:  # e.g. the expanded gradient of h.sum()
+        grad_h = grad_h.contiguous()
     return _backward_kernels.backward(grad_h, q, k, v, igate, fgate, h, row_sum, eps,
                                       _config(q.shape[-1], chunk_size, reverse, q.dtype))
 

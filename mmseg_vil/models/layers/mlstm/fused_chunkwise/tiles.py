@@ -6,9 +6,11 @@ or token N-1-t when the direction is reversed, so the reversed cell needs no fli
 to contiguous ``(B, N, NH, DH)`` buffers and the gate gradients to ``(B, N, NH)``: the caller's
 ``transpose(1, 2).flatten(2)`` is then free.
 
-The head dim is walked in blocks of BLOCK_D = the largest of 64/32/16 that divides it (96 -> 3 x 32, 192 and
-384 -> 64), so the ViL head dims need no padding to powers of two; other head dims get masked blocks.
+The head dim is walked in blocks of BLOCK_D that divide it (the ViL head dims 96/192/384 are 3/6/12 x 32 in half
+precision), so they need no padding to powers of two; other head dims get masked blocks.
 """
+import inspect
+import re
 from typing import Optional, Tuple
 
 import torch
@@ -17,22 +19,32 @@ import triton.language as tl
 from torch import Tensor
 
 
-# Size arguments every kernel takes; not specialised, so that new sequence lengths or batch sizes never recompile.
-SIZES = ('seq_len', 'num_heads', 'num_chunks')
+# The strides of token tiles decide whether rows load as aligned vectors, so Triton specialises them on their
+# divisibility. Sizes and the strides of the gate vectors (read one value per step) do not matter that way and stay
+# unspecialised: new sequence lengths, batch sizes or gate layouts do not recompile.
+_UNSPECIALISED = re.compile(r'seq_len|num_heads|num_chunks|stride_[ifd][bhn]')
 
 
-def head_dim_block(head_dim: int, interpreted: bool = False) -> int:
-    """Largest of 64/32/16 that divides ``head_dim``, otherwise a masked power of two (16 at least: ``tl.dot``).
+def jit_kernel(fn):
+    """``triton.jit`` with the sizes and strides above left unspecialised."""
+    names = [name for name in inspect.signature(fn).parameters if _UNSPECIALISED.fullmatch(name)]
+    return triton.jit(do_not_specialize=names)(fn)
+
+
+def head_dim_block(head_dim: int, dtype: torch.dtype, interpreted: bool = False) -> int:
+    """Head-dim block: the largest of 32/16 (16 for float32, whose 3xTF32 dot operands take twice the registers)
+    that divides ``head_dim``, otherwise a masked power of two (16 at least: ``tl.dot``). Larger blocks spill
+    registers in the ptxas report of the dk/dv kernel (sm_90, 8 warps, chunk 64).
 
     The Triton interpreter pays per program and per device-function call, not per element, so there the blocks are
     as large as possible (up to 128): the tests still walk several blocks, partial (masked) ones and whole ones.
     """
     if interpreted:
         return min(128, max(16, triton.next_power_of_2(head_dim)))
-    for block in (64, 32, 16):
+    for block in (32, 16) if dtype in (torch.float16, torch.bfloat16) else (16,):
         if head_dim % block == 0:
             return block
-    return min(64, max(16, triton.next_power_of_2(head_dim)))
+    return min(32, max(16, triton.next_power_of_2(head_dim)))
 
 
 def token_strides(x: Tensor) -> Tuple[int, int, int]:
