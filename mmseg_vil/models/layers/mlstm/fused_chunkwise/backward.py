@@ -41,25 +41,24 @@ from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block,
 
 
 @jit_kernel
-def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, FGATE, ROW_SUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, CUM, ROW_SUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
                                  GRAD_M, STATE_GRAD_M, stride_gb, stride_gh, stride_gn, stride_hb, stride_hh,
-                                 stride_hn, stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
-                                 seq_len, num_heads, num_chunks, eps, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-                                 BLOCK_D: tl.constexpr, REVERSE: tl.constexpr):
+                                 stride_hn, stride_ib, stride_ih, stride_in, seq_len, num_heads, num_chunks, eps,
+                                 HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 REVERSE: tl.constexpr):
     """Per row of one chunk: 1/d_t, beta_t, gm_t; per chunk: the gm_t of rows whose argmax is in an earlier chunk."""
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
     GRAD_H += head_offset(batch_head, num_heads, stride_gb, stride_gh)
     H += head_offset(batch_head, num_heads, stride_hb, stride_hh)
     IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
-    FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
     ACC = ROW_SUM.dtype.element_ty
 
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-    _, cum, _, row_log, _, from_state, _ = chunk_stabiliser(
-        IGATE, FGATE, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk, steps, positions, valid, stride_in,
-        stride_fn)
+    cum, _, row_log, _, from_state, _ = chunk_stabiliser(
+        IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in)
     delta = tl.zeros((CHUNK,), dtype=ACC)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
@@ -79,12 +78,12 @@ def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, FGATE, ROW_SUM, CHUNK_MAX, CH
 
 
 @jit_kernel
-def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
                                       STATE_C, STATE_N, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
                                       stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
-                                      stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
-                                      seq_len, num_heads, num_chunks, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-                                      BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                      stride_ib, stride_ih, stride_in, seq_len, num_heads, num_chunks,
+                                      HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                                      REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                       DOT_IN_FLOAT32: tl.constexpr):
     """Reverse states before every chunk boundary for one (key block, value block) of one head, walking backwards,
     and their inner products with the forward states (launch 3 of the module docstring)."""
@@ -94,7 +93,6 @@ def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_
     Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
     GRAD_H += head_offset(batch_head, num_heads, stride_gb, stride_gh)
     IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
-    FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
     NUM_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
     ACC = STATE_C.dtype.element_ty
@@ -106,9 +104,9 @@ def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_
     for index in range(1, num_chunks):
         chunk = num_chunks - index  # its queries enter the reverse state of the boundary before it
         steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-        _, _, _, row_log, _, _, prev_max = chunk_stabiliser(
-            IGATE, FGATE, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk, steps, positions, valid,
-            stride_in, stride_fn)
+        _, _, row_log, _, _, prev_max = chunk_stabiliser(
+            IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends,
+            chunk, steps, positions, valid, stride_in)
         end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
         rows = batch_head.to(tl.int64) * seq_len + steps
         inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
@@ -137,11 +135,10 @@ def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_
 
 
 @jit_kernel
-def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
                                   GRAD_M, STATE_C, STATE_N, DQ, ROW_TOTAL, stride_qb, stride_qh, stride_qn,
                                   stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                                   stride_gb, stride_gh, stride_gn, stride_ib, stride_ih, stride_in,
-                                  stride_fb, stride_fh, stride_fn,
                                   stride_ob, stride_oh, stride_on, seq_len, num_heads, num_chunks, scale,
                                   HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                                   REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
@@ -153,7 +150,6 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUN
     V += head_offset(batch_head, num_heads, stride_vb, stride_vh)
     GRAD_H += head_offset(batch_head, num_heads, stride_gb, stride_gh)
     IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
-    FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
     DQ += head_offset(batch_head, num_heads, stride_ob, stride_oh)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
     prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
@@ -162,9 +158,9 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUN
     IN = Q.dtype.element_ty
 
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-    _, _, key_log, row_log, _, _, prev_max = chunk_stabiliser(
-        IGATE, FGATE, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk, steps, positions, valid, stride_in,
-        stride_fn)
+    _, key_log, row_log, _, _, prev_max = chunk_stabiliser(
+        IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in)
     rows = batch_head.to(tl.int64) * seq_len + steps
     inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
     shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
@@ -201,7 +197,7 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUN
 
 
 @jit_kernel
-def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
                                 GRAD_M, ROW_TOTAL, STATE_GRAD_M, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
                                 DK, DV, DIGATE, DFGATE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                                 stride_kn, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
@@ -233,9 +229,9 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_
     has_next = chunk < num_chunks - 1
 
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-    fgate, _, key_log, row_log, argmax, from_state, _ = chunk_stabiliser(
-        IGATE, FGATE, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk, steps, positions, valid, stride_in,
-        stride_fn)
+    _, key_log, row_log, argmax, from_state, _ = chunk_stabiliser(
+        IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in)
     end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
     key_weight = tl.exp((key_log - end_row_log).to(ACC)) * scale  # weight in this chunk's state; 0 past the end
     rows = batch_head.to(tl.int64) * seq_len + steps
@@ -304,6 +300,9 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CHUNK_MAX, CHUNK_
         crossing += tl.sum(partials, 0) * scale
     row_total = tl.load(ROW_TOTAL + rows, mask=valid, other=0.0)
     grad_log_f = tl.cumsum(tl.where(valid, row_total - column_total, 0.0), 0, reverse=True) + crossing
+    fgate = tl.load(FGATE + positions * stride_fn, mask=valid, other=0.0)
+    if fgate.dtype != tl.float64:
+        fgate = fgate.to(tl.float32)
     gate_positions = positions * stride_dn
     tl.store(DIGATE + gate_positions, column_total.to(DIGATE.dtype.element_ty), mask=valid)
     tl.store(DFGATE + gate_positions, (grad_log_f * tl.sigmoid(-fgate).to(ACC)).to(DFGATE.dtype.element_ty),
@@ -314,39 +313,41 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
              row_sum: Tensor, eps: float, config: dict) -> List[Tensor]:
     """Gradients of q, k, v as ``(B, N, NH, DH)`` buffers and of igate, fgate as ``(B, N, NH)`` buffers.
 
-    ``grad_h`` and ``h`` are ``(B, N, NH, DH)`` (any strides), ``row_sum`` is the forward's.
+    ``grad_h`` and ``h`` are ``(B, N, NH, DH)`` (any strides with a unit head-dim stride), ``row_sum`` is the
+    forward's.
     """
     batch, heads, n, head_dim = q.shape
-    state_c, state_n, chunk_max, chunk_argmax = chunk_states(k, v, igate, fgate, config)
+    state_c, state_n, chunk_max, chunk_argmax, cum = chunk_states(k, v, igate, fgate, config)
     num_chunks = chunk_max.shape[1]
     blocks = triton.cdiv(head_dim, config['BLOCK_D'])
-    gate_strides = (*token_strides(igate), *token_strides(fgate))
+    grid = (num_chunks, batch * heads)
     token_args = (*token_strides(q), *token_strides(k), *token_strides(v), *token_major_strides(grad_h),
-                  *gate_strides)
+                  *token_strides(igate))
+    scale = 1 / head_dim ** 0.5
     inv_divisor, row_shift, grad_m, row_total = (torch.empty_like(row_sum) for _ in range(4))
     state_grad_m = torch.empty(batch * heads, num_chunks, dtype=row_sum.dtype, device=q.device)
-    scan_config = {key: config[key] for key in ('HEAD_DIM', 'CHUNK', 'BLOCK_D', 'REVERSE', 'num_warps')}
-    mlstm_chunk_grad_prep_kernel[(num_chunks, batch * heads)](
-        grad_h, h, igate, fgate, row_sum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_grad_m,
-        *token_major_strides(grad_h), *token_major_strides(h), *gate_strides, n, heads, num_chunks, eps,
-        **scan_config)
+    prep_config = {key: config[key] for key in ('HEAD_DIM', 'CHUNK', 'BLOCK_D', 'REVERSE', 'num_warps')}
+    mlstm_chunk_grad_prep_kernel[grid](
+        grad_h, h, igate, cum, row_sum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_grad_m,
+        *token_major_strides(grad_h), *token_major_strides(h), *token_strides(igate), n, heads, num_chunks, eps,
+        **prep_config)
 
     grad_state_c, grad_state_n = torch.empty_like(state_c), torch.empty_like(state_n)
     crossing = torch.empty(batch * heads, num_chunks, blocks * blocks, dtype=state_c.dtype, device=q.device)
     mlstm_chunk_state_backward_kernel[(blocks, blocks, batch * heads)](
-        q, grad_h, igate, fgate, chunk_max, chunk_argmax, inv_divisor, row_shift, state_c, state_n, grad_state_c,
-        grad_state_n, crossing, *token_strides(q), *token_major_strides(grad_h), *gate_strides, n, heads,
+        q, grad_h, igate, cum, chunk_max, chunk_argmax, inv_divisor, row_shift, state_c, state_n, grad_state_c,
+        grad_state_n, crossing, *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads,
         num_chunks, **{**config, 'num_warps': STATE_WARPS})
 
     dq, dk, dv = (token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3))
-    mlstm_chunk_grad_query_kernel[(num_chunks, batch * heads)](
-        q, k, v, grad_h, igate, fgate, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_c, state_n,
-        dq, row_total, *token_args, *token_major_strides(dq), n, heads, num_chunks, 1 / head_dim ** 0.5, **config)
+    mlstm_chunk_grad_query_kernel[grid](
+        q, k, v, grad_h, igate, cum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_c, state_n,
+        dq, row_total, *token_args, *token_major_strides(dq), n, heads, num_chunks, scale, **config)
     d_igate = token_major_buffer((batch, n, heads), igate)
     d_fgate = token_major_buffer((batch, n, heads), fgate)
-    mlstm_chunk_grad_key_kernel[(num_chunks, batch * heads)](
-        q, k, v, grad_h, igate, fgate, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, row_total,
+    mlstm_chunk_grad_key_kernel[grid](
+        q, k, v, grad_h, igate, fgate, cum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, row_total,
         state_grad_m, grad_state_c, grad_state_n, crossing, dk, dv, d_igate, d_fgate, *token_args,
-        *token_major_strides(dk), *token_major_strides(d_igate), n, heads, num_chunks, 1 / head_dim ** 0.5,
+        *token_strides(fgate), *token_major_strides(dk), *token_major_strides(d_igate), n, heads, num_chunks, scale,
         BLOCK_CHUNKS=64, BLOCK_CROSSING=triton.next_power_of_2(blocks * blocks), **config)
     return [dq, dk, dv, d_igate, d_fgate]

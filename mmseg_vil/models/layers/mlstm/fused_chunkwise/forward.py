@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .scans import causal_decay, chunk_end, chunk_stabiliser, gate_scan, load_gates
+from .scans import causal_decay, chunk_end, chunk_stabiliser, gate_scan
 from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
                     state_block_ptrs, state_offset, store_tokens, token_major_buffer, token_major_strides,
                     token_strides)
@@ -27,13 +27,14 @@ STATE_WARPS = 4  # the state kernels' tiles are (BLOCK_D, CHUNK) and (BLOCK_D, B
 
 
 @jit_kernel
-def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX,
+def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, CUM, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX,
                              stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                              stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
                              seq_len, num_heads, num_chunks, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
                              BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                              DOT_IN_FLOAT32: tl.constexpr):
-    """States after every chunk for one (key block, value block) of one head; see the module docstring."""
+    """States after every chunk for one (key block, value block) of one head, and the local cumsums of the log
+    forget gates (scans.py); see the module docstring."""
     key_start = tl.program_id(0) * BLOCK_D
     value_start = tl.program_id(1) * BLOCK_D
     batch_head = tl.program_id(2)
@@ -45,6 +46,7 @@ def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CH
     STATE_N += batch_head.to(tl.int64) * num_chunks * HEAD_DIM
     CHUNK_MAX += batch_head.to(tl.int64) * num_chunks
     CHUNK_ARGMAX += batch_head.to(tl.int64) * num_chunks
+    CUM += batch_head.to(tl.int64) * seq_len
     ACC = STATE_C.dtype.element_ty
     stores_chunk_ends = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
     offs_key = key_start + tl.arange(0, BLOCK_D)
@@ -55,8 +57,8 @@ def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CH
     prev_argmax = tl.full([], 0, tl.int32)
     for chunk in range(0, num_chunks):
         steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-        igate, fgate = load_gates(IGATE, FGATE, positions, valid, stride_in, stride_fn)
-        cum, key_log = gate_scan(igate, fgate, valid)
+        cum, key_log = gate_scan(IGATE, FGATE, positions, valid, stride_in, stride_fn)
+        tl.store(CUM + steps, cum, mask=valid & stores_chunk_ends)
         end_max, end_argmax, end_row_log = chunk_end(cum, key_log, steps, prev_max, prev_argmax)
         carry = tl.exp((prev_max - end_row_log).to(ACC))
         k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, BLOCK_D)
@@ -78,10 +80,10 @@ def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CH
 
 
 @jit_kernel
-def mlstm_chunk_output_kernel(Q, K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX, H, ROW_SUM,
+def mlstm_chunk_output_kernel(Q, K, V, IGATE, CUM, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX, H, ROW_SUM,
                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                               stride_vb, stride_vh, stride_vn, stride_ib, stride_ih, stride_in,
-                              stride_fb, stride_fh, stride_fn, stride_hb, stride_hh, stride_hn,
+                              stride_hb, stride_hh, stride_hn,
                               seq_len, num_heads, num_chunks, scale, eps, HEAD_DIM: tl.constexpr,
                               CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, REVERSE: tl.constexpr,
                               DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
@@ -93,16 +95,15 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX
     V += head_offset(batch_head, num_heads, stride_vb, stride_vh)
     H += head_offset(batch_head, num_heads, stride_hb, stride_hh)
     IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
-    FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
     prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
     prev_state_n = STATE_N + (batch_head.to(tl.int64) * num_chunks + chunk - 1) * HEAD_DIM
-    steps_offset = batch_head.to(tl.int64) * num_chunks
+    chunk_ends = batch_head.to(tl.int64) * num_chunks
     ACC = STATE_C.dtype.element_ty
 
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-    _, cum, key_log, row_log, _, _, prev_max = chunk_stabiliser(
-        IGATE, FGATE, CHUNK_MAX + steps_offset, CHUNK_ARGMAX + steps_offset, chunk, steps, positions, valid,
-        stride_in, stride_fn)
+    cum, key_log, row_log, _, _, prev_max = chunk_stabiliser(
+        IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in)
     decay = causal_decay(key_log, row_log, steps, False, ACC)
     state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
 
@@ -136,8 +137,9 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, FGATE, STATE_C, STATE_N, CHUNK_MAX
 
 
 def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dict
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Matrix and normaliser state after every chunk, and m and its argmax at every chunk end (one launch)."""
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Matrix and normaliser state after every chunk, m and its argmax at every chunk end, and the local cumsums of
+    the log forget gates ``(B*NH, N)`` (one launch)."""
     batch, heads, n, head_dim = k.shape
     num_chunks = triton.cdiv(n, config['CHUNK'])
     acc_dtype = torch.promote_types(k.dtype, torch.float32)
@@ -145,24 +147,25 @@ def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dic
     state_n = torch.empty(batch * heads, num_chunks, head_dim, dtype=acc_dtype, device=k.device)
     chunk_max = torch.empty(batch * heads, num_chunks, dtype=torch.float64, device=k.device)
     chunk_argmax = torch.empty(batch * heads, num_chunks, dtype=torch.int32, device=k.device)
+    cum = torch.empty(batch * heads, n, dtype=torch.float64, device=k.device)
     blocks = triton.cdiv(head_dim, config['BLOCK_D'])
     mlstm_chunk_state_kernel[(blocks, blocks, batch * heads)](
-        k, v, igate, fgate, state_c, state_n, chunk_max, chunk_argmax, *token_strides(k), *token_strides(v),
+        k, v, igate, fgate, cum, state_c, state_n, chunk_max, chunk_argmax, *token_strides(k), *token_strides(v),
         *token_strides(igate), *token_strides(fgate), n, heads, num_chunks,
         **{**config, 'num_warps': STATE_WARPS})
-    return state_c, state_n, chunk_max, chunk_argmax
+    return state_c, state_n, chunk_max, chunk_argmax, cum
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, config: dict
             ) -> Tuple[Tensor, Tensor]:
     """h as a ``(B, N, NH, DH)`` buffer and the row sums ``(B*NH, N)`` the backward needs."""
     batch, heads, n, head_dim = q.shape
-    state_c, state_n, chunk_max, chunk_argmax = chunk_states(k, v, igate, fgate, config)
+    state_c, state_n, chunk_max, chunk_argmax, cum = chunk_states(k, v, igate, fgate, config)
     h = token_major_buffer((batch, n, heads, head_dim), q)
     row_sum = torch.empty(batch * heads, n, dtype=state_c.dtype, device=q.device)
     num_chunks = chunk_max.shape[1]
     mlstm_chunk_output_kernel[(num_chunks, batch * heads)](
-        q, k, v, igate, fgate, state_c, state_n, chunk_max, chunk_argmax, h, row_sum, *token_strides(q),
-        *token_strides(k), *token_strides(v), *token_strides(igate), *token_strides(fgate), *token_major_strides(h),
+        q, k, v, igate, cum, state_c, state_n, chunk_max, chunk_argmax, h, row_sum, *token_strides(q),
+        *token_strides(k), *token_strides(v), *token_strides(igate), *token_major_strides(h),
         n, heads, num_chunks, 1 / head_dim ** 0.5, eps, **config)
     return h, row_sum

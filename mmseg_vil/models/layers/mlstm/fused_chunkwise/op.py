@@ -93,13 +93,13 @@ def mlstm_fused_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate:
     Returns:
         ``(B, NH, N, DH)`` in the dtype of ``q``: a transposed view of a contiguous ``(B, N, NH, DH)`` tensor.
     """
+    if chunk_size not in (16, 32, 64, MAX_CHUNK_SIZE):
+        raise ValueError(f'chunk_size must be 16, 32, 64 or {MAX_CHUNK_SIZE}, got {chunk_size}.')
     if q.device.type != 'cuda' and not _kernels_interpreted():
         raise RuntimeError(f'The fused_chunkwise mLSTM backend needs CUDA tensors (got {q.device.type}); on CPU use '
                            "'chunkwise' or 'parallel', or set TRITON_INTERPRET=1 before importing mmseg_vil.")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f'The fused_chunkwise mLSTM backend supports {SUPPORTED_DTYPES}, got {q.dtype}.')
-    if chunk_size not in (16, 32, 64, MAX_CHUNK_SIZE):
-        raise ValueError(f'chunk_size must be 16, 32, 64 or {MAX_CHUNK_SIZE}, got {chunk_size}.')
     k, v = k.to(q.dtype), v.to(q.dtype)
     # The kernels take any step/head/batch strides; only a non-unit head-dim stride costs a copy.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))

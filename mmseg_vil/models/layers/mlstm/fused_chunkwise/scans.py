@@ -16,8 +16,9 @@ So the states need no running rescaling, and the stabiliser is the parallel form
 with m_{c-1} = m at the end of the previous chunk (-inf before the first). In those terms the in-chunk decay is
 exp(u_s - mu_t), the key weight into the chunk's state exp(u_s - mu_e), the previous state's weight for query t
 exp(m_{c-1} - mu_t), and the chunk end value m_c = b_e + mu_e. Only m_c (and its argmax) crosses chunks: a max-plus
-recurrence that the state kernels, which walk the chunks in order anyway, carry along. The scans run in float64
-(differences of large local sums keep their digits); every product then happens in the accumulation dtype.
+recurrence that the state kernels, which walk the chunks in order anyway, carry along. The gate scans run in
+float64 (differences of large local sums keep their digits, and logsigmoid of a forget gate near 1 keeps its
+relative accuracy); every product then happens in the accumulation dtype.
 """
 import triton
 import triton.language as tl
@@ -26,23 +27,15 @@ from .._triton_kernels import _later_max
 
 
 @triton.jit
-def load_gates(IGATE, FGATE, positions, valid, stride_i, stride_f):
-    """Input and forget gate pre-activations of a chunk, at least in float32; 0 past the end."""
-    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0)
-    fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0)
-    if fgate.dtype != tl.float64:
-        igate = igate.to(tl.float32)
-        fgate = fgate.to(tl.float32)
-    return igate, fgate
-
-
-@triton.jit
-def gate_scan(igate, fgate, valid):
-    """Local cumsum b of logsigmoid(fgate) and the key log weights u = i - b (-inf past the end, so weight 0), both
-    float64: logsigmoid itself in the gates' dtype (float64 maths functions are slow and take many registers)."""
+def gate_scan(IGATE, FGATE, positions, valid, stride_i, stride_f):
+    """Local cumsum b of logsigmoid(fgate) and the key log weights u = i - b (-inf past the end, so weight 0), all
+    in float64. Only the state kernel runs this (float64 maths functions are slow and take many registers); it
+    stores b for the other kernels."""
+    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0).to(tl.float64)
+    fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0).to(tl.float64)
     log_f = tl.where(valid, tl.minimum(fgate, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fgate))), 0.0)
-    cum = tl.cumsum(log_f.to(tl.float64), 0)
-    return cum, tl.where(valid, igate.to(tl.float64) - cum, float('-inf'))
+    cum = tl.cumsum(log_f, 0)
+    return cum, tl.where(valid, igate - cum, float('-inf'))
 
 
 @triton.jit
@@ -74,14 +67,16 @@ def previous_chunk_end(CHUNK_MAX, CHUNK_ARGMAX, chunk):
 
 
 @triton.jit
-def chunk_stabiliser(IGATE, FGATE, CHUNK_MAX, CHUNK_ARGMAX, chunk, steps, positions, valid, stride_i, stride_f):
-    """Everything a chunk program needs of the gates: the raw gates, local cumsum, key log weights u, row log
-    stabiliser mu, argmax s*, whether s* lies before the chunk, and m of the previous chunk's end."""
-    igate, fgate = load_gates(IGATE, FGATE, positions, valid, stride_i, stride_f)
-    cum, key_log = gate_scan(igate, fgate, valid)
+def chunk_stabiliser(IGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, chunk, steps, positions, valid, stride_i):
+    """Everything a chunk program needs of the gates, from the local cumsums b that the state kernel stored: b, the
+    key log weights u, the row log stabiliser mu, the argmax s*, whether s* lies before the chunk, and m of the
+    previous chunk's end."""
+    cum = tl.load(CUM + steps, mask=valid, other=0.0)
+    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0).to(tl.float64)
+    key_log = tl.where(valid, igate - cum, float('-inf'))
     prev_max, prev_argmax = previous_chunk_end(CHUNK_MAX, CHUNK_ARGMAX, chunk)
     row_log, argmax, from_state = row_stabiliser(key_log, steps, prev_max, prev_argmax)
-    return fgate, cum, key_log, row_log, argmax, from_state, prev_max
+    return cum, key_log, row_log, argmax, from_state, prev_max
 
 
 @triton.jit
