@@ -8,7 +8,8 @@ W[t,s] = exp(logD[t,s] - m_t):
     dq_t = sc sum_s G W k_s,    dk_s = sc sum_t G W q_t,    dv_s = sc sum_t (q_t.k_s) W g_t / d_t   (sc = DH^-1/2)
 
 Launches:
-1. ``forward.chunk_states`` again: C_c, n_c (for dq's earlier keys) and m, argmax at every chunk end.
+1. ``forward.chunk_states`` again: C_c, n_c (for dq's earlier keys), m and its argmax at every chunk end, and the
+   local cumsums of the log forget gates.
 2. ``mlstm_chunk_grad_prep_kernel`` (per chunk): 1/d_t, beta_t, gm_t, and per chunk the sum of gm_t over the rows
    whose argmax s*_t lies in an earlier chunk (that s* is always the previous chunk end's argmax).
 3. ``mlstm_chunk_state_backward_kernel`` walks the chunks backwards: the reverse states
@@ -36,7 +37,7 @@ from torch import Tensor
 from .forward import STATE_WARPS, chunk_states
 from .scans import causal_decay, chunk_stabiliser
 from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
-                    state_block_ptrs, state_offset, store_tokens, token_major_buffer, token_major_strides,
+                    state_block_ptrs, state_dot, state_offset, store_tokens, token_major_buffer, token_major_strides,
                     token_strides)
 
 
@@ -113,11 +114,10 @@ def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_AR
         shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
         q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
         grad_h = load_tokens(GRAD_H, positions, valid, value_start, stride_gn, HEAD_DIM, BLOCK_D)
-        scaled_grad = (grad_h.to(ACC) * inv_divisor[:, None]).to(q.dtype)
+        scaled_grad = grad_h.to(ACC) * inv_divisor[:, None]
         weighted_q = q.to(ACC) * tl.exp((prev_max - row_log).to(ACC))[:, None]
         carry = tl.exp((prev_max - end_row_log).to(ACC))
-        grad_state = dot(tl.trans(weighted_q.to(q.dtype)), scaled_grad, grad_state * carry, DOT_PRECISION,
-                         DOT_IN_FLOAT32)
+        grad_state = state_dot(tl.trans(weighted_q), scaled_grad, grad_state * carry)
         grad_norm = grad_norm * carry + tl.sum(weighted_q * shift[:, None], 0)
 
         boundary = chunk - 1

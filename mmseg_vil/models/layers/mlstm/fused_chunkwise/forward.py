@@ -2,8 +2,9 @@
 
 1. ``mlstm_chunk_state_kernel`` walks the chunks of a head in order, one program per (key block, value block, head),
    and stores after every chunk c the matrix state C_c = sum_{s<=e_c} exp(logD[e_c,s] - m_{e_c}) k_s v_s^T, the
-   normaliser state n_c (the same sum of k_s) and m at the chunk end with its argmax (scans.py). The backward
-   recomputes these instead of keeping them: DH x DH floats per chunk would outweigh q, k and v.
+   normaliser state n_c (the same sum of k_s) and m at the chunk end with its argmax, and the chunk-local cumsums
+   of the log forget gates in float64, which every later kernel reads (scans.py). The backward recomputes all this
+   instead of keeping it: DH x DH floats per chunk would outweigh q, k and v.
 2. ``mlstm_chunk_output_kernel``, one program per (chunk, head), adds the in-chunk quadratic form to the previous
    chunk's state read by each query, and divides by the parallel form's normaliser max(|row sum|, exp(-m_t)) + eps.
    The row sums are kept for the backward. Scores are built once per chunk and reused for every value block.
@@ -19,11 +20,11 @@ from torch import Tensor
 
 from .scans import causal_decay, chunk_end, chunk_stabiliser, gate_scan
 from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
-                    state_block_ptrs, state_offset, store_tokens, token_major_buffer, token_major_strides,
+                    state_block_ptrs, state_dot, state_offset, store_tokens, token_major_buffer, token_major_strides,
                     token_strides)
 
 
-STATE_WARPS = 4  # the state kernels' tiles are (BLOCK_D, CHUNK) and (BLOCK_D, BLOCK_D): small
+STATE_WARPS = 8  # spill-free with their float32 (3xTF32) operands
 
 
 @jit_kernel
@@ -64,7 +65,7 @@ def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, CUM, STATE_C, STATE_N, CHUNK_MA
         k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, BLOCK_D)
         v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
         weighted_k = k.to(ACC) * tl.exp((key_log - end_row_log).to(ACC))[:, None]
-        state = dot(tl.trans(weighted_k.to(k.dtype)), v, state * carry, DOT_PRECISION, DOT_IN_FLOAT32)
+        state = state_dot(tl.trans(weighted_k), v.to(ACC), state * carry)
         norm = norm * carry + tl.sum(weighted_k, 0)
 
         has_reader = chunk < num_chunks - 1  # nothing reads the state after the last chunk

@@ -20,7 +20,7 @@ MAX_CHUNK_SIZE = 128  # larger chunks spill registers; mlstm_kernels' backward i
 
 
 def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -> dict:
-    """Compile-time parameters and warps of the per-chunk kernels of one call (the state kernels take 4 warps).
+    """Compile-time parameters and warps of the per-chunk kernels of one call (the state kernels: STATE_WARPS).
 
     Spill-free in the ptxas report (sm_90) for the ViL head dims at chunk 64 in half precision; float32 and chunk
     128 spill a little (benchmarks/mlstm_kernel_check.py times chunk 32/64/128).

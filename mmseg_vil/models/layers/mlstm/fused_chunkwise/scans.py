@@ -17,8 +17,7 @@ with m_{c-1} = m at the end of the previous chunk (-inf before the first). In th
 exp(u_s - mu_t), the key weight into the chunk's state exp(u_s - mu_e), the previous state's weight for query t
 exp(m_{c-1} - mu_t), and the chunk end value m_c = b_e + mu_e. Only m_c (and its argmax) crosses chunks: a max-plus
 recurrence that the state kernels, which walk the chunks in order anyway, carry along. The gate scans run in
-float64 (differences of large local sums keep their digits, and logsigmoid of a forget gate near 1 keeps its
-relative accuracy); every product then happens in the accumulation dtype.
+float64 (differences of large local sums keep their digits); every product then happens in the accumulation dtype.
 """
 import triton
 import triton.language as tl
@@ -28,14 +27,23 @@ from .._triton_kernels import _later_max
 
 @triton.jit
 def gate_scan(IGATE, FGATE, positions, valid, stride_i, stride_f):
-    """Local cumsum b of logsigmoid(fgate) and the key log weights u = i - b (-inf past the end, so weight 0), all
-    in float64. Only the state kernel runs this (float64 maths functions are slow and take many registers); it
-    stores b for the other kernels."""
-    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0).to(tl.float64)
-    fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0).to(tl.float64)
-    log_f = tl.where(valid, tl.minimum(fgate, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fgate))), 0.0)
-    cum = tl.cumsum(log_f, 0)
-    return cum, tl.where(valid, igate - cum, float('-inf'))
+    """Local cumsum b of logsigmoid(fgate) and the key log weights u = i - b (-inf past the end, so weight 0).
+
+    logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)) is evaluated in the gates' dtype (float32 at least; float64 maths
+    functions are slow and take many registers), with log1p corrected for the rounding of 1 + x, so that forget gates
+    near 1 keep their relative accuracy. The cumsum and u are float64. Only the state kernel runs this; it stores b.
+    """
+    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0)
+    fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0)
+    if fgate.dtype != tl.float64:
+        igate = igate.to(tl.float32)
+        fgate = fgate.to(tl.float32)
+    small = tl.exp(-tl.abs(fgate))
+    shifted = 1.0 + small
+    log1p = tl.log(shifted) - ((shifted - 1.0) - small) / shifted
+    log_f = tl.where(valid, tl.minimum(fgate, 0.0) - log1p, 0.0)
+    cum = tl.cumsum(log_f.to(tl.float64), 0)
+    return cum, tl.where(valid, igate.to(tl.float64) - cum, float('-inf'))
 
 
 @triton.jit

@@ -11,7 +11,7 @@ precision), so they need no padding to powers of two; other head dims get masked
 """
 import inspect
 import re
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
@@ -57,9 +57,9 @@ def token_major_strides(x: Tensor) -> Tuple[int, int, int]:
     return x.stride(0), x.stride(2), x.stride(1)
 
 
-def token_major_buffer(shape: Tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """A contiguous ``(B, N, NH)`` or ``(B, N, NH, DH)`` output buffer on the device of ``like``."""
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+def token_major_buffer(shape: Tuple[int, ...], like: Tensor) -> Tensor:
+    """A contiguous ``(B, N, NH)`` or ``(B, N, NH, DH)`` output buffer with the dtype and device of ``like``."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 @triton.jit
@@ -70,6 +70,16 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def state_dot(a, b, acc):
+    """``acc + a @ b`` for building a state from operands in the accumulation dtype: 3xTF32 for float32, close to
+    float32 accuracy. Weighted operands rounded to half precision would cost digits that the gate gradient's inner
+    products of whole states (backward.py) cannot spare."""
+    if a.dtype == tl.float64:
+        return tl.dot(a, b, acc)
+    return tl.dot(a, b, acc, input_precision='tf32x3')
 
 
 @triton.jit
@@ -125,10 +135,8 @@ def state_block_ptrs(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, BLOCK_D:
 
 @triton.jit
 def load_state_block(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = row_start + tl.arange(0, BLOCK_D)
-    cols = col_start + tl.arange(0, BLOCK_D)
-    return tl.load(ptr + rows[:, None] * HEAD_DIM + cols[None, :],
-                   mask=(rows[:, None] < HEAD_DIM) & (cols[None, :] < HEAD_DIM), other=0.0)
+    ptrs, mask = state_block_ptrs(ptr, row_start, col_start, HEAD_DIM, BLOCK_D)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
