@@ -16,14 +16,15 @@ from .tiles import head_dim_block
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_CHUNK_SIZE = 64
-MAX_CHUNK_SIZE = 128  # larger chunks spill registers; mlstm_kernels' backward is also only right up to 128
+MAX_CHUNK_SIZE = 128  # a chunk's (CHUNK, CHUNK) tiles live in registers
 
 
 def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -> dict:
     """Compile-time parameters and warps of the per-chunk kernels of one call (the state kernels: STATE_WARPS).
 
-    Spill-free in the ptxas report (sm_90) for the ViL head dims at chunk 64 in half precision; float32 and chunk
-    128 spill a little (benchmarks/mlstm_kernel_check.py times chunk 32/64/128).
+    The ptxas report (sm_90, Triton 3.8) for the ViL head dims at chunk 64: no spills in half precision except about
+    60 bytes in the dk/dv kernel, about 120 bytes there in float32; chunk 128 spills kilobytes
+    (benchmarks/mlstm_kernel_check.py times chunk 32/64/128).
     """
     block_d = head_dim_block(head_dim, dtype, _kernels_interpreted())
     return dict(HEAD_DIM=head_dim, CHUNK=chunk_size, BLOCK_D=block_d, REVERSE=reverse,

@@ -33,8 +33,8 @@ def jit_kernel(fn):
 
 def head_dim_block(head_dim: int, dtype: torch.dtype, interpreted: bool = False) -> int:
     """Head-dim block: the largest of 32/16 (16 for float32, whose 3xTF32 dot operands take twice the registers)
-    that divides ``head_dim``, otherwise a masked power of two (16 at least: ``tl.dot``). Larger blocks spill
-    registers in the ptxas report of the dk/dv kernel (sm_90, 8 warps, chunk 64).
+    that divides ``head_dim``, otherwise a masked power of two (16 at least: ``tl.dot``). 64 spills registers in
+    the ptxas report of the dk/dv kernel (sm_90, 8 warps, chunk 64).
 
     The Triton interpreter pays per program and per device-function call, not per element, so there the blocks are
     as large as possible (up to 128): the tests still walk several blocks, partial (masked) ones and whole ones.
