@@ -5,22 +5,23 @@ effective scale (the official residual-weight norms store ``scale - 1``; the che
 Deliberate deviation: the depthwise conv reshapes tokens with the true input grid, not the build-time grid.
 """
 import math
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
+from .mixer_ops import conv_qkv, gated_output
+from .mixer_ops.reference import block_diagonal
 from .mlstm import mlstm
 
 
 class BlockDiagonalLinear(nn.Module):
     """Linear map whose weight is block-diagonal with ``block_size`` x ``block_size`` blocks (official "headwise").
 
-    ``weight[b, o, i]`` maps input channel ``b * block_size + i`` to output channel ``b * block_size + o``. On CPU
-    the blocks are applied as a batched product (few FLOPs); on GPUs one dense GEMM with the zero-filled matrix is
-    faster than the strided small products, see :func:`block_diagonal_linear`.
+    ``weight[b, o, i]`` maps input channel ``b * block_size + i`` to output channel ``b * block_size + o``. The
+    mixer applies q, k and v together (:func:`~.mixer_ops.conv_qkv`); ``forward`` is the single projection.
     """
 
     def __init__(self, dim: int, block_size: int = 4, bias: bool = True) -> None:
@@ -31,28 +32,17 @@ class BlockDiagonalLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim // block_size, block_size, block_size))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
-    def dense_weight(self) -> Tensor:
-        """The ``(dim, dim)`` block-diagonal matrix in ``nn.Linear`` layout."""
-        num_blocks = self.weight.shape[0]
-        eye = torch.eye(num_blocks, dtype=self.weight.dtype, device=self.weight.device)
-        return (self.weight.unsqueeze(2) * eye[:, None, :, None]).flatten(2).flatten(0, 1)
-
     def forward(self, x: Tensor) -> Tensor:
-        return block_diagonal_linear(x, [self])
-
-
-def block_diagonal_linear(x: Tensor, projections: Sequence[BlockDiagonalLinear]) -> Tensor:
-    """Apply several block-diagonal projections to the same input; outputs concatenated on the last dim."""
-    if x.is_cuda:
-        weight = torch.cat([p.dense_weight() for p in projections])
-        return F.linear(x, weight, torch.cat([p.bias for p in projections]))
-    blocks = x.unflatten(-1, (-1, projections[0].block_size))
-    outs = [torch.einsum('...bi,boi->...bo', blocks, p.weight).flatten(-2) + p.bias for p in projections]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        bias = self.bias if self.bias is not None else self.weight.new_zeros(x.shape[-1])
+        return block_diagonal(x, self.weight[None], bias[None])
 
 
 class MultiHeadLayerNorm(nn.Module):
-    """LayerNorm of each head's channels separately (official ``outnorm``: group norm, one group per head)."""
+    """LayerNorm of each head's channels separately (official ``outnorm``: group norm, one group per head).
+
+    Holds the parameters; the mixer applies it fused with the skip and the output gate (:func:`~.mixer_ops.
+    gated_output`). ``forward`` maps ``(B, N, NH, DH)`` heads to normalised ``(B, N, NH * DH)``.
+    """
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -62,20 +52,21 @@ class MultiHeadLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, heads: Tensor) -> Tensor:
-        """``heads (B, NH, N, DH)`` -> normalised ``(B, N, NH * DH)``."""
-        normed = F.layer_norm(heads, heads.shape[-1:], eps=self.eps)
-        return normed.transpose(1, 2).flatten(2) * self.weight + self.bias
+        return F.layer_norm(heads, heads.shape[-1:], eps=self.eps).flatten(2) * self.weight + self.bias
 
 
 class MLSTMMixer(nn.Module):
     """Gated mLSTM token mixer: up-projection, 3x3 depthwise conv, q/k/v, mLSTM cell, output gate, down-projection.
+
+    Tokens stay in the image's row-major order in every block: a ``reverse`` block rotates its conv kernel and runs
+    the mLSTM anti-causally instead of flipping the tokens (the same function, see :mod:`.mixer_ops`).
 
     Args:
         embed_dims: token width D.
         expansion: inner width E = expansion * D.
         num_heads: mLSTM heads (4 in every released model).
         qkv_block_size: block size of the block-diagonal q/k/v projections.
-        conv_kernel_size: kernel of the depthwise conv on the token grid.
+        conv_kernel_size: kernel of the depthwise conv on the token grid (odd).
         reverse: traverse the tokens bottom-right to top-left (odd blocks of the official model).
         mlstm_backend: backend of :func:`mmseg_vil.models.layers.mlstm.mlstm`.
     """
@@ -86,6 +77,8 @@ class MLSTMMixer(nn.Module):
         inner = expansion * embed_dims
         if inner % num_heads:
             raise ValueError(f'inner width {inner} must be divisible by num_heads={num_heads}')
+        if conv_kernel_size % 2 == 0:
+            raise ValueError(f'conv_kernel_size={conv_kernel_size} must be odd (same-size depthwise conv)')
         self.embed_dims, self.inner_dims, self.num_heads = embed_dims, inner, num_heads
         self.reverse = reverse
         self.mlstm_backend = mlstm_backend
@@ -119,33 +112,27 @@ class MLSTMMixer(nn.Module):
         nn.init.zeros_(self.outnorm.bias)
         nn.init.ones_(self.learnable_skip)
 
-    def _gates(self, qk: Tensor, v: Tensor) -> Tensor:
-        """Input and forget gate pre-activations ``(B, N, 2 NH)`` from ``cat([q, k, v])``, without the concat."""
-        weight = torch.cat([self.igate.weight, self.fgate.weight])
-        bias = torch.cat([self.igate.bias, self.fgate.bias])
-        split = qk.shape[-1]
-        return F.linear(qk, weight[:, :split], bias) + F.linear(v, weight[:, split:])
-
     def _split_heads(self, x: Tensor) -> Tensor:
+        """``(B, N, NH * DH)`` -> ``(B, NH, N, DH)`` view."""
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         """``x (B, N, D)`` pre-normed tokens in row-major order of ``grid = (h, w)``."""
-        if self.reverse:
-            x = x.flip(1)
-        x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)
-        # Row-major tokens of the (possibly flipped = 180-degree rotated) grid as an image for the conv.
-        image = x_mlstm.transpose(1, 2).unflatten(-1, grid)
-        x_conv = F.silu(self.conv(image).flatten(2).transpose(1, 2))
-        qk = block_diagonal_linear(x_conv, [self.q_proj, self.k_proj])
-        v = self.v_proj(x_mlstm)
-        igate, fgate = self._gates(qk, v).transpose(1, 2).chunk(2, dim=1)
-        q, k = qk.chunk(2, dim=-1)
-        h = mlstm(self._split_heads(q), self._split_heads(k), self._split_heads(v), igate, fgate,
-                  backend=self.mlstm_backend)
-        h = (self.outnorm(h) + self.learnable_skip * x_conv) * F.silu(z)
-        y = self.proj_down(h)
-        return y.flip(1) if self.reverse else y
+        inner = self.inner_dims
+        # Two products instead of one + chunk: each output is contiguous, so the conv reads it channels-last.
+        x_mlstm = F.linear(x, self.proj_up.weight[:inner], self.proj_up.bias[:inner])
+        z = F.linear(x, self.proj_up.weight[inner:], self.proj_up.bias[inner:])
+        qkv_weight = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qkv_bias = torch.stack([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        x_conv, qkv = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, self.reverse)
+        gates = F.linear(qkv, torch.cat([self.igate.weight, self.fgate.weight]),
+                         torch.cat([self.igate.bias, self.fgate.bias]))
+        igate, fgate = gates.transpose(1, 2).chunk(2, dim=1)
+        q, k, v = (self._split_heads(t) for t in qkv.chunk(3, dim=-1))
+        h = mlstm(q, k, v, igate, fgate, backend=self.mlstm_backend, reverse=self.reverse)
+        out = gated_output(h.transpose(1, 2), x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
+                           self.outnorm.eps)
+        return self.proj_down(out)
 
 
 class ViLBlock(nn.Module):
