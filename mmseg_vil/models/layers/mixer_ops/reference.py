@@ -44,7 +44,7 @@ def depthwise_conv_tokens(x: Tensor, grid: Tuple[int, int], weight: Tensor, bias
 
 def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor,
              qkv_bias: Tensor, reverse: bool) -> Tuple[Tensor, Tensor]:
-    """``x (B, N, E)`` -> ``(silu(conv(x)), cat([q, k, v]))``, with ``qkv_weight (3, E / S, S, S)``, ``qkv_bias (3, E)``."""
+    """``x (B, N, E)`` -> ``(silu(conv(x)), cat([q, k, v]))``; ``qkv_weight (3, E / S, S, S)``, ``qkv_bias (3, E)``."""
     x_conv = F.silu(depthwise_conv_tokens(x, grid, conv_weight, conv_bias, reverse))
     qk = block_diagonal(x_conv, qkv_weight[:2], qkv_bias[:2])
     v = block_diagonal(x, qkv_weight[2:], qkv_bias[2:])
