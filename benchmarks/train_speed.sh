@@ -12,6 +12,7 @@ for config in configs/vil/upernet_vil-t16_1xb16-160k_ade20k-512x512.py configs/v
     train_dataloader.dataset.data_root="$data" val_dataloader.dataset.data_root="$data" \
     test_dataloader.dataset.data_root="$data" train_dataloader.num_workers=8 train_cfg.max_iters=$iters \
     train_cfg.val_interval=100000 default_hooks.logger.interval=10 default_hooks.checkpoint.interval=100000 \
+    model.backbone.init_cfg=None \
     > "$out/$name.log" 2>&1
   echo "$name: exit $? $(grep -o "Iter(train) \[ *$iters/$iters\].* time: [0-9.]*" "$out/$name.log" | grep -o 'time: [0-9.]*$') s/iter (last 10 iterations)"
 done

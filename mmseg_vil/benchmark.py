@@ -177,6 +177,11 @@ def _graph_replay(step, warmup: int):
     return graph.replay
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -204,13 +209,14 @@ def measure(name: str, scope: str, mode: str, size: int, batch: int, device: tor
         autocast = (torch.autocast(device.type, dtype=amp_dtype, cache_enabled=execution != 'graphs')
                     if amp_dtype is not None else contextlib.nullcontext())
         with autocast:
-            if execution == 'graphs':
+            if execution == 'graphs':  # the graph's memory pool is allocated while capturing
+                _reset_peak_memory(device)
                 step = _graph_replay(step, warmup)
             for _ in range(warmup):
                 step()
             _sync(device)
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
+            if execution != 'graphs':
+                _reset_peak_memory(device)
             runs = []
             for _ in range(repeats):
                 start = time.perf_counter()

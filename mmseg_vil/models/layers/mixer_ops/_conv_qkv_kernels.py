@@ -13,7 +13,7 @@ hence the second launch) plus the v path.
 import triton
 import triton.language as tl
 
-GROUP = 4  # channels per block of the block-diagonal projections
+GROUP = tl.constexpr(4)  # channels per block of the block-diagonal projections
 
 
 @triton.jit

@@ -14,6 +14,7 @@ from . import _conv_qkv_kernels as conv_kernels
 from . import _gated_output_kernels as gate_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k/v
 
 
 def kernels_interpreted() -> bool:
@@ -31,8 +32,8 @@ def _accumulator(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
 
 def _conv_launch(x: Tensor) -> Tuple[tuple, dict]:
     batch, n, chans = x.shape
-    block_t, block_g = 32, min(32, triton.next_power_of_2(chans // conv_kernels.GROUP))
-    grid = (triton.cdiv(n, block_t), triton.cdiv(chans // conv_kernels.GROUP, block_g), batch)
+    block_t, block_g = 32, min(32, triton.next_power_of_2(chans // GROUP))
+    grid = (triton.cdiv(n, block_t), triton.cdiv(chans // GROUP, block_g), batch)
     return grid, dict(BLOCK_T=block_t, BLOCK_G=block_g, ACC=_accumulator(x.dtype)[1])
 
 
@@ -63,7 +64,7 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, x: Tensor, height: 
     grid, config = _conv_launch(x)
     acc_dtype = _accumulator(x.dtype)[0]
     grad_pre = torch.empty(x.shape, dtype=acc_dtype, device=x.device)
-    sizes = [chans * ksize * ksize, chans, 3 * chans * conv_kernels.GROUP, 3 * chans]
+    sizes = [chans * ksize * ksize, chans, 3 * chans * GROUP, 3 * chans]
     partial = torch.empty(grid[0] * grid[2], sum(sizes), dtype=acc_dtype, device=x.device)
     conv_weight, qkv_weight, grad_qkv = conv_weight.contiguous(), qkv_weight.contiguous(), grad_qkv.contiguous()
     conv_kernels.conv_qkv_backward_kernel[grid](
