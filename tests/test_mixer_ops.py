@@ -47,11 +47,15 @@ def _check(ours, expected, inputs, dtype, gen):
         torch.testing.assert_close(grad, exp, **TOLERANCES[dtype])
 
 
+# float64 checks the formulas tightly; float32 the mixed-precision loads and stores of the CUDA path.
+CONV_CASES = [((5, 7), 16, 3, False, torch.float64), ((5, 7), 16, 3, True, torch.float64),
+              ((3, 2), 136, 5, True, torch.float64), ((1, 1), 8, 3, False, torch.float64),
+              ((9, 4), 72, 3, True, torch.float32)]
+
+
 @needs_kernels
-@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
-@pytest.mark.parametrize('grid,chans,ksize,reverse', [((5, 7), 16, 3, False), ((5, 7), 16, 3, True),
-                                                      ((3, 2), 136, 5, True), ((1, 1), 8, 3, False)])
-def test_conv_qkv_kernels_match_reference(dtype, grid, chans, ksize, reverse):
+@pytest.mark.parametrize('grid,chans,ksize,reverse,dtype', CONV_CASES, ids=lambda value: str(value))
+def test_conv_qkv_kernels_match_reference(grid, chans, ksize, reverse, dtype):
     gen = torch.Generator().manual_seed(0)
     x = _randn(2, grid[0] * grid[1], chans, dtype=dtype, gen=gen)
     conv_weight, conv_bias = _randn(chans, 1, ksize, ksize, dtype=dtype, gen=gen), _randn(chans, dtype=dtype, gen=gen)
@@ -63,10 +67,10 @@ def test_conv_qkv_kernels_match_reference(dtype, grid, chans, ksize, reverse):
 
 
 @needs_kernels
-@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
-@pytest.mark.parametrize('heads,head_dim,layout',
-                         [(2, 8, 'heads_first'), (4, 12, 'tokens_first'), (1, 96, 'heads_first')])
-def test_gated_output_kernels_match_reference(dtype, heads, head_dim, layout):
+@pytest.mark.parametrize('heads,head_dim,layout,dtype',
+                         [(2, 8, 'heads_first', torch.float64), (4, 12, 'tokens_first', torch.float64),
+                          (1, 96, 'heads_first', torch.float32)], ids=lambda value: str(value))
+def test_gated_output_kernels_match_reference(heads, head_dim, layout, dtype):
     gen = torch.Generator().manual_seed(1)
     batch, n, chans = 2, 37, heads * head_dim
     if layout == 'heads_first':  # what the torch mLSTM backends return, seen as (B, N, NH, DH)

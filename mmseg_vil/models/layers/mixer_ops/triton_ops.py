@@ -31,10 +31,12 @@ def _accumulator(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
 
 
 def _conv_launch(x: Tensor) -> Tuple[tuple, dict]:
+    """8 tokens x 16 groups (64 channels, 128-byte rows in bf16) with 4 warps: at most 109 registers in the sm_90
+    resource report and no spills (32 x 32 tiles spilled 1000 bytes in the backward; benchmarks/RESULTS.md)."""
     batch, n, chans = x.shape
-    block_t, block_g = 32, min(32, triton.next_power_of_2(chans // GROUP))
+    block_t, block_g = 8, min(16, triton.next_power_of_2(chans // GROUP))
     grid = (triton.cdiv(n, block_t), triton.cdiv(chans // GROUP, block_g), batch)
-    return grid, dict(BLOCK_T=block_t, BLOCK_G=block_g, ACC=_accumulator(x.dtype)[1])
+    return grid, dict(BLOCK_T=block_t, BLOCK_G=block_g, ACC=_accumulator(x.dtype)[1], num_warps=4)
 
 
 @torch.library.custom_op('mmseg_vil::conv_qkv', mutates_args=())
@@ -106,9 +108,9 @@ conv_qkv.register_autograd(_conv_qkv_grad, setup_context=_conv_qkv_setup)
 def _gate_launch(h: Tensor) -> Tuple[tuple, dict]:
     batch, n, heads, head_dim = h.shape
     block_d = triton.next_power_of_2(head_dim)
-    block_t = max(1, min(32, 4096 // block_d))
+    block_t = max(1, min(32, 1024 // block_d))  # 1024 elements per program: no spills in the sm_90 report
     grid = (triton.cdiv(batch * n, block_t), heads)
-    return grid, dict(BLOCK_T=block_t, BLOCK_D=block_d, ACC=_accumulator(h.dtype)[1])
+    return grid, dict(BLOCK_T=block_t, BLOCK_D=block_d, ACC=_accumulator(h.dtype)[1], num_warps=4)
 
 
 def _gate_args(h: Tensor) -> tuple:
