@@ -19,13 +19,13 @@ from ...utils.checkpoint import load_state_dict_strictly, read_state_dict
 from ..layers.pos_embed import resample_grid_pos_embed
 from ..layers.vil_block import ViLBlock
 from .isotropic import pad_to_patches, resolve_out_indices
-from .vil_checkpoint import convert_vil_state_dict, split_backbone_and_head
+from .vil_checkpoint import V1_CONV_KERNEL_SIZE, convert_vil_state_dict, split_backbone_and_head
 
 OUT_TYPES = ('featmap', 'raw', 'pooled', 'avg_pooled')
 DROP_PATH_DECAYS = ('none', 'blocks', 'pairs')
 INIT_SCHEMES = ('original', 'original-fixed')
 # The v1 models (official ``VisionLSTM``, released ``vil_*16_*.th``): causal 1-D conv of kernel 4, no biases.
-V1_MIXER = dict(conv_kind='causal1d', conv_kernel_size=4, proj_bias=False, norm_bias=False)
+V1_MIXER = dict(conv_kind='causal1d', conv_kernel_size=V1_CONV_KERNEL_SIZE, proj_bias=False, norm_bias=False)
 
 
 @register_model

@@ -3,7 +3,7 @@
 Five layouts are recognised by their key names (vil_spec.md §5-6, §10):
 
 * ``'released'``: the released ``vil2_*.th`` files, training-code names (``xlstm.blocks.N...``, ``head.0/head.1``);
-* ``'released_v1'``: the released v1 ``vil_*.th`` files (same names, causal conv ``xlstm.conv1d.conv``);
+* ``'released_v1'``: the released v1 ``vil_*.th`` files (same names, causal conv ``xlstm.conv1d.conv`` of kernel 4);
 * ``'official'``: ``VisionLSTM2.state_dict()`` names (``blocks.N.rowwise_from_top_left...``);
 * ``'official_v1'``: ``VisionLSTM.state_dict()`` names (``blocks.N.layer...``, one block per index);
 * ``'ours'``: :class:`~mmseg_vil.models.backbones.ViL` names, bare or under ``backbone.`` (MMSeg/MMPretrain models).
@@ -23,13 +23,16 @@ StateDict = Dict[str, Tensor]
 
 DIRECTIONS = ('rowwise_from_top_left', 'rowwise_from_bot_right')
 VIL_FORMATS = ('released', 'released_v1', 'official', 'official_v1', 'ours')
+V1_CONV_KERNEL_SIZE = 4
 
 
 def detect_vil_format(state_dict: StateDict) -> str:
     """Return one of :data:`VIL_FORMATS`; raise ``ValueError`` for anything else."""
     keys = list(state_dict)
     if any(k.startswith('xlstm.blocks.') for k in keys):
-        return 'released_v1' if any('.xlstm.conv1d.conv.' in k for k in keys) else 'released'
+        # v1 convolves causally with kernel 4; VisionLSTM2 builds every conv with kernel 3, also a causal one.
+        causal = [v for k, v in state_dict.items() if k.endswith('.xlstm.conv1d.conv.weight')]
+        return 'released_v1' if causal and causal[0].shape[-1] == V1_CONV_KERNEL_SIZE else 'released'
     if any(f'.{DIRECTIONS[0]}.' in k for k in keys):
         return 'official'
     if any(re.match(r'blocks\.\d+\.layer\.', k) for k in keys):
