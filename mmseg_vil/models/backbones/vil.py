@@ -146,8 +146,8 @@ class ViL(BaseModule):
         if decay == 'none':
             return [rate] * self.num_layers
         if decay == 'blocks':
-            return torch.linspace(0, rate, self.num_layers).tolist()
-        pair_rates = torch.linspace(0, rate, (self.num_layers + 1) // 2).tolist()
+            return torch.linspace(0, rate, self.num_layers, device='cpu').tolist()
+        pair_rates = torch.linspace(0, rate, (self.num_layers + 1) // 2, device='cpu').tolist()
         return [pair_rates[i // 2] for i in range(self.num_layers)]
 
     def _parse_arch(self, arch: Union[str, dict]) -> dict:
