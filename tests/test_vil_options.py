@@ -9,6 +9,7 @@ import torch
 from mmseg_vil.models.backbones.vil import ViL
 from mmseg_vil.models.backbones.vil_checkpoint import convert_vil_state_dict, detect_vil_format, split_backbone_and_head
 from mmseg_vil.models.backbones.vil_options import vil_config_from_official
+from mmseg_vil.models.backbones.vim import Vim
 
 TINY = dict(embed_dims=16, num_layers=2)
 
@@ -86,9 +87,14 @@ def test_drop_path_decay(decay, rates):
     assert [layer.drop_path.drop_prob for layer in model.layers] == pytest.approx(rates)
 
 
-def test_overlapping_patches_grid_and_padding():
-    model = ViL(arch=TINY, img_size=32, patch_size=8, patch_stride=4, out_indices=-1, mlstm_backend='parallel').eval()
-    assert model.pos_embed.shape[1:3] == (4, 4)  # the official embedding grid: the image in whole patches
+@pytest.mark.parametrize('backbone,pos_grid', [
+    # ViL: the official embedding grid is the image in whole patches; Vim's is the patch grid, (32 - 8) / 4 + 1.
+    (lambda: ViL(arch=TINY, img_size=32, patch_size=8, patch_stride=4, out_indices=-1, mlstm_backend='parallel'),
+     (4, 4)),
+    (lambda: Vim(TINY, img_size=32, patch_size=8, patch_stride=4, out_indices=-1, scan_chunk_size=8), (7, 7))])
+def test_overlapping_patches_grid_and_padding(backbone, pos_grid):
+    model = backbone().eval()
+    assert model.pos_embed.shape[1:3] == pos_grid
     x = torch.randn(1, 3, 30, 34)  # padded to 32x36: (32 - 8) / 4 + 1 = 7 rows, 8 columns
     with torch.no_grad():
         out = model(x)[0]
