@@ -33,11 +33,11 @@ class ViL(BaseModule):
     """Vision-LSTM backbone for MMSegmentation and MMPretrain.
 
     Args:
-        arch: ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``/``'s'``/``'b'``) for the VisionLSTM2 models, ``'v1-tiny'``,
-            ``'v1-tinyplus'``, ``'v1-small'``, ``'v1-smallplus'``, ``'v1-base'`` for the v1 models, or a dict with
-            ``embed_dims`` and ``num_layers`` (number of mLSTM blocks) and optionally ``num_heads``, ``expansion``,
-            ``qkv_block_size``, ``conv_kind`` (``'2d'`` or ``'causal1d'``), ``conv_kernel_size``, ``proj_bias``,
-            ``norm_bias`` (biases of the projections / of all LayerNorms).
+        arch: ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``/``'s'``/``'b'``) for the VisionLSTM2 models,
+            ``'v1-tiny'``, ``'v1-tinyplus'``, ``'v1-small'``, ``'v1-smallplus'``, ``'v1-base'`` for the v1 models, or
+            a dict with ``embed_dims`` and ``num_layers`` (number of mLSTM blocks) and optionally ``num_heads``,
+            ``expansion``, ``qkv_block_size``, ``conv_kind`` (``'2d'`` or ``'causal1d'``), ``conv_kernel_size``,
+            ``proj_bias``, ``norm_bias`` (biases of the projections / of all LayerNorms).
         img_size: build resolution; sets the grid ``img_size // patch_size`` of the learnable position embedding.
             Other input sizes work: the embedding is resampled (bicubic) at run time, and at load time when a
             checkpoint's grid differs.

@@ -116,7 +116,8 @@ def _vision_lstm(options: Dict[str, Any]) -> Dict[str, Optional[dict]]:
     raise _refuse('mode', mode, '"classifier", None')
 
 
-def vil_config_from_official(kwargs: Mapping[str, Any], official_class: str = 'VisionLSTM2') -> Dict[str, Optional[dict]]:
+def vil_config_from_official(kwargs: Mapping[str, Any],
+                             official_class: str = 'VisionLSTM2') -> Dict[str, Optional[dict]]:
     """``dict(backbone=ViL config, head=ViLClsHead config or None)`` computing ``official_class(**kwargs)``.
 
     The backbone outputs what the official model feeds its classifier (``head`` set) or, in the official feature

@@ -1,6 +1,6 @@
 """Write ``vil_official_options.pt``: outputs of the official Vision-LSTM code for its constructor options.
 
-    python tests/data/vil_official/generate_options.py OFFICIAL_ROOT [--out tests/data/vil_official/vil_official_options.pt]
+    python tests/data/vil_official/generate_options.py OFFICIAL_ROOT [--out vil_official_options.pt]
 
 ``OFFICIAL_ROOT`` is a checkout of github.com/NX-AI/vision-lstm (commit in ``OFFICIAL_COMMIT``) holding the
 ``vision_lstm`` package; only the package is imported (it needs torch, einops and numpy). The official code is never

@@ -1,6 +1,6 @@
 """Write ``vim_official_options.pt``: outputs of the official Vision Mamba code for its constructor options.
 
-    python tests/data/vim_official/generate_options.py OFFICIAL_ROOT [--out tests/data/vim_official/vim_official_options.pt]
+    python tests/data/vim_official/generate_options.py OFFICIAL_ROOT [--out vim_official_options.pt]
 
 ``OFFICIAL_ROOT`` is a checkout of github.com/hustvl/Vim (commit in ``OFFICIAL_COMMIT``) holding ``vim/``,
 ``mamba-1p1p1/mamba_ssm`` and ``causal-conv1d/causal_conv1d``; nothing of it is copied into this repository. The
