@@ -41,22 +41,23 @@ def official_class(path: Path, case: dict) -> str:
     return case.get('official_class', FIXTURES[path]['official_class'].rsplit('.', 1)[-1])
 
 
-def classifier_cfg(config: dict, cls: str = 'VisionLSTM2') -> dict:
-    """The MMPretrain ImageClassifier equivalent to ``cls(**config)``, built at the checkpoint's grid.
+def classifier_cfg(case: dict, cls: str = 'VisionLSTM2') -> dict:
+    """The MMPretrain ImageClassifier equivalent to the case's official model, built like the one that ran.
 
     A case with an official option that ViL refuses is skipped (test_vil_options.py checks the refusals).
     """
     try:
-        translated = vil_config_from_official(config, cls)
+        translated = vil_config_from_official(case['config'], cls)
     except ValueError as err:
         pytest.skip(f'ViL refuses this case: {err}')
-    backbone = dict(translated['backbone'], mlstm_backend='parallel')
+    shape = case.get('eval_config', case['config'])['input_shape']
+    backbone = dict(translated['backbone'], img_size=tuple(shape[1:]), mlstm_backend='parallel')
     return dict(type='ImageClassifier', backbone=backbone, head=translated['head'])
 
 
-def build_classifier(config: dict, cls: str = 'VisionLSTM2'):
+def build_classifier(case: dict, cls: str = 'VisionLSTM2'):
     with DefaultScope.overwrite_default_scope('mmpretrain'):
-        return MODELS.build(classifier_cfg(config, cls))
+        return MODELS.build(classifier_cfg(case, cls))
 
 
 def convert(src: Path, dst: Path, monkeypatch) -> None:
@@ -69,7 +70,7 @@ def convert(src: Path, dst: Path, monkeypatch) -> None:
 def test_classifier_parity_through_mmpretrain(tmp_path, monkeypatch, path, name, layout):
     case = FIXTURES[path]['cases'][name]
     cls = official_class(path, case)
-    model = build_classifier(case.get('eval_config', case['config']), cls)
+    model = build_classifier(case, cls)
     source = tmp_path / f'{layout}.th'
     if layout == 'released':
         released = official_to_released(case['state_dict'], v1=cls == 'VisionLSTM')
@@ -95,7 +96,7 @@ def test_classifier_parity_through_mmpretrain(tmp_path, monkeypatch, path, name,
 def test_load_function_reads_official_state_dicts(path, name):
     """``load_vil_classifier_checkpoint`` takes the official state dict as is (no converter run)."""
     case = FIXTURES[path]['cases'][name]
-    model = build_classifier(case.get('eval_config', case['config']), official_class(path, case)).eval()
+    model = build_classifier(case, official_class(path, case)).eval()
     load_vil_classifier_checkpoint(model, case['state_dict'])
     with torch.no_grad():
         torch.testing.assert_close(model(case['input'], mode='tensor'), case['expected'], **TOL)
@@ -110,6 +111,6 @@ def test_checkpoint_errors_name_the_problem():
     backbone_only = {k: v for k, v in case['state_dict'].items() if not k.startswith(('head.', 'legacy_norm.'))}
     with pytest.raises(CheckpointMismatchError, match='no classifier'):
         vil_classifier_state_dict(backbone_only)
-    wrong_classes = build_classifier({**case['config'], 'output_shape': (7, )})
+    wrong_classes = build_classifier({'config': {**case['config'], 'output_shape': (7, )}})
     with pytest.raises(CheckpointMismatchError, match=r'head\.fc\.weight \(10, 128\) vs model \(7, 128\)'):
         load_vil_classifier_checkpoint(wrong_classes, case['state_dict'])
