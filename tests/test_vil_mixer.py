@@ -10,13 +10,22 @@ from mmseg_vil.models.layers.mlstm.parallel import mlstm_parallel
 from mmseg_vil.models.layers.vil_block import MLSTMMixer
 
 
+def official_conv(mixer: MLSTMMixer, x_mlstm: torch.Tensor, grid) -> torch.Tensor:
+    """The official conv of the (flipped) sequence: 3x3 on the image, or causal 1-D (pad k - 1, drop the tail)."""
+    channels_first = x_mlstm.transpose(1, 2)
+    if mixer.conv_kind == '2d':
+        return mixer.conv(channels_first.unflatten(-1, grid)).flatten(2).transpose(1, 2)
+    pad = mixer.conv.kernel_size[0] - 1
+    return F.conv1d(channels_first, mixer.conv.weight, mixer.conv.bias, padding=pad, groups=mixer.inner_dims)[
+        ..., :-pad].transpose(1, 2)
+
+
 def official_mixer(mixer: MLSTMMixer, x: torch.Tensor, grid) -> torch.Tensor:
     """vil_spec.md §2.5 literally: flip, proj_up, conv of the (rotated) image, q/k/v, cat-gates, cell, flip back."""
     if mixer.reverse:
         x = x.flip(1)
     x_mlstm, z = mixer.proj_up(x).chunk(2, dim=-1)
-    image = x_mlstm.transpose(1, 2).unflatten(-1, grid)
-    x_conv = F.silu(mixer.conv(image).flatten(2).transpose(1, 2))
+    x_conv = F.silu(official_conv(mixer, x_mlstm, grid))
     q, k, v = mixer.q_proj(x_conv), mixer.k_proj(x_conv), mixer.v_proj(x_mlstm)
     gate_in = torch.cat([q, k, v], dim=-1)
     igate, fgate = mixer.igate(gate_in).transpose(1, 2), mixer.fgate(gate_in).transpose(1, 2)
@@ -28,11 +37,14 @@ def official_mixer(mixer: MLSTMMixer, x: torch.Tensor, grid) -> torch.Tensor:
     return y.flip(1) if mixer.reverse else y
 
 
+@pytest.mark.parametrize('options', [
+    {}, dict(conv_kind='causal1d', conv_kernel_size=4, proj_bias=False, norm_bias=False),
+    dict(conv_kind='causal1d', conv_kernel_size=3), dict(conv_kernel_size=5, proj_bias=False)])
 @pytest.mark.parametrize('reverse', [False, True])
 @pytest.mark.parametrize('grid', [(3, 5), (4, 4)])
-def test_mixer_equals_official_flip_formulation(reverse, grid):
+def test_mixer_equals_official_flip_formulation(reverse, grid, options):
     torch.manual_seed(0)
-    mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend='parallel').double()
+    mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend='parallel', **options).double()
     for param in mixer.parameters():  # random values everywhere, not the init's zeros and ones
         torch.nn.init.normal_(param, std=0.5)
     x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64, requires_grad=True)

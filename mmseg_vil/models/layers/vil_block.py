@@ -2,7 +2,7 @@
 
 Numerics follow the official code exactly (vil_spec.md §2.4-2.6); the norms are plain ``nn.LayerNorm`` holding the
 effective scale (the official residual-weight norms store ``scale - 1``; the checkpoint converter adds the 1).
-Deliberate deviation: the depthwise conv reshapes tokens with the true input grid, not the build-time grid.
+Deliberate deviation: the 2-D depthwise conv reshapes tokens with the true input grid, not the build-time grid.
 """
 import math
 from typing import Tuple
@@ -13,7 +13,7 @@ from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
 from .mixer_ops import conv_qkv, gated_output
-from .mixer_ops.reference import block_diagonal
+from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import mlstm
 
 
@@ -33,8 +33,7 @@ class BlockDiagonalLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = self.bias if self.bias is not None else self.weight.new_zeros(x.shape[-1])
-        return block_diagonal(x, self.weight[None], bias[None])
+        return block_diagonal(x, self.weight[None], None if self.bias is None else self.bias[None])
 
 
 class MultiHeadLayerNorm(nn.Module):
@@ -44,19 +43,20 @@ class MultiHeadLayerNorm(nn.Module):
     gated_output`). ``forward`` maps ``(B, N, NH, DH)`` heads to normalised ``(B, N, NH * DH)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, heads: Tensor) -> Tensor:
-        return F.layer_norm(heads, heads.shape[-1:], eps=self.eps).flatten(2) * self.weight + self.bias
+        normed = F.layer_norm(heads, heads.shape[-1:], eps=self.eps).flatten(2) * self.weight
+        return normed if self.bias is None else normed + self.bias
 
 
 class MLSTMMixer(nn.Module):
-    """Gated mLSTM token mixer: up-projection, 3x3 depthwise conv, q/k/v, mLSTM cell, output gate, down-projection.
+    """Gated mLSTM token mixer: up-projection, depthwise conv, q/k/v, mLSTM cell, output gate, down-projection.
 
     Tokens stay in the image's row-major order in every block: a ``reverse`` block rotates its conv kernel and runs
     the mLSTM anti-causally instead of flipping the tokens (the same function, see :mod:`.mixer_ops`).
@@ -66,42 +66,57 @@ class MLSTMMixer(nn.Module):
         expansion: inner width E = expansion * D.
         num_heads: mLSTM heads (4 in every released model).
         qkv_block_size: block size of the block-diagonal q/k/v projections.
-        conv_kernel_size: kernel of the depthwise conv on the token grid (odd).
+        conv_kind: ``'2d'`` (VisionLSTM2: odd square kernel on the token grid) or ``'causal1d'`` (VisionLSTM v1:
+            causal along the token sequence of the block's traversal direction).
+        conv_kernel_size: kernel size of the depthwise conv (odd for ``'2d'``).
+        proj_bias: biases in the up, q/k/v and down projections (VisionLSTM2: yes; v1: no).
+        norm_bias: bias in the per-head output norm (VisionLSTM2: yes; v1: no).
+        init_num_blocks: ``num_blocks`` of the down-projection's wang init, std ``2 / num_blocks / sqrt(D)``: 1 for
+            the official ``init_weights='original'`` (all released models), the number of blocks for
+            ``'original-fixed'``.
         reverse: traverse the tokens bottom-right to top-left (odd blocks of the official model).
         mlstm_backend: backend of :func:`mmseg_vil.models.layers.mlstm.mlstm`.
     """
 
     def __init__(self, embed_dims: int, expansion: int = 2, num_heads: int = 4, qkv_block_size: int = 4,
-                 conv_kernel_size: int = 3, reverse: bool = False, mlstm_backend: str = 'parallel') -> None:
+                 conv_kind: str = '2d', conv_kernel_size: int = 3, proj_bias: bool = True, norm_bias: bool = True,
+                 init_num_blocks: int = 1, reverse: bool = False, mlstm_backend: str = 'parallel') -> None:
         super().__init__()
         inner = expansion * embed_dims
         if inner % num_heads:
             raise ValueError(f'inner width {inner} must be divisible by num_heads={num_heads}')
-        if conv_kernel_size % 2 == 0:
+        if conv_kind not in CONV_KINDS:
+            raise ValueError(f'conv_kind={conv_kind!r} is not supported; choose one of {CONV_KINDS}')
+        if conv_kind == '2d' and conv_kernel_size % 2 == 0:
             raise ValueError(f'conv_kernel_size={conv_kernel_size} must be odd (same-size depthwise conv)')
         self.embed_dims, self.inner_dims, self.num_heads = embed_dims, inner, num_heads
+        self.conv_kind = conv_kind
+        self.init_num_blocks = init_num_blocks
         self.reverse = reverse
         self.mlstm_backend = mlstm_backend
-        self.proj_up = nn.Linear(embed_dims, 2 * inner)
-        self.conv = nn.Conv2d(inner, inner, conv_kernel_size, padding=conv_kernel_size // 2, groups=inner)
-        self.q_proj = BlockDiagonalLinear(inner, qkv_block_size)
-        self.k_proj = BlockDiagonalLinear(inner, qkv_block_size)
-        self.v_proj = BlockDiagonalLinear(inner, qkv_block_size)
+        self.proj_up = nn.Linear(embed_dims, 2 * inner, bias=proj_bias)
+        # Holds the kernel; conv_qkv pads (same size, or causal) and rotates it for reverse blocks.
+        self.conv = (nn.Conv2d(inner, inner, conv_kernel_size, padding=conv_kernel_size // 2, groups=inner)
+                     if conv_kind == '2d' else nn.Conv1d(inner, inner, conv_kernel_size, groups=inner))
+        self.q_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
+        self.k_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
+        self.v_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.igate = nn.Linear(3 * inner, num_heads)
         self.fgate = nn.Linear(3 * inner, num_heads)
-        self.outnorm = MultiHeadLayerNorm(inner, num_heads)
+        self.outnorm = MultiHeadLayerNorm(inner, num_heads, bias=norm_bias)
         self.learnable_skip = nn.Parameter(torch.ones(inner))
-        self.proj_down = nn.Linear(inner, embed_dims)
+        self.proj_down = nn.Linear(inner, embed_dims, bias=proj_bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official ``init_weights='original'`` scheme (vil_spec.md §3)."""
+        """Official ``init_weights='original'`` / ``'original-fixed'`` scheme (vil_spec.md §3)."""
         small_init_std = math.sqrt(2 / (5 * self.embed_dims))
         for proj in (self.proj_up, self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, std=small_init_std)
-            nn.init.zeros_(proj.bias)
-        nn.init.normal_(self.proj_down.weight, std=2 / math.sqrt(self.embed_dims))
-        nn.init.zeros_(self.proj_down.bias)
+        nn.init.normal_(self.proj_down.weight, std=2 / self.init_num_blocks / math.sqrt(self.embed_dims))
+        for proj in (self.proj_up, self.q_proj, self.k_proj, self.v_proj, self.proj_down, self.outnorm):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
         self.conv.reset_parameters()
         nn.init.zeros_(self.igate.weight)
         nn.init.normal_(self.igate.bias, std=0.1)
@@ -109,7 +124,6 @@ class MLSTMMixer(nn.Module):
         with torch.no_grad():
             self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
         nn.init.ones_(self.outnorm.weight)
-        nn.init.zeros_(self.outnorm.bias)
         nn.init.ones_(self.learnable_skip)
 
     def _split_heads(self, x: Tensor) -> Tensor:
@@ -118,13 +132,15 @@ class MLSTMMixer(nn.Module):
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         """``x (B, N, D)`` pre-normed tokens in row-major order of ``grid = (h, w)``."""
-        inner = self.inner_dims
         # Two products instead of one + chunk: each output is contiguous, so the conv reads it channels-last.
-        x_mlstm = F.linear(x, self.proj_up.weight[:inner], self.proj_up.bias[:inner])
-        z = F.linear(x, self.proj_up.weight[inner:], self.proj_up.bias[inner:])
+        up_weights = self.proj_up.weight.chunk(2)
+        up_biases = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
+        x_mlstm, z = (F.linear(x, weight, bias) for weight, bias in zip(up_weights, up_biases))
         qkv_weight = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        qkv_bias = torch.stack([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        x_conv, qkv = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, self.reverse)
+        qkv_bias = (None if self.q_proj.bias is None else
+                    torch.stack([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
+        x_conv, qkv = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, self.reverse,
+                               self.conv_kind)
         gates = F.linear(qkv, torch.cat([self.igate.weight, self.fgate.weight]),
                          torch.cat([self.igate.bias, self.fgate.bias]))
         igate, fgate = gates.transpose(1, 2).chunk(2, dim=1)
@@ -139,10 +155,10 @@ class ViLBlock(nn.Module):
     """``x + drop_path(mixer(norm(x)))``; ``reverse`` selects the traversal direction of the mixer."""
 
     def __init__(self, embed_dims: int, reverse: bool, drop_path: float = 0.0, norm_eps: float = 1e-5,
-                 **mixer_kwargs) -> None:
+                 norm_bias: bool = True, **mixer_kwargs) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(embed_dims, eps=norm_eps)
-        self.mixer = MLSTMMixer(embed_dims, reverse=reverse, **mixer_kwargs)
+        self.norm = nn.LayerNorm(embed_dims, eps=norm_eps, bias=norm_bias)
+        self.mixer = MLSTMMixer(embed_dims, norm_bias=norm_bias, reverse=reverse, **mixer_kwargs)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:

@@ -21,11 +21,11 @@ def _use_kernels(x: Tensor) -> bool:
 
 
 def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
-             qkv_bias: Optional[Tensor], reverse: bool) -> Tuple[Tensor, Tensor]:
-    """See :func:`.reference.conv_qkv`."""
-    if _use_kernels(x) and conv_bias is not None and qkv_bias is not None:
+             qkv_bias: Optional[Tensor], reverse: bool, conv_kind: str = '2d') -> Tuple[Tensor, Tensor]:
+    """See :func:`.reference.conv_qkv`; the kernels cover the released models' options (2d conv, biases)."""
+    if _use_kernels(x) and conv_kind == '2d' and conv_bias is not None and qkv_bias is not None:
         return triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
-    return reference.conv_qkv(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
+    return reference.conv_qkv(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse, conv_kind)
 
 
 def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
