@@ -17,6 +17,7 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from .compile import compile_parts, take_compile_options
 from .distributed import setup_cpu_distributed
 
 
@@ -40,9 +41,14 @@ def load_config(config: str,
 
 
 def build_runner(cfg: Config) -> Runner:
-    """A Runner for ``cfg`` (a custom ``runner_type`` if the config names one), after CPU-distributed setup."""
+    """A Runner for ``cfg`` (a custom ``runner_type`` if the config names one), after CPU-distributed setup; a
+    ``compile`` option compiles the network parts (see :mod:`.compile`)."""
     setup_cpu_distributed(cfg)
-    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    compile_options = take_compile_options(cfg)
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    if compile_options is not None:
+        compile_parts(runner.model, compile_options)
+    return runner
 
 
 def run_train(cfg: Config, resume: Optional[str] = None, amp: bool = False) -> Runner:
