@@ -21,8 +21,8 @@ StateDict = Dict[str, Tensor]
 DIRECTIONS = ('rowwise_from_top_left', 'rowwise_from_bot_right')
 
 
-def detect_vil_format(state_dict: StateDict) -> str:
-    """Return ``'released'``, ``'official'`` or ``'ours'``; raise ``ValueError`` for anything else."""
+def detect_vil_format(state_dict: StateDict, source: str = 'checkpoint') -> str:
+    """Return ``'released'``, ``'official'`` or ``'ours'``; raise ``ValueError`` naming ``source`` for anything else."""
     keys = list(state_dict)
     if any(k.startswith('xlstm.blocks.') for k in keys):
         return 'released'
@@ -30,7 +30,7 @@ def detect_vil_format(state_dict: StateDict) -> str:
         return 'official'
     if any(re.match(r'(backbone\.)?layers\.\d+\.mixer\.', k) for k in keys):
         return 'ours'
-    raise ValueError('Not a Vision-LSTM checkpoint: expected keys like "xlstm.blocks.0..." (released .th), '
+    raise ValueError(f'Not a Vision-LSTM checkpoint ({source}): expected keys like "xlstm.blocks.0..." (released .th), '
                      '"blocks.0.rowwise_from_top_left..." (VisionLSTM2) or "layers.0.mixer..." (mmseg_vil); '
                      f'first keys: {keys[:5]}')
 
@@ -77,9 +77,9 @@ def official_to_ours(state_dict: StateDict) -> StateDict:
     return out
 
 
-def convert_vil_state_dict(state_dict: StateDict) -> StateDict:
+def convert_vil_state_dict(state_dict: StateDict, source: str = 'checkpoint') -> StateDict:
     """Convert a checkpoint in any recognised layout to ours (backbone keys bare, classifier under ``head.``)."""
-    fmt = detect_vil_format(state_dict)
+    fmt = detect_vil_format(state_dict, source)
     if fmt == 'released':
         return official_to_ours(released_to_official(state_dict))
     if fmt == 'official':
