@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 env: $(STAMP)
 
-$(STAMP): requirements/stack.txt setup.cfg pyproject.toml
+$(STAMP): requirements/stack.txt setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/stack.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
