@@ -82,9 +82,10 @@ def test_configs_build_the_released_architectures(name):
     with torch.device('meta'):  # shapes only: ViL-B has 89M parameters
         model = build(cfg.model)
     assert sum(p.numel() for p in model.parameters()) == RELEASED_PARAMS[name]
-    for loader in ('train_dataloader', 'val_dataloader'):
-        for transform in cfg[loader].dataset.pipeline:
-            TRANSFORMS.build(transform)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):  # whatever scope an earlier test left current
+        for loader in ('train_dataloader', 'val_dataloader'):
+            for transform in cfg[loader].dataset.pipeline:
+                TRANSFORMS.build(transform)
 
 
 def test_schedule_excludes_norms_biases_and_pos_embed_from_weight_decay():

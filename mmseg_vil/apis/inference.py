@@ -34,6 +34,7 @@ from ..engine.checkpoint_policy import load_model_checkpoint
 from ..utils.checkpoint import CheckpointMismatchError
 from .batch_inputs import check_fraction, check_positive, collect_images, read_image, resolve_device
 
+
 @dataclass
 class InferenceSummary:
     """What happened to each input: written outputs, or the reason it was skipped."""
