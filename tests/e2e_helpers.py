@@ -13,6 +13,28 @@ TINY_CONFIG = osp.join(ROOT, 'tests', 'configs', 'upernet_vil-tiny_synthetic-64x
 DATA_LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
 
+def save_initialized_checkpoint(path: str, config: str = TINY_CONFIG, seed: int = 0, **model_options) -> str:
+    """Save the randomly initialised model of ``config`` (``model_options`` merged into ``model``) like a training
+    run's checkpoint, with ADE20K's class names and palette as its ``dataset_meta``; return ``path``."""
+    import torch
+    from mmengine.config import Config
+    from mmengine.logging import MMLogger
+    from mmengine.registry import init_default_scope
+    from mmseg.datasets import ADE20KDataset
+    from mmseg.registry import MODELS
+
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict({f'model.{key}': value for key, value in model_options.items()})
+    MMLogger.get_instance('initialized_checkpoint', log_level='WARNING')  # no per-parameter init report
+    init_default_scope('mmseg')
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    meta = dict(dataset_meta=dict(classes=ADE20KDataset.METAINFO['classes'], palette=ADE20KDataset.METAINFO['palette']))
+    torch.save(dict(state_dict=model.state_dict(), meta=meta), path)
+    return path
+
+
 def make_ade20k(root: str) -> str:
     """Four training and two validation 64x64 images with labels, in the ADEChallengeData2016 layout."""
     generate_ade20k(root, num_train=4, num_val=2, size=(64, 64))

@@ -184,7 +184,7 @@ class ViL(BaseModule):
             return
         path = self.init_cfg['checkpoint']
         state_dict, _ = split_backbone_and_head(
-            convert_vil_state_dict(read_state_dict(path, prefix=self.init_cfg.get('prefix'))))
+            convert_vil_state_dict(read_state_dict(path, prefix=self.init_cfg.get('prefix')), source=path))
         for name in ('norm', 'out_norm'):
             if getattr(self, name) is None:  # the checkpoint's classifier norms, not used by this configuration
                 state_dict.pop(f'{name}.weight', None)
@@ -193,14 +193,17 @@ class ViL(BaseModule):
             # The official feature mode does the same: its loader resets this norm to weight 1, bias 0.
             state_dict.update({f'out_norm.{k}': v for k, v in self.out_norm.state_dict().items()})
             print_log('ViL: out_norm is not in the checkpoint; it keeps weight 1 and bias 0', logger='current')
-        state_dict['pos_embed'] = resample_grid_pos_embed(state_dict['pos_embed'], self.pos_embed.shape[1:3])
-        load_state_dict_strictly(self, state_dict, source=path)
+        load_state_dict_strictly(self, state_dict, source=path)  # the load hook resamples the position embedding
         print_log(f'ViL: loaded {len(state_dict)} tensors from {path}', logger='current')
         self._is_init = True
 
     def _resample_loaded_pos_embed(self, state_dict: dict, prefix: str, *args) -> None:
+        """Resample a ViL grid embedding ``(1, h, w, D)`` of another grid; any other shape (e.g. the ``(1, N, D)``
+        sequence of a ViT/DeiT checkpoint) is left for the strict loading to report."""
         key = prefix + 'pos_embed'
-        if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
+        loaded = state_dict.get(key)
+        if loaded is not None and loaded.dim() == 4 and loaded.shape[-1] == self.embed_dims and \
+                loaded.shape != self.pos_embed.shape:
             old_grid = tuple(state_dict[key].shape[1:3])
             state_dict[key] = resample_grid_pos_embed(state_dict[key], self.pos_embed.shape[1:3])
             print_log(f'ViL: resampled position embedding {old_grid} -> {tuple(self.pos_embed.shape[1:3])}',

@@ -26,8 +26,8 @@ VIL_FORMATS = ('released', 'released_v1', 'official', 'official_v1', 'ours')
 V1_CONV_KERNEL_SIZE = 4
 
 
-def detect_vil_format(state_dict: StateDict) -> str:
-    """Return one of :data:`VIL_FORMATS`; raise ``ValueError`` for anything else."""
+def detect_vil_format(state_dict: StateDict, source: str = 'checkpoint') -> str:
+    """Return one of :data:`VIL_FORMATS`; raise ``ValueError`` naming ``source`` for anything else."""
     keys = list(state_dict)
     if any(k.startswith('xlstm.blocks.') for k in keys):
         # v1 convolves causally with kernel 4; VisionLSTM2 builds every conv with kernel 3, also a causal one.
@@ -39,8 +39,8 @@ def detect_vil_format(state_dict: StateDict) -> str:
         return 'official_v1'
     if any(re.match(r'(backbone\.)?layers\.\d+\.mixer\.', k) for k in keys):
         return 'ours'
-    raise ValueError('Not a Vision-LSTM checkpoint: expected keys like "xlstm.blocks.0..." (released .th), '
-                     '"blocks.0.rowwise_from_top_left..." (VisionLSTM2), "blocks.0.layer..." (VisionLSTM) or '
+    raise ValueError(f'Not a Vision-LSTM checkpoint ({source}): expected keys like "xlstm.blocks.0..." (released '
+                     '.th), "blocks.0.rowwise_from_top_left..." (VisionLSTM2), "blocks.0.layer..." (VisionLSTM) or '
                      f'"layers.0.mixer..." (mmseg_vil); first keys: {keys[:5]}')
 
 
@@ -118,9 +118,9 @@ def official_to_ours(state_dict: StateDict, v1: bool = False) -> StateDict:
     return out
 
 
-def convert_vil_state_dict(state_dict: StateDict) -> StateDict:
+def convert_vil_state_dict(state_dict: StateDict, source: str = 'checkpoint') -> StateDict:
     """Convert a checkpoint in any recognised layout to ours (backbone keys bare, classifier under ``head.``)."""
-    fmt = detect_vil_format(state_dict)
+    fmt = detect_vil_format(state_dict, source)
     if fmt == 'released':
         return official_to_ours(released_to_official(state_dict))
     if fmt == 'released_v1':
