@@ -1,15 +1,22 @@
-"""Check and time the fused mLSTM Triton kernels on a CUDA GPU (issue 6); notes: benchmarks/mlstm_kernel_notes.md.
+"""Check and time the fused mLSTM Triton kernels on a CUDA GPU (issues 6, 10); notes: benchmarks/mlstm_kernel_notes.md.
 
 1. Correctness: fused output and gradients against the chunkwise backend in float64 (exact to ~1e-13, see
    tests/test_mlstm_backends.py) for the ViL head dims 96/192/384 (T/S/B) at several N, in float32 and bfloat16.
+   The same for fused_chunkwise, in both directions (reverse=True against the flipped reference), plus q/k/v/gates
+   read as strided views of projection outputs and one float64 case.
 2. Timing (median ms): forward and forward+backward of the fused, parallel and chunkwise backends, with torch SDPA
    (causal attention of the same shape) as a yardstick, launched eagerly (triton's do_bench; what training sees) and
    replayed from a CUDA graph (do_bench_cudagraph; GPU time without the host's launch overhead); peak memory.
-3. ``--sweep``: CUDA-graph forward+backward time of candidate tile configurations per head dim.
+3. The chunkwise Triton kernels against the others: CUDA-graph forward+backward of fused_chunkwise (chunk sizes
+   32/64/128), fused, chunkwise and SDPA at B=1, NH=4, DH=96, N = 196..16384, and the ViL-T shapes; a compact
+   table at the end.
+4. ``--sweep``: CUDA-graph forward+backward time of candidate tile configurations per head dim.
 
-Usage, from the repo root on a CUDA machine: ``python benchmarks/mlstm_kernel_check.py --out DIR [--sweep]``.
+Usage, from the repo root on a CUDA machine: ``python benchmarks/mlstm_kernel_check.py --out DIR [--sweep]``;
+``--quick`` runs a subset of 1 and only 3 in bfloat16 (a few minutes, most of it compiling kernels).
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -20,7 +27,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from mmseg_vil.models.layers.mlstm import fused, mlstm_chunkwise, mlstm_fused, mlstm_parallel
+from mmseg_vil.models.layers.mlstm import (fused, mlstm_chunkwise, mlstm_fused, mlstm_fused_chunkwise,
+                                           mlstm_parallel)
 
 GATES = ('igate', 'fgate')
 GRAD_NAMES = ('dq', 'dk', 'dv', 'digate', 'dfgate')
@@ -37,16 +45,42 @@ def make_inputs(batch, heads, n, head_dim, dtype, seed=0):
     return [x.to(dtype) for x in (q, k, v, igate, fgate)]
 
 
-def relative_errors(n, head_dim, dtype):
-    """Max errors as in the tests: relative to max(|ref|, 1e-2 x the largest reference gradient)."""
+def flipped(op):
+    """``op`` run on the token-reversed sequence and flipped back: the reference of ``reverse=True``."""
+    def reversed_op(q, k, v, igate, fgate):
+        return op(q.flip(2), k.flip(2), v.flip(2), igate.flip(-1), fgate.flip(-1)).flip(2)
+    return reversed_op
+
+
+def projection_views(inputs):
+    """The same values as views of one (B, N, 3 NH DH) projection and one (B, N, 2 NH) gate tensor (ViL's layout)."""
+    q, k, v, igate, fgate = (x.detach() for x in inputs)
+    heads, head_dim = q.shape[1], q.shape[-1]
+    projection = torch.cat([x.transpose(1, 2).flatten(2) for x in (q, k, v)], -1).requires_grad_()
+    gates = torch.cat([igate.transpose(1, 2), fgate.transpose(1, 2)], -1).requires_grad_()
+    views = [x.unflatten(-1, (heads, head_dim)).transpose(1, 2) for x in projection.chunk(3, -1)]
+    return [*views, *gates.transpose(1, 2).chunk(2, dim=1)], [projection, gates]
+
+
+def relative_errors(n, head_dim, dtype, op=None, reverse=False, strided=False):
+    """Max errors as in the tests: relative to max(|ref|, 1e-2 x the largest reference gradient). ``op`` defaults
+    to the fused backend; ``reverse`` compares with the flipped reference; ``strided`` passes projection views."""
+    op = op or mlstm_fused
     inputs = make_inputs(1, 2, n, head_dim, dtype)
     grad_h = torch.randn(1, 2, n, head_dim, device='cuda').to(dtype)
     ref_inputs = [x.double().requires_grad_() for x in inputs]
-    expected = mlstm_chunkwise(*ref_inputs)
+    expected = (flipped(mlstm_chunkwise) if reverse else mlstm_chunkwise)(*ref_inputs)
     expected_grads = torch.autograd.grad(expected, ref_inputs, grad_h.double())
-    inputs = [x.requires_grad_() for x in inputs]
-    actual = mlstm_fused(*inputs)
-    actual_grads = torch.autograd.grad(actual, inputs, grad_h)
+    if strided:
+        views, leaves = projection_views(inputs)
+        actual = op(*views)
+        grad_projection, grad_gates = torch.autograd.grad(actual, leaves, grad_h)
+        actual_grads = [*(g.unflatten(-1, (2, head_dim)).transpose(1, 2) for g in grad_projection.chunk(3, -1)),
+                        *grad_gates.transpose(1, 2).chunk(2, dim=1)]
+    else:
+        inputs = [x.requires_grad_() for x in inputs]
+        actual = op(*inputs)
+        actual_grads = torch.autograd.grad(actual, inputs, grad_h)
     grad_scale = max(g.abs().max().item() for g in expected_grads)
     errors = {}
     for name, a, e in zip(('h',) + GRAD_NAMES, (actual, *actual_grads), (expected, *expected_grads)):
@@ -59,7 +93,8 @@ def sdpa(q, k, v, igate, fgate):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-BACKENDS = {'fused': mlstm_fused, 'parallel': mlstm_parallel, 'chunkwise': mlstm_chunkwise, 'sdpa (yardstick)': sdpa}
+BACKENDS = {'fused': mlstm_fused, 'fused_chunkwise': mlstm_fused_chunkwise, 'parallel': mlstm_parallel,
+            'chunkwise': mlstm_chunkwise, 'sdpa (yardstick)': sdpa}
 
 
 def time_backend(op, batch, heads, n, head_dim, dtype, graph_only=False):
@@ -96,15 +131,17 @@ def time_backend(op, batch, heads, n, head_dim, dtype, graph_only=False):
 
 def check(out_lines, results):
     out_lines.append('## correctness: fused vs chunkwise float64 (max relative error)')
-    for head_dim in (96, 192, 384):
-        for n in (196, 1000, 4096):
-            for dtype in (torch.float32, torch.bfloat16):
-                errors = relative_errors(n, head_dim, dtype)
-                results.append(dict(kind='check', n=n, head_dim=head_dim, dtype=str(dtype), **errors))
-                out_lines.append(f'DH={head_dim:3d} N={n:5d} {str(dtype)[6:]:9s} '
-                                 + ' '.join(f'{k}={v:.1e}' for k, v in errors.items()))
-    errors = relative_errors(200, 96, torch.float16)
-    out_lines.append('DH= 96 N=  200 float16   ' + ' '.join(f'{k}={v:.1e}' for k, v in errors.items()))
+    cases = [(head_dim, n, dtype) for head_dim in (96, 192, 384) for n in (196, 1000, 4096)
+             for dtype in (torch.float32, torch.bfloat16)] + [(96, 200, torch.float16)]
+    for head_dim, n, dtype in cases:
+        try:
+            errors = relative_errors(n, head_dim, dtype)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other cases
+            out_lines.append(f'DH={head_dim:3d} N={n:5d} {str(dtype)[6:]:9s} failed: {exc!r}'[:300])
+            continue
+        results.append(dict(kind='check', n=n, head_dim=head_dim, dtype=str(dtype), **errors))
+        out_lines.append(f'DH={head_dim:3d} N={n:5d} {str(dtype)[6:]:9s} '
+                         + ' '.join(f'{k}={v:.1e}' for k, v in errors.items()))
 
 
 TIMING_SHAPES = [  # name, B, NH, N, DH
@@ -136,18 +173,90 @@ def timing(out_lines, results, dtype):
                              f'{fwd:8.3f} | {total:8.3f} | {graph:8.3f} | {mib:8.0f}')
 
 
-def profile_fused(out_lines, batch=64, heads=4, n=196, head_dim=96, dtype=torch.bfloat16):
-    """Where the fused forward+backward spends GPU time at the ViL-T 224px shape (kernels vs small torch ops)."""
+# fused_chunkwise correctness: (head dim, N, dtype, reverse, strided); --quick runs the first QUICK_CHECKS.
+CHUNKWISE_CHECKS = [
+    (96, 196, torch.bfloat16, False, False), (96, 4096, torch.bfloat16, True, False),
+    (384, 1000, torch.bfloat16, True, False), (96, 1000, torch.bfloat16, True, True),
+    (96, 1000, torch.float32, False, False), (96, 200, torch.float64, True, False),
+] + [(head_dim, n, dtype, reverse, False) for head_dim in (96, 192, 384) for n in (196, 1000, 4096)
+     for dtype in (torch.bfloat16, torch.float32) for reverse in (False, True)]
+QUICK_CHECKS = 6
+# What the tests allow (3xTF32 float32 sums over thousands of steps get a little more than float32's 1e-4).
+CHECK_TOLERANCES = {torch.bfloat16: 3e-2, torch.float32: 1e-3, torch.float64: 1e-10}
+
+
+def check_chunkwise(out_lines, results, summary, quick):
+    out_lines.append('## correctness: fused_chunkwise vs chunkwise float64 (max relative error)')
+    for head_dim, n, dtype, reverse, strided in CHUNKWISE_CHECKS[:QUICK_CHECKS] if quick else CHUNKWISE_CHECKS:
+        name = f'DH={head_dim:3d} N={n:5d} {str(dtype)[6:]:8s} {"reverse" if reverse else "forward"}' + (
+            ' strided' if strided else '')
+        try:
+            errors = relative_errors(n, head_dim, dtype, functools.partial(mlstm_fused_chunkwise, reverse=reverse),
+                                     reverse, strided)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other cases
+            out_lines.append(f'{name} failed: {exc!r}'[:300])
+            summary.append(f'check {name}: FAILED to run')
+            torch.cuda.empty_cache()
+            continue
+        worst = max(errors.values())
+        verdict = 'ok' if worst <= CHECK_TOLERANCES[dtype] else 'OVER TOLERANCE'
+        results.append(dict(kind='check_chunkwise', n=n, head_dim=head_dim, dtype=str(dtype), reverse=reverse,
+                            strided=strided, **errors))
+        out_lines.append(f'{name} ' + ' '.join(f'{k}={v:.1e}' for k, v in errors.items()) + f' {verdict}')
+        summary.append(f'check {name}: worst {worst:.1e} {verdict}')
+
+
+GRAPH_SHAPES = [  # name, B, NH, N, DH
+    ('B=1 N=196', 1, 4, 196, 96), ('B=1 N=1024', 1, 4, 1024, 96), ('B=1 N=4096', 1, 4, 4096, 96),
+    ('B=1 N=16384', 1, 4, 16384, 96), ('ViL-T 224 B=64', 64, 4, 196, 96), ('ViL-T 512 B=8', 8, 4, 1024, 96),
+]
+GRAPH_BACKENDS = {
+    'fused_chunkwise': mlstm_fused_chunkwise,
+    'fused_chunkwise reverse': functools.partial(mlstm_fused_chunkwise, reverse=True),
+    'fused_chunkwise chunk 32': functools.partial(mlstm_fused_chunkwise, chunk_size=32),
+    'fused_chunkwise chunk 128': functools.partial(mlstm_fused_chunkwise, chunk_size=128),
+    'fused': mlstm_fused, 'chunkwise': mlstm_chunkwise, 'sdpa causal': sdpa,
+}
+QUICK_GRAPH_BACKENDS = ('fused_chunkwise', 'fused_chunkwise reverse', 'fused', 'chunkwise', 'sdpa causal')
+
+
+def graph_timing(out_lines, results, summary, dtype, quick):
+    """CUDA-graph forward+backward median ms of the chunkwise kernels against the others, as a compact table."""
+    out_lines.append(f'## CUDA-graph forward+backward, median ms, {str(dtype)[6:]}, DH=96')
+    backends = {k: v for k, v in GRAPH_BACKENDS.items() if not quick or k in QUICK_GRAPH_BACKENDS}
+    table = [f'{"shape":16s}' + ''.join(f'{name[:26]:>27s}' for name in backends)]
+    for shape, batch, heads, n, head_dim in GRAPH_SHAPES:
+        row = f'{shape:16s}'
+        for backend, op in backends.items():
+            try:
+                graph_ms = time_backend(op, batch, heads, n, head_dim, dtype, graph_only=True)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory or a compile failure: report and go on
+                out_lines.append(f'{shape} {backend} failed: {exc!r}'[:300])
+                torch.cuda.empty_cache()
+                row += f'{"failed":>27s}'
+                continue
+            results.append(dict(kind='graph', shape=shape, batch=batch, heads=heads, n=n, head_dim=head_dim,
+                                dtype=str(dtype), backend=backend, graph_forward_backward_ms=graph_ms))
+            row += f'{graph_ms:27.3f}'
+        table.append(row)
+    out_lines.extend(table)
+    summary.append(f'CUDA-graph forward+backward ms, {str(dtype)[6:]}, DH=96, NH=4:')
+    summary.extend(table)
+
+
+def profile_fused(out_lines, batch=64, heads=4, n=196, head_dim=96, dtype=torch.bfloat16, backend='fused'):
+    """Where a fused backend's forward+backward spends GPU time at the ViL-T 224px shape (kernels vs torch ops)."""
+    op = BACKENDS[backend]
     inputs = [x.requires_grad_() for x in make_inputs(batch, heads, n, head_dim, dtype)]
     grad_h = torch.randn(batch, heads, n, head_dim, device='cuda', dtype=dtype)
     for _ in range(3):
-        torch.autograd.grad(mlstm_fused(*inputs), inputs, grad_h)
+        torch.autograd.grad(op(*inputs), inputs, grad_h)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            torch.autograd.grad(mlstm_fused(*inputs), inputs, grad_h)
+            torch.autograd.grad(op(*inputs), inputs, grad_h)
         torch.cuda.synchronize()
-    out_lines.append(f'## profile of 10 fused forward+backward, B={batch} NH={heads} N={n} DH={head_dim} {dtype}')
+    out_lines.append(f'## profile of 10 {backend} forward+backward, B={batch} NH={heads} N={n} DH={head_dim} {dtype}')
     out_lines.append(prof.key_averages().table(sort_by='cuda_time_total', row_limit=25, max_name_column_width=60))
 
 
@@ -184,19 +293,32 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default='.', help='folder for mlstm_kernel_check.{txt,json}')
     parser.add_argument('--sweep', action='store_true', help='also time candidate tile configurations')
+    parser.add_argument('--quick', action='store_true',
+                        help='only a few fused_chunkwise checks and the bfloat16 CUDA-graph table (minutes)')
     args = parser.parse_args()
 
     start = time.time()
     out_lines = [f'# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | '
                  f'python {platform.python_version()} | {time.strftime("%Y-%m-%d %H:%M")}']
-    results = []
-    check(out_lines, results)
-    for dtype in (torch.bfloat16, torch.float32):
-        timing(out_lines, results, dtype)
-    profile_fused(out_lines)
+    results, summary = [], []
+    if not args.quick:
+        check(out_lines, results)
+    check_chunkwise(out_lines, results, summary, args.quick)
+    for dtype in (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float32):
+        graph_timing(out_lines, results, summary, dtype, args.quick)
+    if not args.quick:
+        for dtype in (torch.bfloat16, torch.float32):
+            timing(out_lines, results, dtype)
+        for backend in ('fused', 'fused_chunkwise'):
+            try:
+                profile_fused(out_lines, backend=backend)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                out_lines.append(f'profile of {backend} failed: {exc!r}'[:300])
     if args.sweep:
         sweep(out_lines, results, torch.bfloat16)
     out_lines.append(f'# total {time.time() - start:.0f} s')
+    out_lines.append('## summary')
+    out_lines.extend(summary)
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'mlstm_kernel_check.json'), 'w') as f:

@@ -81,7 +81,11 @@ def backend_errors(backend, n, head_dim, dtype, device='cpu'):
     actual = mlstm(*actual_inputs, backend=backend)
     assert actual.dtype == dtype and actual.shape == expected.shape
     actual_grads = torch.autograd.grad(actual, actual_inputs, grad_h.to(device, dtype))
+    return relative_errors(actual, actual_grads, expected, expected_grads)
 
+
+def relative_errors(actual, actual_grads, expected, expected_grads):
+    """Max error of h and each gradient relative to max(|expected|, FLOOR x |h| or the largest expected gradient)."""
     grad_scale = max(g.abs().max().item() for g in expected_grads)
     names = ('h', 'dq', 'dk', 'dv', 'digate', 'dfgate')
     errors = {}
@@ -191,9 +195,9 @@ def test_fused_backend_under_triton_interpreter():
 
 
 # ---------------------------------------------------------------------------------------------- whole backbone
-@pytest.mark.parametrize('backend', ['chunkwise', 'auto', 'fused'])
+@pytest.mark.parametrize('backend', ['chunkwise', 'auto', 'fused', 'fused_chunkwise'])
 def test_backbone_features_agree_across_backends(backend):
-    if backend == 'fused' and FUSED_DEVICE is None:
+    if backend.startswith('fused') and FUSED_DEVICE is None:
         pytest.skip('fused kernels need CUDA or TRITON_INTERPRET=1')
     from mmseg_vil.models.backbones.vil import ViL
     device = FUSED_DEVICE or 'cpu'

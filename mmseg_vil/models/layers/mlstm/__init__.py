@@ -8,8 +8,9 @@ same function with the same (full autograd) gradients; they differ in speed and 
 
 * ``parallel``: the official quadratic form, O(N^2) memory; fastest on CPU for short sequences.
 * ``chunkwise``: pure PyTorch, memory linear in N; any device.
-* ``fused``: our Triton kernels, CUDA only (or any device under ``TRITON_INTERPRET=1``); registered when Triton
-  imports.
+* ``fused``: our quadratic Triton kernels (flash-attention-like), CUDA only (or any device under
+  ``TRITON_INTERPRET=1``); registered when Triton imports.
+* ``fused_chunkwise``: our chunkwise (state-passing) Triton kernels, linear in N; same devices as ``fused``.
 * ``auto``: the fastest accurate one for the device, dtype, head dim and sequence length.
 """
 from typing import Callable, Dict
@@ -22,8 +23,9 @@ from .parallel import mlstm_parallel
 
 try:
     from .fused import mlstm_fused
+    from .fused_chunkwise import mlstm_fused_chunkwise
 except ImportError:  # no Triton
-    mlstm_fused = None
+    mlstm_fused = mlstm_fused_chunkwise = None
 
 # Choices of 'auto', from CPU timings (mlstm_kernels.md §4) and H200 timings (benchmarks/mlstm_kernel_notes.md).
 # The quadratic form is the fastest torch backend for short sequences and float32/64 (in half precision it loses
@@ -61,8 +63,9 @@ MLSTM_BACKENDS: Dict[str, Callable[..., Tensor]] = {
 }
 if mlstm_fused is not None:
     MLSTM_BACKENDS['fused'] = mlstm_fused
+    MLSTM_BACKENDS['fused_chunkwise'] = mlstm_fused_chunkwise
 # Backends that take ``reverse`` themselves (by index arithmetic or inside a copy they make anyway).
-REVERSIBLE_BACKENDS = {'chunkwise', 'auto'}
+REVERSIBLE_BACKENDS = {'chunkwise', 'auto', 'fused_chunkwise'}
 
 
 def mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, backend: str = 'parallel',
@@ -79,4 +82,5 @@ def mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, backend
     return fn(q, k, v, igate, fgate)
 
 
-__all__ = ['MLSTM_BACKENDS', 'REVERSIBLE_BACKENDS', 'mlstm', 'mlstm_auto', 'mlstm_chunkwise', 'mlstm_fused', 'mlstm_parallel']
+__all__ = ['MLSTM_BACKENDS', 'REVERSIBLE_BACKENDS', 'mlstm', 'mlstm_auto', 'mlstm_chunkwise', 'mlstm_fused',
+           'mlstm_fused_chunkwise', 'mlstm_parallel']

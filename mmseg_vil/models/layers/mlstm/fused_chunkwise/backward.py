@@ -1,0 +1,353 @@
+"""Backward of the chunkwise Triton mLSTM: the parallel cell's exact gradients in five launches.
+
+The gradient itself is derived in ``fused.py``: with g_t = dL/dh_t, the divisor d_t = max(|r_t|, exp(-m_t)) + eps,
+delta_t = g_t.h_t, the row shift beta_t (through the normaliser's |r| branch) and the direct m-gradient
+gm_t = -delta_t eps / d_t, every pair (t, s <= t) contributes G[t,s] W[t,s] with G[t,s] = g_t.v_s / d_t + beta_t and
+W[t,s] = exp(logD[t,s] - m_t):
+
+    dq_t = sc sum_s G W k_s,    dk_s = sc sum_t G W q_t,    dv_s = sc sum_t (q_t.k_s) W g_t / d_t   (sc = DH^-1/2)
+
+Launches:
+1. ``forward.chunk_states`` again: C_c, n_c (for dq's earlier keys), m and its argmax at every chunk end, and the
+   local cumsums of the log forget gates.
+2. ``mlstm_chunk_grad_prep_kernel`` (per chunk): 1/d_t, beta_t, gm_t, and per chunk the sum of gm_t over the rows
+   whose argmax s*_t lies in an earlier chunk (that s* is always the previous chunk end's argmax).
+3. ``mlstm_chunk_state_backward_kernel`` walks the chunks backwards: the reverse states
+   dC_j = sum_{t > e_j} exp(M_e - M_t) q_t (g_t/d_t)^T and dn_j = sum_{t > e_j} exp(M_e - M_t) beta_t q_t (e = e_j,
+   scans.py), which every key of chunk j reads with its state weight exp(u_s - mu_e) (for dk, dv). It also stores
+   <dC_j, C_j> + <dn_j, n_j>: that is sum_{t > e_j >= s} dL/dlogD[t,s] / sc, which is exactly the forget-gate
+   gradient at the first step of chunk j+1 without the m-gradient.
+4. ``mlstm_chunk_grad_query_kernel`` (per chunk): dq (in-chunk quadratic form + the previous chunk's state) and the
+   row sums of dL/dlogD, q_t.dq_t + gm_t.
+5. ``mlstm_chunk_grad_key_kernel`` (per chunk): dk, dv (in-chunk + the reverse state) and the column sums
+   k_s.dk_s + sum_{t: s*_t = s} gm_t, then the gate gradients: di = column sum, and
+   dlog f_r = sum_{t >= r} (row - column sum) = in-chunk reverse cumsum + the crossing sum of launch 3 + the
+   m-gradients of later rows whose argmax lies at or before this chunk. The argmax targets of later chunks are
+   looked up in the per-chunk arrays of launches 1 and 2, so nothing is scattered with atomics and the result is
+   deterministic. dfgate = dlog f * sigmoid(-fgate).
+Splitting dq from dk/dv keeps each kernel's live tiles few enough to stay in registers.
+"""
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .forward import STATE_WARPS, chunk_states
+from .scans import causal_decay, chunk_stabiliser
+from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
+                    state_block_ptrs, state_dot, state_offset, store_tokens, token_major_buffer, token_major_strides,
+                    token_strides)
+
+
+@jit_kernel
+def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, CUM, ROW_SUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+                                 GRAD_M, STATE_GRAD_M, stride_gb, stride_gh, stride_gn, stride_hb, stride_hh,
+                                 stride_hn, stride_ib, stride_ih, stride_in, seq_len, num_heads, num_chunks, eps,
+                                 HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 REVERSE: tl.constexpr):
+    """Per row of one chunk: 1/d_t, beta_t, gm_t; per chunk: the gm_t of rows whose argmax is in an earlier chunk."""
+    chunk = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    GRAD_H += head_offset(batch_head, num_heads, stride_gb, stride_gh)
+    H += head_offset(batch_head, num_heads, stride_hb, stride_hh)
+    IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
+    chunk_ends = batch_head.to(tl.int64) * num_chunks
+    ACC = ROW_SUM.dtype.element_ty
+
+    steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
+    cum, _, row_log, _, from_state, _ = chunk_stabiliser(
+        IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in)
+    delta = tl.zeros((CHUNK,), dtype=ACC)
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
+        grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
+        h = load_tokens(H, positions, valid, d_start, stride_hn, HEAD_DIM, BLOCK_D)
+        delta += tl.sum(grad_h.to(ACC) * h.to(ACC), 1)
+
+    rows = batch_head.to(tl.int64) * seq_len + steps
+    row_sum = tl.load(ROW_SUM + rows, mask=valid, other=0.0)
+    norm_floor = tl.exp((-(cum + row_log)).to(ACC))
+    divisor = tl.maximum(tl.abs(row_sum), norm_floor) + eps
+    sign = tl.where(row_sum > 0, 1.0, tl.where(row_sum < 0, -1.0, 0.0))
+    grad_m = -delta * eps / divisor
+    tl.store(INV_DIVISOR + rows, 1 / divisor, mask=valid)
+    tl.store(ROW_SHIFT + rows, tl.where(tl.abs(row_sum) > norm_floor, -delta / divisor * sign, 0.0), mask=valid)
+    tl.store(GRAD_M + rows, grad_m, mask=valid)
+    tl.store(STATE_GRAD_M + chunk_ends + chunk, tl.sum(tl.where(valid & from_state, grad_m, 0.0), 0))
+
+
+@jit_kernel
+def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+                                      STATE_C, STATE_N, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
+                                      stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+                                      stride_ib, stride_ih, stride_in, seq_len, num_heads, num_chunks,
+                                      HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                                      REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                      DOT_IN_FLOAT32: tl.constexpr):
+    """Reverse states before every chunk boundary for one (key block, value block) of one head, walking backwards,
+    and their inner products with the forward states (launch 3 of the module docstring)."""
+    key_start = tl.program_id(0) * BLOCK_D
+    value_start = tl.program_id(1) * BLOCK_D
+    batch_head = tl.program_id(2)
+    Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
+    GRAD_H += head_offset(batch_head, num_heads, stride_gb, stride_gh)
+    IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
+    chunk_ends = batch_head.to(tl.int64) * num_chunks
+    NUM_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
+    ACC = STATE_C.dtype.element_ty
+    offs_key = key_start + tl.arange(0, BLOCK_D)
+    stores_norm = (offs_key < HEAD_DIM) & (value_start == 0)
+
+    grad_state = tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC)
+    grad_norm = tl.zeros((BLOCK_D,), dtype=ACC)
+    for index in range(1, num_chunks):
+        chunk = num_chunks - index  # its queries enter the reverse state of the boundary before it
+        steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
+        _, _, row_log, _, _, prev_max = chunk_stabiliser(
+            IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends,
+            chunk, steps, positions, valid, stride_in)
+        end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
+        rows = batch_head.to(tl.int64) * seq_len + steps
+        inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
+        shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
+        q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
+        grad_h = load_tokens(GRAD_H, positions, valid, value_start, stride_gn, HEAD_DIM, BLOCK_D)
+        scaled_grad = grad_h.to(ACC) * inv_divisor[:, None]
+        weighted_q = q.to(ACC) * tl.exp((prev_max - row_log).to(ACC))[:, None]
+        carry = tl.exp((prev_max - end_row_log).to(ACC))
+        grad_state = state_dot(tl.trans(weighted_q), scaled_grad, grad_state * carry)
+        grad_norm = grad_norm * carry + tl.sum(weighted_q * shift[:, None], 0)
+
+        boundary = chunk - 1
+        ptrs, mask = state_block_ptrs(GRAD_STATE_C + state_offset(batch_head, boundary, num_chunks, HEAD_DIM),
+                                      key_start, value_start, HEAD_DIM, BLOCK_D)
+        tl.store(ptrs, grad_state, mask=mask)
+        norm_offset = (chunk_ends + boundary) * HEAD_DIM
+        tl.store(GRAD_STATE_N + norm_offset + offs_key, grad_norm, mask=stores_norm)
+        state = load_state_block(STATE_C + state_offset(batch_head, boundary, num_chunks, HEAD_DIM), key_start,
+                                 value_start, HEAD_DIM, BLOCK_D)
+        norm = load_state_vector(STATE_N + norm_offset, key_start, True, HEAD_DIM, BLOCK_D)
+        crossing = tl.sum(tl.sum(grad_state * state, 1), 0) + tl.sum(tl.where(stores_norm, grad_norm * norm, 0.0), 0)
+        tl.store(CROSSING + ((chunk_ends + boundary) * NUM_BLOCKS + tl.program_id(0)) * NUM_BLOCKS
+                 + tl.program_id(1), crossing)
+
+
+@jit_kernel
+def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+                                  GRAD_M, STATE_C, STATE_N, DQ, ROW_TOTAL, stride_qb, stride_qh, stride_qn,
+                                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                                  stride_gb, stride_gh, stride_gn, stride_ib, stride_ih, stride_in,
+                                  stride_ob, stride_oh, stride_on, seq_len, num_heads, num_chunks, scale,
+                                  HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """dq of one chunk of one head and its rows' sums of dL/dlogD, q_t.dq_t + gm_t (launch 4)."""
+    chunk = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
+    K += head_offset(batch_head, num_heads, stride_kb, stride_kh)
+    V += head_offset(batch_head, num_heads, stride_vb, stride_vh)
+    GRAD_H += head_offset(batch_head, num_heads, stride_gb, stride_gh)
+    IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
+    DQ += head_offset(batch_head, num_heads, stride_ob, stride_oh)
+    chunk_ends = batch_head.to(tl.int64) * num_chunks
+    prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
+    prev_state_n = STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM
+    ACC = STATE_C.dtype.element_ty
+    IN = Q.dtype.element_ty
+
+    steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
+    _, key_log, row_log, _, _, prev_max = chunk_stabiliser(
+        IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in)
+    rows = batch_head.to(tl.int64) * seq_len + steps
+    inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
+    shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
+    state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
+
+    grad_scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
+        grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
+        v = load_tokens(V, positions, valid, d_start, stride_vn, HEAD_DIM, BLOCK_D)
+        grad_scores = dot((grad_h.to(ACC) * inv_divisor[:, None]).to(IN), tl.trans(v), grad_scores, DOT_PRECISION,
+                          DOT_IN_FLOAT32)
+    grad_weights = ((grad_scores + shift[:, None]) * causal_decay(key_log, row_log, steps, False, ACC)
+                    * scale).to(IN)
+
+    # Earlier keys through the previous chunk's state (a loop bound, not a branch: see the forward's output kernel),
+    # rows pre-scaled by its weight.
+    has_state = chunk > 0
+    state_end = tl.where(has_state, HEAD_DIM, 0)
+    row_total = tl.load(GRAD_M + rows, mask=valid, other=0.0)
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
+        k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
+        dq = dot(grad_weights, k, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
+        for value_start in range(0, state_end, BLOCK_D):
+            grad_h = load_tokens(GRAD_H, positions, valid, value_start, stride_gn, HEAD_DIM, BLOCK_D)
+            weighted_grad = (grad_h.to(ACC) * (inv_divisor * state_weight)[:, None]).to(IN)
+            state = load_state_block(prev_state_c, d_start, value_start, HEAD_DIM, BLOCK_D)
+            dq = dot(weighted_grad, tl.trans(state.to(IN)), dq, DOT_PRECISION, DOT_IN_FLOAT32)
+        norm = load_state_vector(prev_state_n, d_start, has_state, HEAD_DIM, BLOCK_D)
+        dq += (shift * state_weight)[:, None] * norm[None, :]
+        q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
+        row_total += tl.sum(q.to(ACC) * dq, 1)
+        store_tokens(DQ, dq, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
+    tl.store(ROW_TOTAL + rows, row_total, mask=valid)
+
+
+@jit_kernel
+def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+                                GRAD_M, ROW_TOTAL, STATE_GRAD_M, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
+                                DK, DV, DIGATE, DFGATE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                stride_kn, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
+                                stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
+                                stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+                                seq_len, num_heads, num_chunks, scale, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, BLOCK_CROSSING: tl.constexpr,
+                                REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """dk, dv and the gate gradients of one chunk of one head (launch 5). Tiles are key-major (rows s, columns t),
+    so the sums over queries need no transposed tiles."""
+    chunk = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
+    K += head_offset(batch_head, num_heads, stride_kb, stride_kh)
+    V += head_offset(batch_head, num_heads, stride_vb, stride_vh)
+    GRAD_H += head_offset(batch_head, num_heads, stride_gb, stride_gh)
+    IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
+    FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
+    DK += head_offset(batch_head, num_heads, stride_ob, stride_oh)
+    DV += head_offset(batch_head, num_heads, stride_ob, stride_oh)
+    DIGATE += head_offset(batch_head, num_heads, stride_db, stride_dh)
+    DFGATE += head_offset(batch_head, num_heads, stride_db, stride_dh)
+    chunk_ends = batch_head.to(tl.int64) * num_chunks
+    grad_state_c = GRAD_STATE_C + state_offset(batch_head, chunk, num_chunks, HEAD_DIM)
+    grad_state_n = GRAD_STATE_N + (chunk_ends + chunk) * HEAD_DIM
+    NUM_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
+    ACC = GRAD_STATE_C.dtype.element_ty
+    IN = Q.dtype.element_ty
+    has_next = chunk < num_chunks - 1
+
+    steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
+    _, key_log, row_log, argmax, from_state, _ = chunk_stabiliser(
+        IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in)
+    end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
+    key_weight = tl.exp((key_log - end_row_log).to(ACC)) * scale  # weight in this chunk's state; 0 past the end
+    rows = batch_head.to(tl.int64) * seq_len + steps
+    inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
+    shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
+
+    scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
+    grad_scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
+        q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
+        k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
+        v = load_tokens(V, positions, valid, d_start, stride_vn, HEAD_DIM, BLOCK_D)
+        grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
+        scores = dot(k, tl.trans(q), scores, DOT_PRECISION, DOT_IN_FLOAT32)
+        grad_scores = dot(v, tl.trans((grad_h.to(ACC) * inv_divisor[:, None]).to(IN)), grad_scores, DOT_PRECISION,
+                          DOT_IN_FLOAT32)
+    decay = causal_decay(key_log, row_log, steps, True, ACC) * scale
+    weights = (scores * decay).to(IN)
+    grad_weights = ((grad_scores + shift[None, :]) * decay).to(IN)
+
+    # Later queries through the reverse state after this chunk (none after the last: a loop bound, not a branch),
+    # keys pre-scaled by their weight in it.
+    state_end = tl.where(has_next, HEAD_DIM, 0)
+    column_total = tl.zeros((CHUNK,), dtype=ACC)
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
+        grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
+        dv = dot(weights, (grad_h.to(ACC) * inv_divisor[:, None]).to(IN), tl.zeros((CHUNK, BLOCK_D), dtype=ACC),
+                 DOT_PRECISION, DOT_IN_FLOAT32)
+        for key_start in range(0, state_end, BLOCK_D):
+            k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, BLOCK_D)
+            state = load_state_block(grad_state_c, key_start, d_start, HEAD_DIM, BLOCK_D)
+            dv = dot((k.to(ACC) * key_weight[:, None]).to(IN), state.to(IN), dv, DOT_PRECISION, DOT_IN_FLOAT32)
+        store_tokens(DV, dv, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
+
+        q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
+        dk = dot(grad_weights, q, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
+        for value_start in range(0, state_end, BLOCK_D):
+            v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
+            state = load_state_block(grad_state_c, d_start, value_start, HEAD_DIM, BLOCK_D)
+            dk = dot((v.to(ACC) * key_weight[:, None]).to(IN), tl.trans(state.to(IN)), dk, DOT_PRECISION,
+                     DOT_IN_FLOAT32)
+        grad_norm = load_state_vector(grad_state_n, d_start, has_next, HEAD_DIM, BLOCK_D)
+        dk += key_weight[:, None] * grad_norm[None, :]
+        k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
+        column_total += tl.sum(k.to(ACC) * dk, 1)
+        store_tokens(DK, dk, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
+
+    # m_t = logD[t, s*_t]: gm_t also belongs to column s*_t, here if s*_t is in this chunk ...
+    grad_m = tl.load(GRAD_M + rows, mask=valid, other=0.0)
+    in_chunk = valid & (from_state == 0)
+    column_total += tl.sum(tl.where((argmax[:, None] == steps[None, :]) & in_chunk[:, None], grad_m[:, None], 0.0), 0)
+    # ... or from the rows of later chunks whose argmax is a chunk end's (launch 2's per-chunk sums).
+    last_step = chunk * CHUNK + CHUNK - 1
+    crossing = tl.zeros((1,), dtype=ACC)
+    for later_start in range(chunk + 1, num_chunks, BLOCK_CHUNKS):
+        later = later_start + tl.arange(0, BLOCK_CHUNKS)
+        exists = later < num_chunks
+        later_grad_m = tl.load(STATE_GRAD_M + chunk_ends + later, mask=exists, other=0.0)
+        target = tl.load(CHUNK_ARGMAX + chunk_ends + later - 1, mask=exists, other=-1)
+        column_total += tl.sum(tl.where(target[None, :] == steps[:, None], later_grad_m[None, :], 0.0), 1)
+        crossing += tl.sum(tl.where(target <= last_step, later_grad_m, 0.0), 0)
+    if has_next:
+        offs = tl.arange(0, BLOCK_CROSSING)
+        partials = tl.load(CROSSING + (chunk_ends + chunk) * NUM_BLOCKS * NUM_BLOCKS + offs,
+                           mask=offs < NUM_BLOCKS * NUM_BLOCKS, other=0.0)
+        crossing += tl.sum(partials, 0) * scale
+    row_total = tl.load(ROW_TOTAL + rows, mask=valid, other=0.0)
+    grad_log_f = tl.cumsum(tl.where(valid, row_total - column_total, 0.0), 0, reverse=True) + crossing
+    fgate = tl.load(FGATE + positions * stride_fn, mask=valid, other=0.0)
+    if fgate.dtype != tl.float64:
+        fgate = fgate.to(tl.float32)
+    gate_positions = positions * stride_dn
+    tl.store(DIGATE + gate_positions, column_total.to(DIGATE.dtype.element_ty), mask=valid)
+    tl.store(DFGATE + gate_positions, (grad_log_f * tl.sigmoid(-fgate).to(ACC)).to(DFGATE.dtype.element_ty),
+             mask=valid)
+
+
+def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor,
+             row_sum: Tensor, eps: float, config: dict) -> List[Tensor]:
+    """Gradients of q, k, v as ``(B, N, NH, DH)`` buffers and of igate, fgate as ``(B, N, NH)`` buffers.
+
+    ``grad_h`` and ``h`` are ``(B, N, NH, DH)`` (any strides with a unit head-dim stride), ``row_sum`` is the
+    forward's.
+    """
+    batch, heads, n, head_dim = q.shape
+    state_c, state_n, chunk_max, chunk_argmax, cum = chunk_states(k, v, igate, fgate, config)
+    num_chunks = chunk_max.shape[1]
+    blocks = triton.cdiv(head_dim, config['BLOCK_D'])
+    grid = (num_chunks, batch * heads)
+    token_args = (*token_strides(q), *token_strides(k), *token_strides(v), *token_major_strides(grad_h),
+                  *token_strides(igate))
+    scale = 1 / head_dim ** 0.5
+    inv_divisor, row_shift, grad_m, row_total = (torch.empty_like(row_sum) for _ in range(4))
+    state_grad_m = torch.empty(batch * heads, num_chunks, dtype=row_sum.dtype, device=q.device)
+    prep_config = {key: config[key] for key in ('HEAD_DIM', 'CHUNK', 'BLOCK_D', 'REVERSE', 'num_warps')}
+    mlstm_chunk_grad_prep_kernel[grid](
+        grad_h, h, igate, cum, row_sum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_grad_m,
+        *token_major_strides(grad_h), *token_major_strides(h), *token_strides(igate), n, heads, num_chunks, eps,
+        **prep_config)
+
+    grad_state_c, grad_state_n = torch.empty_like(state_c), torch.empty_like(state_n)
+    crossing = torch.empty(batch * heads, num_chunks, blocks * blocks, dtype=state_c.dtype, device=q.device)
+    mlstm_chunk_state_backward_kernel[(blocks, blocks, batch * heads)](
+        q, grad_h, igate, cum, chunk_max, chunk_argmax, inv_divisor, row_shift, state_c, state_n, grad_state_c,
+        grad_state_n, crossing, *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads,
+        num_chunks, **{**config, 'num_warps': STATE_WARPS})
+
+    dq, dk, dv = (token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3))
+    mlstm_chunk_grad_query_kernel[grid](
+        q, k, v, grad_h, igate, cum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_c, state_n,
+        dq, row_total, *token_args, *token_major_strides(dq), n, heads, num_chunks, scale, **config)
+    d_igate = token_major_buffer((batch, n, heads), igate)
+    d_fgate = token_major_buffer((batch, n, heads), fgate)
+    mlstm_chunk_grad_key_kernel[grid](
+        q, k, v, grad_h, igate, fgate, cum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, row_total,
+        state_grad_m, grad_state_c, grad_state_n, crossing, dk, dv, d_igate, d_fgate, *token_args,
+        *token_strides(fgate), *token_major_strides(dk), *token_major_strides(d_igate), n, heads, num_chunks, scale,
+        BLOCK_CHUNKS=64, BLOCK_CROSSING=triton.next_power_of_2(blocks * blocks), **config)
+    return [dq, dk, dv, d_igate, d_fgate]

@@ -1,0 +1,108 @@
+"""The chunkwise Triton mLSTM as torch.library custom ops with a registered autograd formula.
+
+torch.compile (fullgraph too) then treats forward and backward as opaque calls: no graph break, and Inductor never
+re-traces our kernels. A custom op must return fresh tensors, so the ops return the token-major ``(B, N, NH, DH)``
+buffers and the Python wrappers turn them into the ``(B, NH, N, DH)`` views the callers expect.
+"""
+from typing import List
+
+import torch
+from torch import Tensor
+
+from ..fused import _dot_options, _kernels_interpreted
+from . import backward as _backward_kernels
+from . import forward as _forward_kernels
+from .tiles import head_dim_block
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DEFAULT_CHUNK_SIZE = 64
+MAX_CHUNK_SIZE = 128  # a chunk's (CHUNK, CHUNK) tiles live in registers
+
+
+def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -> dict:
+    """Compile-time parameters and warps of the per-chunk kernels of one call (the state kernels: STATE_WARPS).
+
+    The ptxas report (sm_90, Triton 3.8) for the ViL head dims at chunk 64: no spills in half precision except about
+    60 bytes in the dk/dv kernel, about 120 bytes there in float32; chunk 128 spills kilobytes
+    (benchmarks/mlstm_kernel_check.py times chunk 32/64/128).
+    """
+    block_d = head_dim_block(head_dim, dtype, _kernels_interpreted())
+    return dict(HEAD_DIM=head_dim, CHUNK=chunk_size, BLOCK_D=block_d, REVERSE=reverse,
+                num_warps=8 if chunk_size >= 64 else 4, num_stages=1, **_dot_options(dtype))
+
+
+@torch.library.custom_op('mmseg_vil::mlstm_fused_chunkwise_forward', mutates_args=())
+def _forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, chunk_size: int,
+             reverse: bool) -> List[Tensor]:
+    """``[h (B, N, NH, DH), row sums (B*NH, N)]``."""
+    return list(_forward_kernels.forward(q, k, v, igate, fgate, eps,
+                                         _config(q.shape[-1], chunk_size, reverse, q.dtype)))
+
+
+@_forward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, chunk_size: int,
+      reverse: bool) -> List[Tensor]:
+    batch, heads, n, head_dim = q.shape
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    return [q.new_empty(batch, n, heads, head_dim), q.new_empty(batch * heads, n, dtype=acc_dtype)]
+
+
+@torch.library.custom_op('mmseg_vil::mlstm_fused_chunkwise_backward', mutates_args=())
+def _backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor,
+              row_sum: Tensor, eps: float, chunk_size: int, reverse: bool) -> List[Tensor]:
+    """``[dq, dk, dv (B, N, NH, DH), d_igate, d_fgate (B, N, NH)]``."""
+    if grad_h.stride(-1) != 1:  # e.g. the expanded gradient of h.sum()
+        grad_h = grad_h.contiguous()
+    return _backward_kernels.backward(grad_h, q, k, v, igate, fgate, h, row_sum, eps,
+                                      _config(q.shape[-1], chunk_size, reverse, q.dtype))
+
+
+@_backward.register_fake
+def _(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor, row_sum: Tensor,
+      eps: float, chunk_size: int, reverse: bool) -> List[Tensor]:
+    batch, heads, n, head_dim = q.shape
+    return [q.new_empty(batch, n, heads, head_dim) for _ in range(3)] + [
+        igate.new_empty(batch, n, heads), fgate.new_empty(batch, n, heads)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, igate, fgate, eps, chunk_size, reverse = inputs
+    ctx.save_for_backward(q, k, v, igate, fgate, *output)
+    ctx.options = (eps, chunk_size, reverse)
+
+
+def _autograd_backward(ctx, grads):
+    q, k, v, igate, fgate, h, row_sum = ctx.saved_tensors
+    grads = _backward(grads[0], q, k, v, igate, fgate, h, row_sum, *ctx.options)
+    return (*(grad.transpose(1, 2) for grad in grads), None, None, None)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def mlstm_fused_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6,
+                          reverse: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Chunkwise Triton mLSTM: the parallel cell's function and exact gradients in time and memory linear in N.
+
+    Args:
+        q, k, v: ``(B, NH, N, DH)``, any strides with a unit head-dim stride (e.g. views of a projection output).
+        igate, fgate: ``(B, NH, N)`` gate pre-activations, any strides.
+        eps: added to the normaliser.
+        reverse: traverse the tokens backwards, i.e. ``parallel(*flipped inputs).flip(2)``, without flipping copies.
+        chunk_size: steps per chunk, a power of two from 16 to 128.
+
+    Returns:
+        ``(B, NH, N, DH)`` in the dtype of ``q``: a transposed view of a contiguous ``(B, N, NH, DH)`` tensor.
+    """
+    if chunk_size not in (16, 32, 64, MAX_CHUNK_SIZE):
+        raise ValueError(f'chunk_size must be 16, 32, 64 or {MAX_CHUNK_SIZE}, got {chunk_size}.')
+    if q.device.type != 'cuda' and not _kernels_interpreted():
+        raise RuntimeError(f'The fused_chunkwise mLSTM backend needs CUDA tensors (got {q.device.type}); on CPU use '
+                           "'chunkwise' or 'parallel', or set TRITON_INTERPRET=1 before importing mmseg_vil.")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f'The fused_chunkwise mLSTM backend supports {SUPPORTED_DTYPES}, got {q.dtype}.')
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    # The kernels take any step/head/batch strides; only a non-unit head-dim stride costs a copy.
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    h, _ = _forward(q, k, v, igate, fgate, eps, chunk_size, reverse)
+    return h.transpose(1, 2)

@@ -1,0 +1,98 @@
+"""Gate scans and the exact max stabiliser of the chunkwise mLSTM, chunk by chunk.
+
+Per head, with F_t = sum_{r<=t} logsigmoid(fgate_r), logD[t,s] = F_t - F_s + i_s (s <= t) and the parallel cell's
+row max m_t = max_{s<=t} logD[t,s], write M_t = m_t - F_t = max_{s<=t} (i_s - F_s): a running max, non-decreasing in
+t, with argmax s*_t (ties to the later step). Every stabilised decay is exp((i_s - F_s) - M_t) <= 1, and splitting it
+at the end e of any chunk with e between s and t gives two factors that are each <= 1:
+
+    exp((i_s - F_s) - M_e)      the key s summed into the state after the chunk (its weight in C, n),
+    exp(M_e - M_t)              that state read by query t (forward), or query t summed into the reverse state.
+
+So the states need no running rescaling, and the stabiliser is the parallel form's, not a floored or chunk-local one.
+|F| grows with N, so nothing is stored relative to step 0: each chunk c works relative to its own start,
+
+    b_t = F_t - F_{start(c)-1}   (local cumsum),   u_s = i_s - b_s,   mu_t = m_t - b_t = max(m_{c-1}, max_{s<=t} u_s)
+
+with m_{c-1} = m at the end of the previous chunk (-inf before the first). In those terms the in-chunk decay is
+exp(u_s - mu_t), the key weight into the chunk's state exp(u_s - mu_e), the previous state's weight for query t
+exp(m_{c-1} - mu_t), and the chunk end value m_c = b_e + mu_e. Only m_c (and its argmax) crosses chunks: a max-plus
+recurrence that the state kernels, which walk the chunks in order anyway, carry along. The gate scans run in
+float64 (differences of large local sums keep their digits); every product then happens in the accumulation dtype.
+"""
+import triton
+import triton.language as tl
+
+from .._triton_kernels import _later_max
+
+
+@triton.jit
+def gate_scan(IGATE, FGATE, positions, valid, stride_i, stride_f):
+    """Local cumsum b of logsigmoid(fgate) and the key log weights u = i - b (-inf past the end, so weight 0).
+
+    logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)) is evaluated in the gates' dtype (float32 at least; float64 maths
+    functions are slow and take many registers), with log1p corrected for the rounding of 1 + x, so that forget gates
+    near 1 keep their relative accuracy. The cumsum and u are float64. Only the state kernel runs this; it stores b.
+    """
+    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0)
+    fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0)
+    if fgate.dtype != tl.float64:
+        igate = igate.to(tl.float32)
+        fgate = fgate.to(tl.float32)
+    small = tl.exp(-tl.abs(fgate))
+    shifted = 1.0 + small
+    log1p = tl.log(shifted) - ((shifted - 1.0) - small) / shifted
+    log_f = tl.where(valid, tl.minimum(fgate, 0.0) - log1p, 0.0)
+    cum = tl.cumsum(log_f.to(tl.float64), 0)
+    return cum, tl.where(valid, igate.to(tl.float64) - cum, float('-inf'))
+
+
+@triton.jit
+def row_stabiliser(key_log, steps, prev_max, prev_argmax):
+    """mu_t = max(prev_max, max_{s<=t} u_s) per step, the argmax s*_t (a step index; ties to the later step) and
+    whether it lies in an earlier chunk (the previous chunk end's argmax ``prev_argmax``)."""
+    run_max, run_argmax = tl.associative_scan((key_log, steps), 0, _later_max)
+    from_state = prev_max > run_max
+    return tl.where(from_state, prev_max, run_max), tl.where(from_state, prev_argmax, run_argmax), from_state
+
+
+@triton.jit
+def chunk_end(cum, key_log, steps, prev_max, prev_argmax):
+    """m, its argmax and mu at the chunk's last step from the previous chunk end's m and argmax: reductions only,
+    no scan (ties to the later step, as in ``row_stabiliser``)."""
+    chunk_max = tl.max(key_log, 0)
+    chunk_argmax = tl.max(tl.where(key_log == chunk_max, steps, -1), 0)
+    in_chunk = chunk_max >= prev_max
+    end_row_log = tl.where(in_chunk, chunk_max, prev_max)
+    return tl.min(cum, 0) + end_row_log, tl.where(in_chunk, chunk_argmax, prev_argmax), end_row_log
+
+
+@triton.jit
+def previous_chunk_end(CHUNK_MAX, CHUNK_ARGMAX, chunk):
+    """m and its argmax at the end of the previous chunk; -inf (no state) before the first."""
+    has_state = chunk > 0
+    prev_max = tl.load(CHUNK_MAX + chunk - 1, mask=has_state, other=float('-inf'))
+    return prev_max, tl.load(CHUNK_ARGMAX + chunk - 1, mask=has_state, other=0)
+
+
+@triton.jit
+def chunk_stabiliser(IGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, chunk, steps, positions, valid, stride_i):
+    """Everything a chunk program needs of the gates, from the local cumsums b that the state kernel stored: b, the
+    key log weights u, the row log stabiliser mu, the argmax s*, whether s* lies before the chunk, and m of the
+    previous chunk's end."""
+    cum = tl.load(CUM + steps, mask=valid, other=0.0)
+    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0).to(tl.float64)
+    key_log = tl.where(valid, igate - cum, float('-inf'))
+    prev_max, prev_argmax = previous_chunk_end(CHUNK_MAX, CHUNK_ARGMAX, chunk)
+    row_log, argmax, from_state = row_stabiliser(key_log, steps, prev_max, prev_argmax)
+    return cum, key_log, row_log, argmax, from_state, prev_max
+
+
+@triton.jit
+def causal_decay(key_log, row_log, steps, KEY_MAJOR: tl.constexpr, ACC: tl.constexpr):
+    """``(CHUNK, CHUNK)`` in-chunk decays exp(u_s - mu_t) for s <= t, 0 elsewhere: rows t and columns s, or rows s
+    and columns t when KEY_MAJOR (for sums over queries, without transposing tiles)."""
+    if KEY_MAJOR:
+        log_decay = tl.where(steps[:, None] <= steps[None, :], key_log[:, None] - row_log[None, :], float('-inf'))
+    else:
+        log_decay = tl.where(steps[None, :] <= steps[:, None], key_log[None, :] - row_log[:, None], float('-inf'))
+    return tl.exp(log_decay.to(ACC))

@@ -1,0 +1,164 @@
+"""The chunkwise Triton mLSTM ('fused_chunkwise') computes the parallel cell's function and exact gradients.
+
+Against the float64 formula of vil_spec.md §2.6 (``reference_float64`` of test_mlstm_backends.py, with its ViL-like
+gates that exercise both normaliser branches): output and all five gradients, one and several chunks, a partial last
+chunk, both directions, inputs read through the strides of a projection output, extreme gates, and torch.compile.
+On CUDA the tests run in this process; on CPU the kernels run under ``TRITON_INTERPRET=1`` in a subprocess, which
+must report every test passed (none skipped). Sizes are small because the interpreter is slow.
+"""
+import functools
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmseg_vil.models.layers.mlstm import MLSTM_BACKENDS
+from test_mlstm_backends import FUSED_DEVICE, TOLERANCES, make_inputs, reference_float64, relative_errors
+
+if 'fused_chunkwise' in MLSTM_BACKENDS:
+    from mmseg_vil.models.layers.mlstm import mlstm_fused_chunkwise
+
+needs_kernels = pytest.mark.skipif(FUSED_DEVICE is None, reason='Triton kernels need CUDA or TRITON_INTERPRET=1')
+F32, F64 = torch.float32, torch.float64
+
+
+@functools.lru_cache(maxsize=None)
+def reference_case(n, head_dim, dtype, reverse=False, seed=0, gates='vil'):
+    """Inputs (batch 1, 2 heads), output gradient, float64 reference output and gradients; ``reverse`` flips the
+    token order around the reference, which is what the reversed cell must compute."""
+    *inputs, grad_h = make_inputs(n, head_dim, dtype, seed, batch=1, heads=2)
+    if gates == 'extreme':  # exp input gates of e^+-100 and forget gates from ~0 to ~1
+        gen = torch.Generator().manual_seed(seed)
+        inputs[3] = (100 * torch.randn(1, 2, n, generator=gen, dtype=F64).sign()
+                     + torch.randn(1, 2, n, generator=gen, dtype=F64)).to(dtype).double()
+        inputs[4] = (60 * torch.rand(1, 2, n, generator=gen, dtype=F64) - 30).to(dtype).double()
+    inputs = [x.requires_grad_() for x in inputs]
+    if reverse:
+        expected = reference_float64(*(x.flip(-2 if x.dim() == 4 else -1) for x in inputs))[0].flip(-2)
+    else:
+        expected = reference_float64(*inputs)[0]
+    expected_grads = torch.autograd.grad(expected, inputs, grad_h)
+    return [x.detach() for x in inputs], grad_h, expected.detach(), expected_grads
+
+
+def chunkwise_errors(n, head_dim, dtype, chunk_size, reverse=False, gates='vil'):
+    inputs, grad_h, expected, expected_grads = reference_case(n, head_dim, dtype, reverse, gates=gates)
+    actual_inputs = [x.to(FUSED_DEVICE, dtype).requires_grad_() for x in inputs]
+    actual = mlstm_fused_chunkwise(*actual_inputs, reverse=reverse, chunk_size=chunk_size)
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    actual_grads = torch.autograd.grad(actual, actual_inputs, grad_h.to(FUSED_DEVICE, dtype))
+    return relative_errors(actual, actual_grads, expected, expected_grads)
+
+
+def assert_matches_reference(n, head_dim, dtype, chunk_size, reverse=False, gates='vil'):
+    errors = chunkwise_errors(n, head_dim, dtype, chunk_size, reverse, gates)
+    tolerance = TOLERANCES[dtype]
+    assert all(e <= tolerance for e in errors.values()), \
+        f'{dtype} N={n} DH={head_dim} chunk={chunk_size} reverse={reverse}: errors {errors} over {tolerance}'
+
+
+# (N, head dim, dtype, chunk size): one chunk, exact multiples, a partial last chunk, many chunks.
+CASES = [(1, 8, F64, 16), (15, 12, F64, 16), (64, 8, F64, 16), (65, 12, F64, 32), (130, 8, F64, 64),
+         (200, 12, F64, 16), (15, 8, F32, 16), (65, 12, F32, 16), (130, 12, F32, 32), (200, 8, F32, 64),
+         (130, 12, torch.bfloat16, 32),
+         # the ViL-T/S/B head dims, walked in 3 x 32, 3 x 64 and 6 x 64 blocks
+         (40, 96, F64, 16), (24, 192, F32, 16), (20, 384, F32, 16)]
+
+
+@needs_kernels
+@pytest.mark.parametrize('n,head_dim,dtype,chunk_size', CASES)
+def test_kernel_matches_reference(n, head_dim, dtype, chunk_size):
+    assert_matches_reference(n, head_dim, dtype, chunk_size)
+
+
+@needs_kernels
+@pytest.mark.parametrize('dtype', [F64, F32])
+def test_kernel_reverse_matches_flipped_reference(dtype):
+    assert_matches_reference(130, 12, dtype, 32, reverse=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize('dtype', [F64, F32])
+def test_kernel_extreme_gates(dtype):
+    """Input gates around +-100 and forget gates from -30 to 30: everything finite and equal to the reference."""
+    assert_matches_reference(130, 8, dtype, 32, reverse=dtype == F32, gates='extreme')
+
+
+@needs_kernels
+@pytest.mark.parametrize('reverse', [False, True])
+def test_kernel_reads_projection_layout(reverse):
+    """q, k, v as head views of one (B, N, 3 NH DH) projection output and the gates as views of one (B, N, 2 NH)
+    tensor are read in place; h is a transposed view of a token-major buffer, so flattening the heads back is free."""
+    n, heads, head_dim = 65, 2, 8
+    inputs, grad_h, expected, expected_grads = reference_case(n, head_dim, F64, reverse)
+    projection = torch.cat([x.transpose(1, 2).flatten(2) for x in inputs[:3]], -1).to(FUSED_DEVICE).requires_grad_()
+    gates = torch.cat([x.transpose(1, 2) for x in inputs[3:]], -1).to(FUSED_DEVICE).requires_grad_()
+    q, k, v = (x.unflatten(-1, (heads, head_dim)).transpose(1, 2) for x in projection.chunk(3, -1))
+    igate, fgate = gates.transpose(1, 2).chunk(2, dim=1)  # as the ViL block splits them
+    assert not q.is_contiguous() and not igate.is_contiguous()
+
+    h = mlstm_fused_chunkwise(q, k, v, igate, fgate, reverse=reverse, chunk_size=16)
+    assert h.transpose(1, 2).is_contiguous()
+    grad_projection, grad_gates = torch.autograd.grad(h, [projection, gates], grad_h.to(FUSED_DEVICE))
+    actual_grads = [*(g.unflatten(-1, (heads, head_dim)).transpose(1, 2) for g in grad_projection.chunk(3, -1)),
+                    *grad_gates.transpose(1, 2).chunk(2, dim=1)]
+    errors = relative_errors(h, actual_grads, expected, expected_grads)
+    assert all(e <= TOLERANCES[F64] for e in errors.values()), errors
+
+
+@needs_kernels
+def test_kernel_takes_expanded_output_gradient():
+    """The gradient of h.sum() reaches the backward as an expanded tensor (all strides 0)."""
+    inputs, _, expected, _ = reference_case(20, 8, F64)
+    inputs = [x.requires_grad_() for x in inputs]
+    expected_grads = torch.autograd.grad(reference_float64(*inputs)[0].sum(), inputs)
+    actual_inputs = [x.detach().to(FUSED_DEVICE).requires_grad_() for x in inputs]
+    actual = mlstm_fused_chunkwise(*actual_inputs, chunk_size=16)
+    errors = relative_errors(actual, torch.autograd.grad(actual.sum(), actual_inputs), expected, expected_grads)
+    assert all(e <= TOLERANCES[F64] for e in errors.values()), errors
+
+
+@needs_kernels
+def test_kernel_compiles_fullgraph_as_opaque_op():
+    """fullgraph=True fails on any graph break; compiled forward and backward equal eager."""
+    inputs, grad_h, _, _ = reference_case(40, 8, F32)
+    inputs = [x.to(FUSED_DEVICE, F32).requires_grad_() for x in inputs]
+    grad_h = grad_h.to(FUSED_DEVICE, F32)
+
+    def loss(q, k, v, igate, fgate):
+        return (mlstm_fused_chunkwise(q, k, v, igate, fgate, reverse=True, chunk_size=16) * grad_h).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend='aot_eager')
+    actual = torch.autograd.grad(compiled(*inputs), inputs)
+    expected = torch.autograd.grad(loss(*inputs), inputs)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')
+def test_invalid_chunk_size_is_rejected():
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match='chunk_size'):
+        mlstm_fused_chunkwise(q, q, q, q[..., 0], q[..., 0], chunk_size=48)
+
+
+@pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS or FUSED_DEVICE is not None,
+                    reason='needs Triton, and the kernels not runnable in this process')
+def test_cpu_without_interpreter_raises():
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match='TRITON_INTERPRET'):
+        mlstm_fused_chunkwise(q, q, q, q[..., 0], q[..., 0])
+
+
+@pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')
+@pytest.mark.skipif(FUSED_DEVICE is not None, reason='the kernel tests run in this process')
+def test_kernels_under_triton_interpreter():
+    result = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k', 'test_kernel_'],
+        env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=900)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert re.fullmatch(r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*', summary), summary  # none skipped
