@@ -115,13 +115,27 @@ def test_get_layer_depth_groups_block_pairs():
     assert model.get_layer_depth('decode_head.conv_seg.weight', 'backbone.') == (13, 14)
 
 
-def test_gradient_checkpointing_and_drop_path_train():
-    model = ViL(arch=TINY, img_size=32, out_indices=(3,), with_cp=True, drop_path_rate=0.2,
-                mlstm_backend='parallel').train()
-    assert model.layers[0].drop_path.drop_prob == 0 and model.layers[3].drop_path.drop_prob == pytest.approx(0.2)
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients():
+    """with_cp: every block runs again in the backward (its activations were not kept), replaying the same
+    drop-path draws, so the gradients are those of the plain model."""
     x = torch.randn(2, 3, 32, 32)
-    model(x)[0].sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    calls, grads = {}, {}
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        model = ViL(arch=TINY, img_size=32, out_indices=(3,), with_cp=with_cp, drop_path_rate=0.5,
+                    mlstm_backend='parallel').train()
+        counts = calls[with_cp] = [0] * len(model.layers)
+        for index, layer in enumerate(model.layers):
+            layer.register_forward_pre_hook(lambda *_, index=index: counts.__setitem__(index, counts[index] + 1))
+        model(x)[0].square().sum().backward()
+        grads[with_cp] = {name: p.grad for name, p in model.named_parameters()}
+    assert model.layers[0].drop_path.drop_prob == 0 and model.layers[3].drop_path.drop_prob == pytest.approx(0.5)
+    assert calls == {False: [1, 1, 1, 1], True: [2, 2, 2, 2]}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, msg=lambda m: f'{name}: {m}')
+    with torch.no_grad():  # nothing to recompute without gradients
+        model(x)
+    assert calls[True] == [3, 3, 3, 3]
 
 
 def _fixture_state_dict():
