@@ -169,7 +169,7 @@ class PooledClassifier(nn.Module):
 
 @pytest.mark.parametrize('arch,official_gmacs', [('tiny', 1.859), ('small', 5.799)])  # base: 6 s more
 def test_vil_flops_match_the_official_count(arch, official_gmacs):
-    """vil_spec.md §4 (tests/data/spec_excerpts.md): VisionLSTM2 at 224x224, batch 1, FlopCounterMode, in G MACs."""
+    """vil_spec §4 (tests/data/spec_excerpts.md): VisionLSTM2 at 224x224, batch 1, FlopCounterMode, in G MACs."""
     assert count_flops(PooledClassifier(arch).eval(), (224, 224)) / 2e9 == pytest.approx(official_gmacs, abs=5e-4)
 
 

@@ -88,7 +88,7 @@ def check_segmentor_widths(model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize('path', [p for p in CONFIGS if p.startswith(osp.join('configs', 'vil'))])
 def test_vil_configs_follow_official_recipe(path):
-    """The values of vil_spec.md §7 as the configs resolve them."""
+    """The official recipe (tests/data/spec_excerpts.md, vil_spec §7) as the configs resolve it."""
     cfg = Config.fromfile(osp.join(ROOT, path))
     size = osp.basename(path).split('_')[1]  # vil-t16 / vil-s16 / vil-b16
     backbone = cfg.model.backbone

@@ -67,7 +67,8 @@ def check_groups(groups: dict, model: torch.nn.Module, expected_scale) -> None:
 
 
 def test_vil_official_pair_grouping():
-    """Official ViL: embeddings 0.65^13, block pair j (blocks 2j, 2j+1) 0.65^(12-j), neck and heads the full lr."""
+    """Official ViL: embeddings 0.65^13, block pair j (blocks 2j, 2j+1) 0.65^(12-j), neck and heads the full lr
+    (tests/data/spec_excerpts.md, vil_spec §7)."""
     model = build_segmentor(
         dict(type='ViL', arch=dict(embed_dims=16, num_layers=24), img_size=32, out_indices=(7, 11, 15, 23)), 16)
     groups = param_groups(model)

@@ -1,7 +1,8 @@
 """Every mLSTM backend computes the parallel cell's function and its full autograd gradients.
 
-The reference is the formula of vil_spec.md §2.6 evaluated in float64 on the same (dtype-rounded) inputs; it is
-written out here because ``mlstm_parallel`` keeps its gates in float32 even for float64 inputs. Gates are ViL-like
+The reference is the formula of vil_spec §2.6 (tests/data/spec_excerpts.md) evaluated in float64 on the same
+(dtype-rounded) inputs; it is written out here because ``mlstm_parallel`` keeps its gates in float32 even for float64
+inputs. Gates are ViL-like
 (forget pre-activations +3..+6, input ~N(0,1)) with some strongly negative forget gates, so that the max stabiliser
 and both branches of the normaliser max(|q.n|, exp(-m)) matter.
 
@@ -45,7 +46,8 @@ LARGE_IGATE = 100.0
 
 
 def reference_float64(q, k, v, igate, fgate):
-    """vil_spec.md §2.6 in float64; also returns whether each row's normaliser took the exp(-m) branch."""
+    """vil_spec §2.6 (tests/data/spec_excerpts.md) in float64; also returns whether each row's normaliser took the
+    exp(-m) branch."""
     n = q.shape[-2]
     cum_log_f = torch.cumsum(F.logsigmoid(fgate), dim=-1)
     log_d = cum_log_f.unsqueeze(-1) - cum_log_f.unsqueeze(-2) + igate.unsqueeze(-2)

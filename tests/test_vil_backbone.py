@@ -26,6 +26,7 @@ def tiny(**kwargs):
 
 @pytest.mark.parametrize('arch,dims', [('tiny', 192), ('small', 384), ('base', 768)])
 def test_presets(arch, dims):
+    """tests/data/spec_excerpts.md, vil_spec §2.4 and §4."""
     model = ViL(arch=arch)
     assert model.embed_dims == dims and len(model.layers) == 24
     assert model.layers[0].mixer.igate.out_features == 4  # four mLSTM heads in every preset
@@ -33,7 +34,8 @@ def test_presets(arch, dims):
 
 
 def test_tiny_parameter_count_matches_the_official_model():
-    # vil_spec.md §4: VisionLSTM2 ViL-T at 224 has 6,391,528 parameters including the 1000-class head
+    # tests/data/spec_excerpts.md, vil_spec §4 (counted on the official VisionLSTM2): ViL-T at 224 has 6,391,528
+    # parameters including the 1000-class head of §2.7
     # (legacy LayerNorm 2*192*2 + Linear 384*1000 + 1000).
     backbone = ViL(arch='tiny', final_norm=True)
     head = 2 * 384 + 384 * 1000 + 1000
@@ -106,6 +108,7 @@ def test_bad_constructor_arguments():
 
 
 def test_get_layer_depth_groups_block_pairs():
+    """group_two_blocks of the official UperNet recipe (tests/data/spec_excerpts.md, vil_spec §7)."""
     model = ViL(arch='tiny')
     assert model.get_layer_depth('backbone.pos_embed', 'backbone.') == (0, 14)
     assert model.get_layer_depth('backbone.patch_embed.weight', 'backbone.') == (0, 14)

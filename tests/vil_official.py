@@ -10,7 +10,8 @@ def _released_block_key(index: int, rest: str) -> str:
 
 
 def official_to_released(official: dict, v1: bool = False) -> dict:
-    """Inverse of the hub's renaming (vil_spec.md §5): a released-format (.th, training-code names) state dict.
+    """Inverse of the hub's renaming (vil_spec §5, tests/data/spec_excerpts.md): a released-format (.th,
+    training-code names) state dict.
 
     ``v1`` inverts ``preprocess='v1'`` (``VisionLSTM`` keys) instead of ``'v2'`` (``VisionLSTM2`` keys).
     """
