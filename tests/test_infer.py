@@ -120,9 +120,10 @@ def test_masks_have_the_size_of_their_images(model, tmp_path, monkeypatch):
     summary = SegmentationWriter(model, str(tmp_path / 'out')).run(
         [str(tmp_path / name) for name in sizes], progress=False)
     assert sorted(seen) == sorted(((*size, 3), size) for size in sizes.values())
-    for name, size in sizes.items():
-        assert _read(tmp_path / 'out' / 'pred' / name).shape == size
     assert not summary.failures
+    for name, size in sizes.items():
+        mask_path, _ = summary.outputs[str(tmp_path / name)]
+        assert _read(mask_path).shape == size
 
 
 def test_masks_match_mmseg_inference(model, image_dir, tmp_path):
