@@ -25,7 +25,8 @@ PRETRAIN = CONFIG_DIR / 'vil-t16_8xb256-800e_in1k-192px.py'
 FINETUNE = CONFIG_DIR / 'vil-t16_192px-pre_8xb128-20e_in1k-224px.py'
 CLASSIFY = ROOT / 'tools' / 'classify.py'
 EPOCHS = 6
-# Parameter counts of the released models (vil_spec.md §4), at the 192px pre-training / 224px fine-tuning grids.
+# Parameter counts of the released models at the 192px pre-training / 224px fine-tuning grids: measured on the
+# official modules or read from the official logs (tests/data/spec_excerpts.md, vil_spec §4).
 RELEASED_PARAMS = {
     'vil-t16_8xb256-800e_in1k-192px.py': 6_381_544, 'vil-t16_192px-pre_8xb128-20e_in1k-224px.py': 6_391_528,
     'vil-s16_8xb256-400e_in1k-192px.py': 23_378_728, 'vil-s16_192px-pre_8xb128-20e_in1k-224px.py': 23_398_696,
@@ -89,6 +90,7 @@ def test_configs_build_the_released_architectures(name):
 
 
 def test_schedule_excludes_norms_biases_and_pos_embed_from_weight_decay():
+    """The official pre-training recipe (tests/data/spec_excerpts.md, vil_spec §4)."""
     cfg = Config.fromfile(str(PRETRAIN))
     cfg.model.backbone.arch = dict(embed_dims=32, num_layers=2)
     cfg.model.head.in_channels = 64

@@ -107,6 +107,25 @@ def test_folder_with_bad_files(model, image_dir, tmp_path, batch_size):
         assert np.abs(vis.astype(int) - expected.astype(int)).max() <= 1
 
 
+def test_masks_have_the_size_of_their_images(model, tmp_path, monkeypatch):
+    """Each prediction has its image's height and width, checked on the mask itself: the overlay is replaced by a
+    recorder, so a wrongly sized mask cannot surface as a blending error instead."""
+    from mmseg_vil.apis import inference
+    sizes = {'odd.png': (37, 101), 'square.png': (64, 64)}  # 37 x 101: no multiple of the patch or crop size
+    rng = np.random.default_rng(1)
+    for name, size in sizes.items():
+        cv2.imwrite(str(tmp_path / name), rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    seen = []
+    monkeypatch.setattr(inference, 'overlay', lambda image, mask, *_: seen.append((image.shape, mask.shape)) or image)
+    summary = SegmentationWriter(model, str(tmp_path / 'out')).run(
+        [str(tmp_path / name) for name in sizes], progress=False)
+    assert sorted(seen) == sorted(((*size, 3), size) for size in sizes.values())
+    assert not summary.failures
+    for name, size in sizes.items():
+        mask_path, _ = summary.outputs[str(tmp_path / name)]
+        assert _read(mask_path).shape == size
+
+
 def test_masks_match_mmseg_inference(model, image_dir, tmp_path):
     from mmseg.apis import inference_model
 

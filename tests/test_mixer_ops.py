@@ -100,7 +100,6 @@ def test_vil_backbone_with_kernels_matches_reference_backbone():
         torch.testing.assert_close(out, exp, rtol=1e-10, atol=1e-11)
 
 
-@pytest.mark.skipif(triton_ops is None, reason='needs Triton')
 @pytest.mark.skipif(KERNEL_DEVICE is not None, reason='the kernel tests run in this process')
 def test_mixer_kernels_under_triton_interpreter():
     result = subprocess.run(

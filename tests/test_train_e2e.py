@@ -122,4 +122,5 @@ def test_full_vil_t_ade20k_config_trains_one_step(ade_root, tmp_path):
     assert type(backbone).__name__ == 'ViL' and len(backbone.layers) == 24
     assert tuple(backbone.pos_embed.shape) == (1, 32, 32, 192)  # img_size 512
     assert type(runner.optim_wrapper.optimizer).__name__ == 'AdamW'
+    # the embeddings' scale in the official recipe (tests/data/spec_excerpts.md, vil_spec §7)
     assert min(g['lr_scale'] for g in runner.optim_wrapper.optimizer.param_groups) == pytest.approx(0.65**13)

@@ -21,7 +21,8 @@ def official_conv(mixer: MLSTMMixer, x_mlstm: torch.Tensor, grid) -> torch.Tenso
 
 
 def official_mixer(mixer: MLSTMMixer, x: torch.Tensor, grid) -> torch.Tensor:
-    """vil_spec.md §2.5 literally: flip, proj_up, conv of the (rotated) image, q/k/v, cat-gates, cell, flip back."""
+    """vil_spec.md §2.5 (tests/data/spec_excerpts.md) literally:
+    flip, proj_up, conv of the (rotated) image, q/k/v, cat-gates, cell, flip back."""
     if mixer.reverse:
         x = x.flip(1)
     x_mlstm, z = mixer.proj_up(x).chunk(2, dim=-1)

@@ -103,7 +103,8 @@ def test_overlapping_patches_grid_and_padding(backbone, pos_grid):
     torch.testing.assert_close(out, padded)
 
 
-# Released families (hubconf.py): (our arch, stride, official kwargs); parameter counts of vil_spec.md §4.
+# Released families (hubconf.py): (our arch, stride, official kwargs); parameter counts of vil_spec.md §4
+# (tests/data/spec_excerpts.md).
 FAMILIES = {
     'vil2-tiny': ('tiny', None, 'VisionLSTM2', dict(dim=192, depth=12), 6_391_528),
     'vil2-small': ('small', None, 'VisionLSTM2', dict(dim=384, depth=12), 23_398_696),
@@ -117,7 +118,8 @@ FAMILIES = {
 
 
 def released_shapes(dim: int, num_blocks: int, v1: bool) -> dict:
-    """Key names and shapes of a released ImageNet ``.th`` file (training-code names, vil_spec.md §5-6, §10)."""
+    """Key names and shapes of a released ImageNet ``.th`` file (training-code names, vil_spec.md §5-6, §10;
+    tests/data/spec_excerpts.md)."""
     inner, head_dim = 2 * dim, dim if v1 else 2 * dim
     block = {'xlstm_norm.weight': (dim, ), 'xlstm.learnable_skip': (inner, ), 'xlstm.proj_up.weight': (2 * inner, dim),
              'xlstm.mlstm_cell.igate.weight': (4, 3 * inner), 'xlstm.mlstm_cell.igate.bias': (4, ),

@@ -131,10 +131,11 @@ def test_out_indices_give_nchw_maps_at_stride_16():
     with torch.no_grad():
         outs = model(torch.randn(2, 3, 64, 96))
     assert [tuple(o.shape) for o in outs] == [(2, 16, 4, 6)] * 4
-    assert model.out_indices == (5, 11, 17, 23)
+    assert model.out_indices == (5, 11, 17, 23)  # the official default (tests/data/spec_excerpts.md, vim_spec §6.2)
 
 
 def test_presets():
+    """The released Vim-S (tests/data/spec_excerpts.md, vim_spec §1)."""
     small = Vim('small', out_indices=-1)
     assert (small.embed_dims, small.num_layers, small.layers[0].mixer.out_proj.in_features) == (384, 24, 768)
     with pytest.raises(ValueError, match=r"'huge'.*\['base', 'small', 'tiny'\]"):

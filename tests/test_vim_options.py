@@ -69,7 +69,8 @@ def test_residual_stream_dtype(residual_in_fp32, dtype):
     assert residual.dtype == dtype
 
 
-# Released registry entries (vim_spec.md §1; "+": patch 16, stride 8) and their parameter counts with the head.
+# Released registry entries (vim_spec.md §1 in tests/data/spec_excerpts.md; "+": patch 16, stride 8) and their
+# parameter counts with the head.
 FAMILIES = {
     'vim-tiny': (dict(embed_dim=192), 7_148_008),
     'vim-small': (dict(embed_dim=384), 25_796_584),
@@ -83,7 +84,7 @@ RELEASED_FLAGS = dict(patch_size=16, depth=24, rms_norm=True, residual_in_fp32=T
 
 
 def official_shapes(dim: int, num_patches: int, depth: int = 24) -> dict:
-    """Key names and shapes of an official Vim checkpoint (vim_spec.md §5)."""
+    """Key names and shapes of an official Vim checkpoint (vim_spec.md §5, tests/data/spec_excerpts.md)."""
     inner, rank = 2 * dim, -(-dim // 16)
     branch = {'conv1d.weight': (inner, 1, 4), 'conv1d.bias': (inner, ), 'x_proj.weight': (rank + 32, inner),
               'dt_proj.weight': (inner, rank), 'dt_proj.bias': (inner, )}

@@ -10,7 +10,8 @@ def _released_block_key(index: int, rest: str) -> str:
 
 
 def official_to_released(official: dict, v1: bool = False) -> dict:
-    """Inverse of the hub's renaming (vil_spec.md §5): a released-format (.th, training-code names) state dict.
+    """Inverse of the hub's renaming (vil_spec §5, tests/data/spec_excerpts.md): a released-format (.th,
+    training-code names) state dict.
 
     ``v1`` inverts ``preprocess='v1'`` (``VisionLSTM`` keys) instead of ``'v2'`` (``VisionLSTM2`` keys).
     """
@@ -31,3 +32,16 @@ def official_to_released(official: dict, v1: bool = False) -> dict:
             key = 'head.1.' + parts[1]
         out[key] = value
     return out
+
+
+def official_layer_decay_scale(name: str, rate: float, num_blocks: int = 24) -> float:
+    """lr scale of a segmentor parameter in the official ViL UperNet recipe (tests/data/spec_excerpts.md, §7):
+    layer-wise lr decay with ``group_two_blocks``, so each pair of mLSTM blocks is one layer. With P block pairs,
+    patch and position embedding get rate^(P + 1), pair j (blocks 2j, 2j + 1) rate^(P - j), neck and heads 1."""
+    pairs = num_blocks // 2
+    if name.startswith(('backbone.patch_embed', 'backbone.pos_embed')):
+        return rate**(pairs + 1)
+    if name.startswith('backbone.layers.'):
+        return rate**(pairs - int(name.split('.')[2]) // 2)
+    assert name.startswith(('neck.', 'decode_head.', 'auxiliary_head.')), name
+    return 1.0
