@@ -1,8 +1,10 @@
-"""Test helper hook: every process saves its model weights before and after training.
+"""Test helper hooks: every process saves its model weights, and the losses, gradient norm and images of each step.
 
-DDP keeps one replica per process; comparing the files of all ranks shows whether the replicas stayed identical.
+DDP keeps one replica per process; comparing the files of all ranks shows whether the replicas stayed identical and
+whether the ranks together trained on the same global batches, with the same losses, as a single process.
 Registered in MMSegmentation's HOOKS when a config lists this module in ``custom_imports``.
 """
+import json
 import os.path as osp
 
 import torch
@@ -25,3 +27,25 @@ class SaveRankStateHook(Hook):
 
     def after_train(self, runner) -> None:
         self._save(runner, 'after')
+
+
+@HOOKS.register_module()
+class SaveRankIterationsHook(Hook):
+    """Write ``rank<r>_iters.json``: per iteration this process's losses, the gradient norm and its image file names.
+
+    The logger shows only rank 0's losses, each a mean over that rank's share of the global batch. The gradient norm
+    (logged by MMEngine when the optimizer wrapper clips) is taken after DDP averaged the gradients of all ranks.
+    """
+
+    def before_train(self, runner) -> None:
+        self.iterations = []
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self.iterations.append(
+            dict(losses={name: float(value) for name, value in outputs.items() if 'loss' in name},
+                 grad_norm=runner.message_hub.get_scalar('train/grad_norm').current(),
+                 images=[osp.basename(sample.img_path) for sample in data_batch['data_samples']]))
+
+    def after_train(self, runner) -> None:
+        with open(osp.join(runner.work_dir, f'rank{get_rank()}_iters.json'), 'w') as f:
+            json.dump(self.iterations, f)
