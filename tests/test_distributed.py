@@ -2,9 +2,10 @@
 
 The same global batch of 4 images is trained as 1x4 (one process, no DDP), 2x2 and 4x1 with the same seed. Every rank
 saves its weights and, per iteration, its losses, the gradient norm and the names of its images
-(tests/configs/rank_state_hook.py). The config removes what legitimately depends on the split (see its header).
+(tests/configs/rank_state_hook.py); benchmarks/multi_gpu_compare.py compares the runs, as it does for the GPU runs of
+benchmarks/multi_gpu.sh. The config removes what legitimately depends on the split (see its header).
 """
-import json
+import importlib.util
 import os
 import os.path as osp
 import sys
@@ -23,6 +24,12 @@ from mmseg.structures import SegDataSample
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmseg_vil.engine import CPUDistributedDataParallel
+
+# benchmarks/multi_gpu_compare.py: the comparison that benchmarks/multi_gpu.sh runs on GPUs, here on CPU processes.
+_spec = importlib.util.spec_from_file_location('multi_gpu_compare',
+                                               osp.join(ROOT, 'benchmarks', 'multi_gpu_compare.py'))
+compare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
 
 DDP_CONFIG = osp.join(ROOT, 'tests', 'configs', 'upernet_vil-tiny_synthetic-64x64_cpu-ddp.py')
 GLOBAL_BATCH = 4
@@ -64,43 +71,27 @@ def test_one_two_four_processes_train_alike(tmp_path):
     data_root = make_ade20k(str(tmp_path / 'ADEChallengeData2016'), num_train=8)  # two global batches per pass
     work_dirs = _train(tmp_path, data_root)
 
-    def rank_files(world_size: int, name: str) -> list:
-        return [osp.join(work_dirs[world_size], f'rank{rank}_{name}') for rank in range(world_size)]
-
-    def iterations(world_size: int) -> list:
-        """Per iteration: the global loss (ranks' mean), rank 0's gradient norm, the set of the ranks' images."""
-        ranks = [json.load(open(path)) for path in rank_files(world_size, 'iters.json')]
-        steps = list(zip(*ranks))
-        assert len(steps) == 4
-        for step in steps:  # the all-reduced gradient is the same on every rank
-            assert len({rank['grad_norm'] for rank in step}) == 1
-        return [(sum(rank['losses']['loss'] for rank in step) / world_size, step[0]['grad_norm'],
-                 sorted(image for rank in step for image in rank['images'])) for step in steps]
-
-    reference = iterations(1)
-    assert all(len(images) == len(set(images)) == GLOBAL_BATCH for _, _, images in reference)
-    assert reference[0][2] != reference[1][2]  # the data order matters for the comparison
-    weights_before = torch.load(rank_files(1, 'before.pth')[0], weights_only=True)
-    weights_after = torch.load(rank_files(1, 'after.pth')[0], weights_only=True)
-    moved = max((weights_after[k] - weights_before[k]).abs().max().item() for k in weights_after)
-    assert moved > 100 * WEIGHT_ATOL, 'the weights barely changed; the comparison would be vacuous'
+    # The reference is not trivial: distinct images per step, another batch each step, the weights move.
+    steps = compare.load_steps(work_dirs[1])[1]
+    assert [step['iteration'] for step in steps] == [1, 2, 3, 4]
+    assert all(len(set(step['images'])) == GLOBAL_BATCH for step in steps)
+    assert steps[0]['images'] != steps[1]['images']
+    before, after = (torch.load(osp.join(work_dirs[1], f'rank0_{stage}.pth'), weights_only=True)
+                     for stage in ('before', 'after'))
+    assert max((after[k] - before[k]).abs().max().item() for k in after) > 100 * WEIGHT_ATOL
 
     for world_size in WORLD_SIZES[1:]:
-        for step, ((loss, grad_norm, images), (ref_loss, ref_grad_norm, ref_images)) in enumerate(
-                zip(iterations(world_size), reference)):
-            where = f'{world_size} processes, iteration {step + 1}'
-            assert images == ref_images, where
-            assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL), where
-            assert grad_norm == pytest.approx(ref_grad_norm, rel=LOSS_RTOL), where
-        replicas = [torch.load(path, weights_only=True) for path in rank_files(world_size, 'after.pth')]
-        for rank, path in enumerate(rank_files(world_size, 'before.pth')):
-            before = torch.load(path, weights_only=True)
-            for key, value in weights_after.items():
-                where = f'{world_size} processes, rank {rank}, {key}'
-                assert torch.equal(before[key], weights_before[key]), where  # the same start
-                assert torch.equal(replicas[rank][key], replicas[0][key]), where  # replicas stay bitwise equal
-                torch.testing.assert_close(replicas[rank][key], value, rtol=0, atol=WEIGHT_ATOL,
-                                           msg=lambda message, where=where: f'{where}: {message}')
+        # Per iteration the same images, global loss and gradient norm; final weights within WEIGHT_ATOL.
+        assert compare.main(['equal', work_dirs[1], work_dirs[world_size], '--rtol', str(LOSS_RTOL),
+                             '--weight-atol', str(WEIGHT_ATOL)]) == 0, f'{world_size} processes: see the table'
+        for rank in range(world_size):
+            rank_before, rank_after = (torch.load(osp.join(work_dirs[world_size], f'rank{rank}_{stage}.pth'),
+                                                  weights_only=True) for stage in ('before', 'after'))
+            if rank == 0:
+                first_after = rank_after
+            for key in after:
+                assert torch.equal(rank_before[key], before[key]), (world_size, rank, key)  # the same start
+                assert torch.equal(rank_after[key], first_after[key]), (world_size, rank, key)  # identical replicas
 
 
 @pytest.fixture()
