@@ -5,7 +5,8 @@ saves weights). Three reports, each printed as Markdown; the exit status is 1 if
 
 * ``equal A B``: B (several processes) trained like A (one) at the same global batch: the same images per iteration,
   global losses (mean of the ranks' losses: right when every rank averages over the same number of pixels) and
-  gradient norms within ``--rtol``, final weights within ``--weight-atol``.
+  gradient norms within ``--rtol``, final weights within ``--weight-atol`` (and, with ``--expect-sync-bn``, B kept
+  its SyncBN layers).
 * ``speed A B``: images per second of each run after ``--skip`` warm-up iterations, and B's speed-up over A.
 * ``resume A B``: B resumed A's configuration from the checkpoint of iteration ``--from-iter``, and continued like the
   uninterrupted run A: it starts at the next iteration with the same learning rates and the same images, and its
@@ -18,6 +19,8 @@ import math
 import os.path as osp
 import sys
 from typing import List, Optional, Tuple
+
+BN_STATISTICS = ('running_mean', 'running_var')
 
 
 def load_steps(work_dir: str) -> Tuple[int, List[dict]]:
@@ -52,27 +55,31 @@ def _relative(a: float, b: float) -> float:
 
 
 def _weight_difference(run_a: str, run_b: str) -> Optional[Tuple[float, float]]:
-    """``(max |B - A|, max |A - A before|)`` over the final weights of rank 0, or None if the runs saved none."""
+    """``(max |B - A|, max |A - A before|)`` over rank 0's final weights, or None if the runs saved none.
+
+    BatchNorm running statistics are left out: they move with the data's scale, not with the learning rate.
+    """
     files = [osp.join(run, f'rank0_{stage}.pth') for run, stage in ((run_a, 'after'), (run_b, 'after'),
                                                                     (run_a, 'before'))]
     if not all(osp.exists(f) for f in files):
         return None
     import torch
     after_a, after_b, before_a = (torch.load(f, map_location='cpu', weights_only=True) for f in files)
-    floats = [k for k, v in after_a.items() if v.is_floating_point()]
+    floats = [k for k, v in after_a.items() if v.is_floating_point() and not k.endswith(BN_STATISTICS)]
     return (max((after_b[k].double() - after_a[k].double()).abs().max().item() for k in floats),
             max((after_a[k].double() - before_a[k].double()).abs().max().item() for k in floats))
 
 
-def report_equal(run_a: str, run_b: str, rtol: float, weight_atol: float) -> List[str]:
+def report_equal(run_a: str, run_b: str, rtol: float, weight_atol: float, expect_sync_bn: bool = False) -> List[str]:
     """Print the per-iteration comparison; return the failed checks."""
     (sync_a, steps_a), (sync_b, steps_b) = load_steps(run_a), load_steps(run_b)
-    failures = []
+    failures = [] if sync_b or not expect_sync_bn else ['B ran without SyncBN']
     print(f'SyncBN layers: {sync_a} (A), {sync_b} (B)\n')
     print('| iteration | loss A | loss B | rel. diff | grad norm A | grad norm B | rel. diff | same images |')
     print('| --- | --- | --- | --- | --- | --- | --- | --- |')
     if [s['iteration'] for s in steps_a] != [s['iteration'] for s in steps_b]:
         failures.append('the runs recorded different iterations')
+    other_images, beyond_rtol, rank_disagreement = [], [], []
     for a, b in zip(steps_a, steps_b):
         loss_diff = _relative(b['loss'], a['loss'])
         norms = [n for n in (a['grad_norms'][0], b['grad_norms'][0]) if n is not None]
@@ -82,11 +89,16 @@ def report_equal(run_a: str, run_b: str, rtol: float, weight_atol: float) -> Lis
               + ' | '.join('-' if n is None else f'{n:.5g}' for n in (a['grad_norms'][0], b['grad_norms'][0]))
               + f' | {norm_diff:.1e} | {same_images} |')
         if not same_images:
-            failures.append(f"iteration {a['iteration']}: other images")
+            other_images.append(a['iteration'])
         if loss_diff > rtol or norm_diff > rtol:
-            failures.append(f"iteration {a['iteration']}: loss or gradient norm differs by more than {rtol}")
+            beyond_rtol.append(a['iteration'])
         if len(set(map(str, b['grad_norms']))) > 1:
-            failures.append(f"iteration {a['iteration']}: the ranks of B saw different gradients")
+            rank_disagreement.append(a['iteration'])
+    for iterations, problem in ((other_images, 'other images'),
+                                (beyond_rtol, f'loss or gradient norm beyond rtol={rtol}'),
+                                (rank_disagreement, "B's ranks saw different gradients")):
+        if iterations:
+            failures.append(f'{problem} at iterations {iterations}')
     weights = _weight_difference(run_a, run_b)
     if weights is not None:
         print(f'\nfinal weights: max |B - A| = {weights[0]:.2e} (A moved by up to {weights[1]:.2e})')
@@ -138,12 +150,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('run_b', help='work dir of the run compared with it')
     parser.add_argument('--rtol', type=float, default=1e-5, help='equal, resume: relative tolerance of the losses')
     parser.add_argument('--weight-atol', type=float, default=2e-5, help='equal: absolute tolerance of the weights')
+    parser.add_argument('--expect-sync-bn', action='store_true', help='equal: fail unless B has SyncBN layers')
     parser.add_argument('--skip', type=int, default=50, help='speed: warm-up iterations left out')
     parser.add_argument('--target', type=float, default=1.85, help='speed: the speed-up B must reach')
     parser.add_argument('--from-iter', type=int, help='resume: the iteration of the checkpoint B resumed from')
     args = parser.parse_args(argv)
     if args.report == 'equal':
-        failures = report_equal(args.run_a, args.run_b, args.rtol, args.weight_atol)
+        failures = report_equal(args.run_a, args.run_b, args.rtol, args.weight_atol, args.expect_sync_bn)
     elif args.report == 'speed':
         failures = report_speed(args.run_a, args.run_b, args.skip, args.target)
     elif args.from_iter is None:
