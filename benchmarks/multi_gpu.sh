@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13 on one host with 2 GPUs (here the nvidia-h200-x2 kind): UperNet ViL-T (and DeiT-T) trained by
 # tools/dist_train.sh on 2 GPUs against the same global batch of 16 on 1 GPU, and a rank killed mid-run, then resumed.
-# Usage on the lent machine, one or two parts per call (each part takes a few minutes; a call may take 10):
+# Usage on the lent machine, one part per call (each takes a few minutes; a call may take 10):
 #   bash benchmarks/multi_gpu.sh OUT_DIR PART...
 #   equal         1x16 vs 2x8 images, 20 iterations, --amp, SyncBN active on 2 GPUs, ViL-T and DeiT-T: per iteration
 #                 the global loss (mean of the ranks'), the gradient norm and the images; the final weights
