@@ -16,6 +16,7 @@ import pytest
 from e2e_helpers import ROOT, DATA_LOADERS, make_ade20k
 from mmengine.config import Config
 
+from mmseg_vil import model_zoo
 from mmseg_vil.datasets import generate_cityscapes
 from mmseg_vil.engine import load_config, run_train
 
@@ -93,6 +94,19 @@ def test_name_states_the_recipe(case):
     assert tuple(cfg.crop_size) == (height, width) == tuple(cfg.model.data_preprocessor.size)
     assert tuple(cfg.train_dataloader.dataset.pipeline[3].crop_size) == (height, width)
     assert tuple(cfg.model.test_cfg.crop_size) == (height, width)
+
+
+@pytest.mark.parametrize('case', HIGHRES, ids=highres_id)
+def test_model_index_finds_it_by_name(case):
+    """In the metafile with its total batch and dataset, and without results: no paper reports these settings."""
+    name = highres_id(case)
+    config, weights = model_zoo.find_segmentation_model(name)
+    assert config.filename == config_path(*case) and weights is None
+    entry = model_zoo.metafile_entries()[name]
+    gpus, batch = map(int, re.match(r'(\d)xb(\d+)', case[2]).groups())
+    assert entry['Metadata']['Batch Size'] == gpus * batch == {CITYSCAPES: 8, ADE20K_640: 16}[case[2]]
+    assert entry['Metadata']['Training Data'] == {CITYSCAPES: 'Cityscapes', ADE20K_640: 'ADE20K'}[case[2]]
+    assert 'Results' not in entry
 
 
 @pytest.mark.parametrize('size', 'ts')
