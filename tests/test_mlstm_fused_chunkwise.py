@@ -64,7 +64,8 @@ def assert_matches_reference(n, head_dim, dtype, chunk_size, reverse=False, gate
 CASES = [(1, 8, F64, 16), (15, 12, F64, 16), (64, 8, F64, 16), (65, 12, F64, 32), (130, 8, F64, 64),
          (200, 12, F64, 16), (15, 8, F32, 16), (65, 12, F32, 16), (130, 12, F32, 32), (200, 8, F32, 64),
          (130, 12, torch.bfloat16, 32),
-         # the ViL-T/S/B head dims, walked in 3 x 32, 3 x 64 and 6 x 64 blocks
+         # the ViL-T/S/B head dims: on CUDA in 32- or 16-wide blocks, under the interpreter in 128-wide ones (one
+         # masked block; a whole and a masked one; three whole ones)
          (40, 96, F64, 16), (24, 192, F32, 16), (20, 384, F32, 16)]
 
 
@@ -83,7 +84,8 @@ def test_kernel_reverse_matches_flipped_reference(dtype):
 @needs_kernels
 @pytest.mark.parametrize('dtype', [F64, F32])
 def test_kernel_extreme_gates(dtype):
-    """Input gates around +-100 and forget gates from -30 to 30: everything finite and equal to the reference."""
+    """Input gates around +-100 and forget gates from -30 to 30: everything finite and equal to the reference (float32
+    in the reversed direction, to cover both)."""
     assert_matches_reference(130, 8, dtype, 32, reverse=dtype == F32, gates='extreme')
 
 

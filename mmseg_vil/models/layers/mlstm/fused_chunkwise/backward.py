@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .forward import STATE_WARPS, chunk_states
+from .forward import STATE_LAUNCH, chunk_states
 from .scans import causal_decay, chunk_stabiliser
 from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
                     state_block_ptrs, state_dot, state_offset, store_tokens, token_major_buffer, token_major_strides,
@@ -337,7 +337,7 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     mlstm_chunk_state_backward_kernel[(blocks, blocks, batch * heads)](
         q, grad_h, igate, cum, chunk_max, chunk_argmax, inv_divisor, row_shift, state_c, state_n, grad_state_c,
         grad_state_n, crossing, *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads,
-        num_chunks, **{**config, 'num_warps': STATE_WARPS})
+        num_chunks, **{**config, **STATE_LAUNCH})
 
     dq, dk, dv = (token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3))
     mlstm_chunk_grad_query_kernel[grid](

@@ -24,7 +24,9 @@ from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block,
                     token_strides)
 
 
-STATE_WARPS = 8  # spill-free with their float32 (3xTF32) operands
+# The state kernels walk the chunks in order, so their time is latency: several pipeline stages prefetch the next
+# chunk's tiles. 8 warps keep their float32 (3xTF32) operands free of spills.
+STATE_LAUNCH = dict(num_warps=8, num_stages=3)
 
 
 @jit_kernel
@@ -153,7 +155,7 @@ def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dic
     mlstm_chunk_state_kernel[(blocks, blocks, batch * heads)](
         k, v, igate, fgate, cum, state_c, state_n, chunk_max, chunk_argmax, *token_strides(k), *token_strides(v),
         *token_strides(igate), *token_strides(fgate), n, heads, num_chunks,
-        **{**config, 'num_warps': STATE_WARPS})
+        **{**config, **STATE_LAUNCH})
     return state_c, state_n, chunk_max, chunk_argmax, cum
 
 

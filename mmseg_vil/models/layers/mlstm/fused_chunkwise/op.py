@@ -20,7 +20,7 @@ MAX_CHUNK_SIZE = 128  # a chunk's (CHUNK, CHUNK) tiles live in registers
 
 
 def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -> dict:
-    """Compile-time parameters and warps of the per-chunk kernels of one call (the state kernels: STATE_WARPS).
+    """Compile-time parameters and warps of the per-chunk kernels of one call (the state kernels: STATE_LAUNCH).
 
     The ptxas report (sm_90, Triton 3.8) for the ViL head dims at chunk 64: no spills in half precision except about
     60 bytes in the dk/dv kernel, about 120 bytes there in float32; chunk 128 spills kilobytes
@@ -28,7 +28,7 @@ def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -
     """
     block_d = head_dim_block(head_dim, dtype, _kernels_interpreted())
     return dict(HEAD_DIM=head_dim, CHUNK=chunk_size, BLOCK_D=block_d, REVERSE=reverse,
-                num_warps=8 if chunk_size >= 64 else 4, num_stages=1, **_dot_options(dtype))
+                num_warps=8 if chunk_size >= 64 else 4, num_stages=2, **_dot_options(dtype))
 
 
 @torch.library.custom_op('mmseg_vil::mlstm_fused_chunkwise_forward', mutates_args=())
