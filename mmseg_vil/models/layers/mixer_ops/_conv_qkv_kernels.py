@@ -70,6 +70,17 @@ def _project_transposed(QKV_W, which, groups, group_ok, chans, i: tl.constexpr, 
 
 
 @triton.jit
+def _program_tile(height, width, chans, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """This program's tokens and channel groups, the offset of its image and the mask of its tile."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    group_ok = groups < chans // GROUP
+    n_tokens = height * width
+    ok = (offs_t[:, None] < n_tokens) & group_ok[None, :]
+    return offs_t, groups, group_ok, tl.program_id(2).to(tl.int64) * n_tokens * chans, ok
+
+
+@triton.jit
 def _tile_ptrs(PTR, image, offs_t, chan, row_len, column):
     return PTR + image + offs_t[:, None] * row_len + column + chan[None, :]
 
@@ -79,13 +90,8 @@ def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, X_CONV, QKV, height
                             KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
     """Grid: (token tiles, group tiles, batch). Writes silu(conv(x)) and q | k | v."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    group_ok = groups < chans // GROUP
-    n_tokens = height * width
-    image = tl.program_id(2).to(tl.int64) * n_tokens * chans
+    offs_t, groups, group_ok, image, ok = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
     out_image = image * 3
-    ok = (offs_t[:, None] < n_tokens) & group_ok[None, :]
     pre0, x0 = _conv(X, CONV_W, CONV_B, image, offs_t, groups * GROUP, height, width, chans, KSIZE, REVERSE, ACC)
     pre1, x1 = _conv(X, CONV_W, CONV_B, image, offs_t, groups * GROUP + 1, height, width, chans, KSIZE, REVERSE, ACC)
     pre2, x2 = _conv(X, CONV_W, CONV_B, image, offs_t, groups * GROUP + 2, height, width, chans, KSIZE, REVERSE, ACC)
@@ -109,6 +115,15 @@ def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, X_CONV, QKV, height
 @triton.jit
 def _load_grad(GRAD, image, offs_t, groups, row_len, column, ok, ACC: tl.constexpr):
     return tl.load(_tile_ptrs(GRAD, image, offs_t, groups * GROUP, row_len, column), mask=ok, other=0.0).to(ACC)
+
+
+@triton.jit
+def _load_group(GRAD, image, offs_t, groups, row_len, column, ok, ACC: tl.constexpr):
+    """The four channels of each group, starting at ``column`` of rows of ``row_len``."""
+    return (_load_grad(GRAD, image, offs_t, groups, row_len, column, ok, ACC),
+            _load_grad(GRAD, image, offs_t, groups, row_len, column + 1, ok, ACC),
+            _load_grad(GRAD, image, offs_t, groups, row_len, column + 2, ok, ACC),
+            _load_grad(GRAD, image, offs_t, groups, row_len, column + 3, ok, ACC))
 
 
 @triton.jit
@@ -147,31 +162,26 @@ def _store_weight_partials(PARTIAL, part_row, which, groups, group_ok, chans, i:
 
 
 @triton.jit
+def _store_group_sums(PTR, group_ok, d0, d1, d2, d3):
+    """Bias gradients: the tile's sum of each output channel of the group."""
+    tl.store(PTR, tl.sum(d0, axis=0), mask=group_ok)
+    tl.store(PTR + 1, tl.sum(d1, axis=0), mask=group_ok)
+    tl.store(PTR + 2, tl.sum(d2, axis=0), mask=group_ok)
+    tl.store(PTR + 3, tl.sum(d3, axis=0), mask=group_ok)
+
+
+@triton.jit
 def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_QKV, GRAD_PRE, PARTIAL, height, width,
                              chans, KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
     """Launch 1 of the backward (module docstring). Grid as the forward; PARTIAL has one row per (batch, token tile)."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    group_ok = groups < chans // GROUP
-    n_tokens = height * width
-    image = tl.program_id(2).to(tl.int64) * n_tokens * chans
+    offs_t, groups, group_ok, image, ok = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
     grad_image = image * 3
-    ok = (offs_t[:, None] < n_tokens) & group_ok[None, :]
     part_row = (tl.program_id(2).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (
         chans * (KSIZE * KSIZE + 1) + 3 * chans * GROUP + 3 * chans)
-    dq0 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 0, ok, ACC)
-    dq1 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 1, ok, ACC)
-    dq2 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2, ok, ACC)
-    dq3 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 3, ok, ACC)
-    dk0 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, chans, ok, ACC)
-    dk1 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, chans + 1, ok, ACC)
-    dk2 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, chans + 2, ok, ACC)
-    dk3 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, chans + 3, ok, ACC)
-    dv0 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans, ok, ACC)
-    dv1 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans + 1, ok, ACC)
-    dv2 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans + 2, ok, ACC)
-    dv3 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans + 3, ok, ACC)
+    dq0, dq1, dq2, dq3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 0, ok, ACC)
+    dk0, dk1, dk2, dk3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, chans, ok, ACC)
+    dv0, dv1, dv2, dv3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans, ok, ACC)
     for i in tl.static_range(GROUP):
         act = _channel_backward(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_PRE, PARTIAL, part_row, image, offs_t,
                                 groups, group_ok, ok, height, width, chans, i, dq0, dq1, dq2, dq3, dk0, dk1, dk2,
@@ -181,14 +191,9 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_QKV, GR
         _store_weight_partials(PARTIAL, part_row, 1, groups, group_ok, chans, i, act, dk0, dk1, dk2, dk3, KSIZE)
         _store_weight_partials(PARTIAL, part_row, 2, groups, group_ok, chans, i, x, dv0, dv1, dv2, dv3, KSIZE)
     bias_base = PARTIAL + part_row + chans * (KSIZE * KSIZE + 1) + 3 * chans * GROUP + groups * GROUP
-    for o in tl.static_range(GROUP):
-        tl.store(bias_base + o, tl.sum(_load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, o, ok, ACC),
-                                        axis=0), mask=group_ok)
-        tl.store(bias_base + chans + o, tl.sum(
-            _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, chans + o, ok, ACC), axis=0), mask=group_ok)
-        tl.store(bias_base + 2 * chans + o, tl.sum(
-            _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans + o, ok, ACC), axis=0),
-            mask=group_ok)
+    _store_group_sums(bias_base, group_ok, dq0, dq1, dq2, dq3)
+    _store_group_sums(bias_base + chans, group_ok, dk0, dk1, dk2, dk3)
+    _store_group_sums(bias_base + 2 * chans, group_ok, dv0, dv1, dv2, dv3)
 
 
 @triton.jit
@@ -196,17 +201,9 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, CONV_W, QKV_W, GRAD_QKV, GRAD_X, height
                                KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
                                BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
     """Launch 2 of the backward: dx = transposed depthwise conv of the pre-activation gradient + v's block^T dv."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    group_ok = groups < chans // GROUP
-    n_tokens = height * width
-    image = tl.program_id(2).to(tl.int64) * n_tokens * chans
+    offs_t, groups, group_ok, image, ok = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
     grad_image = image * 3
-    ok = (offs_t[:, None] < n_tokens) & group_ok[None, :]
-    dv0 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans, ok, ACC)
-    dv1 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans + 1, ok, ACC)
-    dv2 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans + 2, ok, ACC)
-    dv3 = _load_grad(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans + 3, ok, ACC)
+    dv0, dv1, dv2, dv3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans, ok, ACC)
     for i in tl.static_range(GROUP):
         chan = groups * GROUP + i
         grad = _project_transposed(QKV_W, 2, groups, group_ok, chans, i, dv0, dv1, dv2, dv3, ACC)

@@ -33,19 +33,29 @@ def _normalise(h, ok, head_dim, eps):
 
 
 @triton.jit
-def gated_output_forward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, OUT, stride_b, stride_n, stride_h, seq_len,
-                                n_tokens, chans, head_dim, eps, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
-                                BLOCK_D: tl.constexpr):
-    """Grid: (token tiles over the B * N tokens, heads). ``out = (norm(h) * w + b + skip * x_conv) * silu(z)``."""
+def _load_inputs(H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim,
+                 eps, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The program's offsets and masks, its normalised heads with their 1/std, the parameters, x_conv and z."""
     h_offs, flat, chan, ok = _offsets(stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T,
                                       BLOCK_D)
     chan_ok = chan < chans
-    normed, _ = _normalise(tl.load(H + h_offs, mask=ok, other=0.0).to(ACC), ok, head_dim, eps)
+    normed, rstd = _normalise(tl.load(H + h_offs, mask=ok, other=0.0).to(ACC), ok, head_dim, eps)
     weight = tl.load(NORM_W + chan, mask=chan_ok, other=0.0).to(ACC)
     bias = tl.load(NORM_B + chan, mask=chan_ok, other=0.0).to(ACC)
     skip = tl.load(SKIP + chan, mask=chan_ok, other=0.0).to(ACC)
     x_conv = tl.load(X_CONV + flat, mask=ok, other=0.0).to(ACC)
     z = tl.load(Z + flat, mask=ok, other=0.0).to(ACC)
+    return h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z
+
+
+@triton.jit
+def gated_output_forward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, OUT, stride_b, stride_n, stride_h, seq_len,
+                                n_tokens, chans, head_dim, eps, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    """Grid: (token tiles over the B * N tokens, heads). ``out = (norm(h) * w + b + skip * x_conv) * silu(z)``."""
+    h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
+        H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps, ACC,
+        BLOCK_T, BLOCK_D)
     out = (normed * weight[None, :] + bias[None, :] + skip[None, :] * x_conv) * (z * tl.sigmoid(z))
     tl.store(OUT + flat, out.to(OUT.dtype.element_ty), mask=ok)
 
@@ -56,15 +66,9 @@ def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, G
                                  ACC: tl.constexpr,
                                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Gradients of h (in h's strides), x_conv and z; PARTIAL row per token tile: [d norm_w | d norm_b | d skip]."""
-    h_offs, flat, chan, ok = _offsets(stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T,
-                                      BLOCK_D)
-    chan_ok = chan < chans
-    normed, rstd = _normalise(tl.load(H + h_offs, mask=ok, other=0.0).to(ACC), ok, head_dim, eps)
-    weight = tl.load(NORM_W + chan, mask=chan_ok, other=0.0).to(ACC)
-    bias = tl.load(NORM_B + chan, mask=chan_ok, other=0.0).to(ACC)
-    skip = tl.load(SKIP + chan, mask=chan_ok, other=0.0).to(ACC)
-    x_conv = tl.load(X_CONV + flat, mask=ok, other=0.0).to(ACC)
-    z = tl.load(Z + flat, mask=ok, other=0.0).to(ACC)
+    h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
+        H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps, ACC,
+        BLOCK_T, BLOCK_D)
     grad_out = tl.load(GRAD_OUT + flat, mask=ok, other=0.0).to(ACC)
     sig = tl.sigmoid(z)
     grad_gated = grad_out * (z * sig)  # gradient of the gated sum
