@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# The GPU run behind benchmarks/RESULTS.md: backbones (eager), UperNet, torch.compile, on one card, one process each.
-# Usage on the lent machine: bash benchmarks/run_gpu_suite.sh $OUT
+# The GPU runs behind benchmarks/RESULTS.md, on one card, one process per part.
+# Usage on the lent machine: bash benchmarks/run_gpu_suite.sh OUT_DIR [PART...]
+#   tests     the kernel tests on CUDA (mixer kernels, mLSTM backends, whole-backbone agreement)
+#   backbone  ViL-T/S vs DeiT-T/S backbone training step, eager and CUDA graphs, 224/512/1024/2048
+#   quick     the same for ViL-T vs DeiT-T at 224/512/1024 only
+#   cell      the mLSTM cell alone against SDPA (benchmarks/mlstm_kernel_check.py --quick)
+#   profile   per-kernel GPU time of a ViL-T training step (224, batch 64)
+#   train     tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T, 512 crops, batch 16, --amp
 set -u
 out=${1:-work_dirs/gpu_suite}
+shift
+parts=${*:-tests backbone cell profile train}
+mkdir -p "$out"
 source benchmarks/gpu_setup.sh
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/log.txt"
-common="--iters 6 --warmup 2 --modes train infer"
-timeout 330 python3 tools/benchmark.py $common --scopes backbone --sizes 224 512 1024 2048 \
-  --models vil-t vil-t@parallel deit-t vim-t vil-s deit-s vim-s vil-b deit-b \
-  --out-dir "$out/backbone" 2>&1 | grep -v -i warn | tee -a "$out/log.txt"
-timeout 90 python3 tools/benchmark.py $common --scopes upernet --sizes 512 --models vil-t deit-t vim-t \
-  --out-dir "$out/upernet" 2>&1 | grep -v -i warn | tee -a "$out/log.txt"
-timeout 120 python3 tools/benchmark.py --iters 6 --warmup 3 --modes train --compile --scopes backbone \
-  --sizes 224 512 --models vil-t deit-t --out-dir "$out/compiled" 2>&1 | grep -v -i warn | tee -a "$out/log.txt"
-rm -f "$out"/upernet/benchmark.png "$out"/compiled/benchmark.png "$out"/*/benchmark.md
-for d in "$out"/*/; do [ -f "$d/benchmark.json" ] && rm -f "$d/benchmark.partial.json"; done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$out/log.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/log.txt"
+bench="python3 tools/benchmark.py --modes train --iters 5 --warmup 2 --repeats 3 --execution eager graphs"
+for part in $parts; do
+  echo "=== $part $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
+  case $part in
+    tests) timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_mixer_ops.py tests/test_vil_mixer.py \
+             tests/test_mlstm_backends.py -k "not interpreter" 2>&1 | tail -15 | tee -a "$out/log.txt" ;;
+    quick) timeout 300 $bench --models vil-t deit-t --sizes 224 512 1024 --batch 224=64 512=32 1024=8 \
+             --out-dir "$out/quick" 2>&1 | grep -v -i warn | tail -30 | tee -a "$out/log.txt" ;;
+    backbone) timeout 420 $bench --models vil-t deit-t vil-s deit-s --sizes 224 512 1024 2048 \
+             --batch 224=64 512=32 1024=8 2048=2 --out-dir "$out/backbone" 2>&1 | grep -v -i warn | tail -60 \
+             | tee -a "$out/log.txt" ;;
+    cell) timeout 240 python3 benchmarks/mlstm_kernel_check.py --out "$out/cell" --quick 2>&1 | tail -40 \
+             | tee -a "$out/log.txt" ;;
+    profile) timeout 120 python3 benchmarks/profile_vil_step.py --size 224 --batch 64 --out "$out/profile.txt" \
+             2>&1 | tail -45 | tee -a "$out/log.txt" ;;
+    train) timeout 400 bash benchmarks/train_speed.sh "$out/train" 2>&1 | tail -20 | tee -a "$out/log.txt" ;;
+  esac
+done
+rm -f "$out"/*/benchmark.png "$out"/*/benchmark.partial.json

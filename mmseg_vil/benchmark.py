@@ -2,7 +2,10 @@
 
 Every model runs in the same process on the same device with synthetic inputs: backbone alone or the full UperNet
 segmentor of ``configs/``, a training step (forward + backward + SGD step) or inference (forward under
-``torch.inference_mode``), in img/s and peak allocated GiB (CUDA only). ``tools/benchmark.py`` is the CLI.
+``torch.inference_mode``), in img/s and peak allocated GiB (CUDA only). Execution modes: ``eager``, ``compile``
+(``torch.compile`` of the backbone and the decode head) and ``graphs`` (the whole step captured once in a CUDA graph
+and replayed: no launch overhead). Each configuration is timed ``repeats`` times; the median is reported with the
+spread. ``tools/benchmark.py`` is the CLI.
 """
 import contextlib
 import datetime
@@ -11,6 +14,7 @@ import gc
 import glob
 import json
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ from mmseg_vil.apis.complexity import count_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BATCH = {224: 64, 512: 8, 1024: 2, 2048: 1}
+EXECUTIONS = ('eager', 'compile', 'graphs')
 
 BACKBONES: Dict[str, dict] = {
     'vil-t': dict(type='ViL', arch='tiny'), 'vil-s': dict(type='ViL', arch='small'),
@@ -53,6 +58,8 @@ class Result:
     img_per_s: Optional[float] = None
     peak_mem_gib: Optional[float] = None
     ms_per_iter: Optional[float] = None
+    execution: str = 'eager'
+    spread: Optional[float] = None
     error: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
@@ -146,40 +153,82 @@ def _step_fn(model: nn.Module, scope: str, mode: str, images, samples):
     return infer
 
 
+def _compile_parts(model: nn.Module, scope: str) -> nn.Module:
+    """Compile what the step runs: the backbone alone, or the segmentor's backbone and decode head (its
+    ``loss``/``predict`` bypass ``forward``, so compiling the segmentor itself would leave them eager)."""
+    if scope == 'backbone':
+        return torch.compile(model)
+    model.backbone = torch.compile(model.backbone)
+    model.decode_head = torch.compile(model.decode_head)
+    return model
+
+
+def _graph_replay(step, warmup: int):
+    """Capture ``step`` in a CUDA graph after ``warmup`` runs on a side stream; returns the replay function."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(max(warmup, 2)):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
 
 def measure(name: str, scope: str, mode: str, size: int, batch: int, device: torch.device, amp_dtype=None,
-            warmup: int = 3, iters: int = 10, compile_model: bool = False) -> Result:
-    """Time one configuration; an out-of-memory error is recorded, not raised."""
-    result = Result(model=name, scope=scope, mode=mode, size=size, batch=batch)
+            warmup: int = 3, iters: int = 10, execution: str = 'eager', repeats: int = 3) -> Result:
+    """Time one configuration ``repeats`` times; an error (out of memory, a failed capture) is recorded, not raised."""
+    result = Result(model=name, scope=scope, mode=mode, size=size, batch=batch, execution=execution)
     model = None
     try:
+        if execution not in EXECUTIONS:
+            raise ValueError(f'execution must be one of {EXECUTIONS}, got {execution!r}')
+        if execution == 'graphs' and device.type != 'cuda':
+            raise ValueError('CUDA graphs need a CUDA device')
         model = build_model(name, scope, size).to(device)
         result.extra['params_m'] = round(count_parameters(model) / 1e6, 2)
         result.extra['sdpa_patched'] = use_sdpa_attention(model)
         model.train(mode == 'train')
-        if compile_model:
-            model = torch.compile(model)
+        if execution == 'compile':
+            model = _compile_parts(model, scope)
         images, samples = _synthetic_batch(model, scope, batch, size, device)
         step = _step_fn(model, scope, mode, images, samples)
-        autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                    else contextlib.nullcontext())
+        # A graph replays the casts it recorded: autocast's weight cache must stay off while capturing.
+        autocast = (torch.autocast(device.type, dtype=amp_dtype, cache_enabled=execution != 'graphs')
+                    if amp_dtype is not None else contextlib.nullcontext())
         with autocast:
+            if execution == 'graphs':  # the graph's memory pool is allocated while capturing
+                _reset_peak_memory(device)
+                step = _graph_replay(step, warmup)
             for _ in range(warmup):
                 step()
             _sync(device)
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            for _ in range(iters):
-                step()
-            _sync(device)
-            elapsed = time.perf_counter() - start
-        result.ms_per_iter = round(1000 * elapsed / iters, 2)
-        result.img_per_s = round(batch * iters / elapsed, 2)
+            if execution != 'graphs':
+                _reset_peak_memory(device)
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(iters):
+                    step()
+                _sync(device)
+                runs.append(1000 * (time.perf_counter() - start) / iters)
+        median = statistics.median(runs)
+        result.ms_per_iter = round(median, 3)
+        result.img_per_s = round(1000 * batch / median, 2)
+        result.spread = round((max(runs) - min(runs)) / median, 3)
+        result.extra['ms_runs'] = [round(r, 3) for r in runs]
         if device.type == 'cuda':
             result.peak_mem_gib = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     except torch.cuda.OutOfMemoryError:
@@ -196,9 +245,10 @@ def measure(name: str, scope: str, mode: str, size: int, batch: int, device: tor
 
 def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[str], scopes: Iterable[str],
                   device: str = 'cuda', amp: Optional[str] = 'bf16', batch: Optional[Dict[int, int]] = None,
-                  warmup: int = 3, iters: int = 10, compile_model: bool = False,
+                  warmup: int = 3, iters: int = 10, executions: Iterable[str] = ('eager',), repeats: int = 3,
                   partial_path: Optional[str] = None) -> dict:
-    """Run every (scope, size, mode, model) combination; returns a JSON-ready dict with environment and results.
+    """Run every (scope, size, mode, execution, model) combination; returns a JSON-ready dict with environment and
+    results. Models of one configuration run one after the other, so their timings share the device's state.
 
     With ``partial_path`` the report so far is rewritten there after every measurement, so a run cut short by a
     time limit still leaves its results.
@@ -211,16 +261,17 @@ def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[s
     for scope in scopes:
         for size in sizes:
             for mode in modes:
-                for name in models:
-                    res = measure(name, scope, mode, size, batch.get(size, 1), dev, amp_dtype, warmup, iters,
-                                  compile_model)
-                    print_log(f'[{scope} {mode} {size}px b{res.batch}] {name}: '
-                              + (res.error or f'{res.img_per_s} img/s, {res.ms_per_iter} ms/iter, '
-                                 f'peak {res.peak_mem_gib} GiB'), logger='current')
-                    results.append(res)
-                    if partial_path:
-                        Path(partial_path).write_text(json.dumps(
-                            dict(environment=environment(dev, amp), results=[asdict(r) for r in results]), indent=1))
+                for execution in executions:
+                    for name in models:
+                        res = measure(name, scope, mode, size, batch.get(size, 1), dev, amp_dtype, warmup, iters,
+                                      execution, repeats)
+                        print_log(f'[{scope} {mode} {execution} {size}px b{res.batch}] {name}: '
+                                  + (res.error or f'{res.img_per_s} img/s, {res.ms_per_iter} ms/iter '
+                                     f'(spread {res.spread}), peak {res.peak_mem_gib} GiB'), logger='current')
+                        results.append(res)
+                        if partial_path:
+                            Path(partial_path).write_text(json.dumps(dict(
+                                environment=environment(dev, amp), results=[asdict(r) for r in results]), indent=1))
     return dict(environment=environment(dev, amp), results=[asdict(r) for r in results])
 
 
@@ -239,22 +290,26 @@ def environment(device: torch.device, amp: Optional[str]) -> dict:
 
 
 def ratio_table(report: dict, reference: str = 'deit-t', candidate: str = 'vil-t') -> List[dict]:
-    """Candidate / reference ratios of throughput and memory for each (scope, mode, size)."""
+    """Candidate / reference ratios of throughput and memory for each (scope, mode, execution, size); a pair where
+    either side failed is listed with the error instead of a ratio."""
     rows = {}
     for r in report['results']:
-        rows[(r['scope'], r['mode'], r['size'], split_model_name(r['model'])[0], r['model'])] = r
+        key = (r['scope'], r['mode'], r.get('execution', 'eager'), r['size'])
+        rows[(*key, split_model_name(r['model'])[0], r['model'])] = r
     out = []
-    for (scope, mode, size, base, name), r in rows.items():
+    for (*key, base, name), r in rows.items():
         if base != candidate.split('@')[0]:
             continue
-        ref = next((v for k, v in rows.items() if k[:3] == (scope, mode, size) and k[4] == reference), None)
-        if ref is None or r['img_per_s'] is None or ref['img_per_s'] is None:
+        ref = next((v for k, v in rows.items() if list(k[:4]) == key and k[5] == reference), None)
+        if ref is None:
             continue
-        mem = (r['peak_mem_gib'] / ref['peak_mem_gib']
-               if r['peak_mem_gib'] and ref['peak_mem_gib'] else None)
-        out.append(dict(scope=scope, mode=mode, size=size, model=name, reference=reference,
-                        speed_ratio=round(r['img_per_s'] / ref['img_per_s'], 3),
-                        memory_ratio=round(mem, 3) if mem else None))
+        row = dict(zip(('scope', 'mode', 'execution', 'size'), key), model=name, reference=reference,
+                   speed_ratio=None, memory_ratio=None, error=r['error'] or ref['error'])
+        if row['error'] is None:
+            row['speed_ratio'] = round(r['img_per_s'] / ref['img_per_s'], 3)
+            if r['peak_mem_gib'] and ref['peak_mem_gib']:
+                row['memory_ratio'] = round(r['peak_mem_gib'] / ref['peak_mem_gib'], 3)
+        out.append(row)
     return out
 
 
@@ -262,18 +317,23 @@ def markdown_report(report: dict) -> str:
     env = report['environment']
     lines = [f"Device: {env.get('gpu') or env['cpu']} ({env['device']}), torch {env['torch']}, triton "
              f"{env['triton']}, amp {env['amp']}, {env['date']}", '',
-             '| scope | mode | size | batch | model | img/s | ms/iter | peak GiB | params (M) |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+             '| scope | mode | execution | size | batch | model | img/s | ms/iter (median) | spread | peak GiB |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for r in report['results']:
-        lines.append(f"| {r['scope']} | {r['mode']} | {r['size']} | {r['batch']} | {r['model']} | "
-                     f"{r['img_per_s'] if r['error'] is None else r['error']} | {r['ms_per_iter']} | "
-                     f"{r['peak_mem_gib']} | {r['extra'].get('params_m')} |")
+        lines.append(f"| {r['scope']} | {r['mode']} | {r.get('execution', 'eager')} | {r['size']} | {r['batch']} | "
+                     f"{r['model']} | {r['img_per_s'] if r['error'] is None else 'FAILED'} | {r['ms_per_iter']} | "
+                     f"{r.get('spread')} | {r['peak_mem_gib']} |")
     ratios = ratio_table(report)
     if ratios:
-        lines += ['', '| scope | mode | size | model | vs | speed ratio | memory ratio |',
-                  '| --- | --- | --- | --- | --- | --- | --- |']
-        lines += [f"| {r['scope']} | {r['mode']} | {r['size']} | {r['model']} | {r['reference']} | "
-                  f"{r['speed_ratio']} | {r['memory_ratio']} |" for r in ratios]
+        lines += ['', '| scope | mode | execution | size | model | vs | speed ratio | memory ratio |',
+                  '| --- | --- | --- | --- | --- | --- | --- | --- |']
+        lines += [f"| {r['scope']} | {r['mode']} | {r['execution']} | {r['size']} | {r['model']} | {r['reference']} "
+                  f"| {r['speed_ratio'] if r['error'] is None else 'failed'} | {r['memory_ratio']} |" for r in ratios]
+    failed = [r for r in report['results'] if r['error']]
+    if failed:
+        lines += ['', 'Failed configurations:', '']
+        lines += [f"* {r['model']} {r['scope']} {r['mode']} {r.get('execution', 'eager')} {r['size']}px "
+                  f"b{r['batch']}: {r['error']}" for r in failed]
     return '\n'.join(lines) + '\n'
 
 
@@ -284,8 +344,9 @@ def plot_report(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(r['scope'], r['mode'], r['size']) for r in report['results']})
-    models = list(dict.fromkeys(r['model'] for r in report['results']))
-    values = {(r['scope'], r['mode'], r['size'], r['model']): r['img_per_s'] for r in report['results']}
+    models = list(dict.fromkeys(f"{r['model']} {r.get('execution', 'eager')}" for r in report['results']))
+    values = {(r['scope'], r['mode'], r['size'], f"{r['model']} {r.get('execution', 'eager')}"): r['img_per_s']
+              for r in report['results']}
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(models)) / 3), 4))
     width = 0.8 / max(1, len(models))
     for j, model in enumerate(models):

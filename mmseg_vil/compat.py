@@ -1,9 +1,10 @@
 """Make the pinned OpenMMLab stack usable on a plain machine with today's PyTorch. Applied on ``import mmseg_vil``.
 
 1. ``mmcv-lite`` has no compiled ``mmcv._ext``, and ``import mmseg.models`` then fails on a few unconditional
-   ``from mmcv.ops import ...`` lines. Only in that case, :func:`install_mmcv_ops_fallback` registers a small
-   pure-PyTorch ``mmcv.ops``: ``point_sample`` (via ``grid_sample``) works; any other op raises
-   ``ModuleNotFoundError`` telling the user to install full mmcv. A full mmcv is never touched.
+   ``from mmcv.ops import ...`` lines. Only in that case, :func:`install_mmcv_ops_fallback` installs the pure-PyTorch
+   ``mmcv.ops`` stand-in of :mod:`mmseg_vil_mmcv_ops` (``point_sample`` works; any other op says that full mmcv is
+   needed). The package's ``mmseg_vil_mmcv_ops.pth`` installs it at interpreter start as well, for users who import
+   ``mmseg`` before ``mmseg_vil``. A full mmcv is never touched.
 2. PyTorch >= 2.6 loads checkpoints with ``weights_only=True``, and MMEngine 0.10.7 resume then fails on its own
    ``HistoryBuffer`` and the NumPy arrays inside it. :func:`allow_mmengine_checkpoint_types` adds exactly those
    types to PyTorch's safe globals; anything else in a checkpoint is still refused by the weights-only unpickler.
@@ -12,68 +13,16 @@
    every process re-creates, and ``HistoryBuffer.__setstate__`` already treats them as optional.
 """
 import importlib.util
-import sys
-import types
 
 import torch
-import torch.nn.functional as F
-
-FULL_MMCV_HINT = ('it needs the compiled ops of full mmcv (mmcv._ext), but only mmcv-lite is installed; '
-                  'install full mmcv 2.1.0 built for your torch (see README, "Full mmcv")')
-
-
-def has_mmcv_ext() -> bool:
-    """Whether the installed mmcv carries its compiled ops."""
-    try:
-        return importlib.util.find_spec('mmcv._ext') is not None
-    except ModuleNotFoundError:  # mmcv itself is missing
-        return False
-
-
-def point_sample(input: torch.Tensor, points: torch.Tensor, align_corners: bool = False, **kwargs) -> torch.Tensor:
-    """Sample ``input`` (N, C, H, W) at ``points`` (N, P, 2) or (N, Hp, Wp, 2) given in [0, 1] x [0, 1].
-
-    Same contract as ``mmcv.ops.point_sample``: points are normalised (x, y) coordinates; bilinear
-    ``grid_sample`` after mapping them to [-1, 1].
-    """
-    add_dim = points.dim() == 3
-    if add_dim:
-        points = points.unsqueeze(2)
-    output = F.grid_sample(input, 2.0 * points - 1.0, align_corners=align_corners, **kwargs)
-    return output.squeeze(3) if add_dim else output
-
-
-def _missing_op(name: str):
-    def op(*args, **kwargs):
-        raise ModuleNotFoundError(f'mmcv.ops.{name}: {FULL_MMCV_HINT}')
-
-    op.__name__ = name
-    return op
-
-
-def _build_fallback_ops() -> types.ModuleType:
-    ops = types.ModuleType('mmcv.ops', doc='mmseg_vil fallback for mmcv-lite: point_sample only.')
-    ops.MMSEG_VIL_FALLBACK = True
-    ops.point_sample = point_sample
-    # mmseg.models.losses.focal_loss imports this name unconditionally and uses it only on CUDA.
-    ops.sigmoid_focal_loss = _missing_op('sigmoid_focal_loss')
-
-    def __getattr__(name: str):
-        if name.startswith('__'):
-            raise AttributeError(name)
-        raise ModuleNotFoundError(f'mmcv.ops.{name}: {FULL_MMCV_HINT}', name='mmcv.ops')
-
-    ops.__getattr__ = __getattr__
-    return ops
+from mmseg_vil_mmcv_ops import has_mmcv_ext, install
 
 
 def install_mmcv_ops_fallback() -> bool:
-    """Register the fallback ``mmcv.ops`` if mmcv lacks ``_ext``; returns whether it was installed."""
+    """Install the ``mmcv.ops`` stand-in if mmcv lacks ``_ext``; returns whether it is in use."""
     if has_mmcv_ext() or importlib.util.find_spec('mmcv') is None:
         return False
-    if not getattr(sys.modules.get('mmcv.ops'), 'MMSEG_VIL_FALLBACK', False):
-        import mmcv
-        sys.modules['mmcv.ops'] = mmcv.ops = _build_fallback_ops()
+    install()
     return True
 
 

@@ -12,3 +12,11 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler_caches():
+    """Each test compiles from scratch: Dynamo otherwise remembers earlier tests' shapes of the same code and marks
+    them dynamic (automatic dynamic shapes), so a test's outcome would depend on the tests before it."""
+    yield
+    torch._dynamo.reset()

@@ -1,8 +1,12 @@
 """tools/compare.py and mmseg_vil.apis.compare / complexity on a tiny ViL UperNet trained for two iterations.
 
 The same checkpoint enters the comparison twice, evaluated afresh and read from its training work dir, so the
-evaluation code must reproduce the validation the training run logged.
+evaluation code must reproduce the validation the training run logged. The numbers themselves are checked against
+expectations computed here without the package: parameters and FLOPs of small modules by hand, ViL's FLOPs against
+the official count (tests/data/spec_excerpts.md, §4), mIoU and aAcc of a model that predicts one class everywhere
+from the label files, throughput from a hand-written training log.
 """
+import glob
 import json
 import math
 import os.path as osp
@@ -11,13 +15,19 @@ import sys
 import uuid
 
 import cv2
+import numpy as np
 import pytest
+import torch
 from e2e_helpers import ROOT, TINY_CONFIG, data_root_options, make_ade20k
 from mmengine.config import Config
+from mmengine.registry import DefaultScope
+from mmseg.registry import MODELS
+from torch import nn
 
 from mmseg_vil.apis.compare import ModelSpec, compare, render_markdown
 from mmseg_vil.apis.complexity import build_inference_model, count_flops, count_parameters
 from mmseg_vil.engine import load_config, run_train
+from mmseg_vil.models.backbones import ViL
 
 COMPARE = osp.join(ROOT, 'tools', 'compare.py')
 COLUMNS = '| model | backbone | params (M) | backbone params (M) | GFLOPs @64x64 | mIoU | aAcc | img/s |'
@@ -52,11 +62,14 @@ def test_compare_evaluates_and_reads_work_dirs_alike(trained):
 
     model = build_inference_model(Config.fromfile(config))
     assert not hasattr(model, 'auxiliary_head')
-    expected_params = sum(count_parameters(getattr(model, m)) for m in ('backbone', 'neck', 'decode_head'))
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        full = MODELS.build(Config.fromfile(config).model)  # with its auxiliary head, which is not counted
+    expected_params = {part: sum(p.numel() for p in getattr(full, part).parameters())
+                       for part in ('backbone', 'neck', 'decode_head')}
     for row in rows:
         assert row.backbone == 'ViL'
-        assert row.params_m * 1e6 == pytest.approx(expected_params)
-        assert 0 < row.backbone_params_m < row.params_m
+        assert row.params_m * 1e6 == pytest.approx(sum(expected_params.values()))
+        assert row.backbone_params_m * 1e6 == pytest.approx(expected_params['backbone'])
         assert row.gflops == pytest.approx(count_flops(model, (64, 64)) / 1e9)
         assert 0 <= row.mIoU <= 100 and 0 <= row.aAcc <= 100
         assert row.img_per_s > 0 and math.isfinite(row.img_per_s)
@@ -65,6 +78,99 @@ def test_compare_evaluates_and_reads_work_dirs_alike(trained):
     table = render_markdown(rows).splitlines()
     assert table[0] == COLUMNS
     assert table[2].startswith('| evaluated | ViL | ') and table[3].startswith('| from_work_dir | ViL | ')
+
+
+def test_constant_prediction_scores_by_hand(trained, tmp_path):
+    """A checkpoint whose classifier predicts class k everywhere: IoU(k) = (pixels of k) / (labelled pixels), every
+    other labelled class scores 0, classes never labelled nor predicted are left out (MMSeg's nan-mean)."""
+    _, config, checkpoint = trained
+    cfg = Config.fromfile(config)
+    labels = [cv2.imread(path, cv2.IMREAD_UNCHANGED) for path in sorted(glob.glob(osp.join(
+        cfg.test_dataloader.dataset.data_root, cfg.test_dataloader.dataset.data_prefix.seg_map_path, '*.png')))]
+    assert len(labels) == 2  # make_ade20k's validation images
+    pixels = np.concatenate([label.ravel() for label in labels])
+    pixels = pixels[pixels != 0].astype(int) - 1  # reduce_zero_label: file value 0 is ignored, v is class v - 1
+    counts = np.bincount(pixels, minlength=150)
+    k = int(counts.argmax())
+    present = set(np.flatnonzero(counts)) | {k}
+    expected_aacc = 100 * counts[k] / len(pixels)
+    expected_miou = expected_aacc / len(present)
+
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    weights = state['state_dict']
+    weights['decode_head.conv_seg.weight'].zero_()
+    weights['decode_head.conv_seg.bias'].zero_()[k] = 10.0
+    constant = str(tmp_path / 'constant.pth')
+    torch.save(state, constant)
+    row, = compare([ModelSpec('constant', config=config, checkpoint=constant)], flops_shape=(64, 64))
+    assert 0 < expected_miou < expected_aacc < 100
+    assert row.aAcc == pytest.approx(expected_aacc, abs=0.01)
+    assert row.mIoU == pytest.approx(expected_miou, abs=0.01)
+
+
+def test_work_dir_metrics_and_speed_by_hand(trained, tmp_path):
+    """The last validation of the newest run that validated; img/s = batch size / (iteration time - data time)."""
+    _, config, _ = trained
+    cfg = Config.fromfile(config)
+    cfg.val_dataloader.batch_size = 4
+    records = {
+        '20260101_000000': [{'loss': 1.0, 'step': 2}, {'aAcc': 50.0, 'mIoU': 10.0, 'mAcc': 20.0, 'data_time': 0.1,
+                                                       'time': 0.6, 'step': 2}],
+        '20260102_000000': [{'aAcc': 80.0, 'mIoU': 40.5, 'mAcc': 55.0, 'data_time': 0.05, 'time': 0.25, 'step': 2},
+                            {'aAcc': 81.0, 'mIoU': 41.5, 'mAcc': 56.0, 'data_time': 0.05, 'time': 0.55, 'step': 4}],
+        '20260103_000000': [{'loss': 0.5, 'step': 6}],  # a later run that has not validated yet
+    }
+    for run, lines in records.items():
+        vis_data = tmp_path / run / 'vis_data'
+        vis_data.mkdir(parents=True)
+        cfg.dump(str(vis_data / 'config.py'))
+        (vis_data / 'scalars.json').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_4.pth'))
+    row, = compare([ModelSpec('logged', work_dir=str(tmp_path))], flops_shape=(64, 64))
+    assert (row.mIoU, row.aAcc, row.extra) == (41.5, 81.0, {'mAcc': 56.0})
+    assert row.img_per_s == pytest.approx(4 / (0.55 - 0.05))
+    assert row.checkpoint == str(tmp_path / 'iter_4.pth') and row.source == 'work_dir'
+
+
+class ConvThenLinear(nn.Module):
+    """A 3x3 conv with stride (1, 3) and a linear layer, called the way count_flops calls a segmentor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, kernel_size=3, stride=(1, 3), padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, inputs: torch.Tensor, mode: str) -> torch.Tensor:
+        assert mode == 'tensor'
+        return self.fc(self.conv(inputs).mean((2, 3)))
+
+
+def test_parameters_and_flops_of_small_modules_by_hand():
+    model = ConvThenLinear()
+    model.conv.requires_grad_(False)  # frozen parameters count too
+    assert count_parameters(model) == (8 * 3 * 3 * 3 + 8) + (5 * 8 + 5)
+    assert count_parameters(nn.BatchNorm2d(6)) == 12  # weight and bias; running statistics are buffers
+    # 20 x 30 input: 20 x 10 output positions of 8 channels, each 3 * 3 * 3 multiply-adds; 2 FLOPs per multiply-add.
+    assert count_flops(model, (20, 30)) == 2 * (20 * 10 * 8 * 27 + 5 * 8)
+    assert count_flops(model, (30, 20)) == 2 * (30 * 7 * 8 * 27 + 5 * 8)
+
+
+class PooledClassifier(nn.Module):
+    """ViL with the released classifiers' linear head, as measured in the spec, callable like a segmentor."""
+
+    def __init__(self, arch: str) -> None:
+        super().__init__()
+        self.backbone = ViL(arch=arch, out_indices=-1, out_type='pooled', final_norm=True, mlstm_backend='parallel')
+        self.head = nn.Linear(2 * self.backbone.embed_dims, 1000)
+
+    def forward(self, inputs: torch.Tensor, mode: str) -> torch.Tensor:
+        return self.head(self.backbone(inputs)[0])
+
+
+@pytest.mark.parametrize('arch,official_gmacs', [('tiny', 1.859), ('small', 5.799)])  # base: 6 s more
+def test_vil_flops_match_the_official_count(arch, official_gmacs):
+    """vil_spec §4 (tests/data/spec_excerpts.md): VisionLSTM2 at 224x224, batch 1, FlopCounterMode, in G MACs."""
+    assert count_flops(PooledClassifier(arch).eval(), (224, 224)) / 2e9 == pytest.approx(official_gmacs, abs=5e-4)
 
 
 def test_vil_flops_include_the_quadratic_mlstm(trained):

@@ -16,6 +16,7 @@ from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 
 from mmseg_vil.engine.optimizers.layer_decay import LayerDecayOptimWrapperConstructor, log_layer_groups
+from vil_official import official_layer_decay_scale
 
 CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs')
 SCHEDULE = Config.fromfile(osp.join(CONFIGS, '_base_/schedules/schedule_160k.py'))
@@ -66,21 +67,12 @@ def check_groups(groups: dict, model: torch.nn.Module, expected_scale) -> None:
 
 
 def test_vil_official_pair_grouping():
-    """Official ViL: embeddings 0.65^13, block pair j (blocks 2j, 2j+1) 0.65^(12-j), neck and heads the full lr."""
+    """Official ViL: embeddings 0.65^13, block pair j (blocks 2j, 2j+1) 0.65^(12-j), neck and heads the full lr
+    (tests/data/spec_excerpts.md, vil_spec §7)."""
     model = build_segmentor(
         dict(type='ViL', arch=dict(embed_dims=16, num_layers=24), img_size=32, out_indices=(7, 11, 15, 23)), 16)
     groups = param_groups(model)
-
-    def official_scale(name: str) -> float:
-        if name.startswith(('backbone.patch_embed', 'backbone.pos_embed')):
-            return RATE**13
-        if name.startswith('backbone.layers.'):
-            pair = int(name.split('.')[2]) // 2
-            return RATE**(12 - pair)
-        assert name.startswith(('neck.', 'decode_head.', 'auxiliary_head.')), name
-        return 1.0
-
-    check_groups(groups, model, official_scale)
+    check_groups(groups, model, lambda name: official_layer_decay_scale(name, RATE))
     assert RATE == 0.65
     assert groups['backbone.layers.0.mixer.proj_up.weight']['lr_scale'] == pytest.approx(0.65**12)
     assert groups['backbone.layers.23.mixer.proj_up.weight']['lr_scale'] == pytest.approx(0.65)

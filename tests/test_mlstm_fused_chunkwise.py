@@ -21,7 +21,8 @@ from test_mlstm_backends import FUSED_DEVICE, TOLERANCES, make_inputs, reference
 if 'fused_chunkwise' in MLSTM_BACKENDS:
     from mmseg_vil.models.layers.mlstm import mlstm_fused_chunkwise
 
-needs_kernels = pytest.mark.skipif(FUSED_DEVICE is None, reason='Triton kernels need CUDA or TRITON_INTERPRET=1')
+# Refused on CUDA until its GPU defects are fixed (benchmarks/RESULTS.md, 2026-12-04): the interpreter only.
+needs_kernels = pytest.mark.skipif(FUSED_DEVICE != 'cpu', reason='fused_chunkwise runs under TRITON_INTERPRET=1 only')
 F32, F64 = torch.float32, torch.float64
 
 
@@ -155,8 +156,15 @@ def test_cpu_without_interpreter_raises():
         mlstm_fused_chunkwise(q, q, q, q[..., 0], q[..., 0])
 
 
+@pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS or not torch.cuda.is_available(), reason='needs CUDA')
+def test_refused_on_cuda():
+    q = torch.zeros(1, 1, 4, 16, device='cuda')
+    with pytest.raises(RuntimeError, match="not yet validated on CUDA.*mlstm_backend='fused'"):
+        mlstm_fused_chunkwise(q, q, q, q[..., 0], q[..., 0])
+
+
 @pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')
-@pytest.mark.skipif(FUSED_DEVICE is not None, reason='the kernel tests run in this process')
+@pytest.mark.skipif(FUSED_DEVICE == 'cpu', reason='the kernel tests run in this process')
 def test_kernels_under_triton_interpreter():
     result = subprocess.run(
         [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k', 'test_kernel_'],

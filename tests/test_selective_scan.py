@@ -1,4 +1,5 @@
-"""The chunked selective scan against the sequential float64 recurrence of vim_spec.md §4, values and gradients."""
+"""The chunked selective scan against the sequential float64 recurrence of vim_spec §4 (tests/data/spec_excerpts.md),
+values and gradients."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -70,6 +70,7 @@ def test_greyscale_weights_follow_the_channel_order():
                 np.random.set_state(state)
                 outputs[color_format] = transform(dict(img=img.copy()))['img']
                 break
+    # Pillow's 'L' conversion (ITU-R 601-2 luma, 0.299 R + 0.587 G + 0.114 B; tests/data/README.md)
     assert outputs['bgr'][0, 0].tolist() == [29] * 3  # 0.114 * 255
     assert outputs['rgb'][0, 0].tolist() == [76] * 3  # 0.299 * 255
 

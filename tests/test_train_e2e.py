@@ -20,6 +20,7 @@ from e2e_helpers import ROOT, TINY_CONFIG, data_root_options, make_ade20k, run_t
 from PIL import Image
 
 from mmseg_vil.engine import load_config, run_train
+from mmseg_vil.engine.work_dir import latest_checkpoint
 
 TRAIN_LOG = re.compile(r'Iter\(train\) \[\s*(\d+)/\s*(\d+)\]\s+base_lr: (\S+)')
 
@@ -27,16 +28,6 @@ TRAIN_LOG = re.compile(r'Iter\(train\) \[\s*(\d+)/\s*(\d+)\]\s+base_lr: (\S+)')
 @pytest.fixture(scope='module')
 def ade_root(tmp_path_factory):
     return make_ade20k(str(tmp_path_factory.mktemp('ade') / 'ADEChallengeData2016'))
-
-
-def latest_checkpoint(work_dir: str):
-    """The checkpoint named in ``last_checkpoint`` once it is completely written, else None."""
-    try:
-        with open(osp.join(work_dir, 'last_checkpoint')) as f:
-            path = f.read().strip()
-    except FileNotFoundError:
-        return None
-    return path if path and osp.isfile(path) else None
 
 
 def kill_after_first_checkpoint(args, log_path: str, timeout: float = 300) -> None:
@@ -91,7 +82,9 @@ def test_train_interrupt_resume_and_test(ade_root, tmp_path):
     log = run_tool(['tools/test.py', TINY_CONFIG, final, '--work-dir', test_dir, '--out', out_dir, '--show-dir',
                     vis_dir, '--cfg-options', *data])
     printed = float(re.search(r'^mIoU: (\d+\.\d+)$', log, re.MULTILINE).group(1))
-    with open(osp.join(test_dir, 'test_metrics.json')) as f:
+    metrics_path = re.search(r'^Test metrics saved to (\S+)$', log, re.MULTILINE).group(1)
+    assert osp.dirname(osp.dirname(metrics_path)) == test_dir  # the run's own timestamped folder
+    with open(metrics_path) as f:
         report = json.load(f)
     assert report['checkpoint'] == final
     assert report['metrics']['mIoU'] == pytest.approx(printed, abs=0.005)
@@ -129,4 +122,5 @@ def test_full_vil_t_ade20k_config_trains_one_step(ade_root, tmp_path):
     assert type(backbone).__name__ == 'ViL' and len(backbone.layers) == 24
     assert tuple(backbone.pos_embed.shape) == (1, 32, 32, 192)  # img_size 512
     assert type(runner.optim_wrapper.optimizer).__name__ == 'AdamW'
+    # the embeddings' scale in the official recipe (tests/data/spec_excerpts.md, vil_spec §7)
     assert min(g['lr_scale'] for g in runner.optim_wrapper.optimizer.param_groups) == pytest.approx(0.65**13)

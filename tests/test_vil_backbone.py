@@ -26,6 +26,7 @@ def tiny(**kwargs):
 
 @pytest.mark.parametrize('arch,dims', [('tiny', 192), ('small', 384), ('base', 768)])
 def test_presets(arch, dims):
+    """tests/data/spec_excerpts.md, vil_spec §2.4 and §4."""
     model = ViL(arch=arch)
     assert model.embed_dims == dims and len(model.layers) == 24
     assert model.layers[0].mixer.igate.out_features == 4  # four mLSTM heads in every preset
@@ -33,7 +34,8 @@ def test_presets(arch, dims):
 
 
 def test_tiny_parameter_count_matches_the_official_model():
-    # vil_spec.md §4: VisionLSTM2 ViL-T at 224 has 6,391,528 parameters including the 1000-class head
+    # tests/data/spec_excerpts.md, vil_spec §4 (counted on the official VisionLSTM2): ViL-T at 224 has 6,391,528
+    # parameters including the 1000-class head of §2.7
     # (legacy LayerNorm 2*192*2 + Linear 384*1000 + 1000).
     backbone = ViL(arch='tiny', final_norm=True)
     head = 2 * 384 + 384 * 1000 + 1000
@@ -106,6 +108,7 @@ def test_bad_constructor_arguments():
 
 
 def test_get_layer_depth_groups_block_pairs():
+    """group_two_blocks of the official UperNet recipe (tests/data/spec_excerpts.md, vil_spec §7)."""
     model = ViL(arch='tiny')
     assert model.get_layer_depth('backbone.pos_embed', 'backbone.') == (0, 14)
     assert model.get_layer_depth('backbone.patch_embed.weight', 'backbone.') == (0, 14)
@@ -115,13 +118,27 @@ def test_get_layer_depth_groups_block_pairs():
     assert model.get_layer_depth('decode_head.conv_seg.weight', 'backbone.') == (13, 14)
 
 
-def test_gradient_checkpointing_and_drop_path_train():
-    model = ViL(arch=TINY, img_size=32, out_indices=(3,), with_cp=True, drop_path_rate=0.2,
-                mlstm_backend='parallel').train()
-    assert model.layers[0].drop_path.drop_prob == 0 and model.layers[3].drop_path.drop_prob == pytest.approx(0.2)
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients():
+    """with_cp: every block runs again in the backward (its activations were not kept), replaying the same
+    drop-path draws, so the gradients are those of the plain model."""
     x = torch.randn(2, 3, 32, 32)
-    model(x)[0].sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    calls, grads = {}, {}
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        model = ViL(arch=TINY, img_size=32, out_indices=(3,), with_cp=with_cp, drop_path_rate=0.5,
+                    mlstm_backend='parallel').train()
+        counts = calls[with_cp] = [0] * len(model.layers)
+        for index, layer in enumerate(model.layers):
+            layer.register_forward_pre_hook(lambda *_, index=index: counts.__setitem__(index, counts[index] + 1))
+        model(x)[0].square().sum().backward()
+        grads[with_cp] = {name: p.grad for name, p in model.named_parameters()}
+    assert model.layers[0].drop_path.drop_prob == 0 and model.layers[3].drop_path.drop_prob == pytest.approx(0.5)
+    assert calls == {False: [1, 1, 1, 1], True: [2, 2, 2, 2]}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, msg=lambda m: f'{name}: {m}')
+    with torch.no_grad():  # nothing to recompute without gradients
+        model(x)
+    assert calls[True] == [3, 3, 3, 3]
 
 
 def _fixture_state_dict():
@@ -200,12 +217,11 @@ def test_converter_tool(tmp_path):
     assert converted['meta']['source_format'] == 'released'
 
 
-def test_block_diagonal_dense_weight_equals_blockwise_product():
+def test_block_diagonal_projection_equals_blockwise_product():
     from mmseg_vil.models.layers.vil_block import BlockDiagonalLinear
     proj = BlockDiagonalLinear(16)
     torch.nn.init.normal_(proj.weight)
+    torch.nn.init.normal_(proj.bias)
     x = torch.randn(3, 5, 16)
-    dense = torch.nn.functional.linear(x, proj.dense_weight(), proj.bias)  # the CUDA path
-    torch.testing.assert_close(dense, proj(x))
     expected = torch.stack([x[..., 4 * b:4 * b + 4] @ proj.weight[b].T for b in range(4)], -2).flatten(-2)
-    torch.testing.assert_close(proj(x), expected)
+    torch.testing.assert_close(proj(x), expected + proj.bias)

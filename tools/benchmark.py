@@ -2,6 +2,7 @@
 
     python tools/benchmark.py --device cuda --models vil-t deit-t vim-t --sizes 224 512 1024 --out-dir bench/
     python tools/benchmark.py --device cpu --amp none --models vil-t deit-t --sizes 512 --modes infer --batch 512=1
+    python tools/benchmark.py --models vil-t deit-t --sizes 224 --modes train --execution eager graphs --repeats 5
 
 ``vil-t@parallel`` selects an mLSTM backend. Writes benchmark.json, benchmark.md (tables and ViL-T/DeiT-T ratios)
 and benchmark.png into --out-dir.
@@ -9,7 +10,7 @@ and benchmark.png into --out-dir.
 import argparse
 import os
 
-from mmseg_vil.benchmark import BACKBONES, markdown_report, run_benchmark, save_report
+from mmseg_vil.benchmark import BACKBONES, EXECUTIONS, markdown_report, run_benchmark, save_report
 
 
 def parse_batch(items):
@@ -29,14 +30,17 @@ def main() -> None:
                         help='override the per-size batch (defaults 224=64 512=8 1024=2 2048=1)')
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--iters', type=int, default=10)
-    parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--execution', nargs='+', choices=EXECUTIONS, default=['eager'],
+                        help='eager, compile (torch.compile of backbone and head), graphs (CUDA-graph replay)')
+    parser.add_argument('--repeats', type=int, default=3, help='timed runs of --iters steps; the median is reported')
     parser.add_argument('--out-dir', default='work_dirs/benchmark')
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
 
     report = run_benchmark(args.models, args.sizes, args.modes, args.scopes, device=args.device,
                            amp=None if args.amp == 'none' else args.amp, batch=parse_batch(args.batch),
-                           warmup=args.warmup, iters=args.iters, compile_model=args.compile,
+                           warmup=args.warmup, iters=args.iters, executions=args.execution,
+                           repeats=args.repeats,
                            partial_path=os.path.join(args.out_dir, 'benchmark.partial.json'))
     report['environment']['command'] = 'python tools/benchmark.py ' + ' '.join(
         f'{k}={v}' for k, v in vars(args).items())

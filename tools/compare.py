@@ -6,14 +6,18 @@
     # or read finished training runs (their dumped config and last validation)
     python tools/compare.py --work-dir work_dirs/vil --work-dir work_dirs/deit
 
-Also writes OUT_DIR/comparison.json and OUT_DIR/comparison.png. FLOPs are counted at --shape (default 512x512)
+Also writes OUT_DIR/comparison.json and OUT_DIR/comparison.png. Every checkpoint must fit its config (else the
+tool stops before evaluating anything, naming the fix). FLOPs are counted at --shape (default 512x512)
 with torch's FlopCounterMode, one multiply-add = 2 FLOPs (see mmseg_vil.apis.complexity).
 """
 import argparse
 import os
 import os.path as osp
+import sys
 
+from mmseg_vil.apis.batch_inputs import resolve_device
 from mmseg_vil.apis.compare import ModelSpec, compare, plot_comparison, render_markdown, write_json
+from mmseg_vil.utils.checkpoint import CheckpointMismatchError
 
 
 def _name(path: str) -> str:
@@ -30,7 +34,9 @@ def main() -> None:
                         '(default: config or work dir names)')
     parser.add_argument('--shape', type=int, nargs=2, default=(512, 512), metavar=('H', 'W'),
                         help='input size for the FLOPs')
-    parser.add_argument('--device', default='cpu', help='device for evaluation and FLOP counting')
+    parser.add_argument('--device', help='device for evaluation and FLOP counting (default: cuda when available)')
+    parser.add_argument('--allow-partial-load', action='store_true',
+                        help='accept checkpoints that fit their config only partly (the rest stays random)')
     parser.add_argument('--out-dir', default='outputs/compare', help='folder for comparison.json / .png')
     args = parser.parse_args()
 
@@ -43,7 +49,14 @@ def main() -> None:
             parser.error(f'--names has {len(args.names)} names for {len(specs)} models')
         for spec, name in zip(specs, args.names):
             spec.name = name
-    rows = compare(specs, flops_shape=tuple(args.shape), device=args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        rows = compare(specs, flops_shape=tuple(args.shape), device=device, allow_partial=args.allow_partial_load)
+    except (CheckpointMismatchError, FileNotFoundError) as error:
+        sys.exit(f'{parser.prog}: error: {error}')
     os.makedirs(args.out_dir, exist_ok=True)
     write_json(rows, osp.join(args.out_dir, 'comparison.json'))
     plot_comparison(rows, osp.join(args.out_dir, 'comparison.png'))

@@ -3,7 +3,8 @@
 1. writes a synthetic ADE20K into data/ade_demo (unless it is there): 400 training and 50 validation 128x128
    images of 8 classes, each with its own colour and texture (mmseg_vil.datasets.synthetic_ade20k);
 2. trains the demo UperNets of configs/demo (same neck, heads, data and schedule; only the backbone differs) from
-   scratch with tools/train.py, one process per model, logging to WORK_DIR/<model>/;
+   scratch with tools/train.py, one process per model, logging to WORK_DIR/<model>/ (replacing an earlier demo
+   run there, unless --skip-train reuses it);
 3. evaluates every checkpoint on the validation set and prints a comparison table (params, GFLOPs at 512x512,
    mIoU, aAcc, img/s), also written as WORK_DIR/comparison.{md,json,png};
 4. segments a few validation images with every model: WORK_DIR/infer/<model>/{pred,vis}/.
@@ -13,6 +14,7 @@
 import argparse
 import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 import time
@@ -43,24 +45,19 @@ def ensure_dataset(num_train: int, num_val: int) -> None:
     generate_ade20k(DATA_ROOT, num_train=num_train, num_val=num_val, size=(128, 128))
 
 
-def last_checkpoint(work_dir: str):
-    """The checkpoint a finished run recorded in ``last_checkpoint``, if it exists."""
-    try:
-        with open(osp.join(work_dir, 'last_checkpoint')) as f:
-            path = f.read().strip()
-    except FileNotFoundError:
-        return None
-    return path if osp.isfile(path) else None
-
-
 def train(model: str, work_dir: str) -> str:
     """Train one demo model with tools/train.py in its own process; echo its progress lines; return the checkpoint.
 
     A separate process per model keeps MMEngine's global state (loggers, visualizer, message hub) apart.
     """
+    from mmseg_vil.engine.work_dir import latest_checkpoint
+
     config = osp.join('configs', 'demo', f'{model}_demo.py')
-    os.makedirs(work_dir, exist_ok=True)
     console_log = osp.join(work_dir, 'train_console.log')
+    if osp.isfile(console_log):  # tools/train.py refuses to overwrite a run; the demo replaces only its own
+        log(f'{model}: replacing the previous demo run in {work_dir} (--skip-train reuses it instead)')
+        shutil.rmtree(work_dir)
+    os.makedirs(work_dir, exist_ok=True)
     command = [sys.executable, osp.join('tools', 'train.py'), config, '--work-dir', work_dir]
     log(f'{model}: training {config} (full log: {console_log})')
     with open(console_log, 'w') as out:
@@ -71,7 +68,7 @@ def train(model: str, work_dir: str) -> str:
             if any(marker in line for marker in PROGRESS_MARKERS):
                 print(f'  {model} | {line.rstrip()}', flush=True)
         proc.wait()
-    checkpoint = last_checkpoint(work_dir)
+    checkpoint = latest_checkpoint(work_dir)
     if proc.returncode != 0 or checkpoint is None:
         raise RuntimeError(f'training {model} failed (exit code {proc.returncode}); see {console_log}')
     return checkpoint
@@ -96,13 +93,14 @@ def main() -> None:
     start = time.perf_counter()
     # Imported only now, so that --help and argument errors answer without loading PyTorch and OpenMMLab.
     from mmseg_vil.apis import ModelSpec, compare, plot_comparison, render_markdown, segment_images, write_json
+    from mmseg_vil.engine.work_dir import latest_checkpoint
 
     ensure_dataset(args.num_train, args.num_val)
     checkpoints: Dict[str, str] = {}
     for model in models:
         model_dir = osp.join(work_dir, model)
         if args.skip_train:
-            checkpoints[model] = last_checkpoint(model_dir)
+            checkpoints[model] = latest_checkpoint(model_dir)
             if checkpoints[model] is None:
                 raise SystemExit(f'--skip-train: no finished run in {model_dir}; run without --skip-train first')
             log(f'{model}: reusing {checkpoints[model]}')

@@ -8,6 +8,9 @@ env_cfg = dict(
     # CPU multi-process runs (torchrun + tools/train.py --launcher pytorch) need backend='gloo'.
     dist_cfg=dict(backend='nccl'),
 )
+# Every parameter of the shipped models gets a gradient in every step (tests/test_distributed.py), so DDP need not
+# search the graph for unused ones; a model that leaves some out needs True.
+find_unused_parameters = False
 vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')
 log_processor = dict(by_epoch=False)

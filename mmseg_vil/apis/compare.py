@@ -2,7 +2,7 @@
 
 A model enters the comparison in one of two ways:
 
-* :func:`evaluate_checkpoint` evaluates a config + checkpoint on the config's test set and times the model on it;
+* :func:`evaluate_model` evaluates a config's model holding a checkpoint on the config's test set and times it;
 * :func:`read_work_dir` reads a finished training run (``tools/train.py`` work dir): the config the run dumped and
   the metrics of its last validation, with throughput from that validation's logged iteration times.
 
@@ -24,7 +24,9 @@ from mmengine.config import Config
 from mmengine.evaluator import Evaluator
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
+from torch import nn
 
+from .batch_inputs import resolve_device
 from .complexity import build_inference_model, count_flops, count_parameters
 from .inference import init_segmentor
 
@@ -64,12 +66,11 @@ class ComparisonRow:
     extra: Dict[str, float] = field(default_factory=dict)  # other metrics, e.g. mAcc
 
 
-def evaluate_checkpoint(config: Config, checkpoint: str, device: str = 'cpu', warmup: int = 2) -> Dict[str, float]:
-    """Evaluate ``checkpoint`` on the test set of ``config``; return its metrics plus ``img_per_s``.
+def evaluate_model(model: nn.Module, config: Config, warmup: int = 2) -> Dict[str, float]:
+    """Evaluate ``model`` on the test set of ``config``; return its metrics plus ``img_per_s``.
 
     The first ``warmup`` batches (fewer on a tiny set) are evaluated but not timed: they pay one-off costs.
     """
-    model = init_segmentor(config, checkpoint, device)
     init_default_scope(config.get('default_scope', 'mmseg'))
     dataloader = Runner.build_dataloader(config.test_dataloader)
     evaluator = Evaluator(config.test_evaluator)
@@ -131,17 +132,27 @@ def _backbone_name(config: Config) -> str:
 
 def compare(specs: Sequence[ModelSpec],
             flops_shape: Tuple[int, int] = FLOPS_SHAPE,
-            device: str = 'cpu') -> List[ComparisonRow]:
-    """Evaluate or read every model of ``specs`` and measure its size and compute."""
-    rows = []
+            device: Optional[str] = None,
+            allow_partial: bool = False) -> List[ComparisonRow]:
+    """Evaluate or read every model of ``specs`` and measure its size and compute (on CUDA when available, unless
+    ``device`` says otherwise).
+
+    Every checkpoint is loaded (under the package's policy; ``allow_partial`` as in :func:`.init_segmentor`) and
+    every work dir read before the first evaluation, so that a bad input stops the comparison before any work.
+    """
+    device = resolve_device(device)
+    sources = []
     for spec in specs:
         if spec.work_dir is not None:
-            config, checkpoint, metrics = read_work_dir(spec.work_dir)
-            source = 'work_dir'
+            sources.append((*read_work_dir(spec.work_dir), None, 'work_dir'))
         else:
-            config, checkpoint = Config.fromfile(spec.config), spec.checkpoint
-            metrics = evaluate_checkpoint(config, checkpoint, device=device)
-            source = 'evaluated'
+            config = Config.fromfile(spec.config)
+            model = init_segmentor(config, spec.checkpoint, device, allow_partial=allow_partial)
+            sources.append((config, spec.checkpoint, None, model, 'evaluated'))
+    rows = []
+    for spec, (config, checkpoint, metrics, evaluated_model, source) in zip(specs, sources):
+        if evaluated_model is not None:
+            metrics = evaluate_model(evaluated_model, config)
         model = build_inference_model(config)
         rows.append(
             ComparisonRow(

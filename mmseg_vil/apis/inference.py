@@ -4,29 +4,35 @@
 around it: expanding a file, folder or glob into images, batching, a progress bar, writing results, and reporting
 unreadable files instead of aborting the whole run on the first one.
 
-For every input ``<rel>.<ext>`` (``rel`` is the path relative to the inputs' common folder, so equal names in
-different folders do not collide) it writes
+For every input ``<rel>`` (its path relative to the inputs' common folder, extension included, so that neither
+equal names in different folders nor ``x.jpg`` and ``x.png`` of one folder collide) it writes
 
 * ``<out_dir>/pred/<rel>.png``: the predicted class index of every pixel (the model's classes, 0-based; ``uint8``,
   or ``uint16`` for models with more than 256 classes), at the input's resolution;
 * ``<out_dir>/vis/<rel>.png``: the input blended with the class colours of the model's palette.
+
+The checkpoint is loaded under the package's policy (:mod:`mmseg_vil.utils.checkpoint`): one that does not fit the
+config's model stops before any image is read.
 """
-import glob
-import os
 import os.path as osp
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mmcv
 import numpy as np
 import torch
+from mmengine.config import Config
+from mmengine.logging import print_log
 from mmengine.model import revert_sync_batchnorm
 from mmengine.utils import ProgressBar
 from mmseg.apis import inference_model, init_model
+from mmseg.registry import DATASETS
 from torch import nn
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+from ..engine.checkpoint_policy import load_model_checkpoint
+from ..utils.checkpoint import CheckpointMismatchError
+from .batch_inputs import check_fraction, check_positive, collect_images, read_image, resolve_device
 
 
 @dataclass
@@ -46,33 +52,40 @@ class InferenceSummary:
         return '\n'.join(lines)
 
 
-def collect_images(inputs: Sequence[str]) -> List[str]:
-    """Expand image files, folders (recursively, image extensions only) and glob patterns into a sorted path list.
+def _dataset_meta(meta: dict, config: Config, num_classes: int) -> dict:
+    """Class names and palette: from the checkpoint (MMSeg 1.x ``dataset_meta``, 0.x ``CLASSES``/``PALETTE``), else
+    from the config's test dataset when its class count matches the model's."""
+    if 'dataset_meta' in meta:
+        return meta['dataset_meta']
+    if 'CLASSES' in meta:
+        return dict(classes=meta['CLASSES'], palette=meta['PALETTE'])
+    dataset_type = config.get('test_dataloader', {}).get('dataset', {}).get('type')
+    metainfo = getattr(DATASETS.get(dataset_type), 'METAINFO', {}) if isinstance(dataset_type, str) else {}
+    if len(metainfo.get('classes', ())) != num_classes or 'palette' not in metainfo:
+        raise CheckpointMismatchError(
+            f'the checkpoint records no class names and palette (dataset_meta), and the config\'s test dataset '
+            f'{dataset_type} does not have the model\'s {num_classes} classes: use a config of its dataset')
+    print_log(f'The checkpoint records no dataset_meta: using the classes and palette of {dataset_type}',
+              logger='current')
+    return dict(classes=metainfo['classes'], palette=metainfo['palette'])
 
-    An explicitly named file is kept whatever its extension or content, so that a bad file is reported rather than
-    silently ignored.
+
+def init_segmentor(config: Union[str, Config],
+                   checkpoint: Optional[str],
+                   device: Optional[str] = None,
+                   cfg_options: Optional[dict] = None,
+                   allow_partial: bool = False) -> nn.Module:
+    """The segmentor of ``config`` holding ``checkpoint`` (loaded under the package's checkpoint policy).
+
+    ``device`` defaults to CUDA when available. On CPU, SyncBN becomes BN as in MMSegmentation's demos: one process
+    has no group to synchronise with, and some PyTorch versions reject CPU input to SyncBN.
     """
-    paths = []
-    for item in inputs:
-        if osp.isdir(item):
-            for folder, _, names in os.walk(item):
-                paths += [osp.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-        elif osp.isfile(item):
-            paths.append(item)
-        else:
-            matches = [p for p in glob.glob(item, recursive=True) if osp.isfile(p)]
-            if not matches:
-                raise FileNotFoundError(f'{item!r} is neither a file, a folder nor a glob matching any file')
-            paths += matches
-    return sorted(set(osp.normpath(p) for p in paths))
-
-
-def init_segmentor(config: str, checkpoint: Optional[str], device: str = 'cpu') -> nn.Module:
-    """``mmseg.apis.init_model``, then SyncBN -> BN on CPU as MMSegmentation's demos do.
-
-    One process has no group to synchronise with, and some PyTorch versions reject CPU input to SyncBN.
-    """
-    model = init_model(config, checkpoint, device=device)
+    device = resolve_device(device)
+    config = Config.fromfile(config) if not isinstance(config, Config) else config
+    model = init_model(config, None, device='cpu', cfg_options=cfg_options)  # also sets the default scope
+    meta = load_model_checkpoint(model, checkpoint, allow_partial=allow_partial) if checkpoint is not None else {}
+    model.dataset_meta = _dataset_meta(meta, config, model.decode_head.num_classes)
+    model = model.to(device)
     return revert_sync_batchnorm(model) if torch.device(device).type == 'cpu' else model
 
 
@@ -116,20 +129,17 @@ class SegmentationWriter:
     """Runs a segmentor over image files and writes masks and overlays (see the module docstring for the layout)."""
 
     def __init__(self, model: nn.Module, out_dir: str, opacity: float = 0.5, batch_size: int = 1) -> None:
-        if not 0.0 <= opacity <= 1.0:
-            raise ValueError(f'opacity must be in [0, 1], got {opacity}')
-        if batch_size < 1:
-            raise ValueError(f'batch_size must be >= 1, got {batch_size}')
         self.model = model
         self.out_dir = out_dir
-        self.opacity = opacity
-        self.batch_size = batch_size
+        self.opacity = check_fraction('opacity', opacity)
+        self.batch_size = check_positive('batch_size', batch_size)
         self.palette = np.asarray(model.dataset_meta['palette'], np.uint8)
         self.mask_dtype = np.uint8 if len(self.palette) <= 256 else np.uint16
 
     def output_paths(self, path: str, root: str) -> Tuple[str, str]:
-        stem = osp.splitext(osp.relpath(osp.abspath(path), root))[0]
-        return osp.join(self.out_dir, 'pred', stem + '.png'), osp.join(self.out_dir, 'vis', stem + '.png')
+        """(mask, overlay) paths of input ``path``; the input's extension stays in the name, so none collide."""
+        name = osp.relpath(osp.abspath(path), root) + '.png'
+        return osp.join(self.out_dir, 'pred', name), osp.join(self.out_dir, 'vis', name)
 
     def _segment(self, group: List[Tuple[str, np.ndarray]], root: str, summary: InferenceSummary) -> None:
         try:
@@ -154,12 +164,7 @@ class SegmentationWriter:
             for batch in _batches(paths, self.batch_size):
                 readable = []
                 for path in batch:
-                    try:
-                        image = mmcv.imread(path)
-                    except Exception as error:  # noqa: BLE001  (missing file, permission, I/O error)
-                        image, reason = None, repr(error)
-                    else:
-                        reason = 'not a readable image (corrupt or unsupported format)'
+                    image, reason = read_image(path)
                     if image is None:
                         summary.failures[path] = reason
                     else:
@@ -170,15 +175,22 @@ class SegmentationWriter:
         return summary
 
 
-def segment_images(config: str,
+def segment_images(config: Union[str, Config],
                    checkpoint: Optional[str],
                    inputs: Sequence[str],
                    out_dir: str,
-                   device: str = 'cpu',
+                   device: Optional[str] = None,
                    opacity: float = 0.5,
                    batch_size: int = 1,
-                   progress: bool = True) -> InferenceSummary:
-    """Build the model of ``config`` with ``checkpoint`` and segment every image in ``inputs`` into ``out_dir``."""
+                   progress: bool = True,
+                   cfg_options: Optional[dict] = None,
+                   allow_partial: bool = False) -> InferenceSummary:
+    """Build the model of ``config`` with ``checkpoint`` and segment every image in ``inputs`` into ``out_dir``.
+
+    The inputs and options are checked before the model is built; see :func:`init_segmentor` for the others.
+    """
+    check_fraction('opacity', opacity)
+    check_positive('batch_size', batch_size)
     paths = collect_images(inputs)
-    model = init_segmentor(config, checkpoint, device)
+    model = init_segmentor(config, checkpoint, device, cfg_options=cfg_options, allow_partial=allow_partial)
     return SegmentationWriter(model, out_dir, opacity=opacity, batch_size=batch_size).run(paths, progress=progress)

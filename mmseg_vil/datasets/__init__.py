@@ -1,6 +1,7 @@
-"""Dataset utilities: synthetic ADE20K and ImageNet stand-ins for the demo and the tests (the real datasets are read
-by mmseg / mmpretrain themselves), and the ImageNet recipe's transforms that MMPretrain lacks."""
+"""Dataset utilities: synthetic ADE20K, Cityscapes and ImageNet stand-ins for the demo and the tests (the real
+datasets are read by mmseg / mmpretrain themselves), and the ImageNet recipe's transforms that MMPretrain lacks."""
 from .synthetic_ade20k import generate_ade20k
+from .synthetic_cityscapes import generate_cityscapes
 from .synthetic_imagenet import generate_imagenet
 
 try:
@@ -8,4 +9,4 @@ try:
 except ImportError:  # without mmpretrain there is no classification recipe
     pass
 
-__all__ = ['generate_ade20k', 'generate_imagenet']
+__all__ = ['generate_ade20k', 'generate_cityscapes', 'generate_imagenet']

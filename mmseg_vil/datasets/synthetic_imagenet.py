@@ -3,7 +3,7 @@
 
 ``root/{train,val}/<class>/<class>_<index>.JPEG`` is what MMPretrain's ``ImageNet`` (and ``CustomDataset``) read
 without annotation files. Every image shows one class in the class's fixed colour and texture
-(:func:`~mmseg_vil.datasets.synthetic_ade20k.render_class`, with per-image jitter), so classes stay distinguishable
+(:func:`~mmseg_vil.datasets.synthetic_scenes.render_class`, with per-image jitter), so classes stay distinguishable
 after greyscale, blur or colour jitter and a tiny model learns them in a few iterations.
 Folder names look like WordNet ids (``n00000000`` ...), which is what real ImageNet folders are called.
 """
@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from mmengine.utils import mkdir_or_exist
 
-from .synthetic_ade20k import class_appearance, render_class
+from .synthetic_scenes import class_appearance, render_class
 
 SPLITS = ('train', 'val')
 

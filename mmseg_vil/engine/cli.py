@@ -2,21 +2,30 @@
 """Command-line interfaces of ``tools/train.py`` and ``tools/test.py`` (argument parsing only).
 
 The options follow MMSegmentation's tools, so its documentation and launch scripts apply unchanged; ``--resume``
-additionally accepts a checkpoint path, as in MMPretrain.
+additionally accepts a checkpoint path, as in MMPretrain. A refused run (see :mod:`.work_dir`) or a checkpoint that
+does not fit the model ends the tool with its message and exit status 1, without a traceback.
 """
 import argparse
 import os
-from typing import List, Optional
+import sys
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
 
 from mmengine.config import DictAction
 
+from ..utils.checkpoint import CheckpointMismatchError
+from .distributed import destroy_process_group
 from .entrypoints import load_config, run_test, run_train
+from .work_dir import RunRefused
 
 LAUNCHERS = ['none', 'pytorch', 'slurm', 'mpi']
 
 
 def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--work-dir', help='directory for logs, checkpoints and metrics')
+    parser.add_argument('--allow-partial-load', action='store_true',
+                        help='accept a checkpoint that fits the model only partly: load the matching tensors, keep '
+                        'the others at their initial values and log them (default: refuse such a checkpoint)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, e.g. model.backbone.init_cfg.checkpoint=PATH '
                         'train_dataloader.batch_size=2 (lists: key=[a,b], nested keys with dots)')
@@ -29,17 +38,32 @@ def _export_local_rank(args: argparse.Namespace) -> None:
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
 
 
+@contextmanager
+def _tool_run(prog: str) -> Iterator[None]:
+    """Report refusals as ``prog: error: ...`` (exit status 1) and end a distributed run cleanly."""
+    try:
+        yield
+    except (RunRefused, CheckpointMismatchError) as error:
+        sys.exit(f'{prog}: error: {error}')
+    finally:
+        destroy_process_group()
+
+
 def train_main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description='Train a segmentor (or classifier) from an OpenMMLab config')
     parser.add_argument('config', help='config file')
     parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
                         help='resume from CHECKPOINT, or without a value from the latest checkpoint in the work dir')
-    parser.add_argument('--amp', action='store_true', help='automatic mixed precision (fp16)')
+    parser.add_argument('--load-from', metavar='CHECKPOINT',
+                        help='start a new run from the weights of CHECKPOINT (a whole model of this config)')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision (fp16; needs a GPU)')
     _add_common_args(parser)
     args = parser.parse_args(argv)
     _export_local_rank(args)
     cfg = load_config(args.config, args.work_dir, args.cfg_options, args.launcher)
-    run_train(cfg, resume=args.resume, amp=args.amp)
+    with _tool_run(parser.prog):
+        run_train(cfg, resume=args.resume, amp=args.amp, load_from=args.load_from,
+                  allow_partial=args.allow_partial_load)
 
 
 def test_main(argv: Optional[List[str]] = None) -> None:
@@ -53,4 +77,6 @@ def test_main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     _export_local_rank(args)
     cfg = load_config(args.config, args.work_dir, args.cfg_options, args.launcher)
-    run_test(cfg, args.checkpoint, out=args.out, show_dir=args.show_dir, tta=args.tta)
+    with _tool_run(parser.prog):
+        run_test(cfg, args.checkpoint, out=args.out, show_dir=args.show_dir, tta=args.tta,
+                 allow_partial=args.allow_partial_load)

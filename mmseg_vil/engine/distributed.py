@@ -48,3 +48,13 @@ def setup_cpu_distributed(cfg: Config) -> None:
     torch_dist.init_process_group(backend=backend, **({'timeout': timedelta(seconds=timeout)} if timeout else {}))
     cfg.model_wrapper_cfg = dict(type='CPUDistributedDataParallel', broadcast_buffers=False,
                                  find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+
+def destroy_process_group() -> None:
+    """Shut down the default process group, if one was initialised; a no-op otherwise.
+
+    MMEngine never does this. A gloo process that exits with its group alive can abort in interpreter teardown
+    ("terminate called without an active exception", SIGABRT) after the run itself succeeded.
+    """
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

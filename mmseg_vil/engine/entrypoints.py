@@ -3,7 +3,9 @@
 
 Kept in the package (not in the scripts) so that other tools, notebooks and tests drive exactly the same code:
 :func:`load_config` resolves a config with command-line style overrides, :func:`run_train` and :func:`run_test` apply
-the run options (resume, AMP, TTA, visualisation, prediction output) and hand the config to an MMEngine ``Runner``.
+the run options (resume, AMP, TTA, visualisation, prediction output), refuse what would go wrong silently (a run
+over another run's checkpoints, a checkpoint that does not fit, AMP without a device) and hand the config to an
+MMEngine ``Runner``.
 Importing this module imports :mod:`mmseg_vil`, whose compatibility fixes must precede the first ``mmseg.models``
 import that building a Runner triggers.
 """
@@ -12,12 +14,15 @@ import os.path as osp
 from typing import Optional
 
 from mmengine.config import Config
+from mmengine.device import get_device
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from .compile import compile_parts, take_compile_options
 from .distributed import setup_cpu_distributed
+from .work_dir import RunRefused, plan_start
 
 
 def load_config(config: str,
@@ -40,19 +45,53 @@ def load_config(config: str,
 
 
 def build_runner(cfg: Config) -> Runner:
-    """A Runner for ``cfg`` (a custom ``runner_type`` if the config names one), after CPU-distributed setup."""
+    """A Runner for ``cfg`` (a custom ``runner_type`` if the config names one), after CPU-distributed setup; a
+    ``compile`` option compiles the network parts (see :mod:`.compile`)."""
     setup_cpu_distributed(cfg)
-    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    compile_options = take_compile_options(cfg)
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    if compile_options is not None:
+        compile_parts(runner.model, compile_options)
+    return runner
 
 
-def run_train(cfg: Config, resume: Optional[str] = None, amp: bool = False) -> Runner:
+def apply_checkpoint_policy(cfg: Config, source: str, allow_partial: bool = False) -> None:
+    """Make the Runner load ``load_from`` / ``resume`` checkpoints under the package's policy
+    (:class:`~mmseg_vil.engine.checkpoint_policy.CheckpointPolicyHook`).
+
+    A partial load is allowed by ``allow_partial`` or by ``allow_partial_load = True`` in the config.
+    """
+    hooks = [h for h in cfg.get('custom_hooks', None) or [] if h.get('type') != 'CheckpointPolicyHook']
+    allow_partial = allow_partial or bool(cfg.get('allow_partial_load', False))
+    cfg.custom_hooks = hooks + [dict(type='CheckpointPolicyHook', allow_partial=allow_partial, source=source)]
+
+
+def check_amp_device(cfg: Config) -> None:
+    """MMEngine's ``AmpOptimWrapper`` asserts an accelerator; say so before anything is built."""
+    if cfg.optim_wrapper.get('type') == 'AmpOptimWrapper' and get_device() in ('cpu', 'mps'):
+        raise RunRefused('mixed precision (--amp, or optim_wrapper.type=AmpOptimWrapper in the config) needs a CUDA, '
+                         'NPU, MLU or MUSA device, and none is available: on CPU train without --amp, or set '
+                         'optim_wrapper.type=OptimWrapper (dropping its dtype and loss_scale) to train in float32')
+
+
+def run_train(cfg: Config,
+              resume: Optional[str] = None,
+              amp: bool = False,
+              load_from: Optional[str] = None,
+              allow_partial: bool = False) -> Runner:
     """Train with ``cfg`` and return the finished Runner.
 
     Args:
         cfg: a config from :func:`load_config`; modified in place.
-        resume: ``None`` (start fresh), ``'auto'`` (the latest checkpoint of the work dir, if any) or a checkpoint
-            path; resuming restores weights, optimizer, schedulers and the iteration counter.
+        resume: ``None`` (start fresh), ``'auto'`` (the latest checkpoint of the work dir) or a checkpoint path;
+            resuming restores weights, optimizer, schedulers and the iteration counter.
         amp: train with automatic mixed precision (fp16, dynamic loss scaling), as the official recipe does.
+        load_from: initial weights of a new run (overrides the config's ``load_from``).
+        allow_partial: let ``load_from`` fit the model partly (see :func:`apply_checkpoint_policy`).
+
+    Raises:
+        RunRefused: before anything is built, if the run would overwrite another run's checkpoints, ``resume``
+            has nothing to resume, or AMP has no device.
     """
     if amp:
         wrapper = cfg.optim_wrapper
@@ -61,10 +100,18 @@ def run_train(cfg: Config, resume: Optional[str] = None, amp: bool = False) -> R
         else:
             wrapper.type = 'AmpOptimWrapper'
             wrapper.setdefault('loss_scale', 'dynamic')
-    if resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
-    elif resume is not None:
-        cfg.resume, cfg.load_from = True, resume
+    check_amp_device(cfg)
+    if load_from is not None:
+        cfg.load_from = load_from
+    if resume is None and cfg.get('resume'):  # resume = True in the config: as --resume [load_from]
+        resume = cfg.get('load_from') or 'auto'
+    resume_from = plan_start(cfg.work_dir, resume, cfg.get('load_from'))
+    if resume_from is not None:
+        cfg.resume, cfg.load_from = True, resume_from
+    else:
+        cfg.resume = False
+    if cfg.get('load_from'):
+        apply_checkpoint_policy(cfg, cfg.load_from, allow_partial)
     runner = build_runner(cfg)
     runner.train()
     return runner
@@ -79,20 +126,26 @@ def run_test(cfg: Config,
              checkpoint: str,
              out: Optional[str] = None,
              show_dir: Optional[str] = None,
-             tta: bool = False) -> dict:
-    """Evaluate ``checkpoint`` on the config's test set; print mIoU and write ``<work_dir>/test_metrics.json``.
+             tta: bool = False,
+             allow_partial: bool = False) -> dict:
+    """Evaluate ``checkpoint`` on the config's test set; print mIoU and write ``test_metrics.json`` into the run's
+    timestamped log folder (``<work_dir>/<timestamp>/``, next to MMEngine's log), so no earlier result is replaced.
 
     Args:
         cfg: a config from :func:`load_config`; modified in place.
-        checkpoint: the weights to evaluate.
+        checkpoint: the weights to evaluate; they must fit the model (see :func:`apply_checkpoint_policy`).
         out: directory for the predicted label maps (PNG, dataset label values).
         show_dir: directory for every image drawn with its ground truth and prediction.
         tta: multi-scale + flip test-time augmentation with the config's ``tta_pipeline`` and ``tta_model``.
+        allow_partial: evaluate a checkpoint that fits the model only partly (an explicit, logged choice).
 
     Returns:
         The metrics of the test evaluator (e.g. ``aAcc``, ``mIoU``, ``mAcc`` in percent).
     """
-    cfg.load_from = checkpoint
+    if '://' not in checkpoint and not osp.isfile(checkpoint):
+        raise RunRefused(f'checkpoint {checkpoint}: no such file')
+    cfg.load_from, cfg.resume = checkpoint, False
+    apply_checkpoint_policy(cfg, checkpoint, allow_partial)
     if show_dir is not None:
         if 'visualization' not in cfg.default_hooks:
             raise KeyError('--show-dir needs default_hooks.visualization (a SegVisualizationHook) in the config')
@@ -104,10 +157,11 @@ def run_test(cfg: Config,
         cfg.model = cfg.tta_model
     if out is not None:
         cfg.test_evaluator.output_dir = out
-    metrics = build_runner(cfg).test()
+    runner = build_runner(cfg)
+    metrics = runner.test()
     if is_main_process():
         report = dict(config=cfg.filename, checkpoint=checkpoint, tta=tta, metrics=metrics)
-        path = osp.join(cfg.work_dir, 'test_metrics.json')
+        path = osp.join(runner.log_dir, 'test_metrics.json')
         with open(path, 'w') as f:
             json.dump(report, f, indent=2, default=_to_json)
         if 'mIoU' in metrics:

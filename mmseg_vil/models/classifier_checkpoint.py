@@ -15,34 +15,39 @@ from torch import Tensor, nn
 
 from ..utils.checkpoint import CheckpointMismatchError, StateDict, load_state_dict_strictly, read_state_dict
 from .backbones.vil_checkpoint import convert_vil_state_dict, split_backbone_and_head
-from .layers.pos_embed import resample_grid_pos_embed
 
 
-def vil_classifier_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+def vil_classifier_state_dict(state_dict: Mapping[str, Tensor], source: str = 'checkpoint') -> StateDict:
     """Convert a Vision-LSTM classifier checkpoint to MMPretrain ``ImageClassifier`` key names.
 
-    Raises :class:`CheckpointMismatchError` for a backbone-only checkpoint (no classifier to convert).
+    Raises :class:`CheckpointMismatchError` for a backbone-only checkpoint (no classifier to convert) or one of
+    another architecture.
     """
-    backbone, head = split_backbone_and_head(convert_vil_state_dict(state_dict))
+    try:
+        converted = convert_vil_state_dict(state_dict, source)
+    except ValueError as error:
+        raise CheckpointMismatchError(f'{error}; a ViL classifier config needs a ViL checkpoint') from error
+    backbone, head = split_backbone_and_head(converted)
     if 'fc.weight' not in head:
-        raise CheckpointMismatchError('the checkpoint has no classifier (head.1 / head / head.fc weights); it holds '
+        raise CheckpointMismatchError(f'{source} has no classifier (head.1 / head / head.fc weights); it holds '
                                       'a backbone only: load it with the backbone\'s init_cfg instead')
     return OrderedDict([*((f'backbone.{k}', v) for k, v in backbone.items()),
                         *((f'head.{k}', v) for k, v in head.items())])
 
 
-def load_vil_classifier_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, Tensor]]) -> None:
+def load_vil_classifier_checkpoint(model: nn.Module,
+                                   checkpoint: Union[str, os.PathLike, Mapping[str, Tensor]],
+                                   allow_partial: bool = False) -> None:
     """Load a Vision-LSTM classifier checkpoint (path or state dict) into an MMPretrain ``ImageClassifier``.
 
     The position embedding is resampled (bicubic, as the official loader) to the model's grid, e.g. a 192px
-    pre-training checkpoint into a 224px model; any other missing, unexpected or mis-shaped key raises.
+    pre-training checkpoint into a 224px model; any other missing, unexpected or mis-shaped key raises, unless
+    ``allow_partial`` (see :func:`~mmseg_vil.utils.checkpoint.load_state_dict_strictly`).
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         source = os.fspath(checkpoint)
         checkpoint = read_state_dict(source)
     else:
         source = 'state dict'
-    state_dict = vil_classifier_state_dict(checkpoint)
-    grid = model.backbone.pos_embed.shape[1:3]
-    state_dict['backbone.pos_embed'] = resample_grid_pos_embed(state_dict['backbone.pos_embed'], grid)
-    load_state_dict_strictly(model, state_dict, source=source)
+    load_state_dict_strictly(model, vil_classifier_state_dict(checkpoint, source), source=source,
+                             allow_partial=allow_partial)

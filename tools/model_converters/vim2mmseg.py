@@ -18,12 +18,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('src', help='official checkpoint (.pth)')
     parser.add_argument('dst', help='output path')
+    parser.add_argument('--cls-position', choices=['middle', 'head'], default='middle',
+                        help='where the model has its class token (official use_middle_cls_token); the weights do '
+                             'not tell. Two class tokens (use_double_cls_token) are recognised by their names')
     args = parser.parse_args(argv)
 
     source = read_state_dict(args.src)
     if not is_official_vim(source):
-        parser.error(f'{args.src} has no official Vim keys (layers.*.mixer.A_b_log); is it converted already?')
-    state_dict = convert_official_vim(source)
+        parser.error(f'{args.src} has no official Vim keys (layers.*.mixer.A_log); is it converted already?')
+    state_dict = convert_official_vim(source, args.cls_position)
     torch.save({'state_dict': state_dict, 'meta': {'converted_from': args.src}}, args.dst)
     print(f'{args.src} ({len(source)} tensors) -> {args.dst} ({len(state_dict)} tensors, head dropped)')
 

@@ -2,25 +2,26 @@
 
 Numerics follow the official code exactly (vil_spec.md §2.4-2.6); the norms are plain ``nn.LayerNorm`` holding the
 effective scale (the official residual-weight norms store ``scale - 1``; the checkpoint converter adds the 1).
-Deliberate deviation: the depthwise conv reshapes tokens with the true input grid, not the build-time grid.
+Deliberate deviation: the 2-D depthwise conv reshapes tokens with the true input grid, not the build-time grid.
 """
 import math
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
+from .mixer_ops import conv_qkv, gated_output
+from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import mlstm
 
 
 class BlockDiagonalLinear(nn.Module):
     """Linear map whose weight is block-diagonal with ``block_size`` x ``block_size`` blocks (official "headwise").
 
-    ``weight[b, o, i]`` maps input channel ``b * block_size + i`` to output channel ``b * block_size + o``. On CPU
-    the blocks are applied as a batched product (few FLOPs); on GPUs one dense GEMM with the zero-filled matrix is
-    faster than the strided small products, see :func:`block_diagonal_linear`.
+    ``weight[b, o, i]`` maps input channel ``b * block_size + i`` to output channel ``b * block_size + o``. The
+    mixer applies q, k and v together (:func:`~.mixer_ops.conv_qkv`); ``forward`` is the single projection.
     """
 
     def __init__(self, dim: int, block_size: int = 4, bias: bool = True) -> None:
@@ -31,84 +32,91 @@ class BlockDiagonalLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim // block_size, block_size, block_size))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
-    def dense_weight(self) -> Tensor:
-        """The ``(dim, dim)`` block-diagonal matrix in ``nn.Linear`` layout."""
-        num_blocks = self.weight.shape[0]
-        eye = torch.eye(num_blocks, dtype=self.weight.dtype, device=self.weight.device)
-        return (self.weight.unsqueeze(2) * eye[:, None, :, None]).flatten(2).flatten(0, 1)
-
     def forward(self, x: Tensor) -> Tensor:
-        return block_diagonal_linear(x, [self])
-
-
-def block_diagonal_linear(x: Tensor, projections: Sequence[BlockDiagonalLinear]) -> Tensor:
-    """Apply several block-diagonal projections to the same input; outputs concatenated on the last dim."""
-    if x.is_cuda:
-        weight = torch.cat([p.dense_weight() for p in projections])
-        return F.linear(x, weight, torch.cat([p.bias for p in projections]))
-    blocks = x.unflatten(-1, (-1, projections[0].block_size))
-    outs = [torch.einsum('...bi,boi->...bo', blocks, p.weight).flatten(-2) + p.bias for p in projections]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return block_diagonal(x, self.weight[None], None if self.bias is None else self.bias[None])
 
 
 class MultiHeadLayerNorm(nn.Module):
-    """LayerNorm of each head's channels separately (official ``outnorm``: group norm, one group per head)."""
+    """LayerNorm of each head's channels separately (official ``outnorm``: group norm, one group per head).
 
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-5) -> None:
+    Holds the parameters; the mixer applies it fused with the skip and the output gate (:func:`~.mixer_ops.
+    gated_output`). ``forward`` maps ``(B, N, NH, DH)`` heads to normalised ``(B, N, NH * DH)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, heads: Tensor) -> Tensor:
-        """``heads (B, NH, N, DH)`` -> normalised ``(B, N, NH * DH)``."""
-        normed = F.layer_norm(heads, heads.shape[-1:], eps=self.eps)
-        return normed.transpose(1, 2).flatten(2) * self.weight + self.bias
+        normed = F.layer_norm(heads, heads.shape[-1:], eps=self.eps).flatten(2) * self.weight
+        return normed if self.bias is None else normed + self.bias
 
 
 class MLSTMMixer(nn.Module):
-    """Gated mLSTM token mixer: up-projection, 3x3 depthwise conv, q/k/v, mLSTM cell, output gate, down-projection.
+    """Gated mLSTM token mixer: up-projection, depthwise conv, q/k/v, mLSTM cell, output gate, down-projection.
+
+    Tokens stay in the image's row-major order in every block: a ``reverse`` block rotates its conv kernel and runs
+    the mLSTM anti-causally instead of flipping the tokens (the same function, see :mod:`.mixer_ops`).
 
     Args:
         embed_dims: token width D.
         expansion: inner width E = expansion * D.
         num_heads: mLSTM heads (4 in every released model).
         qkv_block_size: block size of the block-diagonal q/k/v projections.
-        conv_kernel_size: kernel of the depthwise conv on the token grid.
+        conv_kind: ``'2d'`` (VisionLSTM2: odd square kernel on the token grid) or ``'causal1d'`` (VisionLSTM v1:
+            causal along the token sequence of the block's traversal direction).
+        conv_kernel_size: kernel size of the depthwise conv (odd for ``'2d'``).
+        proj_bias: biases in the up, q/k/v and down projections (VisionLSTM2: yes; v1: no).
+        norm_bias: bias in the per-head output norm (VisionLSTM2: yes; v1: no).
+        init_num_blocks: ``num_blocks`` of the down-projection's wang init, std ``2 / num_blocks / sqrt(D)``: 1 for
+            the official ``init_weights='original'`` (all released models), the number of blocks for
+            ``'original-fixed'``.
         reverse: traverse the tokens bottom-right to top-left (odd blocks of the official model).
         mlstm_backend: backend of :func:`mmseg_vil.models.layers.mlstm.mlstm`.
     """
 
     def __init__(self, embed_dims: int, expansion: int = 2, num_heads: int = 4, qkv_block_size: int = 4,
-                 conv_kernel_size: int = 3, reverse: bool = False, mlstm_backend: str = 'parallel') -> None:
+                 conv_kind: str = '2d', conv_kernel_size: int = 3, proj_bias: bool = True, norm_bias: bool = True,
+                 init_num_blocks: int = 1, reverse: bool = False, mlstm_backend: str = 'parallel') -> None:
         super().__init__()
         inner = expansion * embed_dims
         if inner % num_heads:
             raise ValueError(f'inner width {inner} must be divisible by num_heads={num_heads}')
+        if conv_kind not in CONV_KINDS:
+            raise ValueError(f'conv_kind={conv_kind!r} is not supported; choose one of {CONV_KINDS}')
+        if conv_kind == '2d' and conv_kernel_size % 2 == 0:
+            raise ValueError(f'conv_kernel_size={conv_kernel_size} must be odd (same-size depthwise conv)')
         self.embed_dims, self.inner_dims, self.num_heads = embed_dims, inner, num_heads
+        self.conv_kind = conv_kind
+        self.init_num_blocks = init_num_blocks
         self.reverse = reverse
         self.mlstm_backend = mlstm_backend
-        self.proj_up = nn.Linear(embed_dims, 2 * inner)
-        self.conv = nn.Conv2d(inner, inner, conv_kernel_size, padding=conv_kernel_size // 2, groups=inner)
-        self.q_proj = BlockDiagonalLinear(inner, qkv_block_size)
-        self.k_proj = BlockDiagonalLinear(inner, qkv_block_size)
-        self.v_proj = BlockDiagonalLinear(inner, qkv_block_size)
+        self.proj_up = nn.Linear(embed_dims, 2 * inner, bias=proj_bias)
+        # Holds the kernel; conv_qkv pads (same size, or causal) and rotates it for reverse blocks.
+        self.conv = (nn.Conv2d(inner, inner, conv_kernel_size, padding=conv_kernel_size // 2, groups=inner)
+                     if conv_kind == '2d' else nn.Conv1d(inner, inner, conv_kernel_size, groups=inner))
+        self.q_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
+        self.k_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
+        self.v_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.igate = nn.Linear(3 * inner, num_heads)
         self.fgate = nn.Linear(3 * inner, num_heads)
-        self.outnorm = MultiHeadLayerNorm(inner, num_heads)
+        self.outnorm = MultiHeadLayerNorm(inner, num_heads, bias=norm_bias)
         self.learnable_skip = nn.Parameter(torch.ones(inner))
-        self.proj_down = nn.Linear(inner, embed_dims)
+        self.proj_down = nn.Linear(inner, embed_dims, bias=proj_bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official ``init_weights='original'`` scheme (vil_spec.md §3)."""
+        """Official ``init_weights='original'`` / ``'original-fixed'`` scheme (vil_spec.md §3)."""
         small_init_std = math.sqrt(2 / (5 * self.embed_dims))
         for proj in (self.proj_up, self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, std=small_init_std)
-            nn.init.zeros_(proj.bias)
-        nn.init.normal_(self.proj_down.weight, std=2 / math.sqrt(self.embed_dims))
-        nn.init.zeros_(self.proj_down.bias)
+        nn.init.normal_(self.proj_down.weight, std=2 / self.init_num_blocks / math.sqrt(self.embed_dims))
+        for proj in (self.proj_up, self.q_proj, self.k_proj, self.v_proj, self.proj_down, self.outnorm):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
         self.conv.reset_parameters()
         nn.init.zeros_(self.igate.weight)
         nn.init.normal_(self.igate.bias, std=0.1)
@@ -116,46 +124,41 @@ class MLSTMMixer(nn.Module):
         with torch.no_grad():
             self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
         nn.init.ones_(self.outnorm.weight)
-        nn.init.zeros_(self.outnorm.bias)
         nn.init.ones_(self.learnable_skip)
 
-    def _gates(self, qk: Tensor, v: Tensor) -> Tensor:
-        """Input and forget gate pre-activations ``(B, N, 2 NH)`` from ``cat([q, k, v])``, without the concat."""
-        weight = torch.cat([self.igate.weight, self.fgate.weight])
-        bias = torch.cat([self.igate.bias, self.fgate.bias])
-        split = qk.shape[-1]
-        return F.linear(qk, weight[:, :split], bias) + F.linear(v, weight[:, split:])
-
     def _split_heads(self, x: Tensor) -> Tensor:
+        """``(B, N, NH * DH)`` -> ``(B, NH, N, DH)`` view."""
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         """``x (B, N, D)`` pre-normed tokens in row-major order of ``grid = (h, w)``."""
-        if self.reverse:
-            x = x.flip(1)
-        x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)
-        # Row-major tokens of the (possibly flipped = 180-degree rotated) grid as an image for the conv.
-        image = x_mlstm.transpose(1, 2).unflatten(-1, grid)
-        x_conv = F.silu(self.conv(image).flatten(2).transpose(1, 2))
-        qk = block_diagonal_linear(x_conv, [self.q_proj, self.k_proj])
-        v = self.v_proj(x_mlstm)
-        igate, fgate = self._gates(qk, v).transpose(1, 2).chunk(2, dim=1)
-        q, k = qk.chunk(2, dim=-1)
-        h = mlstm(self._split_heads(q), self._split_heads(k), self._split_heads(v), igate, fgate,
-                  backend=self.mlstm_backend)
-        h = (self.outnorm(h) + self.learnable_skip * x_conv) * F.silu(z)
-        y = self.proj_down(h)
-        return y.flip(1) if self.reverse else y
+        # Two products instead of one + chunk: each output is contiguous, so the conv reads it channels-last.
+        up_weights = self.proj_up.weight.chunk(2)
+        up_biases = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
+        x_mlstm, z = (F.linear(x, weight, bias) for weight, bias in zip(up_weights, up_biases))
+        qkv_weight = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qkv_bias = (None if self.q_proj.bias is None else
+                    torch.stack([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
+        x_conv, qkv = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, self.reverse,
+                               self.conv_kind)
+        gates = F.linear(qkv, torch.cat([self.igate.weight, self.fgate.weight]),
+                         torch.cat([self.igate.bias, self.fgate.bias]))
+        igate, fgate = gates.transpose(1, 2).chunk(2, dim=1)
+        q, k, v = (self._split_heads(t) for t in qkv.chunk(3, dim=-1))
+        h = mlstm(q, k, v, igate, fgate, backend=self.mlstm_backend, reverse=self.reverse)
+        out = gated_output(h.transpose(1, 2), x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
+                           self.outnorm.eps)
+        return self.proj_down(out)
 
 
 class ViLBlock(nn.Module):
     """``x + drop_path(mixer(norm(x)))``; ``reverse`` selects the traversal direction of the mixer."""
 
     def __init__(self, embed_dims: int, reverse: bool, drop_path: float = 0.0, norm_eps: float = 1e-5,
-                 **mixer_kwargs) -> None:
+                 norm_bias: bool = True, **mixer_kwargs) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(embed_dims, eps=norm_eps)
-        self.mixer = MLSTMMixer(embed_dims, reverse=reverse, **mixer_kwargs)
+        self.norm = nn.LayerNorm(embed_dims, eps=norm_eps, bias=norm_bias)
+        self.mixer = MLSTMMixer(embed_dims, norm_bias=norm_bias, reverse=reverse, **mixer_kwargs)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:

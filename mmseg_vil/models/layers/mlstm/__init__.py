@@ -1,7 +1,9 @@
 """mLSTM cell backends behind one function.
 
-``mlstm(q, k, v, igate, fgate, backend=...)`` computes the Vision-LSTM matrix-memory cell (vil_spec.md §2.6) with
-``q, k, v`` of shape ``(B, NH, N, DH)`` and gate pre-activations of shape ``(B, NH, N)``. Every backend computes the
+``mlstm(q, k, v, igate, fgate, backend=..., reverse=False)`` computes the Vision-LSTM matrix-memory cell
+(vil_spec.md §2.6) with ``q, k, v`` of shape ``(B, NH, N, DH)`` and gate pre-activations of shape ``(B, NH, N)``;
+``reverse`` runs it from the last token to the first (the official reverse blocks' flipped sequence), natively in
+the backends of ``REVERSIBLE_BACKENDS`` and by flipping inputs and output in the others. Every backend computes the
 same function with the same (full autograd) gradients; they differ in speed and memory:
 
 * ``parallel``: the official quadratic form, O(N^2) memory; fastest on CPU for short sequences.
@@ -34,16 +36,24 @@ FUSED_FLOAT32_MAX_HEAD_DIM = 192
 FUSED_FLOAT32_MAX_LEN = 4096
 
 
-def mlstm_auto(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor) -> Tensor:
-    """The fastest accurate backend for the device, dtype, head dim and sequence length."""
+def _auto_backend(q: Tensor) -> str:
     n, head_dim = q.shape[-2:]
     if q.is_cuda and mlstm_fused is not None and (
             q.dtype in (torch.float16, torch.bfloat16)
             or (q.dtype == torch.float32 and head_dim <= FUSED_FLOAT32_MAX_HEAD_DIM and n <= FUSED_FLOAT32_MAX_LEN)):
-        return mlstm_fused(q, k, v, igate, fgate)
+        return 'fused'
     if n < PARALLEL_MAX_LEN and q.dtype in (torch.float32, torch.float64):
-        return mlstm_parallel(q, k, v, igate, fgate)
-    return mlstm_chunkwise(q, k, v, igate, fgate)
+        return 'parallel'
+    return 'chunkwise'
+
+
+def mlstm_auto(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, reverse: bool = False) -> Tensor:
+    """The fastest accurate backend for the device, dtype, head dim and sequence length."""
+    return mlstm(q, k, v, igate, fgate, backend=_auto_backend(q), reverse=reverse)
+
+
+def _flip_tokens(x: Tensor) -> Tensor:
+    return x.flip(-2 if x.dim() == 4 else -1)
 
 
 MLSTM_BACKENDS: Dict[str, Callable[..., Tensor]] = {
@@ -54,16 +64,23 @@ MLSTM_BACKENDS: Dict[str, Callable[..., Tensor]] = {
 if mlstm_fused is not None:
     MLSTM_BACKENDS['fused'] = mlstm_fused
     MLSTM_BACKENDS['fused_chunkwise'] = mlstm_fused_chunkwise
+# Backends that take ``reverse`` themselves (by index arithmetic or inside a copy they make anyway).
+REVERSIBLE_BACKENDS = {'chunkwise', 'auto', 'fused_chunkwise'}
 
 
-def mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, backend: str = 'parallel') -> Tensor:
-    """Run the mLSTM cell with the named backend (see ``MLSTM_BACKENDS``)."""
+def mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, backend: str = 'parallel',
+          reverse: bool = False) -> Tensor:
+    """Run the mLSTM cell with the named backend (see ``MLSTM_BACKENDS``), causally or from the last token."""
     try:
         fn = MLSTM_BACKENDS[backend]
     except KeyError:
         raise ValueError(f'Unknown mLSTM backend {backend!r}; available: {sorted(MLSTM_BACKENDS)}') from None
+    if backend in REVERSIBLE_BACKENDS:
+        return fn(q, k, v, igate, fgate, reverse=reverse)
+    if reverse:
+        return _flip_tokens(fn(*(_flip_tokens(x) for x in (q, k, v, igate, fgate))))
     return fn(q, k, v, igate, fgate)
 
 
-__all__ = ['MLSTM_BACKENDS', 'mlstm', 'mlstm_auto', 'mlstm_chunkwise', 'mlstm_fused', 'mlstm_fused_chunkwise',
-           'mlstm_parallel']
+__all__ = ['MLSTM_BACKENDS', 'REVERSIBLE_BACKENDS', 'mlstm', 'mlstm_auto', 'mlstm_chunkwise', 'mlstm_fused',
+           'mlstm_fused_chunkwise', 'mlstm_parallel']

@@ -34,11 +34,12 @@ def _chunk_length(n: int, chunk_size: int) -> int:
 
 
 def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6,
-                    chunk_size: int = 64) -> Tensor:
+                    chunk_size: int = 64, reverse: bool = False) -> Tensor:
     """Chunkwise mLSTM, same arguments and result as :func:`~.parallel.mlstm_parallel`.
 
     Computes in float32 (float64 for float64 inputs) and returns the dtype of ``q``. Steps are right-padded to a whole
-    number of chunks; the cell is causal, so padding never reaches the real outputs.
+    number of chunks; the cell is causal, so padding never reaches the real outputs. ``reverse`` runs from the last
+    step to the first: the inputs are flipped inside the padding copy, the output on its way out.
     """
     batch, heads, n, head_dim = q.shape
     out_dtype = q.dtype
@@ -48,6 +49,8 @@ def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tenso
     num_chunks = (n + pad) // length
 
     def chunked(x: Tensor) -> Tensor:
+        if reverse:
+            x = x.flip(2)
         x = F.pad(x.to(dtype), (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
         return x.reshape(batch, heads, num_chunks, length, *x.shape[3:])
 
@@ -83,5 +86,5 @@ def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tenso
     numerator = scores @ v + state_scale * (q @ state_c)
     row_sum = scores.sum(-1) + state_scale.squeeze(-1) * (q * state_n.unsqueeze(-2)).sum(-1)
     normaliser = torch.maximum(row_sum.abs(), torch.exp(-m)) + eps
-    h = numerator / normaliser.unsqueeze(-1)
-    return h.reshape(batch, heads, num_chunks * length, head_dim)[:, :, :n].to(out_dtype)
+    h = (numerator / normaliser.unsqueeze(-1)).reshape(batch, heads, num_chunks * length, head_dim)[:, :, :n]
+    return (h.flip(2) if reverse else h).to(out_dtype)

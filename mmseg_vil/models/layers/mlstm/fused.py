@@ -24,7 +24,8 @@ Per call: forward = stabiliser scan + one tile launch; backward = per-row prolog
 + gate-gradient epilogue. Few launches matter: at ViL sizes the GPU work is well under a millisecond.
 """
 import math
-from typing import List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import triton
@@ -44,16 +45,40 @@ def _kernels_interpreted() -> bool:
     return isinstance(kernels.mlstm_tile_kernel, InterpretedFunction)
 
 
+# Set only by cuda_launch_configs(), for tests: the interpreter then runs the CUDA launch configurations.
+_force_cuda_configs = False
+
+
+@contextmanager
+def cuda_launch_configs() -> Iterator[None]:
+    """Launch with the CUDA tile sizes and scan blocks even under ``TRITON_INTERPRET=1``.
+
+    So that CPU tests run the exact tiles, head-dim chunks and block boundaries the GPU runs (num_warps and
+    num_stages are ignored by the interpreter). On CUDA this changes nothing.
+    """
+    global _force_cuda_configs
+    previous, _force_cuda_configs = _force_cuda_configs, True
+    try:
+        yield
+    finally:
+        _force_cuda_configs = previous
+
+
+def _cuda_configs() -> bool:
+    """Whether launches use the CUDA configurations: on CUDA, or when forced by :func:`cuda_launch_configs`."""
+    return _force_cuda_configs or not _kernels_interpreted()
+
+
 def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes, head-dim chunks, warps and pipeline stages (benchmarks/mlstm_kernel_notes.md).
 
     Half precision: the fastest of the H200 sweep for head dims 96 and 384 (forward+backward replayed from a CUDA
     graph). float32 (3xTF32) operands take twice the shared memory: smaller tiles free of spills in the ptxas report,
     one pipeline stage above DH=128 to fit. The interpreter gets large unequal tiles and small chunks: fewer programs
-    run faster there, and the tile-boundary and chunking logic of the CUDA configurations is exercised on CPU.
+    run faster there; the tests also run the CUDA configurations under it (:func:`cuda_launch_configs`).
     """
     chunk = min(128, max(16, triton.next_power_of_2(head_dim)))
-    if _kernels_interpreted():
+    if not _cuda_configs():
         return dict(BLOCK_OWN=128, BLOCK_LOOP=64, BLOCK_DK=min(chunk, 64), BLOCK_DZ=min(chunk, 64))
     if dtype != torch.float32:
         return dict(BLOCK_OWN=64, BLOCK_LOOP=32, BLOCK_DK=chunk, BLOCK_DZ=chunk, num_warps=4, num_stages=2)
@@ -65,7 +90,7 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 def _scan_block(n: int) -> int:
     """Steps per block of the per-head scans; the interpreter takes small blocks to exercise the carries."""
-    return 64 if _kernels_interpreted() else min(1024, triton.next_power_of_2(n))
+    return min(1024, triton.next_power_of_2(n)) if _cuda_configs() else 64
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -96,9 +96,15 @@ def mlstm_fused_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate:
     """
     if chunk_size not in (16, 32, 64, MAX_CHUNK_SIZE):
         raise ValueError(f'chunk_size must be 16, 32, 64 or {MAX_CHUNK_SIZE}, got {chunk_size}.')
-    if q.device.type != 'cuda' and not _kernels_interpreted():
-        raise RuntimeError(f'The fused_chunkwise mLSTM backend needs CUDA tensors (got {q.device.type}); on CPU use '
-                           "'chunkwise' or 'parallel', or set TRITON_INTERPRET=1 before importing mmseg_vil.")
+    if q.device.type == 'cuda':
+        # benchmarks/RESULTS.md (H200, 2026-12-04): an illegal memory access in the GPU check, and head dims below 16
+        # do not compile on Triton 3.6. Exact under the interpreter; refused on CUDA until that is fixed.
+        raise RuntimeError("The fused_chunkwise mLSTM backend is not yet validated on CUDA (benchmarks/RESULTS.md); "
+                           "use mlstm_backend='fused' or 'auto'.")
+    if not _kernels_interpreted():
+        raise RuntimeError(f'The fused_chunkwise mLSTM backend runs only under the Triton interpreter for now (got '
+                           f"{q.device.type} tensors); use 'chunkwise' or 'parallel', or set TRITON_INTERPRET=1 "
+                           'before importing mmseg_vil.')
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f'The fused_chunkwise mLSTM backend supports {SUPPORTED_DTYPES}, got {q.dtype}.')
     k, v = k.to(q.dtype), v.to(q.dtype)

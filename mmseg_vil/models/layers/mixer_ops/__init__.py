@@ -1,0 +1,39 @@
+"""Fused stages of the ViL mixer around the mLSTM cell (see :mod:`.reference` for what they compute).
+
+On CUDA (or under ``TRITON_INTERPRET=1``) they run as our Triton kernels; elsewhere, and for options the kernels do
+not cover, as the PyTorch reference.
+"""
+from typing import Optional, Tuple
+
+from torch import Tensor
+
+from . import reference
+
+try:
+    from . import triton_ops
+except ImportError:  # no Triton
+    triton_ops = None
+
+
+def _use_kernels(x: Tensor) -> bool:
+    return (triton_ops is not None and x.dtype in triton_ops.SUPPORTED_DTYPES
+            and (x.is_cuda or triton_ops.kernels_interpreted()))
+
+
+def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
+             qkv_bias: Optional[Tensor], reverse: bool, conv_kind: str = '2d') -> Tuple[Tensor, Tensor]:
+    """See :func:`.reference.conv_qkv`; the kernels cover the released models' options (2d conv, biases)."""
+    if _use_kernels(x) and conv_kind == '2d' and conv_bias is not None and qkv_bias is not None:
+        return triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
+    return reference.conv_qkv(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse, conv_kind)
+
+
+def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
+                 skip: Tensor, eps: float) -> Tensor:
+    """See :func:`.reference.gated_output`."""
+    if _use_kernels(x_conv) and norm_bias is not None:
+        return triton_ops.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, eps)
+    return reference.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, eps)
+
+
+__all__ = ['conv_qkv', 'gated_output']

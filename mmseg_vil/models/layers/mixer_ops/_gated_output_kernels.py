@@ -1,0 +1,86 @@
+"""Triton kernels of :func:`~.reference.gated_output`: per-head LayerNorm + affine + skip + SiLU gate in one pass.
+
+A program owns a tile of tokens and one head, i.e. exactly the channels one LayerNorm reduces over. ``h`` is read
+through its strides (the mLSTM backends return ``(B, NH, N, DH)`` or ``(B, N, NH, DH)`` storage); everything else is
+``(B, N, E)`` contiguous. The backward recomputes the statistics and writes the weight gradients as one partial-sum
+row per token tile (summed by the caller: deterministic, no atomics).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _offsets(stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    dims = tl.arange(0, BLOCK_D)
+    token_ok = tokens < n_tokens
+    ok = token_ok[:, None] & (dims[None, :] < head_dim)
+    batch, step = tokens // seq_len, tokens % seq_len
+    h_offs = (batch.to(tl.int64) * stride_b + step.to(tl.int64) * stride_n)[:, None] + head * stride_h + dims[None, :]
+    chan = head * head_dim + dims
+    flat = tokens.to(tl.int64)[:, None] * chans + chan[None, :]
+    return h_offs, flat, chan, ok
+
+
+@triton.jit
+def _normalise(h, ok, head_dim, eps):
+    mean = tl.sum(h, axis=1) / head_dim
+    centred = tl.where(ok, h - mean[:, None], 0.0)
+    rstd = 1 / tl.sqrt(tl.sum(centred * centred, axis=1) / head_dim + eps)
+    return centred * rstd[:, None], rstd
+
+
+@triton.jit
+def _load_inputs(H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim,
+                 eps, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The program's offsets and masks, its normalised heads with their 1/std, the parameters, x_conv and z."""
+    h_offs, flat, chan, ok = _offsets(stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T,
+                                      BLOCK_D)
+    chan_ok = chan < chans
+    normed, rstd = _normalise(tl.load(H + h_offs, mask=ok, other=0.0).to(ACC), ok, head_dim, eps)
+    weight = tl.load(NORM_W + chan, mask=chan_ok, other=0.0).to(ACC)
+    bias = tl.load(NORM_B + chan, mask=chan_ok, other=0.0).to(ACC)
+    skip = tl.load(SKIP + chan, mask=chan_ok, other=0.0).to(ACC)
+    x_conv = tl.load(X_CONV + flat, mask=ok, other=0.0).to(ACC)
+    z = tl.load(Z + flat, mask=ok, other=0.0).to(ACC)
+    return h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z
+
+
+@triton.jit
+def gated_output_forward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, OUT, stride_b, stride_n, stride_h, seq_len,
+                                n_tokens, chans, head_dim, eps, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    """Grid: (token tiles over the B * N tokens, heads). ``out = (norm(h) * w + b + skip * x_conv) * silu(z)``."""
+    h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
+        H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps, ACC,
+        BLOCK_T, BLOCK_D)
+    out = (normed * weight[None, :] + bias[None, :] + skip[None, :] * x_conv) * (z * tl.sigmoid(z))
+    tl.store(OUT + flat, out.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, GRAD_H, GRAD_X_CONV, GRAD_Z, PARTIAL,
+                                 stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps,
+                                 ACC: tl.constexpr,
+                                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gradients of h (in h's strides), x_conv and z; PARTIAL row per token tile: [d norm_w | d norm_b | d skip]."""
+    h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
+        H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps, ACC,
+        BLOCK_T, BLOCK_D)
+    grad_out = tl.load(GRAD_OUT + flat, mask=ok, other=0.0).to(ACC)
+    sig = tl.sigmoid(z)
+    grad_gated = grad_out * (z * sig)  # gradient of the gated sum
+    gated_sum = normed * weight[None, :] + bias[None, :] + skip[None, :] * x_conv
+    tl.store(GRAD_Z + flat, (grad_out * gated_sum * sig * (1 + z * (1 - sig))).to(GRAD_Z.dtype.element_ty), mask=ok)
+    tl.store(GRAD_X_CONV + flat, (grad_gated * skip[None, :]).to(GRAD_X_CONV.dtype.element_ty), mask=ok)
+    grad_normed = grad_gated * weight[None, :]
+    mean_grad = tl.sum(grad_normed, axis=1) / head_dim
+    mean_grad_normed = tl.sum(grad_normed * normed, axis=1) / head_dim
+    grad_h = (grad_normed - mean_grad[:, None] - normed * mean_grad_normed[:, None]) * rstd[:, None]
+    tl.store(GRAD_H + h_offs, grad_h.to(GRAD_H.dtype.element_ty), mask=ok)
+    row = PARTIAL + tl.program_id(0).to(tl.int64) * 3 * chans
+    tl.store(row + chan, tl.sum(grad_gated * normed, axis=0), mask=chan_ok)
+    tl.store(row + chans + chan, tl.sum(grad_gated, axis=0), mask=chan_ok)
+    tl.store(row + 2 * chans + chan, tl.sum(grad_gated * x_conv, axis=0), mask=chan_ok)

@@ -1,0 +1,174 @@
+"""The mixer's Triton kernels as torch.library custom ops with registered autograd (opaque to torch.compile).
+
+Weights stay in their own dtype (float32 under autocast) and every kernel accumulates in float32 (float64 for
+float64 inputs); activations are read and written in the input's dtype.
+"""
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _conv_qkv_kernels as conv_kernels
+from . import _gated_output_kernels as gate_kernels
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k/v
+
+
+def kernels_interpreted() -> bool:
+    """True when the kernels were decorated under ``TRITON_INTERPRET=1``, i.e. they run on CPU tensors."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(conv_kernels.conv_qkv_forward_kernel, InterpretedFunction)
+
+
+def _accumulator(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _conv_launch(x: Tensor) -> Tuple[tuple, dict]:
+    """8 tokens x 16 groups (64 channels, 128-byte rows in bf16) with 4 warps: at most 109 registers in the sm_90
+    resource report and no spills (32 x 32 tiles spilled 1000 bytes in the backward; benchmarks/RESULTS.md)."""
+    batch, n, chans = x.shape
+    block_t, block_g = 8, min(16, triton.next_power_of_2(chans // GROUP))
+    grid = (triton.cdiv(n, block_t), triton.cdiv(chans // GROUP, block_g), batch)
+    return grid, dict(BLOCK_T=block_t, BLOCK_G=block_g, ACC=_accumulator(x.dtype)[1], num_warps=4)
+
+
+@torch.library.custom_op('mmseg_vil::conv_qkv', mutates_args=())
+def conv_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor,
+             qkv_bias: Tensor, reverse: bool) -> Tuple[Tensor, Tensor]:
+    """Triton :func:`~.reference.conv_qkv` for ``x (B, N, E)``, ``N = height * width``."""
+    x = x.contiguous()
+    x_conv, qkv = torch.empty_like(x), x.new_empty(*x.shape[:2], 3 * x.shape[2])
+    grid, config = _conv_launch(x)
+    conv_kernels.conv_qkv_forward_kernel[grid](
+        x, conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(), qkv_bias.contiguous(), x_conv, qkv, height,
+        width, x.shape[2], KSIZE=conv_weight.shape[-1], REVERSE=reverse, **config)
+    return x_conv, qkv
+
+
+@conv_qkv.register_fake
+def _(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(*x.shape[:2], 3 * x.shape[2])
+
+
+@torch.library.custom_op('mmseg_vil::conv_qkv_backward', mutates_args=())
+def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, x: Tensor, height: int, width: int,
+                      conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor, reverse: bool) -> List[Tensor]:
+    """Gradients of x, conv weight, conv bias, q/k/v weight and q/k/v bias."""
+    x = x.contiguous()
+    chans, ksize = x.shape[2], conv_weight.shape[-1]
+    grid, config = _conv_launch(x)
+    acc_dtype = _accumulator(x.dtype)[0]
+    grad_pre = torch.empty(x.shape, dtype=acc_dtype, device=x.device)
+    sizes = [chans * ksize * ksize, chans, 3 * chans * GROUP, 3 * chans]
+    partial = torch.empty(grid[0] * grid[2], sum(sizes), dtype=acc_dtype, device=x.device)
+    conv_weight, qkv_weight, grad_qkv = conv_weight.contiguous(), qkv_weight.contiguous(), grad_qkv.contiguous()
+    conv_kernels.conv_qkv_backward_kernel[grid](
+        x, conv_weight, conv_bias, qkv_weight, grad_x_conv.contiguous(), grad_qkv, grad_pre, partial, height, width,
+        chans, KSIZE=ksize, REVERSE=reverse, **config)
+    grad_x = torch.empty_like(x)
+    conv_kernels.conv_qkv_input_grad_kernel[grid](
+        grad_pre, conv_weight, qkv_weight, grad_qkv, grad_x, height, width, chans, KSIZE=ksize, REVERSE=reverse,
+        **config)
+    grads = partial.sum(0).split(sizes)
+    params = (conv_weight, conv_bias, qkv_weight, conv_bias.new_empty(3, chans))
+    return [grad_x, *(g.view(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, params))]
+
+
+@conv_qkv_backward.register_fake
+def _(grad_x_conv, grad_qkv, x, height, width, conv_weight, conv_bias, qkv_weight, reverse):
+    chans = x.shape[2]
+    return [torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(conv_weight),
+            torch.empty_like(conv_bias), torch.empty_like(qkv_weight), conv_bias.new_empty(3, chans)]
+
+
+def _conv_qkv_setup(ctx, inputs, output) -> None:
+    x, height, width, conv_weight, conv_bias, qkv_weight, _, reverse = inputs
+    ctx.save_for_backward(x, conv_weight, conv_bias, qkv_weight)
+    ctx.grid, ctx.reverse = (height, width), reverse
+
+
+def _conv_qkv_grad(ctx, grad_x_conv, grad_qkv):
+    x, conv_weight, conv_bias, qkv_weight = ctx.saved_tensors
+    grad_x_conv = torch.zeros_like(x) if grad_x_conv is None else grad_x_conv
+    grad_qkv = x.new_zeros(*x.shape[:2], 3 * x.shape[2]) if grad_qkv is None else grad_qkv
+    grads = conv_qkv_backward(grad_x_conv, grad_qkv, x, *ctx.grid, conv_weight, conv_bias, qkv_weight, ctx.reverse)
+    return grads[0], None, None, *grads[1:], None
+
+
+conv_qkv.register_autograd(_conv_qkv_grad, setup_context=_conv_qkv_setup)
+
+
+def _gate_launch(h: Tensor) -> Tuple[tuple, dict]:
+    batch, n, heads, head_dim = h.shape
+    block_d = triton.next_power_of_2(head_dim)
+    block_t = max(1, min(32, 1024 // block_d))  # 1024 elements per program: no spills in the sm_90 report
+    grid = (triton.cdiv(batch * n, block_t), heads)
+    return grid, dict(BLOCK_T=block_t, BLOCK_D=block_d, ACC=_accumulator(h.dtype)[1], num_warps=4)
+
+
+def _gate_args(h: Tensor) -> tuple:
+    batch, n, heads, head_dim = h.shape
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    return (h, h.stride(0), h.stride(1), h.stride(2), n, batch * n, heads * head_dim, head_dim)
+
+
+@torch.library.custom_op('mmseg_vil::gated_output', mutates_args=())
+def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Tensor, skip: Tensor,
+                 eps: float) -> Tensor:
+    """Triton :func:`~.reference.gated_output` for heads ``h (B, N, NH, DH)`` in any strides."""
+    out = x_conv.new_empty(x_conv.shape)
+    grid, config = _gate_launch(h)
+    h, *sizes = _gate_args(h)
+    gate_kernels.gated_output_forward_kernel[grid](
+        h, x_conv.contiguous(), z.contiguous(), norm_weight, norm_bias, skip, out, *sizes, eps, **config)
+    return out
+
+
+@gated_output.register_fake
+def _(h, x_conv, z, norm_weight, norm_bias, skip, eps):
+    return x_conv.new_empty(x_conv.shape)
+
+
+@torch.library.custom_op('mmseg_vil::gated_output_backward', mutates_args=())
+def gated_output_backward(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor,
+                          norm_bias: Tensor, skip: Tensor, eps: float) -> List[Tensor]:
+    """Gradients of h (in h's strides), x_conv, z, norm weight, norm bias and skip."""
+    grad_h = torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=h.device)
+    grad_x_conv, grad_z = torch.empty_like(x_conv), torch.empty_like(z)
+    grid, config = _gate_launch(h)
+    chans = x_conv.shape[-1]
+    partial = torch.empty(grid[0], 3 * chans, dtype=_accumulator(h.dtype)[0], device=h.device)
+    h, *sizes = _gate_args(h)
+    gate_kernels.gated_output_backward_kernel[grid](
+        h, x_conv.contiguous(), z.contiguous(), norm_weight, norm_bias, skip, grad_out.contiguous(), grad_h,
+        grad_x_conv, grad_z, partial, *sizes, eps, **config)
+    grads = partial.sum(0).split(chans)
+    params = (norm_weight, norm_bias, skip)
+    return [grad_h, grad_x_conv, grad_z, *(g.to(p.dtype, copy=True) for g, p in zip(grads, params))]
+
+
+@gated_output_backward.register_fake
+def _(grad_out, h, x_conv, z, norm_weight, norm_bias, skip, eps):
+    return [torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=h.device), torch.empty_like(x_conv),
+            torch.empty_like(z), torch.empty_like(norm_weight), torch.empty_like(norm_bias), torch.empty_like(skip)]
+
+
+def _gated_output_setup(ctx, inputs, output) -> None:
+    *tensors, eps = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.eps = eps
+
+
+def _gated_output_grad(ctx, grad_out):
+    return *gated_output_backward(grad_out, *ctx.saved_tensors, ctx.eps), None
+
+
+gated_output.register_autograd(_gated_output_grad, setup_context=_gated_output_setup)

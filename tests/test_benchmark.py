@@ -1,0 +1,45 @@
+"""The benchmark harness: repeats with median and spread, every execution mode honoured for every scope, failures
+reported instead of dropped."""
+import statistics
+
+import pytest
+import torch
+
+from mmseg_vil import benchmark
+
+
+def test_repeats_give_median_and_spread():
+    report = benchmark.run_benchmark(['deit-t'], [32], ['infer'], ['backbone'], device='cpu', amp=None,
+                                     batch={32: 1}, warmup=1, iters=1, repeats=3)
+    result, = report['results']
+    runs = result['extra']['ms_runs']
+    assert result['error'] is None and len(runs) == 3
+    assert result['ms_per_iter'] == pytest.approx(statistics.median(runs), abs=1e-3)
+    assert result['spread'] == pytest.approx((max(runs) - min(runs)) / statistics.median(runs), abs=1e-3)
+    assert result['img_per_s'] == pytest.approx(1000 / result['ms_per_iter'], rel=1e-3)
+
+
+def test_failures_are_listed_with_their_error():
+    # CUDA graphs on the CPU fail for both models: the pair stays in the ratio table, marked failed, with the reason.
+    report = benchmark.run_benchmark(['vil-t', 'deit-t'], [32], ['infer'], ['backbone'], device='cpu', amp=None,
+                                     batch={32: 1}, warmup=1, iters=1, executions=['graphs'], repeats=1)
+    assert [r['error'] for r in report['results']] == ['ValueError: CUDA graphs need a CUDA device'] * 2
+    ratio, = benchmark.ratio_table(report)
+    assert ratio['speed_ratio'] is None and 'CUDA graphs' in ratio['error']
+    markdown = benchmark.markdown_report(report)
+    assert 'Failed configurations' in markdown and 'vil-t backbone infer graphs 32px b1' in markdown
+
+
+@pytest.mark.parametrize('scope', ['backbone', 'upernet'])
+def test_compile_reaches_the_parts_each_scope_runs(scope, monkeypatch):
+    compiled = []
+
+    def fake_compile(fn, **kwargs):
+        compiled.append(type(fn).__name__ if isinstance(fn, torch.nn.Module) else fn.__qualname__)
+        return fn
+
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    model = benchmark.build_model('deit-t', scope, 32)
+    benchmark._compile_parts(model, scope)
+    # The segmentor's loss/predict bypass its forward: its backbone and decode head must be compiled themselves.
+    assert compiled == (['VisionTransformer'] if scope == 'backbone' else ['VisionTransformer', 'UPerHead'])

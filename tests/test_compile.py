@@ -1,0 +1,56 @@
+"""``compile`` in a training config compiles the backbone and heads (not MMEngine's train_step) and changes nothing
+else: the same losses as an eager run, the same checkpoint keys."""
+import math
+import os.path as osp
+
+import pytest
+import torch
+from e2e_helpers import TINY_CONFIG, make_ade20k
+
+from mmseg_vil.engine import load_config, run_train
+from mmseg_vil.engine.compile import take_compile_options
+
+
+@pytest.fixture(scope='module')
+def ade_root(tmp_path_factory):
+    return make_ade20k(str(tmp_path_factory.mktemp('ade') / 'ADEChallengeData2016'))
+
+
+def _train(ade_root, work_dir, **options):
+    cfg_options = {f'{loader}.dataset.data_root': ade_root for loader in ('train_dataloader', 'val_dataloader')}
+    cfg_options.update({'train_cfg.max_iters': 2, 'train_cfg.val_interval': 100, 'default_hooks.checkpoint.interval': 2,
+                        **options})
+    runner = run_train(load_config(TINY_CONFIG, str(work_dir), cfg_options))
+    return runner, runner.message_hub.get_scalar('train/loss').data[0]
+
+
+def test_compile_option_compiles_parts_and_trains_like_eager(ade_root, tmp_path):
+    torch.manual_seed(0)
+    eager, eager_losses = _train(ade_root, tmp_path / 'eager')
+    torch.manual_seed(0)
+    compiled, compiled_losses = _train(ade_root, tmp_path / 'compiled', compile=dict(backend='aot_eager'))
+    model = compiled.model
+    assert model.backbone._compiled_call_impl is not None  # nn.Module.compile: the backbone runs compiled
+    assert hasattr(model.decode_head.forward, '_torchdynamo_orig_callable')
+    assert not hasattr(model.train_step, '_torchdynamo_orig_callable')  # MMEngine's train_step left alone
+    assert len(compiled_losses) == 2 and all(math.isfinite(v) for v in compiled_losses)
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
+    checkpoint = torch.load(osp.join(tmp_path / 'compiled', 'iter_2.pth'), weights_only=True, map_location='cpu')
+    assert set(checkpoint['state_dict']) == set(eager.model.state_dict())  # no _orig_mod prefixes
+
+
+@pytest.mark.parametrize('value,expected', [(True, {}), (False, None), (None, None),
+                                            (dict(mode='reduce-overhead'), {'mode': 'reduce-overhead'})])
+def test_compile_options_are_taken_out_of_the_config(value, expected):
+    cfg = load_config(TINY_CONFIG)
+    if value is not None:
+        cfg.compile = value
+    assert take_compile_options(cfg) == expected
+    assert 'compile' not in cfg
+
+
+def test_compile_option_of_the_wrong_type_is_refused():
+    cfg = load_config(TINY_CONFIG)
+    cfg.compile = 'yes'
+    with pytest.raises(TypeError, match='compile must be True, False or a dict'):
+        take_compile_options(cfg)

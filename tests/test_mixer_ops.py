@@ -1,0 +1,110 @@
+"""The mixer's Triton kernels (conv + SiLU + q/k/v; per-head norm + skip + gate) against the PyTorch reference.
+
+Output and every gradient in float64 (tight) and float32, both traversal directions, kernel sizes 3 and 5, grids
+that are not multiples of any tile. On a CPU-only machine the kernels run under ``TRITON_INTERPRET=1`` in a
+subprocess (the variable must be set before the kernels are decorated).
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmseg_vil.models.layers.mixer_ops import reference
+
+try:
+    from mmseg_vil.models.layers.mixer_ops import triton_ops
+except ImportError:  # no Triton
+    triton_ops = None
+
+
+def _kernel_device():
+    if triton_ops is None:
+        return None
+    if torch.cuda.is_available():
+        return 'cuda'
+    return 'cpu' if triton_ops.kernels_interpreted() else None
+
+
+KERNEL_DEVICE = _kernel_device()
+needs_kernels = pytest.mark.skipif(KERNEL_DEVICE is None, reason='mixer kernels need CUDA or TRITON_INTERPRET=1')
+TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+
+
+def _randn(*shape, dtype, gen):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(KERNEL_DEVICE).requires_grad_()
+
+
+def _check(ours, expected, inputs, dtype, gen):
+    grads_out = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(dtype).to(KERNEL_DEVICE) for o in ours]
+    grads = torch.autograd.grad(ours, inputs, grads_out)
+    expected_grads = torch.autograd.grad(expected, inputs, grads_out)
+    for out, exp in zip(ours, expected):
+        torch.testing.assert_close(out, exp, **TOLERANCES[dtype])
+    for grad, exp in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, exp, **TOLERANCES[dtype])
+
+
+# float64 checks the formulas tightly; float32 the mixed-precision loads and stores of the CUDA path.
+CONV_CASES = [((5, 7), 16, 3, False, torch.float64), ((5, 7), 16, 3, True, torch.float64),
+              ((3, 2), 136, 5, True, torch.float64), ((1, 1), 8, 3, False, torch.float64),
+              ((9, 4), 72, 3, True, torch.float32)]
+
+
+@needs_kernels
+@pytest.mark.parametrize('grid,chans,ksize,reverse,dtype', CONV_CASES, ids=lambda value: str(value))
+def test_conv_qkv_kernels_match_reference(grid, chans, ksize, reverse, dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = _randn(2, grid[0] * grid[1], chans, dtype=dtype, gen=gen)
+    conv_weight, conv_bias = _randn(chans, 1, ksize, ksize, dtype=dtype, gen=gen), _randn(chans, dtype=dtype, gen=gen)
+    qkv_weight, qkv_bias = _randn(3, chans // 4, 4, 4, dtype=dtype, gen=gen), _randn(3, chans, dtype=dtype, gen=gen)
+    inputs = (x, conv_weight, conv_bias, qkv_weight, qkv_bias)
+    ours = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
+    expected = reference.conv_qkv(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
+    _check(ours, expected, inputs, dtype, gen)
+
+
+@needs_kernels
+@pytest.mark.parametrize('heads,head_dim,layout,dtype',
+                         [(2, 8, 'heads_first', torch.float64), (4, 12, 'tokens_first', torch.float64),
+                          (1, 96, 'heads_first', torch.float32)], ids=lambda value: str(value))
+def test_gated_output_kernels_match_reference(heads, head_dim, layout, dtype):
+    gen = torch.Generator().manual_seed(1)
+    batch, n, chans = 2, 37, heads * head_dim
+    if layout == 'heads_first':  # what the torch mLSTM backends return, seen as (B, N, NH, DH)
+        h = _randn(batch, heads, n, head_dim, dtype=dtype, gen=gen).transpose(1, 2)
+    else:
+        h = _randn(batch, n, heads, head_dim, dtype=dtype, gen=gen)
+    x_conv, z = _randn(batch, n, chans, dtype=dtype, gen=gen), _randn(batch, n, chans, dtype=dtype, gen=gen)
+    weight, bias, skip = (_randn(chans, dtype=dtype, gen=gen) for _ in range(3))
+    inputs = (h, x_conv, z, weight, bias, skip)
+    ours = triton_ops.gated_output(*inputs, 1e-5)
+    expected = reference.gated_output(*inputs, 1e-5)
+    _check((ours,), (expected,), inputs, dtype, gen)
+
+
+@needs_kernels
+def test_vil_backbone_with_kernels_matches_reference_backbone():
+    from mmseg_vil.models.backbones.vil import ViL
+    torch.manual_seed(0)
+    model = ViL(arch=dict(embed_dims=16, num_layers=2), img_size=(48, 32), patch_size=8, out_indices=(0, 1),
+                mlstm_backend='parallel').double().to(KERNEL_DEVICE)
+    x = torch.randn(2, 3, 48, 32, dtype=torch.float64, device=KERNEL_DEVICE)
+    ours = model(x)
+    from unittest import mock
+    with mock.patch('mmseg_vil.models.layers.mixer_ops._use_kernels', return_value=False):
+        expected = model(x)
+    for out, exp in zip(ours, expected):
+        torch.testing.assert_close(out, exp, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.skipif(KERNEL_DEVICE is not None, reason='the kernel tests run in this process')
+def test_mixer_kernels_under_triton_interpreter():
+    result = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k', 'match_reference'],
+        env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert re.fullmatch(r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*', summary), summary
