@@ -1,0 +1,9 @@
+"""Export segmentors to ONNX (``tools/deploy/export_onnx.py``); run them with :mod:`mmseg_vil_runtime`."""
+from .errors import ExportMismatch, ExportRefused
+from .export import DEFAULT_TOLERANCE, ExportReport, export_segmentor
+from .graph import SegmentorGraph, ShapeGenericAdaptiveAvgPool2d, make_pooling_shape_generic, set_mlstm_backend
+
+__all__ = [
+    'DEFAULT_TOLERANCE', 'ExportMismatch', 'ExportRefused', 'ExportReport', 'SegmentorGraph',
+    'ShapeGenericAdaptiveAvgPool2d', 'export_segmentor', 'make_pooling_shape_generic', 'set_mlstm_backend'
+]
