@@ -75,10 +75,10 @@ def generic_trace_size(size: Tuple[int, int], patch_size: int) -> Tuple[int, int
 
 def verification_sizes(size: Tuple[int, int], trace_size: Tuple[int, int], min_size: Optional[int],
                        patch_size: int) -> List[Tuple[int, int]]:
-    """The export size; for a dynamic graph also the traced size and a small size of odd shape."""
+    """The export size; for a dynamic graph also the traced size and the smallest size, with an odd other side."""
     if min_size is None:
         return [size]
-    small = (min_size + 3, min_size + patch_size + 5)
+    small = (min_size, min_size + patch_size + 3)
     return list(dict.fromkeys([size, trace_size, small]))
 
 
@@ -95,18 +95,28 @@ def _simplify(model) -> None:
 
 
 def _trace(graph: nn.Module, example: torch.Tensor, min_size: Optional[int], opset: Optional[int], backbone: str):
-    """ONNX program of ``graph`` traced at ``example``; height and width dynamic from ``min_size`` if given."""
+    """ONNX program of ``graph`` traced at ``example``; height and width dynamic from ``min_size`` if given.
+
+    The graph is captured here rather than by ``torch.onnx.export``, whose capture answers a shape constraint it
+    cannot prove by fixing the size. Size conditions PyTorch cannot prove become run-time assertions (which ONNX
+    drops); the numerical verification at several sizes is what shows the graph general.
+    """
     dynamic_shapes = None
     if min_size is not None:
-        dynamic_shapes = ({2: torch.export.Dim('height', min=min_size), 3: torch.export.Dim('width', min=min_size)},)
+        dynamic_shapes = ({2: torch.export.Dim.DYNAMIC(min=min_size), 3: torch.export.Dim.DYNAMIC(min=min_size)},)
     try:
         with torch.no_grad():
-            program = torch.onnx.export(graph, (example,), dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        input_names=['inputs'], output_names=['logits'], opset_version=opset,
-                                        optimize=False, verbose=False)
+            exported = torch.export.export(graph, (example,), dynamic_shapes=dynamic_shapes, strict=False,
+                                           prefer_deferred_runtime_asserts_over_guards=True)
+            program = torch.onnx.export(exported, (example,), dynamo=True, input_names=['inputs'],
+                                        output_names=['logits'], opset_version=opset, optimize=False, verbose=False)
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ExportRefused(f'torch.onnx.export could not export the {backbone} segmentor: {first_line}') from error
+        lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        raise ExportRefused(f'torch.onnx.export could not export the {backbone} segmentor: {lines[0]}') from error
+    input_shape = program.model.graph.inputs[0].shape
+    if min_size is not None and any(isinstance(input_shape[axis], int) for axis in (2, 3)):
+        raise ExportRefused(f'the {backbone} graph fixed its input size to {input_shape} while traced; export it '
+                            'with a fixed --shape')
     _simplify(program.model)
     return program
 
@@ -167,9 +177,10 @@ def export_segmentor(config: str,
     patch_size = getattr(model.backbone, 'patch_size', 16)
     patch_size = patch_size if isinstance(patch_size, int) else max(patch_size)
     size = tuple(size) if size else default_input_size(cfg, inference)
-    min_size = 4 * patch_size if dynamic else None  # the neck's 1/32 level then has at least 2x2 cells
-    if min(size) < (min_size or patch_size):
-        raise ExportRefused(f'--shape {size[0]} {size[1]} is smaller than {min_size or patch_size} pixels')
+    smallest = patch_size + 1  # a grid of 2x2 patches: the neck's 1/32 max-pool needs two cells per side
+    if min(size) < smallest:
+        raise ExportRefused(f'--shape {size[0]} {size[1]}: the segmentor needs at least {smallest} pixels per side')
+    min_size = smallest if dynamic else None
     description = backbone
     if any(isinstance(module, MLSTMMixer) for module in model.modules()):
         largest = size if not dynamic else largest_input(resize, inference)
