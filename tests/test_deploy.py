@@ -19,8 +19,8 @@ pytest.importorskip('onnxruntime', reason='the deploy extra is not installed: pi
 
 from mmseg_vil.deploy import (ExportRefused, ShapeGenericAdaptiveAvgPool2d, export_segmentor,  # noqa: E402
                               make_pooling_shape_generic)
-from mmseg_vil_runtime import OnnxSegmentor, SegmentorMetadata  # noqa: E402
-from mmseg_vil_runtime.metadata import ResizeSpec  # noqa: E402
+from mmseg_vil_runtime import ResizeSpec, SegmentorMetadata  # noqa: E402
+from mmseg_vil_runtime.predictor import OnnxSegmentor  # noqa: E402
 from mmseg_vil_runtime.transforms import resize_image, resize_logits, slide_windows  # noqa: E402
 
 DEMO = {name: osp.join(ROOT, 'configs', 'demo', f'{name}_demo.py') for name in ('vil', 'deit', 'vim')}
@@ -219,3 +219,14 @@ def test_metadata_round_trip():
     del properties['palette']
     with pytest.raises(ValueError, match=r"m.onnx: metadata lacks \['palette'\]"):
         SegmentorMetadata.from_properties(properties, 'm.onnx')
+
+
+def test_unreadable_files_get_a_reason(tmp_path):
+    from mmseg_vil_runtime.files import UNREADABLE, read_image
+
+    (tmp_path / 'empty.png').write_bytes(b'')
+    (tmp_path / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a JPEG')
+    assert read_image(str(tmp_path / 'empty.png')) == (None, 'empty file (0 bytes)')
+    assert read_image(str(tmp_path / 'corrupt.jpg')) == (None, UNREADABLE)
+    image, reason = read_image(str(tmp_path / 'missing.png'))
+    assert image is None and 'No such file' in reason

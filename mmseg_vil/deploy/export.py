@@ -94,19 +94,27 @@ def _simplify(model) -> None:
         simplify(model)
 
 
-def _trace(graph: nn.Module, example: torch.Tensor, min_size: Optional[int], opset: Optional[int], backbone: str):
-    """ONNX program of ``graph`` traced at ``example``; height and width dynamic from ``min_size`` if given.
+def trace_segmentor(model: nn.Module, trace_size: Tuple[int, int], min_size: Optional[int] = None,
+                    opset: Optional[int] = None):
+    """``torch.onnx.ONNXProgram`` of ``model``'s :class:`~.graph.SegmentorGraph` traced at ``trace_size``.
 
-    The graph is captured here rather than by ``torch.onnx.export``, whose capture answers a shape constraint it
+    ``min_size`` makes height and width dynamic (from ``min_size`` up): the model is copied and its adaptive
+    pooling made shape-generic; trace at :func:`generic_trace_size`. ViL mixers keep the backend they have. The
+    graph is captured here rather than by ``torch.onnx.export``, whose capture answers a shape constraint it
     cannot prove by fixing the size. Size conditions PyTorch cannot prove become run-time assertions (which ONNX
     drops); the numerical verification at several sizes is what shows the graph general.
     """
+    backbone = type(model.backbone).__name__
+    graph_model = copy.deepcopy(model)
     dynamic_shapes = None
     if min_size is not None:
+        make_pooling_shape_generic(graph_model)
         dynamic_shapes = ({2: torch.export.Dim.DYNAMIC(min=min_size), 3: torch.export.Dim.DYNAMIC(min=min_size)},)
+    example = torch.zeros(1, 3, *trace_size)
     try:
         with torch.no_grad():
-            exported = torch.export.export(graph, (example,), dynamic_shapes=dynamic_shapes, strict=False,
+            exported = torch.export.export(SegmentorGraph(graph_model).eval(), (example,), strict=False,
+                                           dynamic_shapes=dynamic_shapes,
                                            prefer_deferred_runtime_asserts_over_guards=True)
             program = torch.onnx.export(exported, (example,), dynamo=True, input_names=['inputs'],
                                         output_names=['logits'], opset_version=opset, optimize=False, verbose=False)
@@ -191,12 +199,9 @@ def export_segmentor(config: str,
         raise ExportRefused(f'--mlstm-backend {mlstm_backend} applies to ViL only; the {backbone} segmentor has no '
                             'mLSTM mixer')
 
-    graph_model = copy.deepcopy(model)
-    if dynamic:
-        make_pooling_shape_generic(graph_model)
     trace_size = generic_trace_size(size, patch_size) if dynamic else size
     log(f'tracing {description} at {trace_size[0]}x{trace_size[1]} ({"dynamic" if dynamic else "fixed"} size)')
-    program = _trace(SegmentorGraph(graph_model).eval(), torch.zeros(1, 3, *trace_size), min_size, opset, backbone)
+    program = trace_segmentor(model, trace_size, min_size, opset)
 
     sizes = verification_sizes(size, trace_size, min_size, patch_size)
     differences = _max_differences(program.model_proto.SerializeToString(), model, sizes)

@@ -9,7 +9,8 @@ no image could be segmented.
 import argparse
 import sys
 
-from mmseg_vil_runtime import OnnxSegmentor, collect_images, segment_files
+from mmseg_vil_runtime import collect_images
+from mmseg_vil_runtime.predictor import OnnxSegmentor, segment_files
 
 
 def main() -> int:
