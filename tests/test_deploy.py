@@ -90,6 +90,19 @@ def test_dynamic_export_matches_pytorch_at_two_sizes(name, checkpoints, tmp_path
         assert actual.shape == expected.shape == (1, 8, *size)
         np.testing.assert_allclose(actual, expected, rtol=0, atol=LOGIT_TOL)
 
+    # Whole images through the runtime's resize, normalisation and final resize, against mmseg's inference_model.
+    from mmseg.apis import inference_model
+
+    from mmseg_vil.apis import init_segmentor
+
+    model = init_segmentor(DEMO[name], checkpoints[name])
+    for shape in [(100, 150), (128, 128)]:
+        image = np.random.default_rng(2).integers(0, 256, (*shape, 3), dtype=np.uint8)
+        expected = inference_model(model, image).pred_sem_seg.data[0].numpy()
+        mask = segmentor.segment(image)
+        assert mask.shape == shape and mask.dtype == np.uint8
+        assert (mask == expected).mean() >= 0.999
+
 
 @pytest.mark.parametrize('size', [(64, 80), (96, 64)])
 def test_vim_fixed_size_export_matches_pytorch(size, checkpoints, tmp_path):
@@ -230,3 +243,38 @@ def test_unreadable_files_get_a_reason(tmp_path):
     assert read_image(str(tmp_path / 'corrupt.jpg')) == (None, UNREADABLE)
     image, reason = read_image(str(tmp_path / 'missing.png'))
     assert image is None and 'No such file' in reason
+
+
+def test_op_without_onnx_form_is_refused_by_name():
+    """A segmentor whose features need ``aten.median`` (no ONNX translation) is refused with the op's name."""
+    from torch import nn
+
+    from mmseg_vil.deploy import trace_segmentor
+
+    class MedianSegmentor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Identity()
+            self.decode_head = nn.Conv2d(3, 2, 1)
+            self.decode_head.align_corners = False
+
+        def extract_feat(self, x):
+            return x - x.median(dim=-1, keepdim=True).values
+
+    with pytest.raises(ExportRefused, match=r'Identity segmentor could not be exported: .*aten\.median'):
+        trace_segmentor(MedianSegmentor().eval(), (8, 8))
+
+
+def test_auto_mlstm_form_follows_the_largest_input():
+    from mmseg_vil.deploy import choose_mlstm_backend
+    from mmseg_vil.deploy.describe import largest_input, patch_grid
+
+    slide = dict(mode='slide', crop_size=[512, 512])
+    whole = dict(mode='whole')
+    demo_resize = ResizeSpec(scale=[512, 128], scale_factor=None, keep_ratio=True, interpolation='bilinear')
+    assert largest_input(None, slide) == (512, 512) and largest_input(None, whole) is None
+    assert patch_grid(largest_input(demo_resize, whole), 16) == 256
+    assert choose_mlstm_backend('auto', 256) == 'parallel'  # the demo: up to 32x8 patches
+    assert choose_mlstm_backend('auto', patch_grid((512, 512), 16)) == 'chunkwise'
+    assert choose_mlstm_backend('auto', None) == 'chunkwise'
+    assert choose_mlstm_backend('chunkwise', 16) == 'chunkwise'

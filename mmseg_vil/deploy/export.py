@@ -94,6 +94,14 @@ def _simplify(model) -> None:
         simplify(model)
 
 
+def _root_cause(error: BaseException) -> str:
+    """``Type: first line`` of the innermost cause: the op or guard that failed, not the exporter's wrapper."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
+
+
 def trace_segmentor(model: nn.Module, trace_size: Tuple[int, int], min_size: Optional[int] = None,
                     opset: Optional[int] = None):
     """``torch.onnx.ONNXProgram`` of ``model``'s :class:`~.graph.SegmentorGraph` traced at ``trace_size``.
@@ -119,8 +127,7 @@ def trace_segmentor(model: nn.Module, trace_size: Tuple[int, int], min_size: Opt
             program = torch.onnx.export(exported, (example,), dynamo=True, input_names=['inputs'],
                                         output_names=['logits'], opset_version=opset, optimize=False, verbose=False)
     except Exception as error:
-        lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        raise ExportRefused(f'torch.onnx.export could not export the {backbone} segmentor: {lines[0]}') from error
+        raise ExportRefused(f'the {backbone} segmentor could not be exported: {_root_cause(error)}') from error
     input_shape = program.model.graph.inputs[0].shape
     if min_size is not None and any(isinstance(input_shape[axis], int) for axis in (2, 3)):
         raise ExportRefused(f'the {backbone} graph fixed its input size to {input_shape} while traced; export it '

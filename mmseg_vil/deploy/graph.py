@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.layers.mlstm import MLSTM_BACKENDS
+from ..models.layers.mlstm import MLSTM_BACKENDS, PARALLEL_MAX_LEN
 from ..models.layers.vil_block import MLSTMMixer
 from .errors import ExportRefused
 
 # Pure-PyTorch mLSTM forms that trace into ONNX (both compute the official function; see models/layers/mlstm).
 EXPORTABLE_MLSTM_BACKENDS = ('parallel', 'chunkwise')
-PARALLEL_MAX_TOKENS = 4096  # 1024x1024 pixels of 16x16 patches: 64 MiB per (N, N) float32 matrix and head
 
 
 class SegmentorGraph(nn.Module):
@@ -86,14 +85,14 @@ def make_pooling_shape_generic(model: nn.Module) -> int:
 
 
 def choose_mlstm_backend(requested: str, max_tokens: Optional[int]) -> str:
-    """The mLSTM form to trace: ``requested``, or for ``'auto'`` the quadratic form unless inputs may be large.
+    """The mLSTM form to trace: ``requested``, or for ``'auto'`` the form ``'auto'`` would run on the CPU.
 
-    ``max_tokens`` bounds the patches of any input the graph will get (None: unbounded). The quadratic form builds
-    an (N, N) matrix per head and exports in a fraction of the chunkwise form's time; above
-    ``PARALLEL_MAX_TOKENS`` the chunkwise form's linear memory wins.
+    ``max_tokens`` bounds the patches of any input the graph will get (None: unbounded). Up to
+    ``PARALLEL_MAX_LEN`` tokens the quadratic form is the faster one (and exports fastest); beyond, the chunkwise
+    form, whose memory is linear in the tokens.
     """
     if requested == 'auto':
-        return 'parallel' if max_tokens is not None and max_tokens <= PARALLEL_MAX_TOKENS else 'chunkwise'
+        return 'parallel' if max_tokens is not None and max_tokens <= PARALLEL_MAX_LEN else 'chunkwise'
     if requested not in EXPORTABLE_MLSTM_BACKENDS:
         reason = ('its Triton kernels cannot be expressed in ONNX' if requested == 'fused' else
                   'there is no such backend' if requested not in MLSTM_BACKENDS else 'it is not a PyTorch form')
