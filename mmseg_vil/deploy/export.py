@@ -21,6 +21,7 @@ import onnxruntime as ort
 import onnxscript
 import torch
 from mmengine.config import Config
+from mmengine.utils import to_2tuple
 from torch import nn
 
 from mmseg_vil_runtime.metadata import SegmentorMetadata
@@ -63,13 +64,13 @@ def default_input_size(cfg: Config, inference: dict) -> Tuple[int, int]:
     return tuple(size) if size else (512, 512)
 
 
-def generic_trace_size(size: Tuple[int, int], patch_size: int) -> Tuple[int, int]:
+def generic_trace_size(sizes: Sequence[Tuple[int, int]], patch_size: int) -> Tuple[int, int]:
     """A size to trace a dynamic graph at whose size-dependent branches are the general ones.
 
-    Neither side a multiple of the patch size (padding happens), grids larger than ``size``'s (so differ from the
-    build grid when ``size`` is the build size) and different from each other (no two sizes unified).
+    Neither side a multiple of the patch size (padding happens), grids larger than those of ``sizes`` (the export
+    size and the backbone's build size: the position embedding is resampled) and different from each other.
     """
-    grid = max(-(-side // patch_size) for side in size)
+    grid = max(-(-side // patch_size) for size in sizes for side in size)
     return (grid + 2) * patch_size + 7, (grid + 3) * patch_size + 9
 
 
@@ -137,7 +138,7 @@ def trace_segmentor(model: nn.Module, trace_size: Tuple[int, int], min_size: Opt
 
 
 def _max_differences(model_bytes: bytes, reference: nn.Module, sizes: Sequence[Tuple[int, int]]) -> Dict[str, float]:
-    """Max |ONNX Runtime - PyTorch| of the logits of a random normalised image of each size."""
+    """Max |ONNX Runtime - PyTorch| of the logits of a random normalised image of each size (inf for NaN)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=['CPUExecutionProvider'])
@@ -147,11 +148,15 @@ def _max_differences(model_bytes: bytes, reference: nn.Module, sizes: Sequence[T
         inputs = torch.randn(1, 3, height, width, generator=generator)
         with torch.no_grad():
             expected = reference.encode_decode(inputs, [dict(img_shape=inputs.shape[2:])]).numpy()
-        actual = session.run(None, {'inputs': inputs.numpy()})[0]
+        try:
+            actual = session.run(None, {'inputs': inputs.numpy()})[0]
+        except Exception as error:  # noqa: BLE001  (ONNX Runtime raises its own types)
+            raise ExportMismatch(f'ONNX Runtime could not run the graph at {height}x{width}: {error}') from error
         if actual.shape != expected.shape:
             raise ExportMismatch(f'at {height}x{width} the graph returned logits of shape {actual.shape}, PyTorch '
                                  f'{expected.shape}')
-        differences[f'{height}x{width}'] = float(np.abs(actual - expected).max())
+        difference = float(np.abs(actual - expected).max())
+        differences[f'{height}x{width}'] = difference if np.isfinite(difference) else float('inf')
     return differences
 
 
@@ -206,7 +211,9 @@ def export_segmentor(config: str,
         raise ExportRefused(f'--mlstm-backend {mlstm_backend} applies to ViL only; the {backbone} segmentor has no '
                             'mLSTM mixer')
 
-    trace_size = generic_trace_size(size, patch_size) if dynamic else size
+    build_size = cfg.model.backbone.get('img_size')
+    known_sizes = [size] + ([to_2tuple(build_size)] if build_size else [])
+    trace_size = generic_trace_size(known_sizes, patch_size) if dynamic else size
     log(f'tracing {description} at {trace_size[0]}x{trace_size[1]} ({"dynamic" if dynamic else "fixed"} size)')
     program = trace_segmentor(model, trace_size, min_size, opset)
 
@@ -216,8 +223,9 @@ def export_segmentor(config: str,
         log(f'verify {name}: max |ONNX Runtime - PyTorch| = {difference:.3g} (tolerance {tolerance:g})')
     worst = max(differences, key=differences.get)
     if differences[worst] > tolerance:
+        hint = '; a fixed-size export (--shape without --dynamic) may still hold' if dynamic else ''
         raise ExportMismatch(f'the exported logits differ from PyTorch by {differences[worst]:.3g} at {worst}, above '
-                             f'the tolerance {tolerance:g}; nothing was written to {out}')
+                             f'the tolerance {tolerance:g}; nothing was written to {out}{hint}')
 
     metadata = SegmentorMetadata(
         config=config, checkpoint=osp.basename(checkpoint), **classes, **preprocess, resize=resize, **inference,

@@ -46,7 +46,7 @@ class SegmentorGraph(nn.Module):
 
 
 def _bin_weights(size: Union[int, torch.SymInt], bins: int, like: Tensor) -> Tensor:
-    """``(bins, size)`` matrix averaging adaptive-pooling bin ``i``: ``[floor(i size / bins), ceil((i+1) size / bins))``."""
+    """``(bins, size)`` matrix whose row ``i`` averages ``[floor(i size / bins), ceil((i + 1) size / bins))``."""
     index = torch.arange(bins, device=like.device)
     start = (index * size) // bins
     end = ((index + 1) * size + bins - 1) // bins
@@ -77,8 +77,8 @@ def make_pooling_shape_generic(model: nn.Module) -> int:
                 size = child.output_size
                 size = (size, size) if isinstance(size, int) else tuple(size)
                 if None in size:
-                    raise ExportRefused(f'{name}: AdaptiveAvgPool2d with output size {size} (None keeps the input size) '
-                                     'is not supported by the dynamic-size export; export with a fixed --shape')
+                    raise ExportRefused(f'{name}: AdaptiveAvgPool2d with output size {size} (None keeps the input '
+                                        'size) is not supported by the dynamic-size export; use a fixed --shape')
                 setattr(parent, name, ShapeGenericAdaptiveAvgPool2d(size))
                 replaced += 1
     return replaced

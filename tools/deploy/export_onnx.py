@@ -5,8 +5,9 @@
 The graph maps normalised images to logits at the input size; resize, normalisation, sliding windows, class names
 and palette travel in its metadata, so tools/deploy/infer_onnx.py needs neither the config nor PyTorch. ViL is
 traced with a pure-PyTorch mLSTM form (--mlstm-backend auto: 'parallel' for inputs up to 256 patches, else
-'chunkwise', as the 'auto' backend runs on the CPU). The export is refused, and nothing written, if ONNX Runtime's logits differ from PyTorch's by more
-than --tolerance on any verification input, or if the model uses something the export cannot reproduce.
+'chunkwise', as the 'auto' backend runs on the CPU). The export is refused, and nothing written, if ONNX Runtime's
+logits differ from PyTorch's by more than --tolerance on any verification input, or if the model uses something the
+export cannot reproduce.
 """
 import argparse
 import sys
