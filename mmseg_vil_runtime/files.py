@@ -1,8 +1,10 @@
-"""Image files in, masks and overlays out: the file handling of ``tools/infer.py`` without PyTorch or MMCV.
+"""Image files in, masks and overlays out: the file handling shared by ``tools/infer.py`` and ``infer_onnx.py``.
 
-Inputs are expanded and named, images decoded and results written exactly as :mod:`mmseg_vil.apis.inference`
-does (OpenCV, BGR, the same output layout), so ``tools/deploy/infer_onnx.py`` and ``tools/infer.py`` produce the same
-files for the same model. An unreadable file is recorded with its reason and skipped.
+Torch-free, so that both the PyTorch tools (:mod:`mmseg_vil.apis`, which import it from here) and the ONNX Runtime
+tool use the same input expansion, image decoding, failure reasons and output layout. For every input ``<rel>`` (its
+path relative to the inputs' common folder, extension included, so that neither equal names in different folders
+nor ``x.jpg`` and ``x.png`` of one folder collide) the tools write ``<out_dir>/pred/<rel>.png`` (class indices) and
+``<out_dir>/vis/<rel>.png`` (overlay).
 """
 import glob
 import os
@@ -14,7 +16,6 @@ import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-UNREADABLE = 'not a readable image (corrupt or unsupported format)'
 
 
 @dataclass
@@ -35,36 +36,45 @@ class InferenceSummary:
 
 
 def collect_images(inputs: Sequence[str]) -> List[str]:
-    """Sorted image paths of files, folders (recursively, image extensions only) and glob patterns.
+    """Expand image files, folders (recursively, image extensions only) and glob patterns into a sorted path list.
 
-    A file named explicitly is kept whatever its extension, so that a bad file is reported, not ignored; an input
-    that names nothing raises ``FileNotFoundError``.
+    An explicitly named file is kept whatever its extension or content, so that a bad file is reported rather than
+    silently ignored.
     """
-    found = set()
+    paths = []
     for item in inputs:
-        if osp.isfile(item):
-            found.add(item)
-        elif osp.isdir(item):
-            found.update(osp.join(folder, name) for folder, _, names in os.walk(item) for name in names
-                         if name.lower().endswith(IMAGE_EXTENSIONS))
+        if osp.isdir(item):
+            for folder, _, names in os.walk(item):
+                paths += [osp.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        elif osp.isfile(item):
+            paths.append(item)
         else:
-            matches = [path for path in glob.glob(item, recursive=True) if osp.isfile(path)]
+            matches = [p for p in glob.glob(item, recursive=True) if osp.isfile(p)]
             if not matches:
                 raise FileNotFoundError(f'{item!r} is neither a file, a folder nor a glob matching any file')
-            found.update(matches)
-    return sorted({osp.normpath(path) for path in found})
+            paths += matches
+    return sorted(set(osp.normpath(p) for p in paths))
 
 
-def read_image(path: str) -> Tuple[Optional[np.ndarray], str]:
-    """``(BGR image, '')``, or ``(None, reason)`` for a file that cannot be read or decoded."""
+def read_image(path: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """``(BGR image, None)``, or ``(None, reason)`` for a file that cannot be read or decoded.
+
+    Decodes as ``mmcv.imread`` does with its default OpenCV backend (``cv2.IMREAD_COLOR``).
+    """
     try:
-        data = np.fromfile(path, np.uint8)
+        with open(path, 'rb') as f:
+            content = f.read()
     except OSError as error:
-        return None, repr(error)
-    if data.size == 0:
+        return None, f'cannot be read ({error.strerror or error})'
+    if not content:
         return None, 'empty file (0 bytes)'
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    return (None, UNREADABLE) if image is None else (image, '')
+    try:
+        image = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        image = None
+    if image is None:
+        return None, 'not a readable image (corrupt, truncated or an unsupported format)'
+    return image, None
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, opacity: float) -> np.ndarray:
@@ -74,13 +84,13 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, opacity: f
 
 
 def output_paths(path: str, root: str, out_dir: str) -> Tuple[str, str]:
-    """``(out_dir/pred/<rel>.png, out_dir/vis/<rel>.png)`` with ``rel`` the path relative to ``root``."""
-    stem = osp.splitext(osp.relpath(osp.abspath(path), root))[0]
-    return osp.join(out_dir, 'pred', stem + '.png'), osp.join(out_dir, 'vis', stem + '.png')
+    """(mask, overlay) paths of input ``path`` below ``root``; the input's extension stays in the name."""
+    name = osp.relpath(osp.abspath(path), root) + '.png'
+    return osp.join(out_dir, 'pred', name), osp.join(out_dir, 'vis', name)
 
 
 def write_image(path: str, image: np.ndarray) -> None:
-    """Write a PNG, creating its folder; raise ``OSError`` if OpenCV cannot write it."""
+    """Write an image, creating its folder; raise ``OSError`` if OpenCV cannot write it."""
     os.makedirs(osp.dirname(path) or '.', exist_ok=True)
     if not cv2.imwrite(path, image):
         raise OSError(f'could not write {path}')

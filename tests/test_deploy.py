@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from e2e_helpers import ROOT
+from e2e_helpers import ROOT, save_initialized_checkpoint
 from mmengine.config import Config
 
 pytest.importorskip('onnxruntime', reason='the deploy extra is not installed: pip install -e .[deploy]')
@@ -27,27 +27,12 @@ DEMO = {name: osp.join(ROOT, 'configs', 'demo', f'{name}_demo.py') for name in (
 LOGIT_TOL = 1e-4
 
 
-def save_demo_checkpoint(config: str, path: str) -> None:
-    """A seeded, randomly initialised demo segmentor saved as tools/train.py would, with classes and palette."""
-    from mmengine.registry import init_default_scope
-    from mmseg.registry import MODELS
-
-    cfg = Config.fromfile(config)
-    init_default_scope('mmseg')
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    meta = dict(dataset_meta=dict(classes=cfg.metainfo['classes'], palette=cfg.metainfo['palette']))
-    torch.save(dict(state_dict=model.state_dict(), meta=meta), path)
-
-
 @pytest.fixture(scope='module')
 def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp('demo_checkpoints')
     paths = {}
     for name, config in DEMO.items():
-        paths[name] = str(folder / f'{name}.pth')
-        save_demo_checkpoint(config, paths[name])
+        paths[name] = save_initialized_checkpoint(str(folder / f'{name}.pth'), config)
     return paths
 
 
@@ -77,7 +62,8 @@ def test_dynamic_export_matches_pytorch_at_two_sizes(name, checkpoints, tmp_path
     meta = segmentor.meta
     cfg = Config.fromfile(DEMO[name])
     assert meta.input_size is None and meta.min_input_size == 17
-    assert meta.classes == list(cfg.metainfo['classes']) and meta.palette == cfg.metainfo['palette']
+    checkpoint_meta = torch.load(checkpoints[name], weights_only=True)['meta']['dataset_meta']
+    assert meta.classes == list(checkpoint_meta['classes']) and meta.palette == checkpoint_meta['palette']
     assert meta.mean == cfg.model.data_preprocessor.mean and meta.bgr_to_rgb
     assert meta.resize == ResizeSpec(scale=[512, 128], scale_factor=None, keep_ratio=True, interpolation='bilinear')
     assert meta.mode == 'whole' and meta.config == DEMO[name] and meta.opset >= 18
@@ -150,8 +136,7 @@ def test_refusals_name_the_cause_and_write_nothing(case, match, checkpoints, tmp
 
 
 def test_checkpoint_without_palette_is_refused(tmp_path):
-    path = str(tmp_path / 'no_meta.pth')
-    save_demo_checkpoint(DEMO['deit'], path)
+    path = save_initialized_checkpoint(str(tmp_path / 'no_meta.pth'), DEMO['deit'])
     checkpoint = torch.load(path, weights_only=True)
     checkpoint['meta']['dataset_meta']['palette'] = checkpoint['meta']['dataset_meta']['palette'][:5]
     torch.save(checkpoint, path)
@@ -235,14 +220,14 @@ def test_metadata_round_trip():
 
 
 def test_unreadable_files_get_a_reason(tmp_path):
-    from mmseg_vil_runtime.files import UNREADABLE, read_image
+    from mmseg_vil_runtime.files import read_image
 
     (tmp_path / 'empty.png').write_bytes(b'')
     (tmp_path / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a JPEG')
     assert read_image(str(tmp_path / 'empty.png')) == (None, 'empty file (0 bytes)')
-    assert read_image(str(tmp_path / 'corrupt.jpg')) == (None, UNREADABLE)
+    assert read_image(str(tmp_path / 'corrupt.jpg'))[1].startswith('not a readable image')
     image, reason = read_image(str(tmp_path / 'missing.png'))
-    assert image is None and 'No such file' in reason
+    assert image is None and reason == 'cannot be read (No such file or directory)'
 
 
 def test_op_without_onnx_form_is_refused_by_name():

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from e2e_helpers import ROOT, TINY_CONFIG, data_root_options, make_ade20k, run_command, run_tool
 
+from mmseg_vil.engine.work_dir import latest_checkpoint
+
 pytest.importorskip('onnxruntime', reason='the deploy extra is not installed: pip install -e .[deploy]')
 
 EXPORT = osp.join(ROOT, 'tools', 'deploy', 'export_onnx.py')
@@ -31,6 +33,10 @@ WITHOUT_TORCH = ('import runpy, sys\n'
                  'runpy.run_path(sys.argv[0], run_name="__main__")\n')
 
 
+# Images of two sizes: 64x64 as trained (one slide window), 80x120 (resized to 64x96: two windows).
+IMAGES = {'a.png': (64, 64), 'sub/b.jpg': (80, 120), 'c.png': (80, 120)}
+
+
 def run_without_torch(argv):
     return run_command([sys.executable, '-c', WITHOUT_TORCH.format(blocked=BLOCKED, argv=argv)])
 
@@ -43,7 +49,9 @@ def trained(tmp_path_factory):
     work_dir = str(folder / 'work')
     run_tool(['tools/train.py', TINY_CONFIG, '--work-dir', work_dir, '--cfg-options', *data_root_options(ade_root),
               'train_cfg.val_interval=100'])
-    return TINY_CONFIG, osp.join(work_dir, 'iter_4.pth')
+    checkpoint = latest_checkpoint(work_dir)
+    assert osp.basename(checkpoint) == 'iter_4.pth'
+    return TINY_CONFIG, checkpoint
 
 
 @pytest.fixture(scope='module')
@@ -56,10 +64,10 @@ def exported(trained, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def images(tmp_path_factory):
-    """Images of two sizes (64x64 as trained, 80x120 giving two slide windows), one in a subfolder, and a bad file."""
+    """The IMAGES, one in a subfolder, and a corrupt file."""
     folder = tmp_path_factory.mktemp('deploy_images')
     rng = np.random.default_rng(0)
-    for name, (height, width) in {'a.png': (64, 64), 'sub/b.jpg': (80, 120), 'c.png': (80, 120)}.items():
+    for name, (height, width) in IMAGES.items():
         (folder / name).parent.mkdir(exist_ok=True)
         # Smooth random blobs: regions of several classes rather than per-pixel noise.
         small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
@@ -89,14 +97,14 @@ def test_onnx_runtime_masks_equal_pytorch_masks(trained, exported, images, tmp_p
         assert '4 images: 3 segmented, 1 failed' in log and f'FAILED {images / "corrupt.png"}' in log
 
     classes_seen = set()
-    for stem, shape in [('a', (64, 64)), ('sub/b', (80, 120)), ('c', (80, 120))]:
-        expected = cv2.imread(str(torch_dir / 'pred' / f'{stem}.png'), cv2.IMREAD_UNCHANGED)
-        actual = cv2.imread(str(onnx_dir / 'pred' / f'{stem}.png'), cv2.IMREAD_UNCHANGED)
+    for name, shape in IMAGES.items():
+        expected = cv2.imread(str(torch_dir / 'pred' / f'{name}.png'), cv2.IMREAD_UNCHANGED)
+        actual = cv2.imread(str(onnx_dir / 'pred' / f'{name}.png'), cv2.IMREAD_UNCHANGED)
         assert actual.shape == expected.shape == shape and actual.dtype == np.uint8
         agree = actual == expected
-        assert agree.mean() >= MIN_PIXEL_AGREEMENT, f'{stem}: {agree.mean():.5f} of the pixels agree'
-        expected_vis = cv2.imread(str(torch_dir / 'vis' / f'{stem}.png'))
-        actual_vis = cv2.imread(str(onnx_dir / 'vis' / f'{stem}.png'))
+        assert agree.mean() >= MIN_PIXEL_AGREEMENT, f'{name}: {agree.mean():.5f} of the pixels agree'
+        expected_vis = cv2.imread(str(torch_dir / 'vis' / f'{name}.png'))
+        actual_vis = cv2.imread(str(onnx_dir / 'vis' / f'{name}.png'))
         np.testing.assert_array_equal(actual_vis[agree], expected_vis[agree])
         classes_seen.update(np.unique(expected).tolist())
     assert len(classes_seen) > 1, 'a constant mask would not test the class decision'

@@ -3,10 +3,12 @@
     python tools/deploy/infer_onnx.py model.onnx data/ade_demo/ADEChallengeData2016/images/validation --out-dir out/
 
 Writes what tools/infer.py writes for the same model: ``OUT_DIR/pred/<name>.png`` (class index per pixel) and
-``OUT_DIR/vis/<name>.png`` (overlay). Unreadable files are reported and skipped; the exit status is non-zero only if
-no image could be segmented.
+``OUT_DIR/vis/<name>.png`` (overlay), ``<name>`` being the input's path below the inputs' common folder with its
+extension. Unreadable files are named with the reason and skipped; the exit status is non-zero only if no image
+could be segmented.
 """
 import argparse
+import os.path as osp
 import sys
 
 from mmseg_vil_runtime import collect_images
@@ -25,6 +27,8 @@ def main() -> int:
     args = parser.parse_args()
     if not 0.0 <= args.opacity <= 1.0:
         parser.error(f'--opacity must be in [0, 1], got {args.opacity}')
+    if osp.exists(args.out_dir) and not osp.isdir(args.out_dir):
+        parser.error(f'--out-dir {args.out_dir} is a file, not a folder')
     try:
         paths = collect_images(args.inputs)
         segmentor = OnnxSegmentor(args.model, providers=args.providers, threads=args.threads)
