@@ -112,6 +112,7 @@ def write_config(tmp_path, base: str, text: str) -> str:
 
 @pytest.mark.parametrize('case, match', [
     (dict(mlstm_backend='fused'), r"mlstm_backend='fused' cannot be exported: its Triton kernels"),
+    (dict(mlstm_backend='fused_chunkwise'), r"mlstm_backend='fused_chunkwise' cannot be exported: its Triton"),
     (dict(mlstm_backend='quadratic'), r"mlstm_backend='quadratic' cannot be exported: there is no such backend"),
     (dict(model='vim', dynamic=True), r'Vim cannot be exported with dynamic height and width'),
     (dict(model='deit', mlstm_backend='parallel'), r'--mlstm-backend parallel applies to ViL only'),

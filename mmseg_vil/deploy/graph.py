@@ -94,7 +94,7 @@ def choose_mlstm_backend(requested: str, max_tokens: Optional[int]) -> str:
     if requested == 'auto':
         return 'parallel' if max_tokens is not None and max_tokens <= PARALLEL_MAX_LEN else 'chunkwise'
     if requested not in EXPORTABLE_MLSTM_BACKENDS:
-        reason = ('its Triton kernels cannot be expressed in ONNX' if requested == 'fused' else
+        reason = ('its Triton kernels cannot be expressed in ONNX' if requested.startswith('fused') else
                   'there is no such backend' if requested not in MLSTM_BACKENDS else 'it is not a PyTorch form')
         raise ExportRefused(f'mlstm_backend={requested!r} cannot be exported: {reason}. Use auto or one of '
                             f'{EXPORTABLE_MLSTM_BACKENDS}; every backend computes the same function')
