@@ -9,7 +9,7 @@
    replayed from a CUDA graph (do_bench_cudagraph; GPU time without the host's launch overhead); peak memory.
 3. The chunkwise Triton kernels against the others: CUDA-graph forward+backward of fused_chunkwise (chunk sizes
    32/64/128), fused, chunkwise and SDPA at B=1, NH=4, DH=96, N = 196..16384, and the ViL-T shapes; a compact
-   table at the end.
+   table at the end. fused_chunkwise (refused on CUDA until validated here) runs in child processes, one per case.
 4. ``--sweep``: CUDA-graph forward+backward time of candidate tile configurations per head dim.
 
 Usage, from the repo root on a CUDA machine: ``python benchmarks/mlstm_kernel_check.py --out DIR [--sweep]``;
@@ -20,6 +20,8 @@ import functools
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import torch
@@ -27,8 +29,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from mmseg_vil.models.layers.mlstm import (fused, mlstm_chunkwise, mlstm_fused, mlstm_fused_chunkwise,
-                                           mlstm_parallel)
+from mmseg_vil.models.layers.mlstm import fused, mlstm_chunkwise, mlstm_fused, mlstm_parallel
+from mmseg_vil.models.layers.mlstm.fused_chunkwise.op import mlstm_fused_chunkwise_kernels
 
 GATES = ('igate', 'fgate')
 GRAD_NAMES = ('dq', 'dk', 'dv', 'digate', 'dfgate')
@@ -93,8 +95,7 @@ def sdpa(q, k, v, igate, fgate):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-BACKENDS = {'fused': mlstm_fused, 'fused_chunkwise': mlstm_fused_chunkwise, 'parallel': mlstm_parallel,
-            'chunkwise': mlstm_chunkwise, 'sdpa (yardstick)': sdpa}
+BACKENDS = {'fused': mlstm_fused, 'parallel': mlstm_parallel, 'chunkwise': mlstm_chunkwise, 'sdpa (yardstick)': sdpa}
 
 
 def time_backend(op, batch, heads, n, head_dim, dtype, graph_only=False):
@@ -173,34 +174,63 @@ def timing(out_lines, results, dtype):
                              f'{fwd:8.3f} | {total:8.3f} | {graph:8.3f} | {mib:8.0f}')
 
 
+# The chunkwise kernels are refused on CUDA until this script validates them (RESULTS.md, 2026-12-04: an illegal memory
+# access), so it runs them without the refusal, and every case in its own process: a fault then ends only that case,
+# and the checks run with CUDA_LAUNCH_BLOCKING=1 so that the traceback names the faulting kernel launch.
+CHUNKWISE_BACKENDS = {
+    'fused_chunkwise': mlstm_fused_chunkwise_kernels,
+    'fused_chunkwise reverse': functools.partial(mlstm_fused_chunkwise_kernels, reverse=True),
+    'fused_chunkwise chunk 32': functools.partial(mlstm_fused_chunkwise_kernels, chunk_size=32),
+    'fused_chunkwise chunk 128': functools.partial(mlstm_fused_chunkwise_kernels, chunk_size=128),
+}
 # fused_chunkwise correctness: (head dim, N, dtype, reverse, strided); --quick runs the first QUICK_CHECKS.
 CHUNKWISE_CHECKS = [
-    (96, 196, torch.bfloat16, False, False), (96, 4096, torch.bfloat16, True, False),
-    (384, 1000, torch.bfloat16, True, False), (96, 1000, torch.bfloat16, True, True),
-    (96, 1000, torch.float32, False, False), (96, 200, torch.float64, True, False),
+    (96, 196, 'bfloat16', False, False), (96, 4096, 'bfloat16', True, False), (384, 1000, 'bfloat16', True, False),
+    (96, 1000, 'bfloat16', True, True), (96, 1000, 'float32', False, False), (96, 200, 'float64', True, False),
 ] + [(head_dim, n, dtype, reverse, False) for head_dim in (96, 192, 384) for n in (196, 1000, 4096)
-     for dtype in (torch.bfloat16, torch.float32) for reverse in (False, True)]
+     for dtype in ('bfloat16', 'float32') for reverse in (False, True)]
 QUICK_CHECKS = 6
 # What the tests allow (3xTF32 float32 sums over thousands of steps get a little more than float32's 1e-4).
-CHECK_TOLERANCES = {torch.bfloat16: 3e-2, torch.float32: 1e-3, torch.float64: 1e-10}
+CHECK_TOLERANCES = {'bfloat16': 3e-2, 'float16': 3e-2, 'float32': 1e-3, 'float64': 1e-10}
+
+
+def run_child(child_args, env=None, timeout=600):
+    """Run this script with ``--child ...``; returns the JSON results it printed (one per line, prefixed RESULT),
+    and, where it failed, the command and the end of its output."""
+    command = [sys.executable, os.path.abspath(__file__), '--child', *map(str, child_args)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return [], f'timed out after {timeout} s: {" ".join(command)}'
+    results = [json.loads(line[len('RESULT '):]) for line in done.stdout.splitlines() if line.startswith('RESULT ')]
+    failure = None
+    if done.returncode != 0:
+        failure = f'exit {done.returncode}: {" ".join(command)}\n' + (done.stdout + done.stderr)[-3000:]
+    return results, failure
+
+
+def child_check(head_dim, n, dtype, reverse, strided):
+    op = functools.partial(mlstm_fused_chunkwise_kernels, reverse=reverse == 'True')
+    errors = relative_errors(int(n), int(head_dim), getattr(torch, dtype), op, reverse == 'True', strided == 'True')
+    print('RESULT ' + json.dumps(errors), flush=True)
 
 
 def check_chunkwise(out_lines, results, summary, quick):
-    out_lines.append('## correctness: fused_chunkwise vs chunkwise float64 (max relative error)')
-    for head_dim, n, dtype, reverse, strided in CHUNKWISE_CHECKS[:QUICK_CHECKS] if quick else CHUNKWISE_CHECKS:
-        name = f'DH={head_dim:3d} N={n:5d} {str(dtype)[6:]:8s} {"reverse" if reverse else "forward"}' + (
+    out_lines.append('## correctness: fused_chunkwise vs chunkwise float64 (max relative error), one process each')
+    for case in CHUNKWISE_CHECKS[:QUICK_CHECKS] if quick else CHUNKWISE_CHECKS:
+        head_dim, n, dtype, reverse, strided = case
+        name = f'DH={head_dim:3d} N={n:5d} {dtype:8s} {"reverse" if reverse else "forward"}' + (
             ' strided' if strided else '')
-        try:
-            errors = relative_errors(n, head_dim, dtype, functools.partial(mlstm_fused_chunkwise, reverse=reverse),
-                                     reverse, strided)
-        except Exception as exc:  # noqa: BLE001 - report and go on with the other cases
-            out_lines.append(f'{name} failed: {exc!r}'[:300])
-            summary.append(f'check {name}: FAILED to run')
-            torch.cuda.empty_cache()
+        child_results, failure = run_child(('check', *case), env={'CUDA_LAUNCH_BLOCKING': '1'})
+        if not child_results:
+            out_lines.append(f'{name} FAILED: {failure}')
+            summary.append(f'check {name}: FAILED (see above)')
             continue
+        errors = child_results[0]
         worst = max(errors.values())
         verdict = 'ok' if worst <= CHECK_TOLERANCES[dtype] else 'OVER TOLERANCE'
-        results.append(dict(kind='check_chunkwise', n=n, head_dim=head_dim, dtype=str(dtype), reverse=reverse,
+        results.append(dict(kind='check_chunkwise', n=n, head_dim=head_dim, dtype=dtype, reverse=reverse,
                             strided=strided, **errors))
         out_lines.append(f'{name} ' + ' '.join(f'{k}={v:.1e}' for k, v in errors.items()) + f' {verdict}')
         summary.append(f'check {name}: worst {worst:.1e} {verdict}')
@@ -210,53 +240,66 @@ GRAPH_SHAPES = [  # name, B, NH, N, DH
     ('B=1 N=196', 1, 4, 196, 96), ('B=1 N=1024', 1, 4, 1024, 96), ('B=1 N=4096', 1, 4, 4096, 96),
     ('B=1 N=16384', 1, 4, 16384, 96), ('ViL-T 224 B=64', 64, 4, 196, 96), ('ViL-T 512 B=8', 8, 4, 1024, 96),
 ]
-GRAPH_BACKENDS = {
-    'fused_chunkwise': mlstm_fused_chunkwise,
-    'fused_chunkwise reverse': functools.partial(mlstm_fused_chunkwise, reverse=True),
-    'fused_chunkwise chunk 32': functools.partial(mlstm_fused_chunkwise, chunk_size=32),
-    'fused_chunkwise chunk 128': functools.partial(mlstm_fused_chunkwise, chunk_size=128),
-    'fused': mlstm_fused, 'chunkwise': mlstm_chunkwise, 'sdpa causal': sdpa,
-}
-QUICK_GRAPH_BACKENDS = ('fused_chunkwise', 'fused_chunkwise reverse', 'fused', 'chunkwise', 'sdpa causal')
+GRAPH_BACKENDS = {'fused': mlstm_fused, 'chunkwise': mlstm_chunkwise, 'sdpa causal': sdpa}
+QUICK_CHUNKWISE_BACKENDS = ('fused_chunkwise', 'fused_chunkwise reverse')
+
+
+def graph_times(op, dtype):
+    """{shape: CUDA-graph forward+backward median ms, or the error} for every GRAPH_SHAPES entry."""
+    times = {}
+    for shape, batch, heads, n, head_dim in GRAPH_SHAPES:
+        try:
+            times[shape] = time_backend(op, batch, heads, n, head_dim, dtype, graph_only=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory or a compile failure: report and go on
+            times[shape] = repr(exc)[:300]
+            torch.cuda.empty_cache()
+    return times
+
+
+def child_graph(backend, dtype):
+    print('RESULT ' + json.dumps(graph_times(CHUNKWISE_BACKENDS[backend], getattr(torch, dtype))), flush=True)
 
 
 def graph_timing(out_lines, results, summary, dtype, quick):
     """CUDA-graph forward+backward median ms of the chunkwise kernels against the others, as a compact table."""
-    out_lines.append(f'## CUDA-graph forward+backward, median ms, {str(dtype)[6:]}, DH=96')
-    backends = {k: v for k, v in GRAPH_BACKENDS.items() if not quick or k in QUICK_GRAPH_BACKENDS}
-    table = [f'{"shape":16s}' + ''.join(f'{name[:26]:>27s}' for name in backends)]
+    name = str(dtype)[6:]
+    out_lines.append(f'## CUDA-graph forward+backward, median ms, {name}, DH=96')
+    columns = {backend: graph_times(op, dtype) for backend, op in GRAPH_BACKENDS.items()}
+    for backend in QUICK_CHUNKWISE_BACKENDS if quick else CHUNKWISE_BACKENDS:
+        child_results, failure = run_child(('graph', backend, name))
+        columns[backend] = child_results[0] if child_results else {}
+        if failure:
+            out_lines.append(f'{backend} FAILED: {failure}')
+    table = [f'{"shape":16s}' + ''.join(f'{backend[:26]:>27s}' for backend in columns)]
     for shape, batch, heads, n, head_dim in GRAPH_SHAPES:
         row = f'{shape:16s}'
-        for backend, op in backends.items():
-            try:
-                graph_ms = time_backend(op, batch, heads, n, head_dim, dtype, graph_only=True)
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory or a compile failure: report and go on
-                out_lines.append(f'{shape} {backend} failed: {exc!r}'[:300])
-                torch.cuda.empty_cache()
+        for backend, times in columns.items():
+            value = times.get(shape, 'no result')
+            if isinstance(value, float):
+                results.append(dict(kind='graph', shape=shape, batch=batch, heads=heads, n=n, head_dim=head_dim,
+                                    dtype=str(dtype), backend=backend, graph_forward_backward_ms=value))
+                row += f'{value:27.3f}'
+            else:
+                out_lines.append(f'{shape} {backend} failed: {value}')
                 row += f'{"failed":>27s}'
-                continue
-            results.append(dict(kind='graph', shape=shape, batch=batch, heads=heads, n=n, head_dim=head_dim,
-                                dtype=str(dtype), backend=backend, graph_forward_backward_ms=graph_ms))
-            row += f'{graph_ms:27.3f}'
         table.append(row)
     out_lines.extend(table)
-    summary.append(f'CUDA-graph forward+backward ms, {str(dtype)[6:]}, DH=96, NH=4:')
+    summary.append(f'CUDA-graph forward+backward ms, {name}, DH=96, NH=4:')
     summary.extend(table)
 
 
-def profile_fused(out_lines, batch=64, heads=4, n=196, head_dim=96, dtype=torch.bfloat16, backend='fused'):
-    """Where a fused backend's forward+backward spends GPU time at the ViL-T 224px shape (kernels vs torch ops)."""
-    op = BACKENDS[backend]
+def profile_fused(out_lines, batch=64, heads=4, n=196, head_dim=96, dtype=torch.bfloat16):
+    """Where the fused forward+backward spends GPU time at the ViL-T 224px shape (kernels vs small torch ops)."""
     inputs = [x.requires_grad_() for x in make_inputs(batch, heads, n, head_dim, dtype)]
     grad_h = torch.randn(batch, heads, n, head_dim, device='cuda', dtype=dtype)
     for _ in range(3):
-        torch.autograd.grad(op(*inputs), inputs, grad_h)
+        torch.autograd.grad(mlstm_fused(*inputs), inputs, grad_h)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            torch.autograd.grad(op(*inputs), inputs, grad_h)
+            torch.autograd.grad(mlstm_fused(*inputs), inputs, grad_h)
         torch.cuda.synchronize()
-    out_lines.append(f'## profile of 10 {backend} forward+backward, B={batch} NH={heads} N={n} DH={head_dim} {dtype}')
+    out_lines.append(f'## profile of 10 fused forward+backward, B={batch} NH={heads} N={n} DH={head_dim} {dtype}')
     out_lines.append(prof.key_averages().table(sort_by='cuda_time_total', row_limit=25, max_name_column_width=60))
 
 
@@ -295,7 +338,11 @@ def main():
     parser.add_argument('--sweep', action='store_true', help='also time candidate tile configurations')
     parser.add_argument('--quick', action='store_true',
                         help='only a few fused_chunkwise checks and the bfloat16 CUDA-graph table (minutes)')
+    parser.add_argument('--child', nargs='+', help=argparse.SUPPRESS)  # one fused_chunkwise case, run by the parent
     args = parser.parse_args()
+    if args.child:
+        {'check': child_check, 'graph': child_graph}[args.child[0]](*args.child[1:])
+        return
 
     start = time.time()
     out_lines = [f'# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | '
@@ -309,11 +356,7 @@ def main():
     if not args.quick:
         for dtype in (torch.bfloat16, torch.float32):
             timing(out_lines, results, dtype)
-        for backend in ('fused', 'fused_chunkwise'):
-            try:
-                profile_fused(out_lines, backend=backend)
-            except Exception as exc:  # noqa: BLE001 - report and go on
-                out_lines.append(f'profile of {backend} failed: {exc!r}'[:300])
+        profile_fused(out_lines)
     if args.sweep:
         sweep(out_lines, results, torch.bfloat16)
     out_lines.append(f'# total {time.time() - start:.0f} s')

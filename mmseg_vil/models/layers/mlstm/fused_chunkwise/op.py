@@ -94,14 +94,21 @@ def mlstm_fused_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate:
     Returns:
         ``(B, NH, N, DH)`` in the dtype of ``q``: a transposed view of a contiguous ``(B, N, NH, DH)`` tensor.
     """
-    if chunk_size not in (16, 32, 64, MAX_CHUNK_SIZE):
-        raise ValueError(f'chunk_size must be 16, 32, 64 or {MAX_CHUNK_SIZE}, got {chunk_size}.')
     if q.device.type == 'cuda':
         # benchmarks/RESULTS.md (H200, 2026-12-04): an illegal memory access in the GPU check, and head dims below 16
         # do not compile on Triton 3.6. Exact under the interpreter; refused on CUDA until that is fixed.
         raise RuntimeError("The fused_chunkwise mLSTM backend is not yet validated on CUDA (benchmarks/RESULTS.md); "
                            "use mlstm_backend='fused' or 'auto'.")
-    if not _kernels_interpreted():
+    return mlstm_fused_chunkwise_kernels(q, k, v, igate, fgate, eps, reverse, chunk_size)
+
+
+def mlstm_fused_chunkwise_kernels(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6,
+                                  reverse: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """:func:`mlstm_fused_chunkwise` without its refusal of CUDA tensors: what benchmarks/mlstm_kernel_check.py runs
+    to validate the kernels on a GPU."""
+    if chunk_size not in (16, 32, 64, MAX_CHUNK_SIZE):
+        raise ValueError(f'chunk_size must be 16, 32, 64 or {MAX_CHUNK_SIZE}, got {chunk_size}.')
+    if q.device.type != 'cuda' and not _kernels_interpreted():
         raise RuntimeError(f'The fused_chunkwise mLSTM backend runs only under the Triton interpreter for now (got '
                            f"{q.device.type} tensors); use 'chunkwise' or 'parallel', or set TRITON_INTERPRET=1 "
                            'before importing mmseg_vil.')

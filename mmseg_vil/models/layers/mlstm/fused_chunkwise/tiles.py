@@ -69,7 +69,7 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     if DOT_IN_FLOAT32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -77,9 +77,13 @@ def state_dot(a, b, acc):
     """``acc + a @ b`` for building a state from operands in the accumulation dtype: 3xTF32 for float32, close to
     float32 accuracy. Weighted operands rounded to half precision would cost digits that the gate gradient's inner
     products of whole states (backward.py) cannot spare."""
+    # One return at the end (Triton 3.6 compiles the statements after a return inside an if) and the float64
+    # out_dtype spelled out (3.6 does not take it from the accumulator).
     if a.dtype == tl.float64:
-        return tl.dot(a, b, acc)
-    return tl.dot(a, b, acc, input_precision='tf32x3')
+        result = tl.dot(a, b, acc, out_dtype=tl.float64)
+    else:
+        result = tl.dot(a, b, acc, input_precision='tf32x3')
+    return result
 
 
 @triton.jit
