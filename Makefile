@@ -9,9 +9,9 @@ STAMP := $(VENV)/.installed
 
 env: $(STAMP)
 
-$(STAMP): requirements/stack.txt setup.cfg setup.py pyproject.toml
+$(STAMP): requirements/stack.txt requirements/deploy.txt setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements/stack.txt
+	$(PY) -m pip install -q -r requirements/stack.txt -r requirements/deploy.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	# Editable installs skip setup.py's data_files: put the mmcv.ops stand-in's .pth into site-packages ourselves.
 	$(PY) -c "import shutil, sysconfig; shutil.copy('mmseg_vil_mmcv_ops.pth', sysconfig.get_path('purelib'))"

@@ -16,7 +16,6 @@ config's model stops before any image is read.
 """
 import os.path as osp
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mmcv
@@ -30,26 +29,11 @@ from mmseg.apis import inference_model, init_model
 from mmseg.registry import DATASETS
 from torch import nn
 
+from mmseg_vil_runtime.files import InferenceSummary, output_paths, overlay  # torch-free, shared with infer_onnx
+
 from ..engine.checkpoint_policy import load_model_checkpoint
 from ..utils.checkpoint import CheckpointMismatchError
 from .batch_inputs import check_fraction, check_positive, collect_images, read_image, resolve_device
-
-
-@dataclass
-class InferenceSummary:
-    """What happened to each input: written outputs, or the reason it was skipped."""
-
-    outputs: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # input -> (mask path, overlay path)
-    failures: Dict[str, str] = field(default_factory=dict)  # input -> reason
-
-    @property
-    def total(self) -> int:
-        return len(self.outputs) + len(self.failures)
-
-    def report(self) -> str:
-        lines = [f'{self.total} images: {len(self.outputs)} segmented, {len(self.failures)} failed']
-        lines += [f'  FAILED {path}: {reason}' for path, reason in self.failures.items()]
-        return '\n'.join(lines)
 
 
 def _dataset_meta(meta: dict, config: Config, num_classes: int) -> dict:
@@ -87,12 +71,6 @@ def init_segmentor(config: Union[str, Config],
     model.dataset_meta = _dataset_meta(meta, config, model.decode_head.num_classes)
     model = model.to(device)
     return revert_sync_batchnorm(model) if torch.device(device).type == 'cpu' else model
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, opacity: float) -> np.ndarray:
-    """Blend a BGR image with the RGB ``palette`` colour of each pixel's class."""
-    colours = palette[mask][..., ::-1].astype(np.float32)
-    return np.clip((1 - opacity) * image + opacity * colours, 0, 255).astype(np.uint8)
 
 
 @contextmanager
@@ -138,8 +116,7 @@ class SegmentationWriter:
 
     def output_paths(self, path: str, root: str) -> Tuple[str, str]:
         """(mask, overlay) paths of input ``path``; the input's extension stays in the name, so none collide."""
-        name = osp.relpath(osp.abspath(path), root) + '.png'
-        return osp.join(self.out_dir, 'pred', name), osp.join(self.out_dir, 'vis', name)
+        return output_paths(path, root, self.out_dir)
 
     def _segment(self, group: List[Tuple[str, np.ndarray]], root: str, summary: InferenceSummary) -> None:
         try:
