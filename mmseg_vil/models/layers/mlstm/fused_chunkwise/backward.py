@@ -9,7 +9,7 @@ W[t,s] = exp(logD[t,s] - m_t):
 
 Launches:
 1. ``forward.chunk_states`` again: C_c, n_c (for dq's earlier keys), m and its argmax at every chunk end, and the
-   local cumsums of the log forget gates.
+   per-step gate values (local cumsum, row stabiliser, argmax).
 2. ``mlstm_chunk_grad_prep_kernel`` (per chunk): 1/d_t, beta_t, gm_t, and per chunk the sum of gm_t over the rows
    whose argmax s*_t lies in an earlier chunk (that s* is always the previous chunk end's argmax).
 3. ``mlstm_chunk_state_backward_kernel`` walks the chunks backwards: the reverse states
@@ -42,8 +42,8 @@ from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block,
 
 
 @jit_kernel
-def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, CUM, ROW_SUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
-                                 GRAD_M, STATE_GRAD_M, stride_gb, stride_gh, stride_gn, stride_hb, stride_hh,
+def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, CUM, ROW_LOG, ARGMAX, ROW_SUM, CHUNK_MAX, INV_DIVISOR,
+                                 ROW_SHIFT, GRAD_M, STATE_GRAD_M, stride_gb, stride_gh, stride_gn, stride_hb, stride_hh,
                                  stride_hn, stride_ib, stride_ih, stride_in, seq_len, num_heads, num_chunks, eps,
                                  HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                                  REVERSE: tl.constexpr):
@@ -54,19 +54,20 @@ def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, CUM, ROW_SUM, CHUNK_MAX, CHUN
     H += head_offset(batch_head, num_heads, stride_hb, stride_hh)
     IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
+    steps_offset = batch_head.to(tl.int64) * seq_len
     ACC = ROW_SUM.dtype.element_ty
 
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
     cum, _, row_log, _, from_state, _ = chunk_stabiliser(
-        IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk,
-        steps, positions, valid, stride_in)
+        IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in, CHUNK)
     delta = tl.zeros((CHUNK,), dtype=ACC)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
         h = load_tokens(H, positions, valid, d_start, stride_hn, HEAD_DIM, BLOCK_D)
         delta += tl.sum(grad_h.to(ACC) * h.to(ACC), 1)
 
-    rows = batch_head.to(tl.int64) * seq_len + steps
+    rows = steps_offset + steps
     row_sum = tl.load(ROW_SUM + rows, mask=valid, other=0.0)
     norm_floor = tl.exp((-(cum + row_log)).to(ACC))
     divisor = tl.maximum(tl.abs(row_sum), norm_floor) + eps
@@ -79,7 +80,7 @@ def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, CUM, ROW_SUM, CHUNK_MAX, CHUN
 
 
 @jit_kernel
-def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, ROW_SHIFT,
                                       STATE_C, STATE_N, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
                                       stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                                       stride_ib, stride_ih, stride_in, seq_len, num_heads, num_chunks,
@@ -95,6 +96,7 @@ def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_AR
     GRAD_H += head_offset(batch_head, num_heads, stride_gb, stride_gh)
     IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
+    steps_offset = batch_head.to(tl.int64) * seq_len
     NUM_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
     ACC = STATE_C.dtype.element_ty
     offs_key = key_start + tl.arange(0, BLOCK_D)
@@ -106,10 +108,10 @@ def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_AR
         chunk = num_chunks - index  # its queries enter the reverse state of the boundary before it
         steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
         _, _, row_log, _, _, prev_max = chunk_stabiliser(
-            IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends,
-            chunk, steps, positions, valid, stride_in)
+            IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
+            steps, positions, valid, stride_in, CHUNK)
         end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
-        rows = batch_head.to(tl.int64) * seq_len + steps
+        rows = steps_offset + steps
         inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
         shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
         q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
@@ -135,7 +137,7 @@ def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_AR
 
 
 @jit_kernel
-def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
+def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, ROW_SHIFT,
                                   GRAD_M, STATE_C, STATE_N, DQ, ROW_TOTAL, stride_qb, stride_qh, stride_qn,
                                   stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                                   stride_gb, stride_gh, stride_gn, stride_ib, stride_ih, stride_in,
@@ -152,6 +154,7 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_
     IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
     DQ += head_offset(batch_head, num_heads, stride_ob, stride_oh)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
+    steps_offset = batch_head.to(tl.int64) * seq_len
     prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
     prev_state_n = STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM
     ACC = STATE_C.dtype.element_ty
@@ -159,9 +162,9 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_
 
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
     _, key_log, row_log, _, _, prev_max = chunk_stabiliser(
-        IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk,
-        steps, positions, valid, stride_in)
-    rows = batch_head.to(tl.int64) * seq_len + steps
+        IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in, CHUNK)
+    rows = steps_offset + steps
     inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
     shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
     state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
@@ -197,8 +200,9 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, CHUNK_MAX, CHUNK_
 
 
 @jit_kernel
-def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR, ROW_SHIFT,
-                                GRAD_M, ROW_TOTAL, STATE_GRAD_M, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
+def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
+                                INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, GRAD_STATE_C, GRAD_STATE_N,
+                                CROSSING,
                                 DK, DV, DIGATE, DFGATE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                                 stride_kn, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
                                 stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
@@ -221,6 +225,7 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, CHUNK_MAX, C
     DIGATE += head_offset(batch_head, num_heads, stride_db, stride_dh)
     DFGATE += head_offset(batch_head, num_heads, stride_db, stride_dh)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
+    steps_offset = batch_head.to(tl.int64) * seq_len
     grad_state_c = GRAD_STATE_C + state_offset(batch_head, chunk, num_chunks, HEAD_DIM)
     grad_state_n = GRAD_STATE_N + (chunk_ends + chunk) * HEAD_DIM
     NUM_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
@@ -230,11 +235,11 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, CHUNK_MAX, C
 
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
     _, key_log, row_log, argmax, from_state, _ = chunk_stabiliser(
-        IGATE, CUM + batch_head.to(tl.int64) * seq_len, CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, chunk,
-        steps, positions, valid, stride_in)
+        IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in, CHUNK)
     end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
     key_weight = tl.exp((key_log - end_row_log).to(ACC)) * scale  # weight in this chunk's state; 0 past the end
-    rows = batch_head.to(tl.int64) * seq_len + steps
+    rows = steps_offset + steps
     inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
     shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
 
@@ -317,7 +322,9 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     forward's.
     """
     batch, heads, n, head_dim = q.shape
-    state_c, state_n, chunk_max, chunk_argmax, cum = chunk_states(k, v, igate, fgate, config)
+    gates = chunk_states(k, v, igate, fgate, config)
+    steps = (gates['cum'], gates['row_log'], gates['argmax'])  # per-step gate values of scans.py
+    state_c, state_n, chunk_max = gates['state_c'], gates['state_n'], gates['chunk_max']
     num_chunks = chunk_max.shape[1]
     blocks = triton.cdiv(head_dim, config['BLOCK_D'])
     grid = (num_chunks, batch * heads)
@@ -328,26 +335,26 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     state_grad_m = torch.empty(batch * heads, num_chunks, dtype=row_sum.dtype, device=q.device)
     prep_config = {key: config[key] for key in ('HEAD_DIM', 'CHUNK', 'BLOCK_D', 'REVERSE', 'num_warps')}
     mlstm_chunk_grad_prep_kernel[grid](
-        grad_h, h, igate, cum, row_sum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_grad_m,
+        grad_h, h, igate, *steps, row_sum, chunk_max, inv_divisor, row_shift, grad_m, state_grad_m,
         *token_major_strides(grad_h), *token_major_strides(h), *token_strides(igate), n, heads, num_chunks, eps,
         **prep_config)
 
     grad_state_c, grad_state_n = torch.empty_like(state_c), torch.empty_like(state_n)
     crossing = torch.empty(batch * heads, num_chunks, blocks * blocks, dtype=state_c.dtype, device=q.device)
     mlstm_chunk_state_backward_kernel[(blocks, blocks, batch * heads)](
-        q, grad_h, igate, cum, chunk_max, chunk_argmax, inv_divisor, row_shift, state_c, state_n, grad_state_c,
-        grad_state_n, crossing, *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads,
-        num_chunks, **{**config, **STATE_LAUNCH})
+        q, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, state_c, state_n, grad_state_c, grad_state_n,
+        crossing, *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads, num_chunks,
+        **{**config, **STATE_LAUNCH})
 
     dq, dk, dv = (token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3))
     mlstm_chunk_grad_query_kernel[grid](
-        q, k, v, grad_h, igate, cum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, state_c, state_n,
-        dq, row_total, *token_args, *token_major_strides(dq), n, heads, num_chunks, scale, **config)
+        q, k, v, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_m, state_c, state_n, dq, row_total,
+        *token_args, *token_major_strides(dq), n, heads, num_chunks, scale, **config)
     d_igate = token_major_buffer((batch, n, heads), igate)
     d_fgate = token_major_buffer((batch, n, heads), fgate)
     mlstm_chunk_grad_key_kernel[grid](
-        q, k, v, grad_h, igate, fgate, cum, chunk_max, chunk_argmax, inv_divisor, row_shift, grad_m, row_total,
-        state_grad_m, grad_state_c, grad_state_n, crossing, dk, dv, d_igate, d_fgate, *token_args,
+        q, k, v, grad_h, igate, fgate, *steps, chunk_max, gates['chunk_argmax'], inv_divisor, row_shift, grad_m,
+        row_total, state_grad_m, grad_state_c, grad_state_n, crossing, dk, dv, d_igate, d_fgate, *token_args,
         *token_strides(fgate), *token_major_strides(dk), *token_major_strides(d_igate), n, heads, num_chunks, scale,
         BLOCK_CHUNKS=64, BLOCK_CROSSING=triton.next_power_of_2(blocks * blocks), **config)
     return [dq, dk, dv, d_igate, d_fgate]

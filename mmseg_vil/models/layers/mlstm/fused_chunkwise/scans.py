@@ -48,11 +48,12 @@ def gate_scan(IGATE, FGATE, positions, valid, stride_i, stride_f):
 
 @triton.jit
 def row_stabiliser(key_log, steps, prev_max, prev_argmax):
-    """mu_t = max(prev_max, max_{s<=t} u_s) per step, the argmax s*_t (a step index; ties to the later step) and
-    whether it lies in an earlier chunk (the previous chunk end's argmax ``prev_argmax``)."""
+    """mu_t = max(prev_max, max_{s<=t} u_s) per step and the argmax s*_t (a step index; ties to the later step, so
+    the previous chunk end's argmax ``prev_argmax`` only where its m is strictly larger). One scan per chunk, in the
+    state kernel; the other kernels read the results."""
     run_max, run_argmax = tl.associative_scan((key_log, steps), 0, _later_max)
     from_state = prev_max > run_max
-    return tl.where(from_state, prev_max, run_max), tl.where(from_state, prev_argmax, run_argmax), from_state
+    return tl.where(from_state, prev_max, run_max), tl.where(from_state, prev_argmax, run_argmax)
 
 
 @triton.jit
@@ -67,24 +68,19 @@ def chunk_end(cum, key_log, steps, prev_max, prev_argmax):
 
 
 @triton.jit
-def previous_chunk_end(CHUNK_MAX, CHUNK_ARGMAX, chunk):
-    """m and its argmax at the end of the previous chunk; -inf (no state) before the first."""
-    has_state = chunk > 0
-    prev_max = tl.load(CHUNK_MAX + chunk - 1, mask=has_state, other=float('-inf'))
-    return prev_max, tl.load(CHUNK_ARGMAX + chunk - 1, mask=has_state, other=0)
-
-
-@triton.jit
-def chunk_stabiliser(IGATE, CUM, CHUNK_MAX, CHUNK_ARGMAX, chunk, steps, positions, valid, stride_i):
-    """Everything a chunk program needs of the gates, from the local cumsums b that the state kernel stored: b, the
-    key log weights u, the row log stabiliser mu, the argmax s*, whether s* lies before the chunk, and m of the
-    previous chunk's end."""
+def chunk_stabiliser(IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, steps, positions, valid, stride_i,
+                     CHUNK: tl.constexpr):
+    """Everything a chunk program needs of the gates, from the per-step values the state kernel stored: the local
+    cumsum b, the key log weights u, the row log stabiliser mu (+inf past the end, so that no decay there is
+    positive), the argmax s*, whether s* lies before the chunk, and m at the previous chunk's end (-inf before the
+    first)."""
     cum = tl.load(CUM + steps, mask=valid, other=0.0)
+    row_log = tl.load(ROW_LOG + steps, mask=valid, other=float('inf'))
+    argmax = tl.load(ARGMAX + steps, mask=valid, other=0)
     igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0).to(tl.float64)
     key_log = tl.where(valid, igate - cum, float('-inf'))
-    prev_max, prev_argmax = previous_chunk_end(CHUNK_MAX, CHUNK_ARGMAX, chunk)
-    row_log, argmax, from_state = row_stabiliser(key_log, steps, prev_max, prev_argmax)
-    return cum, key_log, row_log, argmax, from_state, prev_max
+    prev_max = tl.load(CHUNK_MAX + chunk - 1, mask=chunk > 0, other=float('-inf'))
+    return cum, key_log, row_log, argmax, argmax < chunk * CHUNK, prev_max
 
 
 @triton.jit
