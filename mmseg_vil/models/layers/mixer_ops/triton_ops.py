@@ -10,20 +10,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..mlstm.fused import _kernels_interpreted as kernels_interpreted  # one interpreter switch for all
 from . import _conv_qkv_kernels as conv_kernels
 from . import _gated_output_kernels as gate_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k/v
-
-
-def kernels_interpreted() -> bool:
-    """True when the kernels were decorated under ``TRITON_INTERPRET=1``, i.e. they run on CPU tensors."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(conv_kernels.conv_qkv_forward_kernel, InterpretedFunction)
 
 
 def _accumulator(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
