@@ -151,6 +151,26 @@ def test_destroy_process_group_ends_the_group(tmp_path):
     assert not torch.distributed.is_initialized()
 
 
+def _thread_count() -> int:
+    return len(os.listdir('/proc/self/task'))
+
+
+@pytest.mark.skipif(not torch_dist.is_gloo_available() or not osp.isdir('/proc/self/task'),
+                    reason='needs gloo and /proc')
+def test_destroy_process_group_joins_gloo_threads_held_by_a_cycle(tmp_path):
+    """A finished Runner keeps its DDP wrapper, and so the group, in reference cycles; destroying the group must
+    still stop gloo's worker threads (alive into interpreter teardown, they abort the process now and then)."""
+    before = _thread_count()
+    torch_dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    model = CPUDistributedDataParallel(torch.nn.Linear(2, 2))
+    cycle = [model]
+    cycle.append(cycle)  # as a Runner and its hooks refer to each other
+    assert _thread_count() > before
+    del model, cycle
+    destroy_process_group()
+    assert _thread_count() == before
+
+
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason='PyTorch built without gloo')
 def test_dist_test_runs_end_cleanly(tmp_path):
     """A 2-process evaluation through tools/check_dist_test.py (which runs 20 of them outside CI): exit status 0,

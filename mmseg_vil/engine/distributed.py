@@ -7,6 +7,7 @@ on CPU), and it keeps SyncBN layers, which only run on GPUs. :func:`setup_cpu_di
 that the distributed code path (gradient all-reduce, sharded sampling, rank-0 checkpointing) runs on CPU with the
 unchanged configs; on a CUDA machine it does nothing.
 """
+import gc
 from datetime import timedelta
 
 import torch
@@ -51,10 +52,14 @@ def setup_cpu_distributed(cfg: Config) -> None:
 
 
 def destroy_process_group() -> None:
-    """Shut down the default process group, if one was initialised; a no-op otherwise.
+    """Shut down the default process group, if one was initialised, and join its worker threads; a no-op otherwise.
 
-    MMEngine never does this. A gloo process that exits with its group alive can abort in interpreter teardown
-    ("terminate called without an active exception", SIGABRT) after the run itself succeeded.
+    MMEngine never does this. A gloo group outlives ``destroy_process_group`` while anything still refers to it, and
+    a finished Runner does, through reference cycles (its DDP wrapper keeps the group). Its worker threads then run
+    into interpreter teardown: one that releases a finished collective there needs the GIL, cannot get it, and the
+    process aborts ("terminate called without an active exception", SIGABRT) after the run itself succeeded. The
+    cycle collection here frees the group, which joins the threads, while the interpreter is still alive.
     """
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+        gc.collect()
