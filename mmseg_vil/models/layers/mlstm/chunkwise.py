@@ -5,6 +5,11 @@ DH x DH matrix state and a DH normaliser vector, each carried with its own max s
 is then the max over the state's stabiliser and the in-chunk log decays, which is exactly the parallel form's row-wise
 max of logD over ALL previous keys. That matters because the normaliser max(|q.n|, exp(-m)) and the eps depend on it.
 The chunk-to-chunk recurrence is a (chunks x chunks) decay matrix, so there is no Python loop.
+
+Written for the CPU, where every pass over a (chunks, L, DH) tensor costs about as much as a small matmul: inside a
+chunk logD[t, s] = F_t + (i_s - F_s) with F the chunk's running sum of log forget gates, so the row max is a cummax
+and the decay matrix one broadcast add; 1/sqrt(DH) rides in the exponents; the matmuls run on 3-D
+``(batch * heads * chunks, L, DH)`` tensors.
 """
 import math
 
@@ -16,21 +21,24 @@ from torch import Tensor
 _EMPTY_STATE_LOG_WEIGHT = -1e30
 
 
-def _segment_log_decays(log_f: Tensor) -> Tensor:
-    """``out[..., t, s] = log_f[s+1] + ... + log_f[t]`` for s <= t, -inf for s > t.
-
-    Summing every segment directly, instead of differencing one long cumsum, keeps long sequences accurate.
-    """
-    n = log_f.shape[-1]
-    strictly_lower = torch.ones(n, n, dtype=torch.bool, device=log_f.device).tril(-1)
-    sums = log_f.unsqueeze(-1).expand(*log_f.shape, n).masked_fill(~strictly_lower, 0).cumsum(-2)
-    return sums.masked_fill(~torch.ones_like(strictly_lower).tril(), float('-inf'))
-
-
 def _chunk_length(n: int, chunk_size: int) -> int:
     """Chunk length for ``n`` steps: at most ``chunk_size``, chosen so that padding is below one step per chunk."""
     num_chunks = math.ceil(n / chunk_size)
     return math.ceil(n / num_chunks)
+
+
+def _state_log_weights(chunk_log_f: Tensor, chunk_max: Tensor) -> Tensor:
+    """``out[..., j, i]``: log-weight of chunk ``i``'s summary in the state read by chunk ``j`` (``i < j``).
+
+    That is the forget gates of chunks ``i+1 .. j-1`` (segment sums, accurate for long sequences) plus chunk ``i``'s
+    own stabiliser; ``_EMPTY_STATE_LOG_WEIGHT`` for ``i >= j``, so chunk 0 reads an empty state.
+    """
+    num_chunks = chunk_log_f.shape[-1]
+    before = torch.ones(num_chunks, num_chunks, dtype=torch.bool, device=chunk_log_f.device).tril(-1)
+    # column i of row j sums chunk_log_f[i+1 .. j]; the last term is taken off again
+    segments = chunk_log_f.unsqueeze(-1).expand(*chunk_log_f.shape, num_chunks).masked_fill(~before, 0).cumsum(-2)
+    log_w = segments - chunk_log_f.unsqueeze(-1) + chunk_max.unsqueeze(-2)
+    return log_w.masked_fill(~before, _EMPTY_STATE_LOG_WEIGHT)
 
 
 def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6,
@@ -39,7 +47,7 @@ def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tenso
 
     Computes in float32 (float64 for float64 inputs) and returns the dtype of ``q``. Steps are right-padded to a whole
     number of chunks; the cell is causal, so padding never reaches the real outputs. ``reverse`` runs from the last
-    step to the first: the inputs are flipped inside the padding copy, the output on its way out.
+    step to the first: the inputs are flipped in the copy that lays them out by chunk, the output on its way out.
     """
     batch, heads, n, head_dim = q.shape
     out_dtype = q.dtype
@@ -47,44 +55,45 @@ def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tenso
     length = _chunk_length(n, chunk_size)
     pad = -n % length
     num_chunks = (n + pad) // length
+    sequences, groups = batch * heads, batch * heads * num_chunks
 
     def chunked(x: Tensor) -> Tensor:
+        """``(B, NH, N, ...)`` -> ``(B * NH * chunks, L, ...)``, contiguous."""
         if reverse:
             x = x.flip(2)
-        x = F.pad(x.to(dtype), (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
-        return x.reshape(batch, heads, num_chunks, length, *x.shape[3:])
+        x = x.to(dtype)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
+        return x.reshape(groups, length, *x.shape[3:])
 
-    q, v = chunked(q), chunked(v)
-    k = chunked(k) / math.sqrt(head_dim)
-    log_i = chunked(igate)
-    log_f = chunked(F.logsigmoid(fgate.to(dtype)))
-
-    log_d = _segment_log_decays(log_f) + log_i.unsqueeze(-2)  # (B, NH, C, L, L): in-chunk logD[t, s]
+    q, k, v = chunked(q), chunked(k), chunked(v)
+    log_scale = -0.5 * math.log(head_dim)  # the keys' 1/sqrt(DH), applied inside the exponentials
+    cum_f = chunked(F.logsigmoid(fgate.to(dtype))).cumsum(-1)  # F_t, from the chunk start
+    key_log = chunked(igate) - cum_f  # in-chunk logD[t, s] = F_t + key_log[s]
+    in_chunk_max = cum_f + key_log.cummax(-1).values
 
     # Each chunk's keys summed with their decay to the chunk end, stabilised by the chunk's own max.
-    key_to_end = log_d[..., -1, :]
-    chunk_max = key_to_end.amax(-1)
-    weighted_k = k * torch.exp(key_to_end - chunk_max.unsqueeze(-1)).unsqueeze(-1)
-    chunk_c = weighted_k.transpose(-2, -1) @ v
-    chunk_n = weighted_k.sum(-2)
+    key_max = key_log.amax(-1, keepdim=True)
+    weighted_k = k * torch.exp(key_log - key_max + log_scale).unsqueeze(-1)
+    chunk_c = weighted_k.transpose(1, 2) @ v
+    chunk_n = weighted_k.sum(1)
+    chunk_log_f = cum_f[:, -1].view(sequences, num_chunks)
 
-    # State after chunk j = sum over chunks i <= j, decayed by the forget gates of chunks i+1..j; re-stabilised.
-    log_w = _segment_log_decays(log_f.sum(-1)) + chunk_max.unsqueeze(-2)
+    # The state read by chunk j: the summaries of chunks i < j, decayed by the forget gates in between.
+    log_w = _state_log_weights(chunk_log_f, (cum_f[:, -1:] + key_max).view(sequences, num_chunks))
     state_max = log_w.amax(-1)
     w = torch.exp(log_w - state_max.unsqueeze(-1))
-    state_c = torch.einsum('bhij,bhjde->bhide', w, chunk_c)
-    state_n = w @ chunk_n
-    # Chunk j reads the state after chunk j-1.
-    state_c = F.pad(state_c[:, :, :-1], (0, 0, 0, 0, 1, 0))
-    state_n = F.pad(state_n[:, :, :-1], (0, 0, 1, 0))
-    state_max = F.pad(state_max[:, :, :-1], (1, 0), value=_EMPTY_STATE_LOG_WEIGHT)
+    state_c = (w @ chunk_c.view(sequences, num_chunks, -1)).view(groups, head_dim, head_dim)
+    state_n = (w @ chunk_n.view(sequences, num_chunks, head_dim)).view(groups, head_dim, 1)
 
-    state_log_decay = state_max.unsqueeze(-1) + log_f.cumsum(-1)  # (B, NH, C, L)
-    m = torch.maximum(state_log_decay, log_d.amax(-1))
+    state_log_decay = state_max.view(groups, 1) + cum_f
+    m = torch.maximum(state_log_decay, in_chunk_max)
     state_scale = torch.exp(state_log_decay - m).unsqueeze(-1)
-    scores = (q @ k.transpose(-2, -1)) * torch.exp(log_d - m.unsqueeze(-1))
-    numerator = scores @ v + state_scale * (q @ state_c)
-    row_sum = scores.sum(-1) + state_scale.squeeze(-1) * (q * state_n.unsqueeze(-2)).sum(-1)
-    normaliser = torch.maximum(row_sum.abs(), torch.exp(-m)) + eps
-    h = (numerator / normaliser.unsqueeze(-1)).reshape(batch, heads, num_chunks * length, head_dim)[:, :, :n]
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    log_decay = (cum_f - m + log_scale).unsqueeze(-1) + key_log.unsqueeze(-2)
+    scores = (q @ k.transpose(1, 2)) * log_decay.masked_fill_(~causal, float('-inf')).exp_()
+    numerator = torch.addcmul(scores @ v, q @ state_c, state_scale)
+    row_sum = scores.sum(-1, keepdim=True) + state_scale * (q @ state_n)
+    normaliser = torch.maximum(row_sum.abs(), torch.exp(-m).unsqueeze(-1)) + eps
+    h = (numerator / normaliser).view(batch, heads, num_chunks * length, head_dim)[:, :, :n]
     return (h.flip(2) if reverse else h).to(out_dtype)
