@@ -141,9 +141,10 @@ class MLSTMMixer(nn.Module):
                     torch.stack([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
         x_conv, qkv = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, self.reverse,
                                self.conv_kind)
-        gates = F.linear(qkv, torch.cat([self.igate.weight, self.fgate.weight]),
-                         torch.cat([self.igate.bias, self.fgate.bias]))
-        igate, fgate = gates.transpose(1, 2).chunk(2, dim=1)
+        # (B, 2 NH, N): each head's gate pre-activations contiguous along the tokens, as the mLSTM reads them
+        gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).expand(len(qkv), -1, -1)
+        gate_bias = torch.cat([self.igate.bias, self.fgate.bias]).view(1, -1, 1)
+        igate, fgate = torch.baddbmm(gate_bias, gate_weight, qkv.transpose(1, 2)).chunk(2, dim=1)
         q, k, v = (self._split_heads(t) for t in qkv.chunk(3, dim=-1))
         h = mlstm(q, k, v, igate, fgate, backend=self.mlstm_backend, reverse=self.reverse)
         out = gated_output(h.transpose(1, 2), x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,

@@ -24,15 +24,35 @@ from torch import Tensor
 CONV_KINDS = ('2d', 'causal1d')
 
 
-def block_diagonal(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``P`` block-diagonal projections of ``x (..., E)`` concatenated: ``(..., P * E)``.
+def _tile_blocks(num_blocks: int, block_size: int) -> int:
+    """Blocks per tile of :func:`block_diagonal`: tiles about 16 channels wide that divide the channels evenly."""
+    return max(t for t in range(1, max(1, 16 // block_size) + 1) if num_blocks % t == 0)
+
+
+def block_diagonal(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """``P`` block-diagonal projections of ``x (..., E)`` side by side: ``(..., P * E)``, written into ``out`` if given.
 
     ``weight (P, E / S, S, S)``: ``weight[p, b, o, i]`` maps input channel ``b * S + i`` to output ``b * S + o``;
-    ``bias (P, E)`` or ``None``.
+    ``bias (P, E)`` or ``None``. One batched matmul over tiles of a few blocks, each tile a dense block-diagonal
+    matrix: a 4 x 4 product is too small to run alone, and a tile's zeros cost less than the layout copies of a
+    product per block (on CPU, ViL-T: 0.3 instead of 1.3 ms per projection of 1024 tokens).
     """
-    blocks = x.unflatten(-1, (-1, weight.shape[-1]))
-    out = torch.einsum('...bi,pboi->...pbo', blocks, weight).flatten(-2)
-    return (out if bias is None else out + bias).flatten(-2)
+    projections, num_blocks, size, _ = weight.shape
+    per_tile = _tile_blocks(num_blocks, size)
+    tiles, width = num_blocks // per_tile, per_tile * size
+    eye = torch.eye(per_tile, dtype=weight.dtype, device=weight.device)
+    # dense[t, j * S + i, p, l * S + o] = weight[p, t * per_tile + j, o, i] where j == l, else 0
+    dense = torch.einsum('ptjoi,jl->tjiplo', weight.view(projections, tiles, per_tile, size, size), eye)
+    dense = dense.reshape(tiles, width, projections * width)
+    rows = x.reshape(-1, tiles, width).transpose(0, 1)
+    if bias is None:
+        product = torch.bmm(rows, dense)
+    else:
+        product = torch.baddbmm(bias.view(projections, tiles, 1, width).permute(1, 2, 0, 3).flatten(2), rows, dense)
+    if out is None:
+        out = x.new_empty(*x.shape[:-1], projections * x.shape[-1])
+    out.view(-1, projections, tiles, width).copy_(product.view(tiles, -1, projections, width).permute(1, 2, 0, 3))
+    return out
 
 
 def depthwise_conv_tokens(x: Tensor, grid: Tuple[int, int], weight: Tensor, bias: Optional[Tensor],
@@ -75,9 +95,11 @@ def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: O
     else:
         raise ValueError(f'conv_kind={conv_kind!r} is not supported; choose one of {CONV_KINDS}')
     x_conv = F.silu(x_conv)
-    qk = block_diagonal(x_conv, qkv_weight[:2], None if qkv_bias is None else qkv_bias[:2])
-    v = block_diagonal(x, qkv_weight[2:], None if qkv_bias is None else qkv_bias[2:])
-    return x_conv, torch.cat([qk, v], dim=-1)
+    inner = x.shape[-1]
+    qkv = x.new_empty(*x.shape[:-1], 3 * inner)
+    block_diagonal(x_conv, qkv_weight[:2], None if qkv_bias is None else qkv_bias[:2], qkv[..., :2 * inner])
+    block_diagonal(x, qkv_weight[2:], None if qkv_bias is None else qkv_bias[2:], qkv[..., 2 * inner:])
+    return x_conv, qkv
 
 
 def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], skip: Tensor,
