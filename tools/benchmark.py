@@ -11,6 +11,7 @@ import argparse
 import os
 
 from mmseg_vil.benchmark import BACKBONES, EXECUTIONS, markdown_report, run_benchmark, save_report
+from mmseg_vil.utils.cpu_allocator import keep_freed_memory
 
 
 def parse_batch(items):
@@ -33,15 +34,20 @@ def main() -> None:
     parser.add_argument('--execution', nargs='+', choices=EXECUTIONS, default=['eager'],
                         help='eager, compile (torch.compile of backbone and head), graphs (CUDA-graph replay)')
     parser.add_argument('--repeats', type=int, default=3, help='timed runs of --iters steps; the median is reported')
+    parser.add_argument('--cpu-allocator', choices=['keep', 'default'], default='keep',
+                        help='on CPU, keep freed memory in the process (glibc mallopt) or leave malloc as it is; '
+                        'applies to every model of the run (mmseg_vil/utils/cpu_allocator.py)')
     parser.add_argument('--out-dir', default='work_dirs/benchmark')
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
+    kept = args.device.startswith('cpu') and args.cpu_allocator == 'keep' and keep_freed_memory()
 
     report = run_benchmark(args.models, args.sizes, args.modes, args.scopes, device=args.device,
                            amp=None if args.amp == 'none' else args.amp, batch=parse_batch(args.batch),
                            warmup=args.warmup, iters=args.iters, executions=args.execution,
                            repeats=args.repeats,
                            partial_path=os.path.join(args.out_dir, 'benchmark.partial.json'))
+    report['environment']['cpu_allocator'] = 'freed memory kept (glibc mallopt)' if kept else 'default'
     report['environment']['command'] = 'python tools/benchmark.py ' + ' '.join(
         f'{k}={v}' for k, v in vars(args).items())
     paths = save_report(report, args.out_dir)

@@ -17,6 +17,7 @@ from mmengine.config import DictAction
 from mmseg_vil.apis import segment_images
 from mmseg_vil.apis.batch_inputs import check_file, check_fraction, check_positive, collect_images, resolve_device
 from mmseg_vil.utils.checkpoint import CheckpointMismatchError
+from mmseg_vil.utils.cpu_allocator import keep_freed_memory
 
 
 def main() -> int:
@@ -45,6 +46,8 @@ def main() -> int:
         collect_images(args.inputs)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    if device == 'cpu':
+        keep_freed_memory()  # each forward pass re-uses the previous one's pages instead of faulting them in
     try:
         summary = segment_images(args.config, args.checkpoint, args.inputs, args.out_dir, device=device,
                                  opacity=args.opacity, batch_size=args.batch_size, cfg_options=args.cfg_options,
