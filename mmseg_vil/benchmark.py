@@ -31,6 +31,7 @@ from torch import nn
 
 import mmseg_vil  # noqa: F401  (registers ViL and Vim)
 from mmseg_vil.apis.complexity import count_parameters
+from mmseg_vil.engine.compile import compile_parts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BATCH = {224: 64, 512: 8, 1024: 2, 2048: 1}
@@ -154,12 +155,11 @@ def _step_fn(model: nn.Module, scope: str, mode: str, images, samples):
 
 
 def _compile_parts(model: nn.Module, scope: str) -> nn.Module:
-    """Compile what the step runs: the backbone alone, or the segmentor's backbone and decode head (its
-    ``loss``/``predict`` bypass ``forward``, so compiling the segmentor itself would leave them eager)."""
+    """Compile what the step runs: the backbone alone, or the segmentor's parts as ``compile=True`` in a config does
+    (:func:`mmseg_vil.engine.compile.compile_parts`; its ``loss``/``predict`` bypass the segmentor's ``forward``)."""
     if scope == 'backbone':
         return torch.compile(model)
-    model.backbone = torch.compile(model.backbone)
-    model.decode_head = torch.compile(model.decode_head)
+    compile_parts(model, {})
     return model
 
 

@@ -35,11 +35,11 @@ def test_compile_reaches_the_parts_each_scope_runs(scope, monkeypatch):
     compiled = []
 
     def fake_compile(fn, **kwargs):
-        compiled.append(type(fn).__name__ if isinstance(fn, torch.nn.Module) else fn.__qualname__)
+        compiled.append(type(getattr(fn, '__self__', fn)).__name__)  # the module, or the module of a bound method
         return fn
 
     monkeypatch.setattr(torch, 'compile', fake_compile)
     model = benchmark.build_model('deit-t', scope, 32)
     benchmark._compile_parts(model, scope)
-    # The segmentor's loss/predict bypass its forward: its backbone and decode head must be compiled themselves.
-    assert compiled == (['VisionTransformer'] if scope == 'backbone' else ['VisionTransformer', 'UPerHead'])
+    # The segmentor's loss/predict bypass its forward: its backbone and heads must be compiled themselves.
+    assert compiled == (['VisionTransformer'] if scope == 'backbone' else ['VisionTransformer', 'UPerHead', 'FCNHead'])
