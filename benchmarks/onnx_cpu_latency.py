@@ -7,7 +7,8 @@ Each model (the UperNet configs of configs/, random weights, one image of SIZE x
 tools/deploy/export_onnx.py exports it (fixed size; ViL traced with each mLSTM form of --onnx-mlstm), then
 timed: each repeat runs PyTorch once and ONNX Runtime once, alternately, so a change in the machine's load hits
 both; the table reports the best and the median repeat. PyTorch runs eager under inference_mode with the backend
-a user gets (ViL: mlstm_backend 'auto'; DeiT: fused SDPA attention, as tools/benchmark.py); both use 1 thread.
+a user gets (ViL: mlstm_backend 'auto'; DeiT: fused SDPA attention, as tools/benchmark.py) and freed memory kept in
+the process (glibc, as tools/infer.py); both use 1 thread.
 Time on an idle machine only. Writes latency.json and latency.md into --out.
 """
 import argparse
@@ -28,6 +29,7 @@ from mmseg_vil.deploy import choose_mlstm_backend, set_mlstm_backend, trace_segm
 from mmseg_vil.deploy.export import package_versions
 from mmseg_vil.deploy.graph import SegmentorGraph
 from mmseg_vil.models.layers.vil_block import MLSTMMixer
+from mmseg_vil.utils.cpu_allocator import keep_freed_memory
 
 
 def seconds(run: Callable[[], object]) -> float:
@@ -89,7 +91,8 @@ def measure(name: str, size: int, warmup: int, repeats: int, onnx_mlstm: str = '
 
 def markdown(rows: List[Dict[str, object]], environment: Dict[str, object]) -> str:
     lines = [f"ONNX Runtime vs PyTorch, CPU, 1 thread, batch 1, {environment['cpu']}, "
-             f"best / median of {environment['repeats']} alternating repeats", '',
+             f"best / median of {environment['repeats']} alternating repeats, PyTorch allocator: "
+             f"{environment['cpu_allocator']}", '',
              '| model | size | PyTorch ms (best / median) | ONNX Runtime ms (best / median) | speed-up (best) | '
              'PyTorch path | ONNX path | max abs diff |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for r in rows:
@@ -121,7 +124,9 @@ def main() -> None:
         if split_model_name(name)[1]:
             parser.error(f'{name}: the mLSTM backends are chosen by the benchmark (PyTorch: auto; ONNX: export auto)')
     torch.set_num_threads(1)
-    environment = dict(cpu=cpu_name(), threads=1, repeats=args.repeats, warmup=args.warmup, **package_versions())
+    kept = keep_freed_memory()  # as tools/infer.py does for PyTorch on CPU; ONNX Runtime has its own arena
+    environment = dict(cpu=cpu_name(), threads=1, repeats=args.repeats, warmup=args.warmup,
+                       cpu_allocator='freed memory kept (glibc mallopt)' if kept else 'default', **package_versions())
     rows = []
     for name in args.models:
         for onnx_mlstm in args.onnx_mlstm if name.startswith('vil') else ['auto']:
