@@ -90,6 +90,19 @@ def test_dynamic_export_matches_pytorch_at_two_sizes(name, checkpoints, tmp_path
         assert (mask == expected).mean() >= 0.999
 
 
+def test_chunkwise_vil_export_matches_pytorch(checkpoints, tmp_path):
+    """The chunkwise mLSTM form, which 'auto' exports for graphs above 256 patches, has an ONNX form: 81 patches,
+    two chunks and a padded step, against PyTorch's own choice (the parallel form)."""
+    out = str(tmp_path / 'vil_chunkwise.onnx')
+    report = export_segmentor(DEMO['vil'], checkpoints['vil'], out, size=(144, 144), mlstm_backend='chunkwise')
+    assert max(report.differences.values()) <= 1e-3
+    segmentor = OnnxSegmentor(out)
+    assert segmentor.meta.backbone == 'ViL (mLSTM chunkwise)'
+    inputs = random_inputs(144, 144)
+    np.testing.assert_allclose(segmentor.logits(inputs), pytorch_logits(DEMO['vil'], checkpoints['vil'], inputs),
+                               rtol=0, atol=LOGIT_TOL)
+
+
 @pytest.mark.parametrize('size', [(64, 80), (96, 64)])
 def test_vim_fixed_size_export_matches_pytorch(size, checkpoints, tmp_path):
     out = str(tmp_path / 'vim.onnx')

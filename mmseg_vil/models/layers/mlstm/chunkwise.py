@@ -7,9 +7,10 @@ max of logD over ALL previous keys. That matters because the normaliser max(|q.n
 The chunk-to-chunk recurrence is a (chunks x chunks) decay matrix, so there is no Python loop.
 
 Written for the CPU, where every pass over a (chunks, L, DH) tensor costs about as much as a small matmul: inside a
-chunk logD[t, s] = F_t + (i_s - F_s) with F the chunk's running sum of log forget gates, so the row max is a cummax
-and the decay matrix one broadcast add; 1/sqrt(DH) rides in the exponents; the matmuls run on 3-D
-``(batch * heads * chunks, L, DH)`` tensors.
+chunk logD[t, s] = F_t + (i_s - F_s) with F the chunk's running sum of log forget gates, so one masked (L, L) matrix
+of i_s - F_s gives both the row max and, plus one column, the decays; 1/sqrt(DH) rides in the exponents; the matmuls
+run on 3-D ``(batch * heads * chunks, L, DH)`` tensors. Every op has an ONNX form (no cummax): the exporter traces
+this backend.
 """
 import math
 
@@ -70,7 +71,9 @@ def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tenso
     log_scale = -0.5 * math.log(head_dim)  # the keys' 1/sqrt(DH), applied inside the exponentials
     cum_f = chunked(F.logsigmoid(fgate.to(dtype))).cumsum(-1)  # F_t, from the chunk start
     key_log = chunked(igate) - cum_f  # in-chunk logD[t, s] = F_t + key_log[s]
-    in_chunk_max = cum_f + key_log.cummax(-1).values
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    causal_key_log = key_log.unsqueeze(-2).masked_fill(~causal, float('-inf'))  # (groups, L, L), row t: s <= t
+    in_chunk_max = cum_f + causal_key_log.amax(-1)
 
     # Each chunk's keys summed with their decay to the chunk end, stabilised by the chunk's own max.
     key_max = key_log.amax(-1, keepdim=True)
@@ -89,9 +92,7 @@ def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tenso
     state_log_decay = state_max.view(groups, 1) + cum_f
     m = torch.maximum(state_log_decay, in_chunk_max)
     state_scale = torch.exp(state_log_decay - m).unsqueeze(-1)
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-    log_decay = (cum_f - m + log_scale).unsqueeze(-1) + key_log.unsqueeze(-2)
-    scores = (q @ k.transpose(1, 2)) * log_decay.masked_fill_(~causal, float('-inf')).exp_()
+    scores = (q @ k.transpose(1, 2)) * (causal_key_log + (cum_f - m + log_scale).unsqueeze(-1)).exp_()
     numerator = torch.addcmul(scores @ v, q @ state_c, state_scale)
     row_sum = scores.sum(-1, keepdim=True) + state_scale * (q @ state_n)
     normaliser = torch.maximum(row_sum.abs(), torch.exp(-m).unsqueeze(-1)) + eps
