@@ -225,3 +225,16 @@ def test_block_diagonal_projection_equals_blockwise_product():
     x = torch.randn(3, 5, 16)
     expected = torch.stack([x[..., 4 * b:4 * b + 4] @ proj.weight[b].T for b in range(4)], -2).flatten(-2)
     torch.testing.assert_close(proj(x), expected + proj.bias)
+
+
+def test_flop_counter_sees_the_block_products_not_the_dense_tiles():
+    """The fast form multiplies 16-channel tiles (zeros included); a FLOP count must be the model's: 2 E S per token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmseg_vil.models.layers.mixer_ops.reference import block_diagonal
+    weight, bias, x = torch.randn(2, 8, 4, 4), torch.randn(2, 32), torch.randn(3, 5, 32)
+    fast = block_diagonal(x, weight, bias, torch.empty(3, 5, 96)[..., 32:])
+    with FlopCounterMode(display=False) as counter:
+        counted = block_diagonal(x, weight, bias, torch.empty(3, 5, 96)[..., 32:])
+    torch.testing.assert_close(counted, fast)
+    assert counter.get_total_flops() == 2 * (3 * 5) * 2 * 32 * 4

@@ -9,7 +9,9 @@ do: halve our numbers to compare with them.
 
 The counted model is the inference graph: backbone, neck and decode head on one image, without the auxiliary head,
 as MMSegmentation's ``get_flops.py`` does. ViL is counted with its quadratic ("parallel") mLSTM form, the form of
-the paper's FLOPs; a chunkwise or fused kernel computes the same function with a different operation count.
+the paper's FLOPs; a chunkwise or fused kernel computes the same function with a different operation count. Its
+q/k/v projections count the products of their 4x4 blocks (the CPU path multiplies zero-padded tiles, but not under a
+FLOP counter).
 """
 import copy
 from typing import Tuple
