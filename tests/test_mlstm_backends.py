@@ -9,9 +9,11 @@ and both branches of the normaliser max(|q.n|, exp(-m)) matter.
 The fused Triton kernels run on CUDA when there is one. Otherwise they run on CPU under ``TRITON_INTERPRET=1``, which
 must be set before the kernels are decorated, i.e. before ``mmseg_vil`` is imported: one test re-runs this file's
 fused tests in a subprocess with the variable set, and fails if any of them is skipped or Triton is missing. Under
-the interpreter the kernels use their own tile sizes, except in the preset head-dim tests, which force the CUDA
-launch configurations.
+the interpreter the kernels use their own tile sizes, except in the preset head-dim tests and some of the mixer-view
+tests, which force the CUDA launch configurations. The fused kernels also run on q, k, v and the gates as the ViL
+mixer passes them (strided views of one projection output), in both directions, and are checked to copy nothing.
 """
+import contextlib
 import functools
 import math
 import os
@@ -22,6 +24,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmseg_vil.models.layers.mlstm import MLSTM_BACKENDS, mlstm
 from mmseg_vil.models.layers.mlstm.chunkwise import mlstm_chunkwise
@@ -77,22 +80,31 @@ def make_inputs(n, head_dim, dtype, seed, batch=2, heads=2, large_input_gates=Fa
     return [x.to(dtype).double() for x in (q, k, v, igate, fgate, grad_h)]
 
 
+def flip_tokens(x):
+    """The token order of a ``(B, NH, N, DH)`` or ``(B, NH, N)`` tensor, reversed."""
+    return x.flip(-2 if x.dim() == 4 else -1)
+
+
 @functools.lru_cache(maxsize=None)
-def reference_case(n, head_dim, dtype, seed=0, **shape_and_gates):
+def reference_case(n, head_dim, dtype, seed=0, reverse=False, **shape_and_gates):
     """Inputs, output gradient, reference output and reference input gradients of one case (``shape_and_gates``:
-    ``batch``, ``heads``, ``large_input_gates`` of :func:`make_inputs`)."""
+    ``batch``, ``heads``, ``large_input_gates`` of :func:`make_inputs`). ``reverse``: the anti-causal cell, whose
+    reference is the causal one on the token-flipped inputs, flipped back."""
     *inputs, grad_h = make_inputs(n, head_dim, dtype, seed, **shape_and_gates)
     inputs = [x.requires_grad_() for x in inputs]
-    expected, _ = reference_float64(*inputs)
+    if reverse:
+        expected = flip_tokens(reference_float64(*map(flip_tokens, inputs))[0])
+    else:
+        expected, _ = reference_float64(*inputs)
     expected_grads = torch.autograd.grad(expected, inputs, grad_h)
     return [x.detach() for x in inputs], grad_h, expected.detach(), expected_grads
 
 
-def backend_errors(backend, n, head_dim, dtype, device='cpu', **shape_and_gates):
+def backend_errors(backend, n, head_dim, dtype, device='cpu', reverse=False, **shape_and_gates):
     """Relative max errors of a backend's output and (q, k, v, igate, fgate) gradients against the reference."""
-    inputs, grad_h, expected, expected_grads = reference_case(n, head_dim, dtype, **shape_and_gates)
+    inputs, grad_h, expected, expected_grads = reference_case(n, head_dim, dtype, reverse=reverse, **shape_and_gates)
     actual_inputs = [x.to(device, dtype).requires_grad_() for x in inputs]
-    actual = mlstm(*actual_inputs, backend=backend)
+    actual = mlstm(*actual_inputs, backend=backend, reverse=reverse)
     assert actual.dtype == dtype and actual.shape == expected.shape
     actual_grads = torch.autograd.grad(actual, actual_inputs, grad_h.to(device, dtype))
     return relative_errors(actual, actual_grads, expected, expected_grads)
@@ -218,6 +230,126 @@ def test_fused_backend_matches_reference_with_large_input_gates():
                               large_input_gates=True)
 
 
+def mixer_views(inputs):
+    """q, k, v, igate, fgate as the ViL mixer passes them (``MLSTMMixer.forward``): head views of one
+    ``(B, N, 3 NH DH)`` projection output and the halves of one ``(B, 2 NH, N)`` gate tensor, with the same values
+    as ``inputs``. Both buffers require grad, so gradients can be taken with respect to the views."""
+    q, k, v, igate, fgate = inputs
+    heads, head_dim = q.shape[1], q.shape[-1]
+    qkv = torch.cat([x.transpose(1, 2).flatten(2) for x in (q, k, v)], -1).requires_grad_()
+    gates = torch.cat([igate, fgate], 1).requires_grad_()
+    views = [*(x.unflatten(-1, (heads, head_dim)).transpose(1, 2) for x in qkv.chunk(3, -1)), *gates.chunk(2, 1)]
+    assert not any(x.is_contiguous() for x in views)
+    return views
+
+
+# (N, head dim, dtype, CUDA launch configurations). In the interpreter's tiles N=150 spans two owned tiles, three
+# loop tiles and three scan blocks, the last of each partial; the ViL-T head dim also in the CUDA tiles, in float32
+# and in bfloat16 (the training dtype).
+FUSED_VIEW_CASES = [(150, 12, torch.float64, False), (150, 12, torch.float32, False), (72, 96, torch.float32, True),
+                    (72, 96, torch.bfloat16, True)]
+
+
+@needs_fused
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+@pytest.mark.parametrize('n,head_dim,dtype,cuda_configs', FUSED_VIEW_CASES,
+                         ids=['float64', 'float32', 'float32-dh96-cuda-tiles', 'bfloat16-dh96-cuda-tiles'])
+def test_fused_kernels_read_mixer_views_in_both_directions(n, head_dim, dtype, cuda_configs, reverse):
+    """Output and the gradients of all five inputs given as the mixer's strided views (and a head-major output
+    gradient, which the op sees transposed) equal the reference, causally and anti-causally. h and dq, dk, dv are
+    views of token-major buffers, the layout the mixer's output norm reads and its projection's gradient takes."""
+    from mmseg_vil.models.layers.mlstm import fused
+    inputs, grad_h, expected, expected_grads = reference_case(n, head_dim, dtype, reverse=reverse)
+    views = mixer_views([x.to(FUSED_DEVICE, dtype) for x in inputs])
+    with fused.cuda_launch_configs() if cuda_configs else contextlib.nullcontext():
+        h = mlstm(*views, backend='fused', reverse=reverse)
+        grads = torch.autograd.grad(h, views, grad_h.to(FUSED_DEVICE, dtype))
+    assert all(x.transpose(1, 2).is_contiguous() for x in (h, *grads[:3]))
+    errors = relative_errors(h, grads, expected, expected_grads)
+    assert all(e <= TOLERANCES[dtype] for e in errors.values()), errors
+
+
+class _OpLog(TorchDispatchMode):
+    """The ATen and custom ops dispatched in its scope (those outside custom ops: their insides are not logged)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_fused
+def test_fused_kernels_copy_nothing(monkeypatch):
+    """The reversed cell on the mixer's views, forward and backward: every kernel reads q, k, v, the gates and the
+    output gradient at the caller's addresses and strides (no contiguous or flipped copy inside the ops), and around
+    the two custom ops only views are made (no copy, flip or cast of inputs, outputs or gradients)."""
+    from mmseg_vil.models.layers.mlstm import fused
+    launches = []
+    for name in ('mlstm_stabiliser_kernel', 'mlstm_tile_kernel', 'mlstm_grad_prep_kernel', 'mlstm_gate_grad_kernel'):
+        kernel = getattr(fused.kernels, name)
+
+        def recording_run(*args, grid, warmup, kernel=kernel, name=name, **kwargs):
+            launches.append((name, dict(zip(kernel.arg_names, args))))
+            return type(kernel).run(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+        monkeypatch.setattr(kernel, 'run', recording_run)
+
+    inputs, grad_h, _, _ = reference_case(20, 8, torch.float32)
+    q, k, v, igate, fgate = mixer_views([x.to(FUSED_DEVICE, torch.float32) for x in inputs])
+    grad_h = grad_h.to(FUSED_DEVICE, torch.float32)
+    with _OpLog() as log:
+        h = mlstm(q, k, v, igate, fgate, backend='fused', reverse=True)
+        torch.autograd.grad(h, [q, k, v, igate, fgate], grad_h)
+    views_and_ops = {'aten.transpose.int', 'aten.detach.default', 'mmseg_vil.mlstm_fused_forward.default',
+                     'mmseg_vil.mlstm_fused_backward.default'}
+    assert set(log.ops) <= views_and_ops, sorted(set(log.ops) - views_and_ops)
+
+    # The kernels' arguments that are the caller's tensors, launch by launch: forward, then backward (dq, dk, dv).
+    caller = dict(q=q, k=k, v=v, igate=igate, fgate=fgate, grad_h=grad_h.transpose(1, 2))
+    expected_reads = [('mlstm_stabiliser_kernel', dict(IGATE='igate', FGATE='fgate')),
+                      ('mlstm_tile_kernel', dict(X='q', Y='k', Z='v')),
+                      ('mlstm_grad_prep_kernel', dict(GRAD_H='grad_h')),
+                      ('mlstm_tile_kernel', dict(Y='v', Z='k')),
+                      ('mlstm_tile_kernel', dict(X='v', Z='q')),
+                      ('mlstm_tile_kernel', dict(X='k', Y='q')),
+                      ('mlstm_gate_grad_kernel', dict(Q='q', K='k', FGATE='fgate'))]
+    assert [name for name, _ in launches] == [name for name, _ in expected_reads]
+    for (name, args), (_, reads) in zip(launches, expected_reads):
+        for arg, tensor in reads.items():
+            assert (args[arg].data_ptr(), args[arg].stride()) == (caller[tensor].data_ptr(), caller[tensor].stride()), \
+                f'{name} reads a copy of {tensor} as {arg}'
+
+
+@needs_fused
+def test_fused_kernels_take_expanded_output_gradient():
+    """The gradient of h.sum() reaches the backward expanded (all strides 0): read through those strides."""
+    inputs, _, expected, _ = reference_case(20, 8, torch.float64, reverse=True)
+    inputs = [x.requires_grad_() for x in inputs]
+    expected_grads = torch.autograd.grad(flip_tokens(reference_float64(*map(flip_tokens, inputs))[0]).sum(), inputs)
+    actual_inputs = [x.detach().to(FUSED_DEVICE).requires_grad_() for x in inputs]
+    actual = mlstm(*actual_inputs, backend='fused', reverse=True)
+    errors = relative_errors(actual, torch.autograd.grad(actual.sum(), actual_inputs), expected, expected_grads)
+    assert all(e <= TOLERANCES[torch.float64] for e in errors.values()), errors
+
+
+@needs_fused
+def test_fused_kernels_pass_opcheck():
+    """torch.library.opcheck of both custom ops on the mixer's strided views, reversed: schema (outputs alias no input,
+    nothing mutated), fake tensors (the same shapes, dtypes and strides as the real outputs), autograd registration
+    and AOT dispatch with dynamic shapes."""
+    from mmseg_vil.models.layers.mlstm import fused
+    inputs, grad_h, _, _ = reference_case(20, 8, torch.float32, reverse=True)
+    views = mixer_views([x.to(FUSED_DEVICE, torch.float32) for x in inputs])
+    torch.library.opcheck(fused._fused_forward, (*views, EPS, True))
+    with torch.no_grad():
+        h, *stats = fused._fused_forward(*views, EPS, True)
+    q, k, v, igate, fgate = (x.detach() for x in views)
+    grad_h = grad_h.to(FUSED_DEVICE, torch.float32).transpose(1, 2)  # h's gradient, as the head-major output's
+    torch.library.opcheck(fused._fused_backward, (grad_h, q, k, v, h, igate, fgate, *stats, EPS, True))
+
+
 def test_triton_is_installed():
     """The fused backend must be tested, not skipped: Triton is part of the pinned stack (requirements/stack.txt)."""
     assert 'fused' in MLSTM_BACKENDS, \
@@ -234,10 +366,11 @@ def test_fused_backend_on_cpu_without_interpreter_raises():
 
 @pytest.mark.skipif(FUSED_DEVICE is not None, reason='the fused tests run in this process')
 def test_fused_backend_under_triton_interpreter():
-    """Every test_fused_backend_matches_reference* and test_backbone_* test, interpreted; none may be skipped."""
+    """Every test_fused_backend_matches_reference*, test_fused_kernels_* and test_backbone_* test, interpreted; none
+    may be skipped."""
     result = subprocess.run(
         [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__,
-         '-k', 'test_fused_backend_matches_reference or test_backbone_'],
+         '-k', 'test_fused_backend_matches_reference or test_fused_kernels_ or test_backbone_'],
         env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

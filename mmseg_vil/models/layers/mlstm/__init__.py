@@ -65,7 +65,7 @@ if mlstm_fused is not None:
     MLSTM_BACKENDS['fused'] = mlstm_fused
     MLSTM_BACKENDS['fused_chunkwise'] = mlstm_fused_chunkwise
 # Backends that take ``reverse`` themselves (by index arithmetic or inside a copy they make anyway).
-REVERSIBLE_BACKENDS = {'chunkwise', 'auto', 'fused_chunkwise'}
+REVERSIBLE_BACKENDS = {'chunkwise', 'auto', 'fused', 'fused_chunkwise'}
 
 
 def mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, backend: str = 'parallel',

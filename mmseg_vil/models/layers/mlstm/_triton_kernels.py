@@ -12,19 +12,43 @@ Forward and all three backward products have one shape, so one tile kernel compu
 Flash-attention style: a program owns a tile of rows a (and a slice of z's columns) and walks the causal tiles b, so no
 N x N matrix is stored. The stabiliser m is known up front (a cummax, computed outside), so unlike softmax attention no
 running rescaling is needed: the stabilised decay is ``exp(row_log[t] + col_log[s])`` with ``row_log = F - m`` and
-``col_log = i - F``. Both are large (|F| grows with N) while their sum is small, so each comes as a float32 pair
-``hi + lo``: hi + hi cancels exactly and lo + lo restores the digits float32 would lose.
+``col_log = i - F``. Both are large (|F| grows with N) while their sum is small, so in float32 each comes as a pair
+``hi + lo``: hi + hi cancels exactly and lo + lo restores the digits float32 would lose (in float64, for exact
+reference runs, hi is the value itself and lo is 0).
 
 The x.y dot runs over head-dim chunks of BLOCK_DK and the output over slices of BLOCK_DZ (a grid axis), so that large
 heads (ViL-B: 384) need no more registers than small ones; chunks are powers of two (at least 16, the smallest
-``tl.dot``) and masked where they pass the head dim (96 -> 128). Tensors are contiguous ``(B*NH, N, HEAD_DIM)``;
-per-step vectors ``(B*NH, N)`` float32.
+``tl.dot``) and masked where they pass the head dim (96 -> 128).
 
-Around it, three O(N) kernels replace what would be dozens of small torch ops per call: the stabiliser scan (forward),
-the per-row backward prologue and the gate-gradient epilogue.
+Layout. Every ``(B, NH, N, DH)`` operand (q, k, v, h, the output gradient, dq, dk, dv) and ``(B, NH, N)`` gate is read
+and written through its own (batch, head, token[, dim]) strides, so the ViL mixer's views of one projection output are
+read in place and each output goes to the layout its consumer reads best. The kernels walk scan steps t: step t is
+token t, or token N-1-t when REVERSE (the anti-causal cell of ViL's odd blocks), so the reversed cell is the same
+computation at other addresses, with no flipped copies. The per-step values passed between the kernels (logs, norm
+floor, row sums, argmax, ...) are private contiguous ``(B*NH, N)`` buffers in step order, in the accumulation dtype
+(float32, or float64 for float64 inputs).
+
+Around the tile kernel, three O(N) kernels replace what would be dozens of small torch ops per call: the stabiliser
+scan (forward), the per-row backward prologue and the gate-gradient epilogue.
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def head_offset(batch_head, num_heads, stride_b, stride_h):
+    """Offset of head ``batch_head = b * NH + h`` in a tensor with these batch and head strides (int64)."""
+    return (batch_head // num_heads).to(tl.int64) * stride_b + (batch_head % num_heads).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _tokens(steps, seq_len, REVERSE: tl.constexpr):
+    """Token of each scan step (int64 for the address maths): the step itself, or N-1-step when REVERSE."""
+    if REVERSE:
+        tokens = seq_len - 1 - steps
+    else:
+        tokens = steps
+    return tokens.to(tl.int64)
 
 
 @triton.jit
@@ -42,14 +66,22 @@ def _load_log(hi_ptr, lo_ptr, offs, seq_len):
 
 
 @triton.jit
-def _load_tile(ptr, offs_n, offs_d, seq_len, head_dim):
-    return tl.load(ptr + offs_n[:, None] * head_dim + offs_d[None, :],
-                   mask=(offs_n[:, None] < seq_len) & (offs_d[None, :] < head_dim), other=0.0)
+def _token_tile(tokens, offs_d, stride_n, stride_d):
+    """Offsets of the (tokens, head-dim) tile of one head."""
+    return tokens[:, None] * stride_n + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _load_tile(ptr, steps, offs_d, seq_len, stride_n, stride_d, HEAD_DIM: tl.constexpr, REVERSE: tl.constexpr):
+    """The (steps, head-dim) tile of one head; 0 past the end of the sequence and of the head dim."""
+    return tl.load(ptr + _token_tile(_tokens(steps, seq_len, REVERSE), offs_d, stride_n, stride_d),
+                   mask=(steps[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
 
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
-    """tl.dot with float32 accumulation; DOT_IN_FLOAT32 upcasts first (the interpreter multiplies bfloat16 bits)."""
+    """tl.dot with float32 (float64) accumulation; DOT_IN_FLOAT32 upcasts first (the interpreter multiplies bfloat16
+    bits)."""
     if DOT_IN_FLOAT32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -58,20 +90,24 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
 
 @triton.jit
 def mlstm_tile_kernel(X, Y, Z, OUT, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, COL_LOG_LO, NORM_FLOOR, ROW_SUM,
-                      seq_len, scale, eps, HEAD_DIM: tl.constexpr,
+                      stride_xb, stride_xh, stride_xn, stride_xd, stride_yb, stride_yh, stride_yn, stride_yd,
+                      stride_zb, stride_zh, stride_zn, stride_zd, stride_ob, stride_oh, stride_on, stride_od,
+                      seq_len, num_heads, eps, HEAD_DIM: tl.constexpr, SCALE: tl.constexpr, REVERSE: tl.constexpr,
                       KEY_MAJOR: tl.constexpr, FORWARD: tl.constexpr, HAS_SHIFT: tl.constexpr,
                       BLOCK_OWN: tl.constexpr, BLOCK_LOOP: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DZ: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """One tile of ``out`` (see the module docstring). FORWARD: divide by max(|row sum|, exp(-m)) + eps and store the
-    row sums (needed by the backward) too. NORM_FLOOR and ROW_SUM are only read when FORWARD, SHIFT when HAS_SHIFT."""
+    row sums (needed by the backward) too. NORM_FLOOR and ROW_SUM are only read when FORWARD, SHIFT when HAS_SHIFT.
+    Rows a and b are scan steps; x, y, z and out are addressed at their tokens. SCALE = 1/sqrt(HEAD_DIM) is a
+    compile-time constant so that it takes the dtype of the scores (a float argument is float32 on the GPU)."""
     own_start = tl.program_id(0) * BLOCK_OWN
-    head = tl.program_id(1).to(tl.int64)
-    tiles = head * seq_len * HEAD_DIM
-    steps = head * seq_len
-    X += tiles
-    Y += tiles
-    Z += tiles
-    OUT += tiles
+    batch_head = tl.program_id(1)
+    X += head_offset(batch_head, num_heads, stride_xb, stride_xh)
+    Y += head_offset(batch_head, num_heads, stride_yb, stride_yh)
+    Z += head_offset(batch_head, num_heads, stride_zb, stride_zh)
+    OUT += head_offset(batch_head, num_heads, stride_ob, stride_oh)
+    steps = batch_head.to(tl.int64) * seq_len
+    ACC = ROW_LOG_HI.dtype.element_ty
     offs_a = own_start + tl.arange(0, BLOCK_OWN)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dz = tl.program_id(2) * BLOCK_DZ + tl.arange(0, BLOCK_DZ)
@@ -87,14 +123,14 @@ def mlstm_tile_kernel(X, Y, Z, OUT, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, C
         if HAS_SHIFT:
             shift = tl.load(SHIFT + steps + offs_a, mask=offs_a < seq_len, other=0.0)
 
-    acc = tl.zeros((BLOCK_OWN, BLOCK_DZ), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_OWN, BLOCK_DZ), dtype=ACC)
+    row_sum = tl.zeros((BLOCK_OWN,), dtype=ACC)
     for b_start in range(loop_start, loop_end, BLOCK_LOOP):
         offs_b = b_start + tl.arange(0, BLOCK_LOOP)
-        dots = tl.zeros((BLOCK_OWN, BLOCK_LOOP), dtype=tl.float32)
+        dots = tl.zeros((BLOCK_OWN, BLOCK_LOOP), dtype=ACC)
         for d_start in tl.static_range(0, HEAD_DIM, BLOCK_DK):
-            x = _load_tile(X, offs_a, d_start + offs_dk, seq_len, HEAD_DIM)
-            y = _load_tile(Y, offs_b, d_start + offs_dk, seq_len, HEAD_DIM)
+            x = _load_tile(X, offs_a, d_start + offs_dk, seq_len, stride_xn, stride_xd, HEAD_DIM, REVERSE)
+            y = _load_tile(Y, offs_b, d_start + offs_dk, seq_len, stride_yn, stride_yd, HEAD_DIM, REVERSE)
             dots += _dot(x, tl.trans(y), DOT_PRECISION, DOT_IN_FLOAT32)
         if KEY_MAJOR:
             loop_hi, loop_lo = _load_log(ROW_LOG_HI + steps, ROW_LOG_LO + steps, offs_b, seq_len)
@@ -108,19 +144,19 @@ def mlstm_tile_kernel(X, Y, Z, OUT, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, C
                                   loop_hi[None, :], loop_lo[None, :], offs_b[None, :])
             if HAS_SHIFT:
                 dots += shift[:, None]
-        weights = dots * scale * decay
+        weights = dots * SCALE * decay
         if FORWARD:
             row_sum += tl.sum(weights, axis=1)
-        z = _load_tile(Z, offs_b, offs_dz, seq_len, HEAD_DIM)
+        z = _load_tile(Z, offs_b, offs_dz, seq_len, stride_zn, stride_zd, HEAD_DIM, REVERSE)
         acc += _dot(weights.to(z.dtype), z, DOT_PRECISION, DOT_IN_FLOAT32)
 
+    rows = offs_a < seq_len
     if FORWARD:
-        rows = offs_a < seq_len
         norm_floor = tl.load(NORM_FLOOR + steps + offs_a, mask=rows, other=1.0)
         acc = acc / (tl.maximum(tl.abs(row_sum), norm_floor) + eps)[:, None]
         tl.store(ROW_SUM + steps + offs_a, row_sum, mask=rows & (tl.program_id(2) == 0))
-    tl.store(OUT + offs_a[:, None] * HEAD_DIM + offs_dz[None, :], acc.to(OUT.dtype.element_ty),
-             mask=(offs_a[:, None] < seq_len) & (offs_dz[None, :] < HEAD_DIM))
+    tl.store(OUT + _token_tile(_tokens(offs_a, seq_len, REVERSE), offs_dz, stride_on, stride_od),
+             acc.to(OUT.dtype.element_ty), mask=rows[:, None] & (offs_dz[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -132,26 +168,32 @@ def _later_max(value_a, index_a, value_b, index_b):
 
 @triton.jit
 def _store_split(hi_ptr, lo_ptr, x, offs, mask):
-    """Store a float64 vector as the float32 pair hi + lo."""
-    hi = x.to(tl.float32)
+    """Store a float64 vector as the pair hi + lo of the buffers' dtype (float32, or float64 with lo = 0)."""
+    hi = x.to(hi_ptr.dtype.element_ty)
     tl.store(hi_ptr + offs, hi, mask=mask)
-    tl.store(lo_ptr + offs, (x - hi.to(tl.float64)).to(tl.float32), mask=mask)
+    tl.store(lo_ptr + offs, (x - hi.to(tl.float64)).to(lo_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def mlstm_stabiliser_kernel(IGATE, FGATE, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, COL_LOG_LO, NORM_FLOOR, ARGMAX,
-                            seq_len, BLOCK_N: tl.constexpr):
+                            stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn, seq_len, num_heads,
+                            REVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per head, in float64: F = cumsum(logsigmoid(fgate)) and m_t = F_t + max_{s<=t}(i_s - F_s), the row max of
-    logD, with its argmax s*_t. Stores F - m and i - F (hi/lo), exp(-m) and s*. One program walks one head."""
-    steps = tl.program_id(0).to(tl.int64) * seq_len
+    logD, with its argmax s*_t (a step). Stores F - m and i - F (hi/lo), exp(-m) and s*. One program walks one head
+    in step order."""
+    batch_head = tl.program_id(0)
+    IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
+    FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
+    steps = batch_head.to(tl.int64) * seq_len
     cum_log_f = tl.zeros([1], dtype=tl.float64)
     running_max = tl.full([1], float('-inf'), dtype=tl.float64)
     running_argmax = tl.zeros([1], dtype=tl.int32)
     for start in range(0, seq_len, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         mask = offs < seq_len
-        fgate = tl.load(FGATE + steps + offs, mask=mask, other=0.0).to(tl.float64)
-        igate = tl.load(IGATE + steps + offs, mask=mask, other=0.0).to(tl.float64)
+        tokens = _tokens(offs, seq_len, REVERSE)
+        fgate = tl.load(FGATE + tokens * stride_fn, mask=mask, other=0.0).to(tl.float64)
+        igate = tl.load(IGATE + tokens * stride_in, mask=mask, other=0.0).to(tl.float64)
         log_f = tl.where(mask, tl.minimum(fgate, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fgate))), 0.0)
         cum = cum_log_f + tl.cumsum(log_f, 0)
         col_log = igate - cum
@@ -160,7 +202,7 @@ def mlstm_stabiliser_kernel(IGATE, FGATE, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, CO
         m = cum + step_max
         _store_split(ROW_LOG_HI + steps, ROW_LOG_LO + steps, cum - m, offs, mask)
         _store_split(COL_LOG_HI + steps, COL_LOG_LO + steps, col_log, offs, mask)
-        tl.store(NORM_FLOOR + steps + offs, tl.exp(-m).to(tl.float32), mask=mask)
+        tl.store(NORM_FLOOR + steps + offs, tl.exp(-m).to(NORM_FLOOR.dtype.element_ty), mask=mask)
         tl.store(ARGMAX + steps + offs, step_argmax, mask=mask)
         # Carry to the next block: the running max and its argmax are non-decreasing along the block.
         cum_log_f += tl.sum(log_f, 0, keep_dims=True)
@@ -169,23 +211,39 @@ def mlstm_stabiliser_kernel(IGATE, FGATE, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, CO
 
 
 @triton.jit
+def _row_tiles(batch_head, tokens, offs_d, num_heads, stride_b, stride_h, stride_n, stride_d):
+    """Offsets of the (row, head-dim) tile of rows from several heads."""
+    return (head_offset(batch_head, num_heads, stride_b, stride_h) + tokens * stride_n)[:, None] \
+        + offs_d[None, :] * stride_d
+
+
+@triton.jit
 def mlstm_grad_prep_kernel(GRAD_H, H, ROW_SUM, NORM_FLOOR, ARGMAX, SCALED_GRAD, ROW_SHIFT, GRAD_M, COLUMN_GRAD_M,
-                           n_rows, seq_len, eps, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                           stride_gb, stride_gh, stride_gn, stride_gd, stride_hb, stride_hh, stride_hn, stride_hd,
+                           stride_sb, stride_sh, stride_sn, stride_sd, n_rows, seq_len, num_heads, eps,
+                           HEAD_DIM: tl.constexpr, REVERSE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                            BLOCK_D: tl.constexpr):
-    """Per row t of the backward (rows of all heads flattened): with d_t the divisor and delta_t = g_t.h_t, stores
-    g_t / d_t (input dtype), the row shift beta_t and the direct gradient of m_t, -delta_t eps / d_t, which also goes
-    to column s*_t (m_t = logD[t, s*_t]). That scatter uses atomics, like torch's scatter_add on CUDA."""
+    """Per row t of the backward (the steps of all heads flattened): with d_t the divisor and delta_t = g_t.h_t,
+    stores g_t / d_t (input dtype), the row shift beta_t and the direct gradient of m_t, -delta_t eps / d_t, which also
+    goes to column s*_t (m_t = logD[t, s*_t]). That scatter uses atomics, like torch's scatter_add on CUDA."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < n_rows
+    batch_head = rows // seq_len
+    tokens = _tokens(rows % seq_len, seq_len, REVERSE)
     offs_d = tl.arange(0, BLOCK_D)
-    tile = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    grad_h = tl.load(GRAD_H + tile, mask=tile_ok, other=0.0).to(tl.float32)
-    delta = tl.sum(grad_h * tl.load(H + tile, mask=tile_ok, other=0.0).to(tl.float32), axis=1)
+    ACC = ROW_SUM.dtype.element_ty
+    grad_h = tl.load(GRAD_H + _row_tiles(batch_head, tokens, offs_d, num_heads, stride_gb, stride_gh, stride_gn,
+                                         stride_gd), mask=tile_ok, other=0.0).to(ACC)
+    h = tl.load(H + _row_tiles(batch_head, tokens, offs_d, num_heads, stride_hb, stride_hh, stride_hn, stride_hd),
+                mask=tile_ok, other=0.0).to(ACC)
+    delta = tl.sum(grad_h * h, axis=1)
     row_sum = tl.load(ROW_SUM + rows, mask=row_ok, other=0.0)
     norm_floor = tl.load(NORM_FLOOR + rows, mask=row_ok, other=1.0)
     divisor = tl.maximum(tl.abs(row_sum), norm_floor) + eps
-    tl.store(SCALED_GRAD + tile, (grad_h / divisor[:, None]).to(SCALED_GRAD.dtype.element_ty), mask=tile_ok)
+    tl.store(SCALED_GRAD + _row_tiles(batch_head, tokens, offs_d, num_heads, stride_sb, stride_sh, stride_sn,
+                                      stride_sd),
+             (grad_h / divisor[:, None]).to(SCALED_GRAD.dtype.element_ty), mask=tile_ok)
     sign = tl.where(row_sum > 0, 1.0, tl.where(row_sum < 0, -1.0, 0.0))
     tl.store(ROW_SHIFT + rows, tl.where(tl.abs(row_sum) > norm_floor, -delta / divisor * sign, 0.0), mask=row_ok)
     grad_m = -delta * eps / divisor
@@ -195,34 +253,55 @@ def mlstm_grad_prep_kernel(GRAD_H, H, ROW_SUM, NORM_FLOOR, ARGMAX, SCALED_GRAD, 
 
 
 @triton.jit
-def mlstm_gate_grad_kernel(Q, K, DQ, DK, GRAD_M, COLUMN_GRAD_M, FGATE, DQ_OUT, DK_OUT, DIGATE, DFGATE, seq_len,
-                           HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def mlstm_gate_grad_kernel(Q, K, DQ, DK, GRAD_M, COLUMN_GRAD_M, FGATE, DQ_OUT, DK_OUT, DIGATE, DFGATE,
+                           stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                           stride_db, stride_dh, stride_dn, stride_dd, stride_ob, stride_oh, stride_on, stride_od,
+                           stride_fb, stride_fh, stride_fn, stride_gb, stride_gh, stride_gn, seq_len, num_heads,
+                           HEAD_DIM: tl.constexpr, REVERSE: tl.constexpr, CAST_OUT: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Gate gradients of one head (module docstring of fused.py): the row and column sums of dL/dlogD are q_t.dq_t
-    and k_s.dk_s, plus the gradient of m; di = column sum, dlog f = reverse cumsum of (row - column sum). Walks the
-    head backwards carrying that cumsum; also casts dq and dk to the input dtype on the way."""
-    head = tl.program_id(0).to(tl.int64)
-    steps = head * seq_len
-    tiles = steps * HEAD_DIM
-    grad_log_f_after = tl.zeros([1], dtype=tl.float32)
+    and k_s.dk_s, plus the gradient of m; di = column sum, dlog f = reverse cumsum over the steps of (row - column
+    sum). Walks the head backwards carrying that cumsum. CAST_OUT: dq and dk (accumulation dtype, strides
+    ``stride_d*``) also go to DQ_OUT and DK_OUT in the input dtype (strides ``stride_o*``). The gate gradients share
+    the strides ``stride_g*``."""
+    batch_head = tl.program_id(0)
+    Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
+    K += head_offset(batch_head, num_heads, stride_kb, stride_kh)
+    DQ += head_offset(batch_head, num_heads, stride_db, stride_dh)
+    DK += head_offset(batch_head, num_heads, stride_db, stride_dh)
+    DQ_OUT += head_offset(batch_head, num_heads, stride_ob, stride_oh)
+    DK_OUT += head_offset(batch_head, num_heads, stride_ob, stride_oh)
+    FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
+    DIGATE += head_offset(batch_head, num_heads, stride_gb, stride_gh)
+    DFGATE += head_offset(batch_head, num_heads, stride_gb, stride_gh)
+    steps = batch_head.to(tl.int64) * seq_len
+    ACC = GRAD_M.dtype.element_ty
+    grad_log_f_after = tl.zeros([1], dtype=ACC)
     num_blocks = tl.cdiv(seq_len, BLOCK_N)
     for block in range(0, num_blocks):
         offs = (num_blocks - 1 - block) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < seq_len
+        tokens = _tokens(offs, seq_len, REVERSE)
         row_total = tl.load(GRAD_M + steps + offs, mask=mask, other=0.0)
         column_total = tl.load(COLUMN_GRAD_M + steps + offs, mask=mask, other=0.0)
         for d_start in tl.static_range(0, HEAD_DIM, BLOCK_D):
             offs_d = d_start + tl.arange(0, BLOCK_D)
-            tile = offs[:, None] * HEAD_DIM + offs_d[None, :]
             tile_ok = mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-            dq = tl.load(DQ + tiles + tile, mask=tile_ok, other=0.0)
-            dk = tl.load(DK + tiles + tile, mask=tile_ok, other=0.0)
-            row_total += tl.sum(tl.load(Q + tiles + tile, mask=tile_ok, other=0.0).to(tl.float32) * dq, axis=1)
-            column_total += tl.sum(tl.load(K + tiles + tile, mask=tile_ok, other=0.0).to(tl.float32) * dk, axis=1)
-            tl.store(DQ_OUT + tiles + tile, dq.to(DQ_OUT.dtype.element_ty), mask=tile_ok)
-            tl.store(DK_OUT + tiles + tile, dk.to(DK_OUT.dtype.element_ty), mask=tile_ok)
+            grad_tile = _token_tile(tokens, offs_d, stride_dn, stride_dd)
+            dq = tl.load(DQ + grad_tile, mask=tile_ok, other=0.0)
+            dk = tl.load(DK + grad_tile, mask=tile_ok, other=0.0)
+            q = tl.load(Q + _token_tile(tokens, offs_d, stride_qn, stride_qd), mask=tile_ok, other=0.0)
+            k = tl.load(K + _token_tile(tokens, offs_d, stride_kn, stride_kd), mask=tile_ok, other=0.0)
+            row_total += tl.sum(q.to(ACC) * dq, axis=1)
+            column_total += tl.sum(k.to(ACC) * dk, axis=1)
+            if CAST_OUT:
+                out_tile = _token_tile(tokens, offs_d, stride_on, stride_od)
+                tl.store(DQ_OUT + out_tile, dq.to(DQ_OUT.dtype.element_ty), mask=tile_ok)
+                tl.store(DK_OUT + out_tile, dk.to(DK_OUT.dtype.element_ty), mask=tile_ok)
         grad_cum_log_f = row_total - column_total
         grad_log_f = grad_log_f_after + tl.cumsum(grad_cum_log_f, 0, reverse=True)
         grad_log_f_after += tl.sum(grad_cum_log_f, 0, keep_dims=True)
-        fgate = tl.load(FGATE + steps + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DIGATE + steps + offs, column_total.to(DIGATE.dtype.element_ty), mask=mask)
-        tl.store(DFGATE + steps + offs, (grad_log_f * tl.sigmoid(-fgate)).to(DFGATE.dtype.element_ty), mask=mask)
+        fgate = tl.load(FGATE + tokens * stride_fn, mask=mask, other=0.0).to(ACC)
+        tl.store(DIGATE + tokens * stride_gn, column_total.to(DIGATE.dtype.element_ty), mask=mask)
+        tl.store(DFGATE + tokens * stride_gn, (grad_log_f * tl.sigmoid(-fgate)).to(DFGATE.dtype.element_ty),
+                 mask=mask)

@@ -22,6 +22,11 @@ dfgate = dlog f * sigmoid(-fgate).
 
 Per call: forward = stabiliser scan + one tile launch; backward = per-row prologue + three tile launches (dq, dk, dv)
 + gate-gradient epilogue. Few launches matter: at ViL sizes the GPU work is well under a millisecond.
+
+No copies around the kernels either (they cost ~6 ms of a 37 ms ViL-T training step on an H200 when q, k, v, the
+gates, h and its gradient were made contiguous and reverse blocks flipped them): the kernels read every input through
+its strides, run the reversed cell by index arithmetic (scan step t reads token N-1-t), and write h and dq, dk, dv
+token-major, the layout the mixer's per-head norm reads and its projection's gradient wants.
 """
 import math
 from contextlib import contextmanager
@@ -33,7 +38,7 @@ from torch import Tensor
 
 from . import _triton_kernels as kernels
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _kernels_interpreted() -> bool:
@@ -74,16 +79,17 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
 
     Half precision: the fastest of the H200 sweep for head dims 96 and 384 (forward+backward replayed from a CUDA
     graph). float32 (3xTF32) operands take twice the shared memory: smaller tiles free of spills in the ptxas report,
-    one pipeline stage above DH=128 to fit. The interpreter gets large unequal tiles and small chunks: fewer programs
-    run faster there; the tests also run the CUDA configurations under it (:func:`cuda_launch_configs`).
+    one pipeline stage above DH=128 to fit; float64 (exact reference runs, not tuned) takes the smallest of these.
+    The interpreter gets large unequal tiles and small chunks: fewer programs run faster there; the tests also run the
+    CUDA configurations under it (:func:`cuda_launch_configs`).
     """
     chunk = min(128, max(16, triton.next_power_of_2(head_dim)))
     if not _cuda_configs():
         return dict(BLOCK_OWN=128, BLOCK_LOOP=64, BLOCK_DK=min(chunk, 64), BLOCK_DZ=min(chunk, 64))
-    if dtype != torch.float32:
+    if dtype in (torch.float16, torch.bfloat16):
         return dict(BLOCK_OWN=64, BLOCK_LOOP=32, BLOCK_DK=chunk, BLOCK_DZ=chunk, num_warps=4, num_stages=2)
     small_dk, small_dz = min(chunk, 32), min(chunk, 64)
-    if head_dim <= 128:
+    if head_dim <= 128 and dtype == torch.float32:
         return dict(BLOCK_OWN=64, BLOCK_LOOP=32, BLOCK_DK=small_dk, BLOCK_DZ=small_dz, num_warps=4, num_stages=2)
     return dict(BLOCK_OWN=32, BLOCK_LOOP=32, BLOCK_DK=small_dk, BLOCK_DZ=small_dz, num_warps=4, num_stages=1)
 
@@ -95,7 +101,8 @@ def _scan_block(n: int) -> int:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs: 3xTF32 (tensor cores, close to float32 accuracy) unless torch itself allows plain TF32, so
-    results match the torch backends. Half-precision dots always accumulate in float32; the precision is ignored."""
+    results match the torch backends. Half-precision dots always accumulate in float32 and float64 dots in float64;
+    the precision is ignored for both."""
     return 'tf32x3' if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else 'tf32'
 
 
@@ -106,101 +113,140 @@ def _dot_options(dtype: torch.dtype) -> dict:
                 DOT_IN_FLOAT32=dtype == torch.bfloat16 and _kernels_interpreted())
 
 
-def _tile_product(x: Tensor, y: Tensor, z: Tensor, logs, key_major: bool, out_dtype: torch.dtype,
-                  shift: Optional[Tensor] = None, normaliser: Optional[Tuple[Tensor, Tensor, float]] = None) -> Tensor:
-    """One launch of the tile kernel; ``normaliser = (norm_floor, row_sum_out, eps)`` makes it the forward."""
-    heads_total, n, head_dim = x.shape
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums and per-step values: float32, float64 for float64 inputs (exact reference runs)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _token_major(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A fresh ``(B, N, NH, DH)`` buffer for a ``(B, NH, N, DH)`` result: what the ViL mixer reads (its per-head norm
+    takes ``(B, N, NH, DH)``) and what the gradient of its head split wants, so that neither needs a copy."""
+    batch, heads, n, head_dim = like.shape
+    return torch.empty(batch, n, heads, head_dim, dtype=dtype, device=like.device)
+
+
+def _tile_product(x: Tensor, y: Tensor, z: Tensor, out: Tensor, logs, key_major: bool, reverse: bool,
+                  shift: Optional[Tensor] = None, normaliser: Optional[Tuple[Tensor, Tensor, float]] = None) -> None:
+    """One launch of the tile kernel into ``out``; all four are ``(B, NH, N, DH)`` views of any strides.
+    ``normaliser = (norm_floor, row_sum_out, eps)`` makes it the forward."""
+    batch, heads, n, head_dim = x.shape
     norm_floor, row_sum, eps = normaliser or (None, None, 0.0)
     config = _launch_config(head_dim, x.dtype)
-    grid = (triton.cdiv(n, config['BLOCK_OWN']), heads_total, triton.cdiv(head_dim, config['BLOCK_DZ']))
+    grid = (triton.cdiv(n, config['BLOCK_OWN']), batch * heads, triton.cdiv(head_dim, config['BLOCK_DZ']))
     kernels.mlstm_tile_kernel[grid](
-        x, y, z, out, shift, *logs, norm_floor, row_sum, n, 1 / math.sqrt(head_dim), eps, HEAD_DIM=head_dim,
-        KEY_MAJOR=key_major, FORWARD=normaliser is not None, HAS_SHIFT=shift is not None, **_dot_options(x.dtype),
-        **config)
-    return out
+        x, y, z, out, shift, *logs, norm_floor, row_sum, *x.stride(), *y.stride(), *z.stride(), *out.stride(), n,
+        heads, eps, HEAD_DIM=head_dim, SCALE=1 / math.sqrt(head_dim), REVERSE=reverse, KEY_MAJOR=key_major,
+        FORWARD=normaliser is not None, HAS_SHIFT=shift is not None, **_dot_options(x.dtype), **config)
 
 
 # The kernels are wrapped as torch.library custom ops with a registered autograd formula, so that torch.compile
-# treats them as opaque calls (no graph break, and Inductor never re-compiles our Triton kernels).
+# treats them as opaque calls (no graph break, and Inductor never re-compiles our Triton kernels). A custom op returns
+# fresh tensors, so the ops return the token-major buffers and the wrappers turn them into (B, NH, N, DH) views.
 @torch.library.custom_op('mmseg_vil::mlstm_fused_forward', mutates_args=())
-def _fused_forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float) -> List[Tensor]:
-    """``h`` and the per-row statistics the backward needs: norm floor, argmax, row sum and the four log terms."""
+def _fused_forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float,
+                   reverse: bool) -> List[Tensor]:
+    """``h`` as a ``(B, N, NH, DH)`` buffer and the per-step values the backward needs, ``(B*NH, N)`` each: norm
+    floor, argmax, row sum and the four log terms. Inputs of any strides are read in place."""
     batch, heads, n, head_dim = q.shape
-    q, k, v = (x.contiguous().view(batch * heads, n, head_dim) for x in (q, k, v))
-    igate, fgate = (x.contiguous().view(batch * heads, n) for x in (igate, fgate))
-    logs = [torch.empty(batch * heads, n, dtype=torch.float32, device=q.device) for _ in range(4)]
+    acc_dtype = _accumulation_dtype(q.dtype)
+    logs = [q.new_empty(batch * heads, n, dtype=acc_dtype) for _ in range(4)]
     norm_floor, row_sum = (torch.empty_like(logs[0]) for _ in range(2))
-    argmax = torch.empty(batch * heads, n, dtype=torch.int32, device=q.device)
-    kernels.mlstm_stabiliser_kernel[(batch * heads,)](igate, fgate, *logs, norm_floor, argmax, n,
-                                                       BLOCK_N=_scan_block(n))
-    h = _tile_product(q, k, v, logs, key_major=False, out_dtype=q.dtype, normaliser=(norm_floor, row_sum, eps))
-    return [h.view(batch, heads, n, head_dim), norm_floor, argmax, row_sum, *logs]
+    argmax = q.new_empty(batch * heads, n, dtype=torch.int32)
+    kernels.mlstm_stabiliser_kernel[(batch * heads,)](
+        igate, fgate, *logs, norm_floor, argmax, *igate.stride(), *fgate.stride(), n, heads, REVERSE=reverse,
+        BLOCK_N=_scan_block(n))
+    h = _token_major(q, q.dtype)
+    _tile_product(q, k, v, h.transpose(1, 2), logs, key_major=False, reverse=reverse,
+                  normaliser=(norm_floor, row_sum, eps))
+    return [h, norm_floor, argmax, row_sum, *logs]
 
 
 @_fused_forward.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float) -> List[Tensor]:
-    rows = igate.new_empty(igate.shape, dtype=torch.float32).flatten(0, 1)
-    return [torch.empty_like(q, memory_format=torch.contiguous_format), rows, rows.to(torch.int32),
-            *(torch.empty_like(rows) for _ in range(5))]
+def _(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, reverse: bool) -> List[Tensor]:
+    batch, heads, n = q.shape[:3]
+    rows = q.new_empty(batch * heads, n, dtype=_accumulation_dtype(q.dtype))
+    return [_token_major(q, q.dtype), rows, rows.to(torch.int32), *(torch.empty_like(rows) for _ in range(5))]
 
 
 @torch.library.custom_op('mmseg_vil::mlstm_fused_backward', mutates_args=())
 def _fused_backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor,
                     norm_floor: Tensor, argmax: Tensor, row_sum: Tensor, log_a: Tensor, log_b: Tensor,
-                    log_c: Tensor, log_d: Tensor, eps: float) -> List[Tensor]:
-    """Gradients of q, k, v, igate and fgate, as derived in the module docstring."""
+                    log_c: Tensor, log_d: Tensor, eps: float, reverse: bool) -> List[Tensor]:
+    """Gradients as derived in the module docstring: dq, dk, dv as ``(B, N, NH, DH)`` buffers (the layout of the
+    gradient of the mixer's projection output), d_igate and d_fgate ``(B, NH, N)``. ``h`` and ``grad_h`` are
+    ``(B, N, NH, DH)``, of any strides (e.g. the expanded gradient of ``h.sum()``)."""
     batch, heads, n, head_dim = q.shape
-    q, k, v, h = (x.contiguous().view(batch * heads, n, head_dim) for x in (q, k, v, h))
-    igate, fgate = (x.contiguous().view(batch * heads, n) for x in (igate, fgate))
     logs = [log_a, log_b, log_c, log_d]
     heads_total = batch * heads
-    scaled_grad = torch.empty_like(q)
+    acc_dtype = row_sum.dtype
+    scaled_grad = _token_major(q, q.dtype).transpose(1, 2)
     row_shift, grad_m = (torch.empty_like(row_sum) for _ in range(2))
     column_grad_m = torch.zeros_like(row_sum)
     rows_per_program = 16
     kernels.mlstm_grad_prep_kernel[(triton.cdiv(heads_total * n, rows_per_program),)](
-        grad_h.reshape(q.shape).contiguous(), h, row_sum, norm_floor, argmax, scaled_grad, row_shift, grad_m,
-        column_grad_m, heads_total * n, n, eps, HEAD_DIM=head_dim, BLOCK_ROWS=rows_per_program,
+        grad_h, h, row_sum, norm_floor, argmax, scaled_grad, row_shift, grad_m, column_grad_m,
+        *grad_h.transpose(1, 2).stride(), *h.transpose(1, 2).stride(), *scaled_grad.stride(), heads_total * n, n,
+        heads, eps, HEAD_DIM=head_dim, REVERSE=reverse, BLOCK_ROWS=rows_per_program,
         BLOCK_D=triton.next_power_of_2(head_dim))
 
-    dq = _tile_product(scaled_grad, v, k, logs, key_major=False, out_dtype=torch.float32, shift=row_shift)
-    dk = _tile_product(v, scaled_grad, q, logs, key_major=True, out_dtype=torch.float32, shift=row_shift)
-    dv = _tile_product(k, q, scaled_grad, logs, key_major=True, out_dtype=v.dtype)
+    # dq and dk in the accumulation dtype: the gate epilogue takes their inner products with q and k.
+    dq, dk = (_token_major(q, acc_dtype) for _ in range(2))
+    dv = _token_major(v, v.dtype)
+    _tile_product(scaled_grad, v, k, dq.transpose(1, 2), logs, key_major=False, reverse=reverse, shift=row_shift)
+    _tile_product(v, scaled_grad, q, dk.transpose(1, 2), logs, key_major=True, reverse=reverse, shift=row_shift)
+    _tile_product(k, q, scaled_grad, dv.transpose(1, 2), logs, key_major=True, reverse=reverse)
 
-    dq_out, dk_out = torch.empty_like(q), torch.empty_like(k)
-    d_igate, d_fgate = torch.empty_like(igate), torch.empty_like(fgate)
+    cast_out = acc_dtype != q.dtype
+    dq_out, dk_out = (_token_major(q, q.dtype) for _ in range(2)) if cast_out else (dq, dk)
+    d_igate, d_fgate = igate.new_empty(igate.shape), fgate.new_empty(fgate.shape)
     kernels.mlstm_gate_grad_kernel[(heads_total,)](
-        q, k, dq, dk, grad_m, column_grad_m, fgate, dq_out, dk_out, d_igate, d_fgate, n, HEAD_DIM=head_dim,
-        BLOCK_N=min(64, _scan_block(n)), BLOCK_D=min(64, triton.next_power_of_2(head_dim)))
-    return [dq_out.view(batch, heads, n, head_dim), dk_out.view(batch, heads, n, head_dim),
-            dv.view(batch, heads, n, head_dim), d_igate.view(batch, heads, n), d_fgate.view(batch, heads, n)]
+        q, k, dq, dk, grad_m, column_grad_m, fgate, dq_out, dk_out, d_igate, d_fgate, *q.stride(), *k.stride(),
+        *dq.transpose(1, 2).stride(), *dq_out.transpose(1, 2).stride(), *fgate.stride(), *d_igate.stride(), n, heads,
+        HEAD_DIM=head_dim, REVERSE=reverse, CAST_OUT=cast_out, BLOCK_N=min(64, _scan_block(n)),
+        BLOCK_D=min(64, triton.next_power_of_2(head_dim)))
+    return [dq_out, dk_out, dv, d_igate, d_fgate]
 
 
 @_fused_backward.register_fake
-def _(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor, *stats) -> List[Tensor]:
-    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, igate, fgate)]
+def _(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor, *stats_eps_reverse
+      ) -> List[Tensor]:
+    return [_token_major(q, q.dtype), _token_major(q, q.dtype), _token_major(v, v.dtype), igate.new_empty(igate.shape),
+            fgate.new_empty(fgate.shape)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, igate, fgate, eps = inputs
+    q, k, v, igate, fgate, eps, reverse = inputs
     ctx.save_for_backward(q, k, v, igate, fgate, *output)
-    ctx.eps = eps
+    ctx.options = (eps, reverse)
+    ctx.set_materialize_grads(False)  # the per-step outputs get no gradient: no zero tensors for them
 
 
 def _backward(ctx, grads):
     q, k, v, igate, fgate, h, *stats = ctx.saved_tensors
-    return (*_fused_backward(grads[0], q, k, v, h, igate, fgate, *stats, ctx.eps), None)
+    dq, dk, dv, d_igate, d_fgate = _fused_backward(grads[0], q, k, v, h, igate, fgate, *stats, *ctx.options)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), d_igate, d_fgate, None, None
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def mlstm_fused(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6) -> Tensor:
-    """Fused mLSTM, same arguments and result as :func:`~.parallel.mlstm_parallel`; CUDA (or the Triton interpreter)."""
+def mlstm_fused(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6,
+                reverse: bool = False) -> Tensor:
+    """Fused mLSTM on CUDA (or under the Triton interpreter).
+
+    Args:
+        q, k, v: ``(B, NH, N, DH)``, any strides (e.g. head views of one projection output; read in place).
+        igate, fgate: ``(B, NH, N)`` gate pre-activations, any strides.
+        eps: added to the normaliser.
+        reverse: traverse the tokens backwards, i.e. ``parallel(*flipped inputs).flip(2)``, without flipped copies.
+
+    Returns:
+        ``(B, NH, N, DH)`` in the dtype of ``q``: a transposed view of a contiguous ``(B, N, NH, DH)`` tensor. The
+        gradients of q, k and v are such views too.
+    """
     if q.device.type != 'cuda' and not _kernels_interpreted():
         raise RuntimeError(f'The fused mLSTM backend needs CUDA tensors (got {q.device.type}); on CPU use the '
                            "'chunkwise' or 'parallel' backend, or set TRITON_INTERPRET=1 before importing mmseg_vil.")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f'The fused mLSTM backend supports {SUPPORTED_DTYPES}, got {q.dtype}.')
-    return _fused_forward(q, k.to(q.dtype), v.to(q.dtype), igate, fgate, eps)[0]
+    return _fused_forward(q, k.to(q.dtype), v.to(q.dtype), igate, fgate, eps, reverse)[0].transpose(1, 2)

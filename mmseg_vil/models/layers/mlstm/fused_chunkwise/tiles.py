@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_kernels import head_offset
+
 
 # The strides of token tiles decide whether rows load as aligned vectors, so Triton specialises them on their
 # divisibility. Sizes and the strides of the gate vectors (read one value per step) do not matter that way and stay
@@ -84,12 +86,6 @@ def state_dot(a, b, acc):
     else:
         result = tl.dot(a, b, acc, input_precision='tf32x3')
     return result
-
-
-@triton.jit
-def head_offset(batch_head, num_heads, stride_b, stride_h):
-    """Offset of head ``batch_head = b * NH + h`` in a tensor with these batch and head strides (int64)."""
-    return (batch_head // num_heads).to(tl.int64) * stride_b + (batch_head % num_heads).to(tl.int64) * stride_h
 
 
 @triton.jit
