@@ -1,7 +1,8 @@
 """Check and time the fused mLSTM Triton kernels on a CUDA GPU (issues 6, 10); notes: benchmarks/mlstm_kernel_notes.md.
 
 1. Correctness: fused output and gradients against the chunkwise backend in float64 (exact to ~1e-13, see
-   tests/test_mlstm_backends.py) for the ViL head dims 96/192/384 (T/S/B) at several N, in float32 and bfloat16.
+   tests/test_mlstm_backends.py) for the ViL head dims 96/192/384 (T/S/B) at several N, in float32 and bfloat16;
+   some reversed on q/k/v/gates read as strided views of projection outputs, and one float64 case.
    The same for fused_chunkwise, in both directions (reverse=True against the flipped reference), plus q/k/v/gates
    read as strided views of projection outputs and one float64 case.
 2. Timing (median ms): forward and forward+backward of the fused, parallel and chunkwise backends, with torch SDPA
@@ -130,19 +131,28 @@ def time_backend(op, batch, heads, n, head_dim, dtype, graph_only=False):
     return forward_ms, total_ms, graph_ms, peak_mib
 
 
+# fused correctness: (head dim, N, dtype, reverse, strided); reversed on the mixer's strided views as ViL's odd blocks
+# run it (native reverse, no copies), and one float64 case.
+FUSED_CHECKS = [(head_dim, n, dtype, False, False) for head_dim in (96, 192, 384) for n in (196, 1000, 4096)
+                for dtype in (torch.float32, torch.bfloat16)] + [(96, 200, torch.float16, False, False)] + [
+    (96, 196, torch.bfloat16, True, True), (384, 1000, torch.bfloat16, True, True),
+    (96, 1000, torch.float32, True, True), (96, 200, torch.float64, True, True)]
+
+
 def check(out_lines, results):
     out_lines.append('## correctness: fused vs chunkwise float64 (max relative error)')
-    cases = [(head_dim, n, dtype) for head_dim in (96, 192, 384) for n in (196, 1000, 4096)
-             for dtype in (torch.float32, torch.bfloat16)] + [(96, 200, torch.float16)]
-    for head_dim, n, dtype in cases:
+    for head_dim, n, dtype, reverse, strided in FUSED_CHECKS:
+        name = f'DH={head_dim:3d} N={n:5d} {str(dtype)[6:]:9s}' + (' reverse' if reverse else '') + (
+            ' strided' if strided else '')
         try:
-            errors = relative_errors(n, head_dim, dtype)
+            errors = relative_errors(n, head_dim, dtype, functools.partial(mlstm_fused, reverse=reverse), reverse,
+                                     strided)
         except Exception as exc:  # noqa: BLE001 - report and go on with the other cases
-            out_lines.append(f'DH={head_dim:3d} N={n:5d} {str(dtype)[6:]:9s} failed: {exc!r}'[:300])
+            out_lines.append(f'{name} failed: {exc!r}'[:300])
             continue
-        results.append(dict(kind='check', n=n, head_dim=head_dim, dtype=str(dtype), **errors))
-        out_lines.append(f'DH={head_dim:3d} N={n:5d} {str(dtype)[6:]:9s} '
-                         + ' '.join(f'{k}={v:.1e}' for k, v in errors.items()))
+        results.append(dict(kind='check', n=n, head_dim=head_dim, dtype=str(dtype), reverse=reverse, strided=strided,
+                            **errors))
+        out_lines.append(f'{name} ' + ' '.join(f'{k}={v:.1e}' for k, v in errors.items()))
 
 
 TIMING_SHAPES = [  # name, B, NH, N, DH
