@@ -101,8 +101,10 @@ def _scan_block(n: int) -> int:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs: 3xTF32 (tensor cores, close to float32 accuracy) unless torch itself allows plain TF32, so
-    results match the torch backends. Half-precision dots always accumulate in float32 and float64 dots in float64;
-    the precision is ignored for both."""
+    results match the torch backends. Half-precision dots always accumulate in float32 (the precision is ignored);
+    float64 dots are plain float64 ('ieee', the one precision that names no float32 format)."""
+    if dtype == torch.float64:
+        return 'ieee'
     return 'tf32x3' if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else 'tf32'
 
 
@@ -147,7 +149,7 @@ def _fused_forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor
                    reverse: bool) -> List[Tensor]:
     """``h`` as a ``(B, N, NH, DH)`` buffer and the per-step values the backward needs, ``(B*NH, N)`` each: norm
     floor, argmax, row sum and the four log terms. Inputs of any strides are read in place."""
-    batch, heads, n, head_dim = q.shape
+    batch, heads, n = q.shape[:3]
     acc_dtype = _accumulation_dtype(q.dtype)
     logs = [q.new_empty(batch * heads, n, dtype=acc_dtype) for _ in range(4)]
     norm_floor, row_sum = (torch.empty_like(logs[0]) for _ in range(2))
