@@ -2,9 +2,11 @@
 
 Against the float64 formula of vil_spec.md §2.6 (``reference_float64`` of test_mlstm_backends.py, with its ViL-like
 gates that exercise both normaliser branches): output and all five gradients, one and several chunks, a partial last
-chunk, both directions, inputs read through the strides of a projection output, extreme gates, and torch.compile.
-On CUDA the tests run in this process; on CPU the kernels run under ``TRITON_INTERPRET=1`` in a subprocess, which
-must report every test passed (none skipped). Sizes are small because the interpreter is slow.
+chunk, both directions, inputs read through the strides of a projection output, extreme gates, torch.compile, and
+the GPU's head-dim blocks. On CPU the kernels run under ``TRITON_INTERPRET=1`` in a subprocess, which must report
+every test passed (none skipped), and every kernel access is bounds-checked there (tests/triton_bounds.py); on CUDA
+the kernels are refused for now, and the tests run in this process only with MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 (the
+GPU validation run). Sizes are small because the interpreter is slow.
 """
 import functools
 import os
@@ -19,11 +21,33 @@ from mmseg_vil.models.layers.mlstm import MLSTM_BACKENDS
 from test_mlstm_backends import FUSED_DEVICE, TOLERANCES, make_inputs, reference_float64, relative_errors
 
 if 'fused_chunkwise' in MLSTM_BACKENDS:
-    from mmseg_vil.models.layers.mlstm import mlstm_fused_chunkwise
+    import triton
+    import triton.language as tl
+    from triton_bounds import OutOfBoundsAccess, checked_accesses
 
-# Refused on CUDA until its GPU defects are fixed (benchmarks/RESULTS.md, 2026-12-04): the interpreter only.
-needs_kernels = pytest.mark.skipif(FUSED_DEVICE != 'cpu', reason='fused_chunkwise runs under TRITON_INTERPRET=1 only')
-F32, F64 = torch.float32, torch.float64
+    from mmseg_vil.models.layers.mlstm import fused, mlstm_fused_chunkwise
+    from mmseg_vil.models.layers.mlstm.fused_chunkwise import op
+    from mmseg_vil.models.layers.mlstm.fused_chunkwise.tiles import head_dim_block
+
+# Refused on CUDA until a GPU run validates it (benchmarks/RESULTS.md, 2026-12-04): the interpreter only, unless that
+# run lifts the refusal.
+KERNELS_RUN = FUSED_DEVICE == 'cpu' or (FUSED_DEVICE == 'cuda' and op.cuda_allowed())
+needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason='fused_chunkwise runs under TRITON_INTERPRET=1 only, or '
+                                   'on CUDA with MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1')
+needs_interpreter = pytest.mark.skipif(FUSED_DEVICE != 'cpu', reason='checks the Triton interpreter')
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def bounds_checked():
+    """Under the interpreter every test here also checks each kernel access against the tensors of its launch, and
+    each tl.dot against the operand sizes Triton 3.6 compiles (tests/triton_bounds.py): on CPU an access past a
+    tensor goes unnoticed, on the GPU it is an illegal memory access."""
+    if FUSED_DEVICE != 'cpu':
+        yield
+        return
+    with checked_accesses():
+        yield
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,6 +165,101 @@ def test_kernel_compiles_fullgraph_as_opaque_op():
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
+# The GPU's head-dim blocks (fused.cuda_launch_configs; the interpreter otherwise takes one block of up to 128):
+# (N, head dim, dtype, chunk size, reverse). Three whole 32-wide half-precision blocks with a ragged last chunk;
+# three 16-wide float32 blocks, reversed; N below one chunk with a head dim below 16 (one masked 16-wide block); a
+# head dim that is no multiple of its block (40 = 32 + 8) and a last chunk of one step; the largest chunk with a last
+# chunk of two steps; the default chunk in float32 with a whole and a masked block.
+CUDA_TILE_CASES = [(40, 96, BF16, 16, False), (40, 48, F32, 16, True), (10, 12, F64, 16, False),
+                   (65, 40, BF16, 32, False), (130, 8, F64, 128, False), (130, 40, F32, 64, True)]
+
+
+def fill_new_buffers(monkeypatch):
+    """torch.empty and torch.empty_like return NaN (floats) or -2^30 (integers): fresh CUDA memory holds garbage,
+    fresh CPU memory often zeros, so without this a kernel reading an element that no kernel wrote could pass here."""
+    def filled(allocate):
+        def allocate_filled(*args, **kwargs):
+            out = allocate(*args, **kwargs)
+            return out.fill_(float('nan') if out.is_floating_point() else -2 ** 30)
+        return allocate_filled
+    for name in ('empty', 'empty_like'):
+        monkeypatch.setattr(torch, name, filled(getattr(torch, name)))
+
+
+@needs_kernels
+@pytest.mark.parametrize('n,head_dim,dtype,chunk_size,reverse', CUDA_TILE_CASES)
+def test_kernel_cuda_tiles_match_reference(n, head_dim, dtype, chunk_size, reverse, monkeypatch):
+    """With the GPU's blocks, exact and in bounds (under the interpreter), with the kernels' buffers NaN until
+    written."""
+    reference_case(n, head_dim, dtype, reverse)  # computed before the allocations are filled
+    fill_new_buffers(monkeypatch)
+    with fused.cuda_launch_configs():
+        assert op._config(head_dim, chunk_size, reverse, dtype)['BLOCK_D'] == head_dim_block(head_dim, dtype)
+        assert_matches_reference(n, head_dim, dtype, chunk_size, reverse)
+
+
+@pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')
+def test_head_dim_blocks_fit_tl_dot():
+    """Every head dim walks power-of-two blocks of 16 to 128, on CUDA and under the interpreter: tl.dot on the GPU's
+    Triton 3.6 needs 16 (a head dim below 16 is one masked block)."""
+    for head_dim in range(1, 513):
+        for dtype in op.SUPPORTED_DTYPES:
+            for interpreted in (False, True):
+                block = head_dim_block(head_dim, dtype, interpreted)
+                assert 16 <= block <= 128 and block & (block - 1) == 0, (head_dim, dtype, interpreted, block)
+
+
+if 'fused_chunkwise' in MLSTM_BACKENDS:
+    @triton.jit
+    def shifted_copy_kernel(X, Y, n, LOAD_SHIFT: tl.constexpr, STORE_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+        """``Y[i + STORE_SHIFT] = X[i + LOAD_SHIFT]`` for i < n, in one block of which lanes n.. are masked off, plus
+        a load of the block before X that only later programs would make (none in a one-program launch)."""
+        offs = tl.arange(0, BLOCK)
+        in_range = offs < n
+        x = tl.load(X + offs + LOAD_SHIFT, mask=in_range)
+        x += tl.load(X - BLOCK + offs, mask=in_range & (tl.program_id(0) > 0), other=0.0)
+        tl.store(Y + offs + STORE_SHIFT, x, mask=in_range)
+
+    @triton.jit
+    def square_dot_kernel(X, Y, K: tl.constexpr):
+        """``Y = X[:16, :K] @ X[:K, :16]`` with X read as a row-major (16, 16) matrix."""
+        rows = tl.arange(0, 16)
+        inner = tl.arange(0, K)
+        a = tl.load(X + rows[:, None] * 16 + inner[None, :])
+        b = tl.load(X + inner[:, None] * 16 + rows[None, :])
+        tl.store(Y + rows[:, None] * 16 + rows[None, :], tl.dot(a, b))
+
+
+@needs_interpreter
+@pytest.mark.parametrize('load_shift,store_shift,access', [(1, 0, 'load'), (-1, 0, 'load'), (0, 1, 'store')])
+def test_kernel_bounds_check_catches_a_shifted_access(load_shift, store_shift, access):
+    """The harness's own mutation test: one element before or after a view, still inside its storage (where the
+    interpreter reads and writes without complaint), is caught before it happens; masked-off lanes are not, even
+    far outside."""
+    source, target = torch.arange(32.), torch.zeros(32)
+    x, y = source[8:18], target[8:18]
+    with checked_accesses():
+        shifted_copy_kernel[(1,)](x, y, 10, 0, 0, BLOCK=16)
+        assert torch.equal(y, x)
+        with pytest.raises(Exception) as error:
+            shifted_copy_kernel[(1,)](x, y, 10, load_shift, store_shift, BLOCK=16)
+    assert isinstance(error.value.__cause__, OutOfBoundsAccess)
+    assert re.search(fr'{access} of 1 of 10 masked-on elements outside shifted_copy_kernel\.[XY] \(10 elements\)',
+                     str(error.value.__cause__)), error.value.__cause__
+    assert torch.equal(target[:8], torch.zeros(8)) and torch.equal(target[18:], torch.zeros(14))
+
+
+@needs_interpreter
+def test_kernel_dot_check_needs_16():
+    """K = 8 runs under the bare interpreter, which would hide a tile that Triton 3.6 does not compile."""
+    x, y = torch.randn(256), torch.empty(256)
+    with checked_accesses():
+        square_dot_kernel[(1,)](x, y, K=16)
+        torch.testing.assert_close(y.view(16, 16), x.view(16, 16) @ x.view(16, 16))
+        with pytest.raises(Exception, match='K >= 16'):
+            square_dot_kernel[(1,)](x, y, K=8)
+
+
 @pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')
 def test_invalid_chunk_size_is_rejected():
     q = torch.zeros(1, 1, 4, 8)
@@ -156,7 +275,7 @@ def test_cpu_without_interpreter_raises():
         mlstm_fused_chunkwise(q, q, q, q[..., 0], q[..., 0])
 
 
-@pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS or not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.skipif(FUSED_DEVICE != 'cuda' or KERNELS_RUN, reason='needs CUDA without MMSEG_VIL_FUSED_CHUNKWISE_CUDA')
 def test_refused_on_cuda():
     q = torch.zeros(1, 1, 4, 16, device='cuda')
     with pytest.raises(RuntimeError, match="not yet validated on CUDA.*mlstm_backend='fused'"):

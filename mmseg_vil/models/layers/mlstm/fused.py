@@ -56,7 +56,8 @@ _force_cuda_configs = False
 
 @contextmanager
 def cuda_launch_configs() -> Iterator[None]:
-    """Launch with the CUDA tile sizes and scan blocks even under ``TRITON_INTERPRET=1``.
+    """Launch with the CUDA tile sizes and scan blocks even under ``TRITON_INTERPRET=1`` (also fused_chunkwise's
+    head-dim blocks).
 
     So that CPU tests run the exact tiles, head-dim chunks and block boundaries the GPU runs (num_warps and
     num_stages are ignored by the interpreter). On CUDA this changes nothing.
