@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from e2e_helpers import ROOT, TINY_CONFIG, data_root_options, make_ade20k, save_initialized_checkpoint
+from mmengine.config import Config
 from mmengine.logging import MMLogger
 
 from mmseg_vil.apis import ModelSpec, compare, init_segmentor
@@ -136,3 +137,14 @@ def test_compare_loads_every_checkpoint_before_evaluating(files, monkeypatch):
              ModelSpec('wrong', config=TINY_CONFIG, checkpoint=files['seven'])]
     with pytest.raises(CheckpointMismatchError, match='seven_classes.pth does not fit'):
         compare(specs, device='cpu')
+
+
+def test_compile_option_compiles_the_inference_model(files):
+    """``--cfg-options compile=True`` of tools/infer.py reaches the model (not silently ignored); the config is kept."""
+    config = Config.fromfile(TINY_CONFIG)
+    model = init_segmentor(config, files['good'], device='cpu', cfg_options={'compile': True})
+    assert model.backbone._compiled_call_impl is not None
+    assert hasattr(model.decode_head.forward, '_torchdynamo_orig_callable')
+    assert 'compile' not in config
+    eager = init_segmentor(config, files['good'], device='cpu')
+    assert eager.backbone._compiled_call_impl is None

@@ -32,6 +32,7 @@ from torch import nn
 from mmseg_vil_runtime.files import InferenceSummary, output_paths, overlay  # torch-free, shared with infer_onnx
 
 from ..engine.checkpoint_policy import load_model_checkpoint
+from ..engine.compile import compile_parts, take_compile_options
 from ..utils.checkpoint import CheckpointMismatchError
 from .batch_inputs import check_fraction, check_positive, collect_images, read_image, resolve_device
 
@@ -62,15 +63,24 @@ def init_segmentor(config: Union[str, Config],
     """The segmentor of ``config`` holding ``checkpoint`` (loaded under the package's checkpoint policy).
 
     ``device`` defaults to CUDA when available. On CPU, SyncBN becomes BN as in MMSegmentation's demos: one process
-    has no group to synchronise with, and some PyTorch versions reject CPU input to SyncBN.
+    has no group to synchronise with, and some PyTorch versions reject CPU input to SyncBN. ``compile`` in the
+    config (or ``cfg_options``) compiles the backbone and heads as in training (:mod:`mmseg_vil.engine.compile`):
+    on CPU it fuses ViL's elementwise work; the first image of each new size is slow while it compiles.
     """
     device = resolve_device(device)
-    config = Config.fromfile(config) if not isinstance(config, Config) else config
-    model = init_model(config, None, device='cpu', cfg_options=cfg_options)  # also sets the default scope
+    config = Config.fromfile(config) if not isinstance(config, Config) else config.copy()
+    if cfg_options:
+        config.merge_from_dict(cfg_options)
+    compile_options = take_compile_options(config)
+    model = init_model(config, None, device='cpu')  # also sets the default scope
     meta = load_model_checkpoint(model, checkpoint, allow_partial=allow_partial) if checkpoint is not None else {}
     model.dataset_meta = _dataset_meta(meta, config, model.decode_head.num_classes)
     model = model.to(device)
-    return revert_sync_batchnorm(model) if torch.device(device).type == 'cpu' else model
+    if torch.device(device).type == 'cpu':
+        model = revert_sync_batchnorm(model)
+    if compile_options is not None:
+        compile_parts(model, compile_options)
+    return model
 
 
 @contextmanager
