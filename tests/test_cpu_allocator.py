@@ -20,7 +20,7 @@ def layer():
     del b, c
 layer()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(20):
     layer()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 '''
@@ -33,5 +33,8 @@ def _page_faults(mode: str) -> int:
 
 @pytest.mark.skipif(_glibc() is None, reason='needs glibc')
 def test_kept_memory_is_not_faulted_in_again():
-    kept, default = _page_faults('keep'), _page_faults('default')
-    assert kept * 2 <= default, (kept, default)
+    # 20 layers after the first: kept memory means fewer faults in all of them than pages one layer touches (6M
+    # float32 = 6144 pages of 4 KiB). (glibc's own dynamic mmap threshold also reuses memory in this simple pattern
+    # on some hosts, so the default allocator is no baseline to compare with.)
+    kept = _page_faults('keep')
+    assert kept < (6 << 20) * 4 // 4096, kept
