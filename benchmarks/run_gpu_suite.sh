@@ -4,6 +4,8 @@
 #   tests     the kernel tests on CUDA (mixer kernels, mLSTM backends, whole-backbone agreement)
 #   backbone  ViL-T/S vs DeiT-T/S backbone training step, eager and CUDA graphs, 224/512/1024/2048
 #   quick     the same for ViL-T vs DeiT-T at 224/512/1024 only
+#   chunkcheck  the fused_chunkwise kernel tests on CUDA (MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1), then one check case
+#             under compute-sanitizer's memcheck (the 2026-12-04 illegal memory access)
 #   cell      the mLSTM cell alone against SDPA (benchmarks/mlstm_kernel_check.py --quick)
 #   profile   per-kernel GPU time of a ViL-T training step (224, batch 64)
 #   train     tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T, 512 crops, batch 16, --amp
@@ -25,6 +27,12 @@ for part in $parts; do
              --out-dir "$out/quick" 2>&1 | grep -v -i warn | tail -30 | tee -a "$out/log.txt" ;;
     backbone) timeout 420 $bench --models vil-t deit-t vil-s deit-s --sizes 224 512 1024 2048 \
              --batch 224=64 512=32 1024=8 2048=2 --out-dir "$out/backbone" 2>&1 | grep -v -i warn | tail -60 \
+             | tee -a "$out/log.txt" ;;
+    chunkcheck) MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 200 python3 -m pytest -q -x -p no:cacheprovider \
+             tests/test_mlstm_fused_chunkwise.py -k "not interpreter" 2>&1 | tail -25 | tee -a "$out/log.txt"
+           sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+           [ -n "$sanitizer" ] && timeout 200 "$sanitizer" --tool memcheck --print-limit 5 python3 \
+             benchmarks/mlstm_kernel_check.py --child check 96 196 bfloat16 False False 2>&1 | tail -30 \
              | tee -a "$out/log.txt" ;;
     cell) timeout 240 python3 benchmarks/mlstm_kernel_check.py --out "$out/cell" --quick 2>&1 | tail -40 \
              | tee -a "$out/log.txt" ;;

@@ -5,10 +5,13 @@ block of the block-diagonal projections). It holds the group's four channels as 
 the 4x4 products are plain multiply-adds on registers: no reshapes, no shared memory. Tokens are row-major on the
 ``(height, width)`` grid; ``REVERSE`` reads the conv kernel rotated by 180 degrees.
 
-Backward, two launches: (1) recompute the conv, form the gradient at the conv's pre-activation and every weight
-gradient of the tile (partial sums, one row per program, summed by the caller: deterministic, no atomics); (2) the
-gradient of the input, which gathers the pre-activation gradient of neighbouring tokens (other programs' tiles,
-hence the second launch) plus the v path.
+Backward, two launches whose programs each walk ``TILES`` token tiles, one channel of the groups at a time, adding
+the weight-gradient terms of every tile into register tiles and reducing them once at the end: one partial row per
+program (summed by the caller: deterministic, no atomics) instead of one per token tile, and a reduction across
+threads per program instead of per tile. (1) Recompute the conv, store the gradient at its pre-activation, and sum
+the conv bias and q/k/v weight and bias gradients; (2) the gradient of the input, which gathers the pre-activation
+gradient of neighbouring tokens (other programs' tiles, hence the second launch) plus the v path, and with the same
+gathered taps the conv weight gradient (tap ``d`` of channel ``c``: sum over tokens ``s`` of ``x[s] dpre[s - d]``).
 """
 import triton
 import triton.language as tl
@@ -57,16 +60,6 @@ def _project(QKV_W, QKV_B, which, groups, group_ok, chans, o: tl.constexpr, a0, 
            + tl.load(base + 2, mask=group_ok, other=0.0).to(ACC)[None, :] * a2
            + tl.load(base + 3, mask=group_ok, other=0.0).to(ACC)[None, :] * a3)
     return out + tl.load(QKV_B + which * chans + groups * GROUP + o, mask=group_ok, other=0.0).to(ACC)[None, :]
-
-
-@triton.jit
-def _project_transposed(QKV_W, which, groups, group_ok, chans, i: tl.constexpr, d0, d1, d2, d3, ACC: tl.constexpr):
-    """Input ``i`` of each group's block of projection ``which``, transposed: sum_o W[o, i] * d_o."""
-    base = QKV_W + which * chans * GROUP + groups * (GROUP * GROUP) + i
-    return (tl.load(base, mask=group_ok, other=0.0).to(ACC)[None, :] * d0
-            + tl.load(base + GROUP, mask=group_ok, other=0.0).to(ACC)[None, :] * d1
-            + tl.load(base + 2 * GROUP, mask=group_ok, other=0.0).to(ACC)[None, :] * d2
-            + tl.load(base + 3 * GROUP, mask=group_ok, other=0.0).to(ACC)[None, :] * d3)
 
 
 @triton.jit
@@ -127,92 +120,145 @@ def _load_group(GRAD, image, offs_t, groups, row_len, column, ok, ACC: tl.conste
 
 
 @triton.jit
-def _channel_backward(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_PRE, PARTIAL, part_row, image, offs_t, groups,
-                      group_ok, ok, height, width, chans, i: tl.constexpr, dq0, dq1, dq2, dq3, dk0, dk1, dk2, dk3,
-                      KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr):
-    """Channel ``i`` of each group: store the pre-activation gradient and the conv weight/bias partial sums;
-    return the activation (for the q/k weight gradients)."""
-    chan = groups * GROUP + i
-    pre, _ = _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE, REVERSE, ACC)
-    sig = tl.sigmoid(pre)
-    grad_act = (_load_grad(GRAD_X_CONV, image, offs_t, groups, chans, i, ok, ACC)
-                + _project_transposed(QKV_W, 0, groups, group_ok, chans, i, dq0, dq1, dq2, dq3, ACC)
-                + _project_transposed(QKV_W, 1, groups, group_ok, chans, i, dk0, dk1, dk2, dk3, ACC))
-    grad_pre = tl.where(ok, grad_act * sig * (1 + pre * (1 - sig)), 0.0)
-    tl.store(_tile_ptrs(GRAD_PRE, image, offs_t, groups * GROUP, chans, i), grad_pre, mask=ok)
-    # Partial row: [conv weight (chans, K*K) | conv bias (chans) | qkv weight (3, chans * 4) | qkv bias (3, chans)]
-    for tap_y in tl.static_range(KSIZE):
-        for tap_x in tl.static_range(KSIZE):
-            x = _tap(X, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE, ACC)
-            tl.store(PARTIAL + part_row + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
-                     tl.sum(grad_pre * x, axis=0), mask=group_ok)
-    tl.store(PARTIAL + part_row + chans * KSIZE * KSIZE + chan, tl.sum(grad_pre, axis=0), mask=group_ok)
-    return pre * sig
+def _block_column(QKV_W, which, groups, group_ok, chans, i: tl.constexpr, ACC: tl.constexpr):
+    """Column ``i`` of each group's 4x4 block of projection ``which``: ``W[o, i]`` for ``o = 0..3``."""
+    base = QKV_W + which * chans * GROUP + groups * (GROUP * GROUP) + i
+    return (tl.load(base, mask=group_ok, other=0.0).to(ACC)[None, :],
+            tl.load(base + GROUP, mask=group_ok, other=0.0).to(ACC)[None, :],
+            tl.load(base + 2 * GROUP, mask=group_ok, other=0.0).to(ACC)[None, :],
+            tl.load(base + 3 * GROUP, mask=group_ok, other=0.0).to(ACC)[None, :])
 
 
 @triton.jit
-def _store_weight_partials(PARTIAL, part_row, which, groups, group_ok, chans, i: tl.constexpr, a, d0, d1, d2, d3,
-                           KSIZE: tl.constexpr):
-    """dW[which, g, o, i] = sum over the tile of d_o * a (a = input channel i of the block)."""
-    base = PARTIAL + part_row + chans * (KSIZE * KSIZE + 1) + which * chans * GROUP + groups * (GROUP * GROUP) + i
-    tl.store(base, tl.sum(d0 * a, axis=0), mask=group_ok)
-    tl.store(base + GROUP, tl.sum(d1 * a, axis=0), mask=group_ok)
-    tl.store(base + 2 * GROUP, tl.sum(d2 * a, axis=0), mask=group_ok)
-    tl.store(base + 3 * GROUP, tl.sum(d3 * a, axis=0), mask=group_ok)
+def _channel(i: tl.constexpr, d0, d1, d2, d3):
+    """``d_i`` of four per-channel tiles (``i`` known at compile time)."""
+    if i == 0:
+        return d0
+    elif i == 1:
+        return d1
+    elif i == 2:
+        return d2
+    return d3
 
 
 @triton.jit
-def _store_group_sums(PTR, group_ok, d0, d1, d2, d3):
-    """Bias gradients: the tile's sum of each output channel of the group."""
-    tl.store(PTR, tl.sum(d0, axis=0), mask=group_ok)
-    tl.store(PTR + 1, tl.sum(d1, axis=0), mask=group_ok)
-    tl.store(PTR + 2, tl.sum(d2, axis=0), mask=group_ok)
-    tl.store(PTR + 3, tl.sum(d3, axis=0), mask=group_ok)
+def _add_outer(acc0, acc1, acc2, acc3, d0, d1, d2, d3, a):
+    """Accumulate the weight-gradient terms ``d_o * a`` of one input channel for ``o = 0..3``."""
+    return acc0 + d0 * a, acc1 + d1 * a, acc2 + d2 * a, acc3 + d3 * a
+
+
+@triton.jit
+def _store_column_sums(PTR, group_ok, acc0, acc1, acc2, acc3):
+    """dW[g, o, i] (``PTR`` at ``o = 0``): the program's sum of each accumulated tile."""
+    tl.store(PTR, tl.sum(acc0, axis=0), mask=group_ok)
+    tl.store(PTR + GROUP, tl.sum(acc1, axis=0), mask=group_ok)
+    tl.store(PTR + 2 * GROUP, tl.sum(acc2, axis=0), mask=group_ok)
+    tl.store(PTR + 3 * GROUP, tl.sum(acc3, axis=0), mask=group_ok)
+
+
+@triton.jit
+def _walk_setup(height, width, chans, KSIZE: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Channel groups, image offset and partial row of a backward program (grid: token ranges, groups, batch)."""
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    group_ok = groups < chans // GROUP
+    image = tl.program_id(2).to(tl.int64) * height * width * chans
+    row_len = chans * (KSIZE * KSIZE + 1) + 3 * chans * GROUP + 3 * chans
+    part_row = (tl.program_id(2).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * row_len
+    return groups, group_ok, image, part_row
+
+
+@triton.jit
+def _walk_tile(tile, n_tokens, group_ok, BLOCK_T: tl.constexpr, TILES: tl.constexpr):
+    """Tokens of the program's ``tile``-th token tile and the mask of the tile."""
+    offs_t = (tl.program_id(0) * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return offs_t, (offs_t[:, None] < n_tokens) & group_ok[None, :]
 
 
 @triton.jit
 def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_QKV, GRAD_PRE, PARTIAL, height, width,
                              chans, KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Launch 1 of the backward (module docstring). Grid as the forward; PARTIAL has one row per (batch, token tile)."""
-    offs_t, groups, group_ok, image, ok = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
+                             BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
+    """Launch 1 of the backward (module docstring): grad_pre, and the partial sums of the conv bias and q/k/v weight
+    and bias gradients. PARTIAL: one row per program, ``[conv weight | conv bias | qkv weight | qkv bias]``."""
+    groups, group_ok, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
     grad_image = image * 3
-    part_row = (tl.program_id(2).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (
-        chans * (KSIZE * KSIZE + 1) + 3 * chans * GROUP + 3 * chans)
-    dq0, dq1, dq2, dq3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 0, ok, ACC)
-    dk0, dk1, dk2, dk3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, chans, ok, ACC)
-    dv0, dv1, dv2, dv3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans, ok, ACC)
+    n_tokens = height * width
+    zero = tl.zeros((BLOCK_T, BLOCK_G), dtype=ACC)
     for i in tl.static_range(GROUP):
-        act = _channel_backward(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_PRE, PARTIAL, part_row, image, offs_t,
-                                groups, group_ok, ok, height, width, chans, i, dq0, dq1, dq2, dq3, dk0, dk1, dk2,
-                                dk3, KSIZE, REVERSE, ACC)
-        x = _tap(X, image, offs_t, groups * GROUP + i, KSIZE // 2, KSIZE // 2, height, width, chans, KSIZE, ACC)
-        _store_weight_partials(PARTIAL, part_row, 0, groups, group_ok, chans, i, act, dq0, dq1, dq2, dq3, KSIZE)
-        _store_weight_partials(PARTIAL, part_row, 1, groups, group_ok, chans, i, act, dk0, dk1, dk2, dk3, KSIZE)
-        _store_weight_partials(PARTIAL, part_row, 2, groups, group_ok, chans, i, x, dv0, dv1, dv2, dv3, KSIZE)
-    bias_base = PARTIAL + part_row + chans * (KSIZE * KSIZE + 1) + 3 * chans * GROUP + groups * GROUP
-    _store_group_sums(bias_base, group_ok, dq0, dq1, dq2, dq3)
-    _store_group_sums(bias_base + chans, group_ok, dk0, dk1, dk2, dk3)
-    _store_group_sums(bias_base + 2 * chans, group_ok, dv0, dv1, dv2, dv3)
+        chan = groups * GROUP + i
+        wq0, wq1, wq2, wq3 = _block_column(QKV_W, 0, groups, group_ok, chans, i, ACC)
+        wk0, wk1, wk2, wk3 = _block_column(QKV_W, 1, groups, group_ok, chans, i, ACC)
+        bias_conv, bias_q, bias_k, bias_v = zero, zero, zero, zero
+        wgq0, wgq1, wgq2, wgq3 = zero, zero, zero, zero
+        wgk0, wgk1, wgk2, wgk3 = zero, zero, zero, zero
+        wgv0, wgv1, wgv2, wgv3 = zero, zero, zero, zero
+        for tile in range(TILES):
+            offs_t, ok = _walk_tile(tile, n_tokens, group_ok, BLOCK_T, TILES)
+            dq0, dq1, dq2, dq3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 0, ok, ACC)
+            dk0, dk1, dk2, dk3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, chans, ok, ACC)
+            dv0, dv1, dv2, dv3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans, ok, ACC)
+            pre, x = _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE, REVERSE, ACC)
+            sig = tl.sigmoid(pre)
+            grad_act = (_load_grad(GRAD_X_CONV, image, offs_t, groups, chans, i, ok, ACC)
+                        + wq0 * dq0 + wq1 * dq1 + wq2 * dq2 + wq3 * dq3
+                        + wk0 * dk0 + wk1 * dk1 + wk2 * dk2 + wk3 * dk3)
+            grad_pre = tl.where(ok, grad_act * sig * (1 + pre * (1 - sig)), 0.0)
+            tl.store(_tile_ptrs(GRAD_PRE, image, offs_t, groups * GROUP, chans, i), grad_pre, mask=ok)
+            act = pre * sig
+            bias_conv += grad_pre
+            bias_q += _channel(i, dq0, dq1, dq2, dq3)
+            bias_k += _channel(i, dk0, dk1, dk2, dk3)
+            bias_v += _channel(i, dv0, dv1, dv2, dv3)
+            wgq0, wgq1, wgq2, wgq3 = _add_outer(wgq0, wgq1, wgq2, wgq3, dq0, dq1, dq2, dq3, act)
+            wgk0, wgk1, wgk2, wgk3 = _add_outer(wgk0, wgk1, wgk2, wgk3, dk0, dk1, dk2, dk3, act)
+            wgv0, wgv1, wgv2, wgv3 = _add_outer(wgv0, wgv1, wgv2, wgv3, dv0, dv1, dv2, dv3, x)  # v projects x
+        row = PARTIAL + part_row + chans * KSIZE * KSIZE
+        tl.store(row + chan, tl.sum(bias_conv, axis=0), mask=group_ok)
+        weights = row + chans + groups * (GROUP * GROUP) + i
+        _store_column_sums(weights, group_ok, wgq0, wgq1, wgq2, wgq3)
+        _store_column_sums(weights + chans * GROUP, group_ok, wgk0, wgk1, wgk2, wgk3)
+        _store_column_sums(weights + 2 * chans * GROUP, group_ok, wgv0, wgv1, wgv2, wgv3)
+        biases = row + chans + 3 * chans * GROUP + chan
+        tl.store(biases, tl.sum(bias_q, axis=0), mask=group_ok)
+        tl.store(biases + chans, tl.sum(bias_k, axis=0), mask=group_ok)
+        tl.store(biases + 2 * chans, tl.sum(bias_v, axis=0), mask=group_ok)
 
 
 @triton.jit
-def conv_qkv_input_grad_kernel(GRAD_PRE, CONV_W, QKV_W, GRAD_QKV, GRAD_X, height, width, chans,
-                               KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
-                               BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Launch 2 of the backward: dx = transposed depthwise conv of the pre-activation gradient + v's block^T dv."""
-    offs_t, groups, group_ok, image, ok = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
+def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GRAD_QKV, GRAD_X, PARTIAL, height, width, chans,
+                               KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                               BLOCK_G: tl.constexpr, TILES: tl.constexpr, BLOCK_TAPS: tl.constexpr):
+    """Launch 2 of the backward: dx = transposed depthwise conv of the pre-activation gradient + v's block^T dv, and
+    the partial sums of the conv weight gradient (the first columns of launch 1's PARTIAL rows).
+
+    All taps at once, as a ``(tokens, groups, taps)`` tile: forward ``pre[t] = sum_d w[d] x[t + d]`` gives
+    ``dx[s] = sum_d w[d] dpre[s - d]`` and ``dw[d] = sum_s x[s] dpre[s - d]`` from the same gathered values.
+    """
+    groups, group_ok, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
     grad_image = image * 3
-    dv0, dv1, dv2, dv3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans, ok, ACC)
+    n_tokens = height * width
+    taps = tl.arange(0, BLOCK_TAPS)
+    tap_ok = taps < KSIZE * KSIZE
+    shift_y, shift_x = taps // KSIZE - KSIZE // 2, taps % KSIZE - KSIZE // 2  # the offset d of each tap
+    weight_index = (KSIZE * KSIZE - 1 - taps) if REVERSE else taps  # the kernel rotated by 180 degrees
     for i in tl.static_range(GROUP):
         chan = groups * GROUP + i
-        grad = _project_transposed(QKV_W, 2, groups, group_ok, chans, i, dv0, dv1, dv2, dv3, ACC)
-        # conv out[t] = sum_tap w[tap] x[t + tap - c]  =>  dx[s] = sum_tap w[tap] dpre[s - tap + c] (mirrored tap)
-        for tap_y in tl.static_range(KSIZE):
-            for tap_x in tl.static_range(KSIZE):
-                weight = tl.load(CONV_W + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
-                                 mask=group_ok, other=0.0).to(ACC)
-                grad += weight[None, :] * _tap(GRAD_PRE, image, offs_t, chan, KSIZE - 1 - tap_y, KSIZE - 1 - tap_x,
-                                               height, width, chans, KSIZE, ACC)
-        tl.store(_tile_ptrs(GRAD_X, image, offs_t, groups * GROUP, chans, i), grad.to(GRAD_X.dtype.element_ty),
-                 mask=ok)
+        wv0, wv1, wv2, wv3 = _block_column(QKV_W, 2, groups, group_ok, chans, i, ACC)
+        weight_ptrs = chan[:, None] * (KSIZE * KSIZE) + weight_index[None, :]
+        conv_w = tl.load(CONV_W + weight_ptrs, mask=group_ok[:, None] & tap_ok[None, :], other=0.0).to(ACC)
+        grad_w = tl.zeros((BLOCK_T, BLOCK_G, BLOCK_TAPS), dtype=ACC)
+        for tile in range(TILES):
+            offs_t, ok = _walk_tile(tile, n_tokens, group_ok, BLOCK_T, TILES)
+            dv0, dv1, dv2, dv3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans, ok, ACC)
+            row = offs_t[:, None, None] // width - shift_y[None, None, :]
+            col = offs_t[:, None, None] % width - shift_x[None, None, :]
+            inside = (ok[:, :, None] & tap_ok[None, None, :] & (row >= 0) & (row < height) & (col >= 0)
+                      & (col < width))
+            grad_pre = tl.load(GRAD_PRE + image + (row * width + col) * chans + chan[None, :, None], mask=inside,
+                               other=0.0).to(ACC)
+            x = _load_grad(X, image, offs_t, groups, chans, i, ok, ACC)
+            grad_w += grad_pre * x[:, :, None]
+            grad = wv0 * dv0 + wv1 * dv1 + wv2 * dv2 + wv3 * dv3 + tl.sum(grad_pre * conv_w[None, :, :], axis=2)
+            tl.store(_tile_ptrs(GRAD_X, image, offs_t, groups * GROUP, chans, i), grad.to(GRAD_X.dtype.element_ty),
+                     mask=ok)
+        tl.store(PARTIAL + part_row + weight_ptrs, tl.sum(grad_w, axis=0), mask=group_ok[:, None] & tap_ok[None, :])

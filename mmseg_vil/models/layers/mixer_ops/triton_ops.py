@@ -16,6 +16,9 @@ from . import _gated_output_kernels as gate_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k/v
+# Token tiles per backward program: partial weight-gradient rows and cross-thread reductions fall by this factor
+# (a row per 8-token tile was 61 MB of fp32 per block at 224 px, batch 64; its kernel took 7 of ViL-T's 37 ms step).
+BACKWARD_TILES = 8
 
 
 def _accumulator(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
@@ -55,7 +58,9 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, x: Tensor, height: 
     """Gradients of x, conv weight, conv bias, q/k/v weight and q/k/v bias."""
     x = x.contiguous()
     chans, ksize = x.shape[2], conv_weight.shape[-1]
-    grid, config = _conv_launch(x)
+    (token_tiles, *grid), config = _conv_launch(x)
+    grid = (triton.cdiv(token_tiles, BACKWARD_TILES), *grid)
+    config.update(KSIZE=ksize, REVERSE=reverse, TILES=BACKWARD_TILES)
     acc_dtype = _accumulator(x.dtype)[0]
     grad_pre = torch.empty(x.shape, dtype=acc_dtype, device=x.device)
     sizes = [chans * ksize * ksize, chans, 3 * chans * GROUP, 3 * chans]
@@ -63,11 +68,11 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, x: Tensor, height: 
     conv_weight, qkv_weight, grad_qkv = conv_weight.contiguous(), qkv_weight.contiguous(), grad_qkv.contiguous()
     conv_kernels.conv_qkv_backward_kernel[grid](
         x, conv_weight, conv_bias, qkv_weight, grad_x_conv.contiguous(), grad_qkv, grad_pre, partial, height, width,
-        chans, KSIZE=ksize, REVERSE=reverse, **config)
+        chans, **config)
     grad_x = torch.empty_like(x)
     conv_kernels.conv_qkv_input_grad_kernel[grid](
-        grad_pre, conv_weight, qkv_weight, grad_qkv, grad_x, height, width, chans, KSIZE=ksize, REVERSE=reverse,
-        **config)
+        grad_pre, x, conv_weight, qkv_weight, grad_qkv, grad_x, partial, height, width, chans,
+        BLOCK_TAPS=triton.next_power_of_2(ksize * ksize), **config)
     grads = partial.sum(0).split(sizes)
     params = (conv_weight, conv_bias, qkv_weight, conv_bias.new_empty(3, chans))
     return [grad_x, *(g.view(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, params))]
