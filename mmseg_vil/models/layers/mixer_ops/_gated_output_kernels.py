@@ -2,17 +2,18 @@
 
 A program owns a tile of tokens and one head, i.e. exactly the channels one LayerNorm reduces over. ``h`` is read
 through its strides (the mLSTM backends return ``(B, NH, N, DH)`` or ``(B, N, NH, DH)`` storage); everything else is
-``(B, N, E)`` contiguous. The backward recomputes the statistics and writes the weight gradients as one partial-sum
-row per token tile (summed by the caller: deterministic, no atomics).
+``(B, N, E)`` contiguous. The backward recomputes the statistics; each of its programs walks ``TILES`` token tiles,
+adds the weight-gradient terms into register tiles and writes their sums as one partial row (summed by the caller:
+deterministic, no atomics).
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _offsets(stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T: tl.constexpr,
+def _offsets(tile, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T: tl.constexpr,
              BLOCK_D: tl.constexpr):
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
     token_ok = tokens < n_tokens
@@ -33,10 +34,10 @@ def _normalise(h, ok, head_dim, eps):
 
 
 @triton.jit
-def _load_inputs(H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim,
-                 eps, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The program's offsets and masks, its normalised heads with their 1/std, the parameters, x_conv and z."""
-    h_offs, flat, chan, ok = _offsets(stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T,
+def _load_inputs(tile, H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
+                 head_dim, eps, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and masks of token tile ``tile``, its normalised heads with their 1/std, the parameters, x_conv, z."""
+    h_offs, flat, chan, ok = _offsets(tile, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T,
                                       BLOCK_D)
     chan_ok = chan < chans
     normed, rstd = _normalise(tl.load(H + h_offs, mask=ok, other=0.0).to(ACC), ok, head_dim, eps)
@@ -54,8 +55,8 @@ def gated_output_forward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, OUT, stride_
                                 BLOCK_D: tl.constexpr):
     """Grid: (token tiles over the B * N tokens, heads). ``out = (norm(h) * w + b + skip * x_conv) * silu(z)``."""
     h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
-        H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps, ACC,
-        BLOCK_T, BLOCK_D)
+        tl.program_id(0), H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
+        head_dim, eps, ACC, BLOCK_T, BLOCK_D)
     out = (normed * weight[None, :] + bias[None, :] + skip[None, :] * x_conv) * (z * tl.sigmoid(z))
     tl.store(OUT + flat, out.to(OUT.dtype.element_ty), mask=ok)
 
@@ -63,24 +64,35 @@ def gated_output_forward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, OUT, stride_
 @triton.jit
 def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, GRAD_H, GRAD_X_CONV, GRAD_Z, PARTIAL,
                                  stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps,
-                                 ACC: tl.constexpr,
-                                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gradients of h (in h's strides), x_conv and z; PARTIAL row per token tile: [d norm_w | d norm_b | d skip]."""
-    h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
-        H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps, ACC,
-        BLOCK_T, BLOCK_D)
-    grad_out = tl.load(GRAD_OUT + flat, mask=ok, other=0.0).to(ACC)
-    sig = tl.sigmoid(z)
-    grad_gated = grad_out * (z * sig)  # gradient of the gated sum
-    gated_sum = normed * weight[None, :] + bias[None, :] + skip[None, :] * x_conv
-    tl.store(GRAD_Z + flat, (grad_out * gated_sum * sig * (1 + z * (1 - sig))).to(GRAD_Z.dtype.element_ty), mask=ok)
-    tl.store(GRAD_X_CONV + flat, (grad_gated * skip[None, :]).to(GRAD_X_CONV.dtype.element_ty), mask=ok)
-    grad_normed = grad_gated * weight[None, :]
-    mean_grad = tl.sum(grad_normed, axis=1) / head_dim
-    mean_grad_normed = tl.sum(grad_normed * normed, axis=1) / head_dim
-    grad_h = (grad_normed - mean_grad[:, None] - normed * mean_grad_normed[:, None]) * rstd[:, None]
-    tl.store(GRAD_H + h_offs, grad_h.to(GRAD_H.dtype.element_ty), mask=ok)
+                                 ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 TILES: tl.constexpr):
+    """Gradients of h (in h's strides), x_conv and z over ``TILES`` token tiles; one PARTIAL row per program:
+    ``[d norm_w | d norm_b | d skip]``."""
+    grad_weight = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+    grad_bias = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+    grad_skip = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+    for tile in range(tl.program_id(0) * TILES, (tl.program_id(0) + 1) * TILES):
+        h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
+            tile, H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
+            head_dim, eps, ACC, BLOCK_T, BLOCK_D)
+        grad_out = tl.load(GRAD_OUT + flat, mask=ok, other=0.0).to(ACC)
+        sig = tl.sigmoid(z)
+        grad_gated = grad_out * (z * sig)  # gradient of the gated sum
+        gated_sum = normed * weight[None, :] + bias[None, :] + skip[None, :] * x_conv
+        tl.store(GRAD_Z + flat, (grad_out * gated_sum * sig * (1 + z * (1 - sig))).to(GRAD_Z.dtype.element_ty),
+                 mask=ok)
+        tl.store(GRAD_X_CONV + flat, (grad_gated * skip[None, :]).to(GRAD_X_CONV.dtype.element_ty), mask=ok)
+        grad_normed = grad_gated * weight[None, :]
+        mean_grad = tl.sum(grad_normed, axis=1) / head_dim
+        mean_grad_normed = tl.sum(grad_normed * normed, axis=1) / head_dim
+        grad_h = (grad_normed - mean_grad[:, None] - normed * mean_grad_normed[:, None]) * rstd[:, None]
+        tl.store(GRAD_H + h_offs, grad_h.to(GRAD_H.dtype.element_ty), mask=ok)
+        grad_weight += grad_gated * normed
+        grad_bias += grad_gated
+        grad_skip += grad_gated * x_conv
+    chan = tl.program_id(1) * head_dim + tl.arange(0, BLOCK_D)
+    chan_ok = tl.arange(0, BLOCK_D) < head_dim
     row = PARTIAL + tl.program_id(0).to(tl.int64) * 3 * chans
-    tl.store(row + chan, tl.sum(grad_gated * normed, axis=0), mask=chan_ok)
-    tl.store(row + chans + chan, tl.sum(grad_gated, axis=0), mask=chan_ok)
-    tl.store(row + 2 * chans + chan, tl.sum(grad_gated * x_conv, axis=0), mask=chan_ok)
+    tl.store(row + chan, tl.sum(grad_weight, axis=0), mask=chan_ok)
+    tl.store(row + chans + chan, tl.sum(grad_bias, axis=0), mask=chan_ok)
+    tl.store(row + 2 * chans + chan, tl.sum(grad_skip, axis=0), mask=chan_ok)

@@ -16,8 +16,9 @@ from . import _gated_output_kernels as gate_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k/v
-# Token tiles per backward program: partial weight-gradient rows and cross-thread reductions fall by this factor
-# (a row per 8-token tile was 61 MB of fp32 per block at 224 px, batch 64; its kernel took 7 of ViL-T's 37 ms step).
+# Token tiles per program of the backward kernels: their partial weight-gradient rows and cross-thread reductions fall
+# by this factor (conv_qkv's row per 8-token tile was 61 MB of fp32 per block at 224 px, batch 64; its backward took
+# 7 ms of ViL-T's 37 ms step on an H200).
 BACKWARD_TILES = 8
 
 
@@ -140,13 +141,14 @@ def gated_output_backward(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor
     """Gradients of h (in h's strides), x_conv, z, norm weight, norm bias and skip."""
     grad_h = torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=h.device)
     grad_x_conv, grad_z = torch.empty_like(x_conv), torch.empty_like(z)
-    grid, config = _gate_launch(h)
+    (token_tiles, heads), config = _gate_launch(h)
+    grid = (triton.cdiv(token_tiles, BACKWARD_TILES), heads)
     chans = x_conv.shape[-1]
     partial = torch.empty(grid[0], 3 * chans, dtype=_accumulator(h.dtype)[0], device=h.device)
     h, *sizes = _gate_args(h)
     gate_kernels.gated_output_backward_kernel[grid](
         h, x_conv.contiguous(), z.contiguous(), norm_weight, norm_bias, skip, grad_out.contiguous(), grad_h,
-        grad_x_conv, grad_z, partial, *sizes, eps, **config)
+        grad_x_conv, grad_z, partial, *sizes, eps, TILES=BACKWARD_TILES, **config)
     grads = partial.sum(0).split(chans)
     params = (norm_weight, norm_bias, skip)
     return [grad_h, grad_x_conv, grad_z, *(g.to(p.dtype, copy=True) for g, p in zip(grads, params))]
