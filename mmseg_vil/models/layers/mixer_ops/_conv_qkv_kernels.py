@@ -168,9 +168,16 @@ def _walk_setup(height, width, chans, KSIZE: tl.constexpr, BLOCK_G: tl.constexpr
 
 
 @triton.jit
-def _walk_tile(tile, n_tokens, group_ok, BLOCK_T: tl.constexpr, TILES: tl.constexpr):
-    """Tokens of the program's ``tile``-th token tile and the mask of the tile."""
-    offs_t = (tl.program_id(0) * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _walk_range(n_tokens, BLOCK_T: tl.constexpr, TILES: tl.constexpr):
+    """The token tiles this program walks: ``TILES`` of them, fewer at the end of the image."""
+    first = tl.program_id(0) * TILES
+    return first, tl.minimum(first + TILES, tl.cdiv(n_tokens, BLOCK_T))
+
+
+@triton.jit
+def _walk_tile(tile, n_tokens, group_ok, BLOCK_T: tl.constexpr):
+    """Tokens of token tile ``tile`` and the mask of the tile."""
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     return offs_t, (offs_t[:, None] < n_tokens) & group_ok[None, :]
 
 
@@ -183,6 +190,7 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_QKV, GR
     groups, group_ok, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
     grad_image = image * 3
     n_tokens = height * width
+    first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
     zero = tl.zeros((BLOCK_T, BLOCK_G), dtype=ACC)
     for i in tl.static_range(GROUP):
         chan = groups * GROUP + i
@@ -192,8 +200,8 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_QKV, GR
         wgq0, wgq1, wgq2, wgq3 = zero, zero, zero, zero
         wgk0, wgk1, wgk2, wgk3 = zero, zero, zero, zero
         wgv0, wgv1, wgv2, wgv3 = zero, zero, zero, zero
-        for tile in range(TILES):
-            offs_t, ok = _walk_tile(tile, n_tokens, group_ok, BLOCK_T, TILES)
+        for tile in range(first_tile, end_tile):
+            offs_t, ok = _walk_tile(tile, n_tokens, group_ok, BLOCK_T)
             dq0, dq1, dq2, dq3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 0, ok, ACC)
             dk0, dk1, dk2, dk3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, chans, ok, ACC)
             dv0, dv1, dv2, dv3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans, ok, ACC)
@@ -237,6 +245,7 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GRAD_QKV, GRAD_X, PAR
     groups, group_ok, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
     grad_image = image * 3
     n_tokens = height * width
+    first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
     taps = tl.arange(0, BLOCK_TAPS)
     tap_ok = taps < KSIZE * KSIZE
     shift_y, shift_x = taps // KSIZE - KSIZE // 2, taps % KSIZE - KSIZE // 2  # the offset d of each tap
@@ -247,8 +256,8 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GRAD_QKV, GRAD_X, PAR
         weight_ptrs = chan[:, None] * (KSIZE * KSIZE) + weight_index[None, :]
         conv_w = tl.load(CONV_W + weight_ptrs, mask=group_ok[:, None] & tap_ok[None, :], other=0.0).to(ACC)
         grad_w = tl.zeros((BLOCK_T, BLOCK_G, BLOCK_TAPS), dtype=ACC)
-        for tile in range(TILES):
-            offs_t, ok = _walk_tile(tile, n_tokens, group_ok, BLOCK_T, TILES)
+        for tile in range(first_tile, end_tile):
+            offs_t, ok = _walk_tile(tile, n_tokens, group_ok, BLOCK_T)
             dv0, dv1, dv2, dv3 = _load_group(GRAD_QKV, grad_image, offs_t, groups, 3 * chans, 2 * chans, ok, ACC)
             row = offs_t[:, None, None] // width - shift_y[None, None, :]
             col = offs_t[:, None, None] % width - shift_x[None, None, :]

@@ -71,7 +71,8 @@ def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, G
     grad_weight = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
     grad_bias = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
     grad_skip = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
-    for tile in range(tl.program_id(0) * TILES, (tl.program_id(0) + 1) * TILES):
+    end_tile = tl.minimum((tl.program_id(0) + 1) * TILES, tl.cdiv(n_tokens, BLOCK_T))
+    for tile in range(tl.program_id(0) * TILES, end_tile):
         h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
             tile, H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
             head_dim, eps, ACC, BLOCK_T, BLOCK_D)
