@@ -11,7 +11,8 @@ must be set before the kernels are decorated, i.e. before ``mmseg_vil`` is impor
 fused tests in a subprocess with the variable set, and fails if any of them is skipped or Triton is missing. Under
 the interpreter the kernels use their own tile sizes, except in the preset head-dim tests and some of the mixer-view
 tests, which force the CUDA launch configurations. The fused kernels also run on q, k, v and the gates as the ViL
-mixer passes them (strided views of one projection output), in both directions, and are checked to copy nothing.
+mixer passes them (strided views of one projection output), in both directions, and are checked to copy nothing;
+the chunkwise form, on the same views, to copy q, k and v once (into its chunk layout) and to flip none of them.
 """
 import contextlib
 import functools
@@ -24,6 +25,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmseg_vil.models.layers.mlstm import MLSTM_BACKENDS, mlstm
@@ -44,6 +46,8 @@ TOLERANCES = {
 # In bfloat16 it also computes scores and normaliser in bfloat16 (gradients off by O(1) at N >= 196), so it is not
 # held to the bfloat16 tolerance at all; the other backends accumulate in float32.
 PARALLEL_FLOAT32_TOLERANCE = 1e-3
+# The chunkwise form only regroups the parallel form's float64 sums (no quadratic-form shortcut loses digits).
+CHUNKWISE_FLOAT64_TOLERANCE = 1e-12
 # exp(100) = 2.7e43 is beyond float32's 3.4e38: only a working stabiliser keeps such gates finite.
 LARGE_IGATE = 100.0
 
@@ -154,25 +158,110 @@ def test_auto_on_cpu_matches_reference(n, dtype, tolerance):
     assert_close_to_reference('auto', n, 12, dtype, tolerance)
 
 
-@pytest.mark.parametrize('backend', ['parallel', 'chunkwise'])
-def test_large_input_gates_stay_finite_and_exact(backend):
+@pytest.mark.parametrize('backend,reverse', [('parallel', False), ('chunkwise', False), ('chunkwise', True)])
+def test_large_input_gates_stay_finite_and_exact(backend, reverse):
     """Input gates around 100: exp(i) overflows float32 unless every exponent is taken relative to the max
     stabiliser m (per row; in the chunkwise form also per chunk and per carried state). N=200 spans 4 chunks."""
-    assert_close_to_reference(backend, 200, 12, torch.float32, TOLERANCES[torch.float32], large_input_gates=True)
+    assert_close_to_reference(backend, 200, 12, torch.float32, TOLERANCES[torch.float32], large_input_gates=True,
+                              reverse=reverse)
 
 
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
 @pytest.mark.parametrize('n', SEQ_LENS)
-def test_chunkwise_float64_is_exact(n):
-    assert_close_to_reference('chunkwise', n, 12, torch.float64, TOLERANCES[torch.float64])
+def test_chunkwise_float64_is_exact(n, reverse):
+    """Output and gradients; the reverse cell (chunked from the sequence's end) against the flipped reference."""
+    assert_close_to_reference('chunkwise', n, 12, torch.float64, CHUNKWISE_FLOAT64_TOLERANCE, reverse=reverse)
 
 
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
 @pytest.mark.parametrize('chunk_size', [16, 37, 64, 256])
-def test_chunkwise_padding_does_not_change_results(chunk_size):
-    """N=200 runs as 13 x 16 and 6 x 34 steps (padded), 4 x 50 and one chunk; all give the same result."""
-    *inputs, _ = make_inputs(200, 12, torch.float64, seed=1)
-    expected, _ = reference_float64(*inputs)
-    actual = mlstm_chunkwise(*inputs, chunk_size=chunk_size)
-    assert (actual - expected).abs().max() <= TOLERANCES[torch.float64] * expected.abs().max()
+def test_chunkwise_padding_does_not_change_results(chunk_size, reverse):
+    """N=200 runs as 13 x 16 and 6 x 34 steps (padded: at the end, or in front in reverse), 4 x 50 and one chunk;
+    all give the reference result. Input gates below -5: a padded step's (pre-activations 0) would be the max
+    stabiliser of the real steps before it if the cell saw it, and move their outputs by about eps."""
+    q, k, v, igate, fgate, _ = make_inputs(200, 12, torch.float64, seed=1)
+    inputs = q, k, v, igate - 5 - igate.abs(), fgate
+    if reverse:
+        expected = flip_tokens(reference_float64(*map(flip_tokens, inputs))[0])
+    else:
+        expected, _ = reference_float64(*inputs)
+    actual = mlstm_chunkwise(*inputs, chunk_size=chunk_size, reverse=reverse)
+    assert (actual - expected).abs().max() <= CHUNKWISE_FLOAT64_TOLERANCE * expected.abs().max()
+
+
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_chunkwise_gradcheck(reverse):
+    """Finite differences of the float64 cell over three chunks of 4 steps, the one run last padded (N=10)."""
+    *inputs, _ = make_inputs(10, 3, torch.float64, seed=2, batch=1, heads=2)
+    cell = functools.partial(mlstm_chunkwise, chunk_size=4, reverse=reverse)
+    assert torch.autograd.gradcheck(cell, [x.requires_grad_() for x in inputs])
+
+
+class _SubnormalOperands(TorchDispatchMode):
+    """Counts the subnormal numbers in the operands of the matmuls in its scope."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ('bmm', 'mm', 'baddbmm', 'addmm'):
+            for x in args:
+                if isinstance(x, torch.Tensor) and x.is_floating_point():
+                    self.count += int(((x != 0) & (x.abs() < torch.finfo(x.dtype).tiny)).sum())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_chunkwise_matmuls_get_no_subnormal_numbers(reverse):
+    """Forget gates of about e^-1 per step decay the state's weights by e^-16 per chunk of 16: chunks 6 apart weigh
+    about e^-93, a subnormal float32, which slows the CPU's matmuls many times over. They are flushed to zero, and the
+    result stays exact."""
+    q, k, v, igate, _, _ = make_inputs(256, 8, torch.float64, seed=0)
+    fgate = torch.full_like(igate, -0.5)
+    expected = reference_float64(q, k, v, igate, fgate)[0]
+    if reverse:
+        expected = flip_tokens(reference_float64(*map(flip_tokens, (q, k, v, igate, fgate)))[0])
+    with _SubnormalOperands() as subnormals:
+        actual = mlstm_chunkwise(*(x.float() for x in (q, k, v, igate, fgate)), chunk_size=16, reverse=reverse)
+    assert subnormals.count == 0
+    assert (actual - expected).abs().max() <= TOLERANCES[torch.float32] * expected.abs().max()
+
+
+class _LargeMoves(TorchDispatchMode):
+    """The data-moving ops (copies, casts, pads, flips, ...) in its scope whose output has ``size`` or more elements."""
+    MOVES = {'flip', 'clone', 'copy_', '_to_copy', 'constant_pad_nd', 'cat', 'stack', 'roll', 'index', 'gather',
+             'index_select', 'slice_scatter', 'as_strided_scatter'}
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.ops = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.MOVES and any(isinstance(x, torch.Tensor) and x.numel() >= self.size
+                                      for x in pytree.tree_leaves(out)):
+            self.ops.append(name)
+        return out
+
+
+@pytest.mark.parametrize('n', [201, 256], ids=['padded', 'whole-chunks'])
+def test_chunkwise_copies_mixer_views_once(n):
+    """On the mixer's strided float32 views, q, k and v are moved once each, into the chunk layout (a pad, or a
+    reshape's copy), and h not at all, in both directions: the reverse cell flips no tensor of their size (only gate
+    vectors) and moves in its backward the same large tensors as the causal one."""
+    inputs = [x.float() for x in make_inputs(n, 8, torch.float64, seed=0)[:5]]
+    moves = {}
+    for reverse in (False, True):
+        views = mixer_views(inputs)
+        with _LargeMoves(views[0].numel()) as forward:
+            h = mlstm_chunkwise(*views, reverse=reverse)
+        with _LargeMoves(views[0].numel()) as backward:
+            torch.autograd.grad(h, views, torch.ones_like(h))
+        moves[reverse] = forward.ops, backward.ops
+    assert moves[False][0] == moves[True][0] == ['constant_pad_nd' if n % 64 else 'clone'] * 3
+    assert moves[True][1] == moves[False][1] and 'flip' not in moves[True][1]
 
 
 def test_unknown_backend_is_rejected():
