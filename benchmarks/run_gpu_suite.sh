@@ -4,6 +4,8 @@
 #   tests     the kernel tests on CUDA (mixer kernels, mLSTM backends, whole-backbone agreement)
 #   backbone  ViL-T/S vs DeiT-T/S backbone training step, eager and CUDA graphs, 224/512/1024/2048
 #   quick     the same for ViL-T vs DeiT-T at 224/512/1024 only
+#   rest      what backbone adds to quick: ViL-S vs DeiT-S at 224/512/1024, all four at 2048
+#   compile   ViL-T vs DeiT-T training step under torch.compile (default mode) at 224 and 512
 #   chunkcheck  the fused_chunkwise kernel tests on CUDA (MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1), then one check case
 #             under compute-sanitizer's memcheck (the 2026-12-04 illegal memory access)
 #   cell      the mLSTM cell alone against SDPA (benchmarks/mlstm_kernel_check.py --quick)
@@ -25,6 +27,13 @@ for part in $parts; do
              tests/test_mlstm_backends.py -k "not interpreter" 2>&1 | tail -15 | tee -a "$out/log.txt" ;;
     quick) timeout 300 $bench --models vil-t deit-t --sizes 224 512 1024 --batch 224=64 512=32 1024=8 \
              --out-dir "$out/quick" 2>&1 | grep -v -i warn | tail -30 | tee -a "$out/log.txt" ;;
+    rest) timeout 300 $bench --models vil-s deit-s --sizes 224 512 1024 --batch 224=64 512=32 1024=8 \
+             --out-dir "$out/rest_s" 2>&1 | grep -v -i warn | tail -30 | tee -a "$out/log.txt"
+          timeout 200 $bench --models vil-t deit-t vil-s deit-s --sizes 2048 --batch 2048=2 \
+             --out-dir "$out/rest_2048" 2>&1 | grep -v -i warn | tail -30 | tee -a "$out/log.txt" ;;
+    compile) timeout 400 python3 tools/benchmark.py --modes train --iters 5 --warmup 3 --repeats 3 --execution compile \
+             --models vil-t deit-t --sizes 224 512 --batch 224=64 512=32 --out-dir "$out/compile" 2>&1 \
+             | grep -v -i warn | tail -30 | tee -a "$out/log.txt" ;;
     backbone) timeout 420 $bench --models vil-t deit-t vil-s deit-s --sizes 224 512 1024 2048 \
              --batch 224=64 512=32 1024=8 2048=2 --out-dir "$out/backbone" 2>&1 | grep -v -i warn | tail -60 \
              | tee -a "$out/log.txt" ;;
