@@ -89,6 +89,14 @@ def flip_tokens(x):
     return x.flip(-2 if x.dim() == 4 else -1)
 
 
+def directed_reference(inputs, reverse):
+    """The float64 reference output in the cell's direction: for ``reverse``, the causal cell on the token-flipped
+    inputs, flipped back."""
+    if reverse:
+        return flip_tokens(reference_float64(*map(flip_tokens, inputs))[0])
+    return reference_float64(*inputs)[0]
+
+
 @functools.lru_cache(maxsize=None)
 def reference_case(n, head_dim, dtype, seed=0, reverse=False, **shape_and_gates):
     """Inputs, output gradient, reference output and reference input gradients of one case (``shape_and_gates``:
@@ -96,10 +104,7 @@ def reference_case(n, head_dim, dtype, seed=0, reverse=False, **shape_and_gates)
     reference is the causal one on the token-flipped inputs, flipped back."""
     *inputs, grad_h = make_inputs(n, head_dim, dtype, seed, **shape_and_gates)
     inputs = [x.requires_grad_() for x in inputs]
-    if reverse:
-        expected = flip_tokens(reference_float64(*map(flip_tokens, inputs))[0])
-    else:
-        expected, _ = reference_float64(*inputs)
+    expected = directed_reference(inputs, reverse)
     expected_grads = torch.autograd.grad(expected, inputs, grad_h)
     return [x.detach() for x in inputs], grad_h, expected.detach(), expected_grads
 
@@ -181,10 +186,7 @@ def test_chunkwise_padding_does_not_change_results(chunk_size, reverse):
     stabiliser of the real steps before it if the cell saw it, and move their outputs by about eps."""
     q, k, v, igate, fgate, _ = make_inputs(200, 12, torch.float64, seed=1)
     inputs = q, k, v, igate - 5 - igate.abs(), fgate
-    if reverse:
-        expected = flip_tokens(reference_float64(*map(flip_tokens, inputs))[0])
-    else:
-        expected, _ = reference_float64(*inputs)
+    expected = directed_reference(inputs, reverse)
     actual = mlstm_chunkwise(*inputs, chunk_size=chunk_size, reverse=reverse)
     assert (actual - expected).abs().max() <= CHUNKWISE_FLOAT64_TOLERANCE * expected.abs().max()
 
@@ -219,9 +221,7 @@ def test_chunkwise_matmuls_get_no_subnormal_numbers(reverse):
     result stays exact."""
     q, k, v, igate, _, _ = make_inputs(256, 8, torch.float64, seed=0)
     fgate = torch.full_like(igate, -0.5)
-    expected = reference_float64(q, k, v, igate, fgate)[0]
-    if reverse:
-        expected = flip_tokens(reference_float64(*map(flip_tokens, (q, k, v, igate, fgate)))[0])
+    expected = directed_reference((q, k, v, igate, fgate), reverse)
     with _SubnormalOperands() as subnormals:
         actual = mlstm_chunkwise(*(x.float() for x in (q, k, v, igate, fgate)), chunk_size=16, reverse=reverse)
     assert subnormals.count == 0
@@ -416,7 +416,7 @@ def test_fused_kernels_take_expanded_output_gradient():
     """The gradient of h.sum() reaches the backward expanded (all strides 0): read through those strides."""
     inputs, _, expected, _ = reference_case(20, 8, torch.float64, reverse=True)
     inputs = [x.requires_grad_() for x in inputs]
-    expected_grads = torch.autograd.grad(flip_tokens(reference_float64(*map(flip_tokens, inputs))[0]).sum(), inputs)
+    expected_grads = torch.autograd.grad(directed_reference(inputs, True).sum(), inputs)
     actual_inputs = [x.detach().to(FUSED_DEVICE).requires_grad_() for x in inputs]
     actual = mlstm(*actual_inputs, backend='fused', reverse=True)
     errors = relative_errors(actual, torch.autograd.grad(actual.sum(), actual_inputs), expected, expected_grads)

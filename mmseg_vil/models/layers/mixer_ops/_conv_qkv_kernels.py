@@ -249,7 +249,7 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GRAD_QKV, GRAD_X, PAR
     taps = tl.arange(0, BLOCK_TAPS)
     tap_ok = taps < KSIZE * KSIZE
     shift_y, shift_x = taps // KSIZE - KSIZE // 2, taps % KSIZE - KSIZE // 2  # the offset d of each tap
-    weight_index = (KSIZE * KSIZE - 1 - taps) if REVERSE else taps  # the kernel rotated by 180 degrees
+    weight_index = _kernel_index(taps // KSIZE, taps % KSIZE, KSIZE, REVERSE)
     for i in tl.static_range(GROUP):
         chan = groups * GROUP + i
         wv0, wv1, wv2, wv3 = _block_column(QKV_W, 2, groups, group_ok, chans, i, ACC)
