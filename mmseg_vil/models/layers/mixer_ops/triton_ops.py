@@ -27,8 +27,9 @@ def _accumulator(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
 
 
 def _conv_launch(x: Tensor) -> Tuple[tuple, dict]:
-    """8 tokens x 16 groups (64 channels, 128-byte rows in bf16) with 4 warps: at most 109 registers in the sm_90
-    resource report and no spills (32 x 32 tiles spilled 1000 bytes in the backward; benchmarks/RESULTS.md)."""
+    """8 tokens x 16 groups (64 channels, 128-byte rows in bf16) with 4 warps: at most 128 registers and no spills
+    in the sm_90 resource report of Triton 3.8 (benchmarks/kernel_resources.py; 32 x 32 tiles of the first kernels
+    spilled 1000 bytes in the backward, benchmarks/RESULTS.md)."""
     batch, n, chans = x.shape
     block_t, block_g = 8, min(16, triton.next_power_of_2(chans // GROUP))
     grid = (triton.cdiv(n, block_t), triton.cdiv(chans // GROUP, block_g), batch)
@@ -53,6 +54,12 @@ def _(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(*x.shape[:2], 3 * x.shape[2])
 
 
+def _gather_config(config: dict) -> dict:
+    """The input-gradient launch walks the same tokens in tiles of half the size: its ``(tokens, channels, taps)``
+    tiles of 8 tokens need 255 registers and spill on sm_90, of 4 tokens 168 (Triton 3.8's report)."""
+    return {**config, 'BLOCK_T': config['BLOCK_T'] // 2, 'TILES': 2 * config['TILES']}
+
+
 @torch.library.custom_op('mmseg_vil::conv_qkv_backward', mutates_args=())
 def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, x: Tensor, height: int, width: int,
                       conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor, reverse: bool) -> List[Tensor]:
@@ -73,7 +80,7 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, x: Tensor, height: 
     grad_x = torch.empty_like(x)
     conv_kernels.conv_qkv_input_grad_kernel[grid](
         grad_pre, x, conv_weight, qkv_weight, grad_qkv, grad_x, partial, height, width, chans,
-        BLOCK_TAPS=triton.next_power_of_2(ksize * ksize), **config)
+        BLOCK_TAPS=triton.next_power_of_2(ksize * ksize), **_gather_config(config))
     grads = partial.sum(0).split(sizes)
     params = (conv_weight, conv_bias, qkv_weight, conv_bias.new_empty(3, chans))
     return [grad_x, *(g.view(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, params))]

@@ -1,0 +1,140 @@
+"""Compile the block's Triton kernels for an NVIDIA architecture on a machine without a GPU, and report what each
+launch of one ViL block's training step would use: registers, spilled bytes, shared memory, SASS instructions and
+how many global loads and stores are vectors. GPU time is scarce; compile errors, spills and scalar memory access
+show up here first.
+
+    python benchmarks/kernel_resources.py [--arch 90] [--dtype bfloat16] [--batch 64] [--grid 14 14] [--dims 192]
+
+The wrappers run on ``meta`` tensors (shapes only); each kernel launch is caught and compiled ahead of time with the
+launch's real arguments: the same constexprs, and what Triton's launcher specialises (integers equal to 1, integers
+divisible by 16; pointers are taken as 16-byte aligned). Needs the CUDA toolchain bundled with Triton, not a driver.
+"""
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator, List
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from mmseg_vil.models.layers.mixer_ops import triton_ops
+from mmseg_vil.models.layers.mlstm import fused
+
+_TYPES = {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float32: 'fp32', torch.float64: 'fp64',
+          torch.int32: 'i32', torch.int64: 'i64', torch.bool: 'i1'}
+_TOOLS = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
+
+
+def _signature(fn: JITFunction, args: tuple, kwargs: dict):
+    """Triton signature, constexprs and divisibility attributes of one launch."""
+    values = dict(zip(fn.arg_names, args), **kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(fn.arg_names):
+        value = values.get(name)
+        if index in fn.constexprs:
+            signature[name], constexprs[name] = 'constexpr', value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = '*' + _TYPES[value.dtype]
+            attrs[(index,)] = [['tt.divisibility', 16]]
+        elif value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1
+                               and index not in fn.do_not_specialize):
+            signature[name], constexprs[name] = 'constexpr', value  # the launcher specialises None and 1
+        elif isinstance(value, bool):
+            signature[name] = 'i1'
+        elif isinstance(value, int):
+            signature[name] = 'i32' if -2**31 <= value < 2**31 else 'i64'
+            if value % 16 == 0:
+                attrs[(index,)] = [['tt.divisibility', 16]]
+        else:
+            signature[name] = 'fp32'
+    options = {key: kwargs[key] for key in ('num_warps', 'num_stages') if key in kwargs}
+    return signature, constexprs, attrs, options
+
+
+def _report(fn: JITFunction, args: tuple, kwargs: dict, arch: int) -> str:
+    signature, constexprs, attrs, options = _signature(fn, args, kwargs)
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget('cuda', arch, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as cubin:
+        cubin.write(kernel.asm['cubin'])
+        cubin.flush()
+        usage = subprocess.run([os.path.join(_TOOLS, 'cuobjdump'), '-res-usage', cubin.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(_TOOLS, 'cuobjdump'), '-sass', cubin.name], capture_output=True,
+                              text=True, check=True).stdout
+    resources = dict(re.findall(r'(REG|STACK|SHARED|LOCAL):(\d+)', usage))
+    ptx = kernel.asm['ptx']
+    vector_loads, loads = (len(re.findall(pattern, ptx)) for pattern in (r'ld\.global\S*\.v\d', r'ld\.global'))
+    vector_stores, stores = (len(re.findall(pattern, ptx)) for pattern in (r'st\.global\S*\.v\d', r'st\.global'))
+    blocks = {key: value for key, value in constexprs.items() if key.startswith('BLOCK') or key == 'TILES'}
+    instructions = len(re.findall(r'^ +/\*[0-9a-f]{4}\*/', sass, re.M))
+    return (f'{fn.__name__:34s} regs {resources.get("REG", "?"):>3s}  spill {resources.get("LOCAL", "?"):>4s} B  '
+            f'shared {resources.get("SHARED", "?"):>5s} B  sass {instructions:5d}'
+            f'  vector loads {vector_loads}/{loads}  stores {vector_stores}/{stores}  {blocks} warps '
+            f'{options.get("num_warps", 4)}')
+
+
+@contextmanager
+def _compile_launches(arch: int, lines: List[str]) -> Iterator[None]:
+    """Replace kernel launches by ahead-of-time compiles whose reports go to ``lines``."""
+    launch = JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        lines.append(_report(self, args, kwargs, arch))
+
+    JITFunction.run = compile_instead
+    try:
+        yield
+    finally:
+        JITFunction.run = launch
+
+
+def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: int, heads: int = 4) -> List[str]:
+    """Reports of every kernel launch of one ViL block's forward and backward (the released models' options)."""
+    inner, n = 2 * dims, grid[0] * grid[1]
+
+    def empty(*shape, dtype=dtype):
+        return torch.empty(*shape, dtype=dtype, device='meta')
+
+    x, qkv_weight, biases = empty(batch, n, inner), empty(3, inner // 4, 4, 4, dtype=torch.float32), empty(
+        3, inner, dtype=torch.float32)
+    conv_weight, conv_bias = empty(inner, 1, 3, 3, dtype=torch.float32), empty(inner, dtype=torch.float32)
+    heads_view = empty(batch, n, heads, inner // heads).transpose(1, 2)  # (B, NH, N, DH) views, as the mixer's
+    gates = empty(batch, 2 * heads, n).chunk(2, dim=1)
+    norm = [empty(inner, dtype=torch.float32) for _ in range(3)]
+    lines: List[str] = []
+    with _compile_launches(arch, lines):
+        triton_ops.conv_qkv._init_fn(x, *grid, conv_weight, conv_bias, qkv_weight, biases, False)
+        triton_ops.conv_qkv_backward._init_fn(x, empty(batch, n, 3 * inner), x, *grid, conv_weight, conv_bias,
+                                              qkv_weight, False)
+        h = heads_view.transpose(1, 2)
+        triton_ops.gated_output._init_fn(h, x, x, *norm, 1e-5)
+        triton_ops.gated_output_backward._init_fn(x, h, x, x, *norm, 1e-5)
+        stats = fused._fused_forward._init_fn(heads_view, heads_view, heads_view, *gates, 1e-6, False)
+        fused._fused_backward._init_fn(x.view(batch, n, heads, -1), heads_view, heads_view, heads_view,
+                                       stats[0], *gates, *stats[1:], 1e-6, False)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--arch', type=int, default=90, help='compute capability, e.g. 90 (H100/H200), 80 (A100)')
+    parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+    parser.add_argument('--batch', type=int, default=64)
+    parser.add_argument('--grid', type=int, nargs=2, default=(14, 14), help='token grid (224 px, patch 16: 14 14)')
+    parser.add_argument('--dims', type=int, default=192, help='embedding width (ViL-T 192, ViL-S 384, ViL-B 768)')
+    args = parser.parse_args()
+    print(f'triton {triton.__version__}, sm_{args.arch}, {args.dtype}, batch {args.batch}, grid {args.grid}, '
+          f'dims {args.dims}')
+    for line in block_kernels(args.arch, getattr(torch, args.dtype), args.batch, tuple(args.grid), args.dims):
+        print(line)
+
+
+if __name__ == '__main__':
+    main()
