@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
-from .mixer_ops import conv_qkv, gated_output
+from .mixer_ops import conv_qkv, gated_output, mixer_core, use_mixer_core
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
-from .mlstm import mlstm
+from .mlstm import mlstm, resolve_backend
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -139,14 +139,21 @@ class MLSTMMixer(nn.Module):
         qkv_weight = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         qkv_bias = (None if self.q_proj.bias is None else
                     torch.stack([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
+        gate_weight = torch.cat([self.igate.weight, self.fgate.weight])
+        gate_bias = torch.cat([self.igate.bias, self.fgate.bias])
+        backend = resolve_backend(self.mlstm_backend, self._split_heads(x_mlstm))
+        if use_mixer_core(x_mlstm, self.conv_kind, qkv_bias is not None and self.outnorm.bias is not None, backend):
+            out = mixer_core(x_mlstm, z, *grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, gate_weight,
+                             gate_bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.num_heads,
+                             self.outnorm.eps, self.reverse)[0]
+            return self.proj_down(out)
         x_conv, qkv = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, self.reverse,
                                self.conv_kind)
         # (B, 2 NH, N): each head's gate pre-activations contiguous along the tokens, as the mLSTM reads them
-        gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).expand(len(qkv), -1, -1)
-        gate_bias = torch.cat([self.igate.bias, self.fgate.bias]).view(1, -1, 1)
-        igate, fgate = torch.baddbmm(gate_bias, gate_weight, qkv.transpose(1, 2)).chunk(2, dim=1)
+        igate, fgate = torch.baddbmm(gate_bias.view(1, -1, 1), gate_weight.expand(len(qkv), -1, -1),
+                                     qkv.transpose(1, 2)).chunk(2, dim=1)
         q, k, v = (self._split_heads(t) for t in qkv.chunk(3, dim=-1))
-        h = mlstm(q, k, v, igate, fgate, backend=self.mlstm_backend, reverse=self.reverse)
+        h = mlstm(q, k, v, igate, fgate, backend=backend, reverse=self.reverse)
         out = gated_output(h.transpose(1, 2), x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                            self.outnorm.eps)
         return self.proj_down(out)

@@ -11,13 +11,20 @@ from . import reference
 
 try:
     from . import triton_ops
+    from .mixer_core import mixer_core
 except ImportError:  # no Triton
-    triton_ops = None
+    triton_ops = mixer_core = None
 
 
 def _use_kernels(x: Tensor) -> bool:
     return (triton_ops is not None and x.dtype in triton_ops.SUPPORTED_DTYPES
             and (x.is_cuda or triton_ops.kernels_interpreted()))
+
+
+def use_mixer_core(x: Tensor, conv_kind: str, has_biases: bool, mlstm_backend: str) -> bool:
+    """Whether :func:`.mixer_core.mixer_core` runs the mixer for ``x (B, N, E)``: where the mixer kernels run, for the
+    options they cover (2d conv, biases) and the ``fused`` mLSTM backend."""
+    return _use_kernels(x) and conv_kind == '2d' and has_biases and mlstm_backend == 'fused'
 
 
 def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
@@ -36,4 +43,4 @@ def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm
     return reference.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, eps)
 
 
-__all__ = ['conv_qkv', 'gated_output']
+__all__ = ['conv_qkv', 'gated_output', 'mixer_core', 'use_mixer_core']

@@ -47,6 +47,11 @@ def _auto_backend(q: Tensor) -> str:
     return 'chunkwise'
 
 
+def resolve_backend(backend: str, q: Tensor) -> str:
+    """The backend that ``backend`` runs for cell inputs like ``q (B, NH, N, DH)`` (``'auto'`` resolved)."""
+    return _auto_backend(q) if backend == 'auto' else backend
+
+
 def mlstm_auto(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, reverse: bool = False) -> Tensor:
     """The fastest accurate backend for the device, dtype, head dim and sequence length."""
     return mlstm(q, k, v, igate, fgate, backend=_auto_backend(q), reverse=reverse)
@@ -83,4 +88,4 @@ def mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, backend
 
 
 __all__ = ['MLSTM_BACKENDS', 'REVERSIBLE_BACKENDS', 'mlstm', 'mlstm_auto', 'mlstm_chunkwise', 'mlstm_fused',
-           'mlstm_fused_chunkwise', 'mlstm_parallel']
+           'mlstm_fused_chunkwise', 'mlstm_parallel', 'resolve_backend']

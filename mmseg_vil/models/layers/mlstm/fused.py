@@ -146,7 +146,7 @@ def _tile_product(x: Tensor, y: Tensor, z: Tensor, out: Tensor, logs, key_major:
 # treats them as opaque calls (no graph break, and Inductor never re-compiles our Triton kernels). A custom op returns
 # fresh tensors, so the ops return the token-major buffers and the wrappers turn them into (B, NH, N, DH) views.
 @torch.library.custom_op('mmseg_vil::mlstm_fused_forward', mutates_args=())
-def _fused_forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float,
+def fused_forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float,
                    reverse: bool) -> List[Tensor]:
     """``h`` as a ``(B, N, NH, DH)`` buffer and the per-step values the backward needs, ``(B*NH, N)`` each: norm
     floor, argmax, row sum and the four log terms. Inputs of any strides are read in place."""
@@ -164,15 +164,20 @@ def _fused_forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor
     return [h, norm_floor, argmax, row_sum, *logs]
 
 
-@_fused_forward.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, reverse: bool) -> List[Tensor]:
+def empty_forward_outputs(q: Tensor) -> List[Tensor]:
+    """Empty tensors shaped like :func:`fused_forward`'s outputs for ``q (B, NH, N, DH)``."""
     batch, heads, n = q.shape[:3]
     rows = q.new_empty(batch * heads, n, dtype=_accumulation_dtype(q.dtype))
     return [_token_major(q, q.dtype), rows, rows.to(torch.int32), *(torch.empty_like(rows) for _ in range(5))]
 
 
+@fused_forward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, reverse: bool) -> List[Tensor]:
+    return empty_forward_outputs(q)
+
+
 @torch.library.custom_op('mmseg_vil::mlstm_fused_backward', mutates_args=())
-def _fused_backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor,
+def fused_backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor,
                     norm_floor: Tensor, argmax: Tensor, row_sum: Tensor, log_a: Tensor, log_b: Tensor,
                     log_c: Tensor, log_d: Tensor, eps: float, reverse: bool) -> List[Tensor]:
     """Gradients as derived in the module docstring: dq, dk, dv as ``(B, N, NH, DH)`` buffers (the layout of the
@@ -210,7 +215,7 @@ def _fused_backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, 
     return [dq_out, dk_out, dv, d_igate, d_fgate]
 
 
-@_fused_backward.register_fake
+@fused_backward.register_fake
 def _(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor, *stats_eps_reverse
       ) -> List[Tensor]:
     return [_token_major(q, q.dtype), _token_major(q, q.dtype), _token_major(v, v.dtype), igate.new_empty(igate.shape),
@@ -226,11 +231,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grads):
     q, k, v, igate, fgate, h, *stats = ctx.saved_tensors
-    dq, dk, dv, d_igate, d_fgate = _fused_backward(grads[0], q, k, v, h, igate, fgate, *stats, *ctx.options)
+    dq, dk, dv, d_igate, d_fgate = fused_backward(grads[0], q, k, v, h, igate, fgate, *stats, *ctx.options)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), d_igate, d_fgate, None, None
 
 
-_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mlstm_fused(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6,
@@ -252,4 +257,4 @@ def mlstm_fused(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, e
                            "'chunkwise' or 'parallel' backend, or set TRITON_INTERPRET=1 before importing mmseg_vil.")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f'The fused mLSTM backend supports {SUPPORTED_DTYPES}, got {q.dtype}.')
-    return _fused_forward(q, k.to(q.dtype), v.to(q.dtype), igate, fgate, eps, reverse)[0].transpose(1, 2)
+    return fused_forward(q, k.to(q.dtype), v.to(q.dtype), igate, fgate, eps, reverse)[0].transpose(1, 2)
