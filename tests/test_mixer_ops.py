@@ -180,3 +180,18 @@ def test_mixer_core_keeps_less_activation_memory():
     with mock.patch.object(vil_block, 'use_mixer_core', return_value=False):
         separate = per_token()
     assert core <= 0.6 * separate, (core, separate)
+
+
+@needs_kernels
+def test_mixer_core_op_registration():
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch (torch.compile's view) agree."""
+    from mmseg_vil.models.layers.mixer_ops.mixer_core import mixer_core
+    mixer, _, grid = _mixer_case(reverse=True)
+    x_mlstm, z = (torch.randn(2, 35, 32, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+                  for _ in range(2))
+    args = (x_mlstm, z, *grid, mixer.conv.weight, mixer.conv.bias,
+            torch.stack([mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight]),
+            torch.stack([mixer.q_proj.bias, mixer.k_proj.bias, mixer.v_proj.bias]),
+            torch.cat([mixer.igate.weight, mixer.fgate.weight]), torch.cat([mixer.igate.bias, mixer.fgate.bias]),
+            mixer.outnorm.weight, mixer.outnorm.bias, mixer.learnable_skip, 2, 1e-5, True)
+    torch.library.opcheck(mixer_core, args)
