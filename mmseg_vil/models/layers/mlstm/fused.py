@@ -176,15 +176,15 @@ def _(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float,
     return empty_forward_outputs(q)
 
 
-@torch.library.custom_op('mmseg_vil::mlstm_fused_backward', mutates_args=())
-def fused_backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor,
-                    norm_floor: Tensor, argmax: Tensor, row_sum: Tensor, log_a: Tensor, log_b: Tensor,
-                    log_c: Tensor, log_d: Tensor, eps: float, reverse: bool) -> List[Tensor]:
-    """Gradients as derived in the module docstring: dq, dk, dv as ``(B, N, NH, DH)`` buffers (the layout of the
-    gradient of the mixer's projection output), d_igate and d_fgate ``(B, NH, N)``. ``h`` and ``grad_h`` are
-    ``(B, N, NH, DH)``, of any strides (e.g. the expanded gradient of ``h.sum()``)."""
+def backward_into(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor,
+                  stats: List[Tensor], eps: float, reverse: bool, dq: Tensor, dk: Tensor, dv: Tensor, d_igate: Tensor,
+                  d_fgate: Tensor) -> None:
+    """The gradients derived in the module docstring, written into ``dq, dk, dv`` (``(B, N, NH, DH)``, e.g. head views
+    of one q | k | v gradient buffer) and ``d_igate, d_fgate`` (``(B, NH, N)``), all of any strides. ``h`` and
+    ``grad_h`` are ``(B, N, NH, DH)``, of any strides (e.g. the expanded gradient of ``h.sum()``); ``stats`` are the
+    forward's per-step outputs."""
+    norm_floor, argmax, row_sum, *logs = stats
     batch, heads, n, head_dim = q.shape
-    logs = [log_a, log_b, log_c, log_d]
     heads_total = batch * heads
     acc_dtype = row_sum.dtype
     scaled_grad = _token_major(q, q.dtype).transpose(1, 2)
@@ -197,22 +197,31 @@ def fused_backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, i
         heads, eps, HEAD_DIM=head_dim, REVERSE=reverse, BLOCK_ROWS=rows_per_program,
         BLOCK_D=triton.next_power_of_2(head_dim))
 
-    # dq and dk in the accumulation dtype: the gate epilogue takes their inner products with q and k.
-    dq, dk = (_token_major(q, acc_dtype) for _ in range(2))
-    dv = _token_major(v, v.dtype)
-    _tile_product(scaled_grad, v, k, dq.transpose(1, 2), logs, key_major=False, reverse=reverse, shift=row_shift)
-    _tile_product(v, scaled_grad, q, dk.transpose(1, 2), logs, key_major=True, reverse=reverse, shift=row_shift)
-    _tile_product(k, q, scaled_grad, dv.transpose(1, 2), logs, key_major=True, reverse=reverse)
-
+    # dq and dk in the accumulation dtype: the gate epilogue takes their inner products with q and k, and writes them
+    # out in q's dtype (in place when that is the accumulation dtype).
     cast_out = acc_dtype != q.dtype
-    dq_out, dk_out = (_token_major(q, q.dtype) for _ in range(2)) if cast_out else (dq, dk)
-    d_igate, d_fgate = igate.new_empty(igate.shape), fgate.new_empty(fgate.shape)
+    dq_acc, dk_acc = (_token_major(q, acc_dtype) for _ in range(2)) if cast_out else (dq, dk)
+    _tile_product(scaled_grad, v, k, dq_acc.transpose(1, 2), logs, key_major=False, reverse=reverse, shift=row_shift)
+    _tile_product(v, scaled_grad, q, dk_acc.transpose(1, 2), logs, key_major=True, reverse=reverse, shift=row_shift)
+    _tile_product(k, q, scaled_grad, dv.transpose(1, 2), logs, key_major=True, reverse=reverse)
     kernels.mlstm_gate_grad_kernel[(heads_total,)](
-        q, k, dq, dk, grad_m, column_grad_m, fgate, dq_out, dk_out, d_igate, d_fgate, *q.stride(), *k.stride(),
-        *dq.transpose(1, 2).stride(), *dq_out.transpose(1, 2).stride(), *fgate.stride(), *d_igate.stride(), n, heads,
+        q, k, dq_acc, dk_acc, grad_m, column_grad_m, fgate, dq, dk, d_igate, d_fgate, *q.stride(), *k.stride(),
+        *dq_acc.transpose(1, 2).stride(), *dq.transpose(1, 2).stride(), *fgate.stride(), *d_igate.stride(), n, heads,
         HEAD_DIM=head_dim, REVERSE=reverse, CAST_OUT=cast_out, BLOCK_N=min(64, _scan_block(n)),
         BLOCK_D=min(64, triton.next_power_of_2(head_dim)))
-    return [dq_out, dk_out, dv, d_igate, d_fgate]
+
+
+@torch.library.custom_op('mmseg_vil::mlstm_fused_backward', mutates_args=())
+def fused_backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor,
+                   norm_floor: Tensor, argmax: Tensor, row_sum: Tensor, log_a: Tensor, log_b: Tensor,
+                   log_c: Tensor, log_d: Tensor, eps: float, reverse: bool) -> List[Tensor]:
+    """:func:`backward_into` fresh buffers: dq, dk, dv as ``(B, N, NH, DH)`` (the layout of the gradient of the
+    mixer's projection output), d_igate and d_fgate ``(B, NH, N)``."""
+    grads = [_token_major(q, q.dtype), _token_major(q, q.dtype), _token_major(v, v.dtype),
+             igate.new_empty(igate.shape), fgate.new_empty(fgate.shape)]
+    backward_into(grad_h, q, k, v, h, igate, fgate, [norm_floor, argmax, row_sum, log_a, log_b, log_c, log_d], eps,
+                  reverse, *grads)
+    return grads
 
 
 @fused_backward.register_fake
