@@ -56,13 +56,14 @@ def _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE: t
 
 @triton.jit
 def _program_tile(height, width, chans, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    """This program's tokens and channel groups, the offset of its image and the mask of its tile."""
+    """This program's tokens, channel groups and their channels, the offset of its image and the mask of its
+    ``(tokens, channels)`` tile."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    group_ok = groups < chans // GROUP
+    chan = _tile_channels(BLOCK_G)
     n_tokens = height * width
-    ok = (offs_t[:, None] < n_tokens) & group_ok[None, :]
-    return offs_t, groups, group_ok, tl.program_id(2).to(tl.int64) * n_tokens * chans, ok
+    ok = (offs_t[:, None] < n_tokens) & (chan[None, :] < chans)
+    return offs_t, groups, groups < chans // GROUP, chan, tl.program_id(2).to(tl.int64) * n_tokens * chans, ok
 
 
 @triton.jit
@@ -124,9 +125,7 @@ def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, X_CONV, QKV, height
 
     Every load and store is a ``(tokens, channels)`` tile with the channels contiguous (coalesced rows).
     """
-    offs_t, groups, group_ok, image, _ = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
-    chan = _tile_channels(BLOCK_G)
-    ok = (offs_t[:, None] < height * width) & (chan[None, :] < chans)
+    offs_t, groups, group_ok, chan, image, ok = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
     pre, x = _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE, REVERSE, ACC)
     act = pre * tl.sigmoid(pre)
     tl.store(_tile_ptrs(X_CONV, image, offs_t, chan, chans, 0), act.to(X_CONV.dtype.element_ty), mask=ok)
