@@ -115,7 +115,7 @@ def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: 
                                               qkv_weight, False)
         h = heads_view.transpose(1, 2)
         triton_ops.gated_output._init_fn(h, x, x, *norm, 1e-5)
-        triton_ops.gated_output_backward._init_fn(x, h, x, x, *norm, 1e-5)
+        triton_ops.gated_output_backward._init_fn(x, h, x, x, *norm, 1e-5, True)  # as mixer_core runs it
         stats = fused.fused_forward._init_fn(heads_view, heads_view, heads_view, *gates, 1e-6, False)
         fused.fused_backward._init_fn(x.view(batch, n, heads, -1), heads_view, heads_view, heads_view,
                                        stats[0], *gates, *stats[1:], 1e-6, False)

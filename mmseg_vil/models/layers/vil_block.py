@@ -142,11 +142,12 @@ class MLSTMMixer(nn.Module):
         gate_weight = torch.cat([self.igate.weight, self.fgate.weight])
         gate_bias = torch.cat([self.igate.bias, self.fgate.bias])
         backend = resolve_backend(self.mlstm_backend, self._split_heads(x_mlstm))
-        if use_mixer_core(x_mlstm, self.conv_kind, qkv_bias is not None and self.outnorm.bias is not None, backend):
-            out = mixer_core(x_mlstm, z, *grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, gate_weight,
-                             gate_bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.num_heads,
-                             self.outnorm.eps, self.reverse)[0]
-            return self.proj_down(out)
+        has_biases = all(module.bias is not None for module in (self.q_proj, self.outnorm, self.proj_down))
+        if use_mixer_core(x_mlstm, self.conv_kind, has_biases, backend):
+            return mixer_core(x_mlstm, z, *grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, gate_weight,
+                              gate_bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
+                              self.proj_down.weight, self.proj_down.bias, self.num_heads, self.outnorm.eps,
+                              self.reverse)[0]
         x_conv, qkv = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, self.reverse,
                                self.conv_kind)
         # (B, 2 NH, N): each head's gate pre-activations contiguous along the tokens, as the mLSTM reads them

@@ -63,11 +63,12 @@ def gated_output_forward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, OUT, stride_
 
 @triton.jit
 def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, GRAD_H, GRAD_X_CONV, GRAD_Z, PARTIAL,
-                                 stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps,
+                                 OUT, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps,
                                  ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 TILES: tl.constexpr):
+                                 TILES: tl.constexpr, STORE_OUT: tl.constexpr):
     """Gradients of h (in h's strides), x_conv and z over ``TILES`` token tiles; one PARTIAL row per program:
-    ``[d norm_w | d norm_b | d skip]``."""
+    ``[d norm_w | d norm_b | d skip]``. ``STORE_OUT``: also the forward's output (recomputed on the way), for a
+    caller that did not keep it."""
     grad_weight = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
     grad_bias = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
     grad_skip = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
@@ -80,6 +81,8 @@ def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, G
         sig = tl.sigmoid(z)
         grad_gated = grad_out * (z * sig)  # gradient of the gated sum
         gated_sum = normed * weight[None, :] + bias[None, :] + skip[None, :] * x_conv
+        if STORE_OUT:
+            tl.store(OUT + flat, (gated_sum * (z * sig)).to(OUT.dtype.element_ty), mask=ok)
         tl.store(GRAD_Z + flat, (grad_out * gated_sum * sig * (1 + z * (1 - sig))).to(GRAD_Z.dtype.element_ty),
                  mask=ok)
         tl.store(GRAD_X_CONV + flat, (grad_gated * skip[None, :]).to(GRAD_X_CONV.dtype.element_ty), mask=ok)

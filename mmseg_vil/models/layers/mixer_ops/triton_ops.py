@@ -144,10 +144,12 @@ def _(h, x_conv, z, norm_weight, norm_bias, skip, eps):
 
 @torch.library.custom_op('mmseg_vil::gated_output_backward', mutates_args=())
 def gated_output_backward(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor,
-                          norm_bias: Tensor, skip: Tensor, eps: float) -> List[Tensor]:
-    """Gradients of h (in h's strides), x_conv, z, norm weight, norm bias and skip."""
+                          norm_bias: Tensor, skip: Tensor, eps: float, with_output: bool = False) -> List[Tensor]:
+    """Gradients of h (in h's strides), x_conv, z, norm weight, norm bias and skip; ``with_output``: then the
+    forward's output, recomputed on the way (for a caller that did not keep it)."""
     grad_h = torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=h.device)
     grad_x_conv, grad_z = torch.empty_like(x_conv), torch.empty_like(z)
+    out = torch.empty_like(x_conv) if with_output else None
     (token_tiles, heads), config = _gate_launch(h)
     grid = (triton.cdiv(token_tiles, BACKWARD_TILES), heads)
     chans = x_conv.shape[-1]
@@ -155,16 +157,18 @@ def gated_output_backward(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor
     h, *sizes = _gate_args(h)
     gate_kernels.gated_output_backward_kernel[grid](
         h, x_conv.contiguous(), z.contiguous(), norm_weight, norm_bias, skip, grad_out.contiguous(), grad_h,
-        grad_x_conv, grad_z, partial, *sizes, eps, TILES=BACKWARD_TILES, **config)
+        grad_x_conv, grad_z, partial, out, *sizes, eps, TILES=BACKWARD_TILES, STORE_OUT=with_output, **config)
     grads = partial.sum(0).split(chans)
     params = (norm_weight, norm_bias, skip)
-    return [grad_h, grad_x_conv, grad_z, *(g.to(p.dtype, copy=True) for g, p in zip(grads, params))]
+    return [grad_h, grad_x_conv, grad_z, *(g.to(p.dtype, copy=True) for g, p in zip(grads, params)),
+            *([out] if with_output else [])]
 
 
 @gated_output_backward.register_fake
-def _(grad_out, h, x_conv, z, norm_weight, norm_bias, skip, eps):
+def _(grad_out, h, x_conv, z, norm_weight, norm_bias, skip, eps, with_output=False):
     return [torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=h.device), torch.empty_like(x_conv),
-            torch.empty_like(z), torch.empty_like(norm_weight), torch.empty_like(norm_bias), torch.empty_like(skip)]
+            torch.empty_like(z), torch.empty_like(norm_weight), torch.empty_like(norm_bias), torch.empty_like(skip),
+            *([torch.empty_like(x_conv)] if with_output else [])]
 
 
 def _gated_output_setup(ctx, inputs, output) -> None:
