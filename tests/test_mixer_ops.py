@@ -196,3 +196,14 @@ def test_mixer_core_op_registration():
             mixer.outnorm.weight, mixer.outnorm.bias, mixer.learnable_skip, mixer.proj_down.weight,
             mixer.proj_down.bias, 2, 1e-5, True)
     torch.library.opcheck(mixer_core, args)
+
+
+@needs_kernels
+@pytest.mark.parametrize('name', ['cls_nonsquare_interp', 'feat_tokens_square'])
+def test_mixer_core_official_parity(tmp_path, name):
+    """The official model's outputs (every block's, for the features case) with the fused backend, i.e. through
+    mixer_core, in float32."""
+    from pathlib import Path
+    from test_vil_parity import check_official_parity
+    path = Path(__file__).parent / 'data' / 'vil_official' / 'vil_official_parity.pt'
+    check_official_parity(tmp_path, path, name, 'ours', mlstm_backend='fused', device=KERNEL_DEVICE)

@@ -72,32 +72,40 @@ def write_checkpoint(case: dict, v1: bool, layout: str, directory: Path) -> Path
 @pytest.mark.parametrize('layout', list(LAYOUTS))
 @pytest.mark.parametrize('path,name', CASES)
 def test_official_parity(tmp_path, path, name, layout):
+    check_official_parity(tmp_path, path, name, layout)
+
+
+def check_official_parity(tmp_path: Path, path: Path, name: str, layout: str, mlstm_backend: str = 'parallel',
+                          device: str = 'cpu') -> None:
+    """The case's outputs from its checkpoint in ``layout``, with the given mLSTM backend (the Triton backends run
+    from tests/test_mixer_ops.py on CUDA or under the interpreter)."""
     case = load_fixture(path)['cases'][name]
     config = translate(path, case)
     checkpoint = write_checkpoint(case, official_class(path, case) == 'VisionLSTM', layout, tmp_path)
     # Built like the official model that ran: at the input's grid where the case says so (eval_config).
     shape = case.get('eval_config', case['config'])['input_shape']
     backbone_cfg = {k: v for k, v in config['backbone'].items() if k != 'type'}
-    backbone_cfg.update(img_size=tuple(shape[1:]), mlstm_backend='parallel',
+    backbone_cfg.update(img_size=tuple(shape[1:]), mlstm_backend=mlstm_backend,
                         init_cfg=dict(type='Pretrained', checkpoint=str(checkpoint)))
 
     def build(**overrides):
         model = ViL(**{**backbone_cfg, **overrides})
         model.init_weights()
-        return model.eval()
+        return model.to(device).eval()
 
-    x = case['input']
+    x = case['input'].to(device)
     with torch.no_grad():
         model = build()
-        output = model(x)[0]
+        output = model(x)[0].cpu()
         if 'block_outputs' in case:
-            raw = build(out_indices=range(model.num_layers), out_type='raw', final_norm=False, out_norm=False)(x)
+            raw = [block.cpu() for block in build(out_indices=range(model.num_layers), out_type='raw',
+                                                  final_norm=False, out_norm=False)(x)]
             assert len(raw) == len(case['block_outputs'])
             for i, (ours, expected) in enumerate(zip(raw, case['block_outputs'])):
                 torch.testing.assert_close(ours, expected, **TOL, msg=lambda m: f'block {i}: {m}')
         if 'final_norm_output' in case:
             assert backbone_cfg['final_norm'], 'the fixture records a final norm that the translation dropped'
-            tokens = build(out_type='raw', out_norm=False)(x)[0]
+            tokens = build(out_type='raw', out_norm=False)(x)[0].cpu()
             torch.testing.assert_close(tokens, case['final_norm_output'], **TOL)
         if config['head'] is not None:
             head = ViLClsHead(**{k: v for k, v in config['head'].items() if k != 'type'}).eval()
