@@ -11,6 +11,8 @@
 #   cell      the mLSTM cell alone against SDPA (benchmarks/mlstm_kernel_check.py --quick)
 #   profile   per-kernel GPU time of a ViL-T training step (224, batch 64)
 #   train     tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T, 512 crops, batch 16, --amp
+#   base      A/B: the ViL-T/DeiT-T 224 training step of an older commit, carried as .base.tar
+#             (made by `git archive -o .base.tar COMMIT`), on the same warm machine
 set -u
 out=${1:-work_dirs/gpu_suite}
 shift
@@ -48,6 +50,9 @@ for part in $parts; do
     profile) timeout 120 python3 benchmarks/profile_vil_step.py --size 224 --batch 64 --out "$out/profile.txt" \
              2>&1 | tail -45 | tee -a "$out/log.txt" ;;
     train) timeout 400 bash benchmarks/train_speed.sh "$out/train" 2>&1 | tail -20 | tee -a "$out/log.txt" ;;
+    base) mkdir -p /tmp/base && tar -xf .base.tar -C /tmp/base && (cd /tmp/base && PYTHONPATH=/tmp/site:/tmp/base \
+             timeout 150 $bench --models vil-t deit-t --sizes 224 --batch 224=64 --out-dir "$out/base224" 2>&1 \
+             | grep -v -i warn | tail -12 | tee -a "$out/log.txt") ;;
   esac
 done
 rm -f "$out"/*/benchmark.png "$out"/*/benchmark.partial.json
