@@ -1,4 +1,5 @@
 """ViL backbone behaviour: presets, outputs, input handling, checkpoint loading, lr-decay depths."""
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +239,28 @@ def test_flop_counter_sees_the_block_products_not_the_dense_tiles():
         counted = block_diagonal(x, weight, bias, torch.empty(3, 5, 96)[..., 32:])
     torch.testing.assert_close(counted, fast)
     assert counter.get_total_flops() == 2 * (3 * 5) * 2 * 32 * 4
+
+
+@pytest.mark.parametrize('count_flops', [False, True])
+def test_head_layout_projections_and_gates_equal_token_major(count_flops):
+    """The CPU path writes q/k/v straight into the mLSTM's head layout and takes the gates from it: the same values
+    as the token-major projections (the kernels' layout) and the gates of ``cat([q, k, v])``, also under a FLOP
+    counter (which runs the products per block)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmseg_vil.models.layers.mixer_ops.reference import (block_diagonal, block_diagonal_heads,
+                                                               gate_preactivations)
+    batch, n, heads, head_dim = 2, 7, 3, 32
+    f64 = dict(dtype=torch.float64)
+    weight, bias = torch.randn(3, heads * head_dim // 4, 4, 4, **f64), torch.randn(3, heads * head_dim, **f64)
+    x = torch.randn(batch, n, heads * head_dim, **f64)
+    token_major = block_diagonal(x, weight, bias)
+    heads_layout = torch.empty(3, batch, heads, n, head_dim, **f64)
+    with FlopCounterMode(display=False) if count_flops else contextlib.nullcontext():
+        block_diagonal_heads(x, weight, bias, heads, heads_layout)
+    expected = token_major.unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(heads_layout, expected)
+    gate_weight, gate_bias = torch.randn(2 * heads, 3 * heads * head_dim, **f64), torch.randn(2 * heads, **f64)
+    gates = (token_major @ gate_weight.T + gate_bias).transpose(1, 2)
+    torch.testing.assert_close(gate_preactivations(heads_layout, gate_weight, gate_bias), gates)
+    torch.testing.assert_close(gate_preactivations(expected, gate_weight, gate_bias), gates)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
-from .mixer_ops import conv_qkv, gated_output, mixer_core, use_mixer_core
+from .mixer_ops import conv_qkv, gate_preactivations, gated_output, mixer_core, use_mixer_core
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import mlstm, resolve_backend
 
@@ -148,13 +148,10 @@ class MLSTMMixer(nn.Module):
                               gate_bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                               self.proj_down.weight, self.proj_down.bias, self.num_heads, self.outnorm.eps,
                               self.reverse)[0]
-        x_conv, qkv = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, self.reverse,
-                               self.conv_kind)
-        # (B, 2 NH, N): each head's gate pre-activations contiguous along the tokens, as the mLSTM reads them
-        igate, fgate = torch.baddbmm(gate_bias.view(1, -1, 1), gate_weight.expand(len(qkv), -1, -1),
-                                     qkv.transpose(1, 2)).chunk(2, dim=1)
-        q, k, v = (self._split_heads(t) for t in qkv.chunk(3, dim=-1))
-        h = mlstm(q, k, v, igate, fgate, backend=backend, reverse=self.reverse)
+        x_conv, qkv = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, self.num_heads,
+                               self.reverse, self.conv_kind)
+        igate, fgate = gate_preactivations(qkv, gate_weight, gate_bias).chunk(2, dim=1)
+        h = mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse)
         out = gated_output(h.transpose(1, 2), x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                            self.outnorm.eps)
         return self.proj_down(out)

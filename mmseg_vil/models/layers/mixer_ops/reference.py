@@ -4,7 +4,8 @@ Both stages work on tokens in row-major order of the (never flipped) image, ``(B
 backbone moves no data between layouts:
 
 * :func:`conv_qkv`: depthwise conv + bias + SiLU of the mLSTM branch, then the block-diagonal q/k (of the conv
-  output) and v (of the conv input) projections, written side by side as ``qkv (B, N, 3E)``.
+  output) and v (of the conv input) projections, written side by side as ``qkv (B, N, 3E)`` (the kernels'
+  reference); :func:`conv_qkv_heads` writes them in the mLSTM's head layout instead (the CPU path).
 * :func:`gated_output`: per-head LayerNorm of the mLSTM output, affine, learnable skip of the conv output, SiLU
   output gate.
 
@@ -49,32 +50,58 @@ def _block_products(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Opti
     return out
 
 
+def _tile_products(x: Tensor, weight: Tensor, per_tile: int) -> Tensor:
+    """``x (..., E)`` times ``weight (P, E / S, S, S)`` as one batched matmul over tiles of ``per_tile`` blocks:
+    ``(tiles, tokens, P * width)`` with ``width = per_tile * S``, tile-major, biases not added.
+
+    Each tile is a dense block-diagonal matrix: a 4 x 4 product is too small to run alone, and a tile's zeros cost
+    less than the layout copies of a product per block.
+    """
+    projections, num_blocks, size, _ = weight.shape
+    tiles, width = num_blocks // per_tile, per_tile * size
+    eye = torch.eye(per_tile, dtype=weight.dtype, device=weight.device)
+    # dense[t, j * S + i, p, l * S + o] = weight[p, t * per_tile + j, o, i] where j == l, else 0
+    dense = torch.einsum('ptjoi,jl->tjiplo', weight.view(projections, tiles, per_tile, size, size), eye)
+    return torch.bmm(x.reshape(-1, tiles, width).transpose(0, 1), dense.reshape(tiles, width, projections * width))
+
+
 def block_diagonal(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
     """``P`` block-diagonal projections of ``x (..., E)`` side by side: ``(..., P * E)``, written into ``out`` if given.
 
     ``weight (P, E / S, S, S)``: ``weight[p, b, o, i]`` maps input channel ``b * S + i`` to output ``b * S + o``;
-    ``bias (P, E)`` or ``None``. One batched matmul over tiles of a few blocks, each tile a dense block-diagonal
-    matrix: a 4 x 4 product is too small to run alone, and a tile's zeros cost less than the layout copies of a
-    product per block (on CPU, ViL-T: 0.3 instead of 1.3 ms per projection of 1024 tokens). Under a FLOP counter
-    the products per block run instead, so that the count is the model's (the official one), not the tiles'.
+    ``bias (P, E)`` or ``None``. Tiles of about 16 channels (:func:`_tile_products`; on CPU, ViL-T: 0.3 instead of
+    1.3 ms per projection of 1024 tokens for products per block). Under a FLOP counter the products per block run
+    instead, so that the count is the model's (the official one), not the tiles'.
     """
     if _counting_flops():
         return _block_products(x, weight, bias, out)
     projections, num_blocks, size, _ = weight.shape
     per_tile = _tile_blocks(num_blocks, size)
     tiles, width = num_blocks // per_tile, per_tile * size
-    eye = torch.eye(per_tile, dtype=weight.dtype, device=weight.device)
-    # dense[t, j * S + i, p, l * S + o] = weight[p, t * per_tile + j, o, i] where j == l, else 0
-    dense = torch.einsum('ptjoi,jl->tjiplo', weight.view(projections, tiles, per_tile, size, size), eye)
-    dense = dense.reshape(tiles, width, projections * width)
-    rows = x.reshape(-1, tiles, width).transpose(0, 1)
-    if bias is None:
-        product = torch.bmm(rows, dense)
-    else:
-        product = torch.baddbmm(bias.view(projections, tiles, 1, width).permute(1, 2, 0, 3).flatten(2), rows, dense)
+    product = _tile_products(x, weight, per_tile).view(tiles, -1, projections, width).permute(1, 2, 0, 3)
+    if bias is not None:
+        product = product + bias.view(projections, tiles, width)
     if out is None:
         out = x.new_empty(*x.shape[:-1], projections * x.shape[-1])
-    out.view(-1, projections, tiles, width).copy_(product.view(tiles, -1, projections, width).permute(1, 2, 0, 3))
+    out.view(-1, projections, tiles, width).copy_(product)
+    return out
+
+
+def block_diagonal_heads(x: Tensor, weight: Tensor, bias: Optional[Tensor], num_heads: int, out: Tensor) -> Tensor:
+    """:func:`block_diagonal` of ``x (B, N, E)`` written into ``out (P, B, NH, N, DH)`` (contiguous): the mLSTM's
+    head layout, so that the tile-major product is copied once, straight into the layout the cell reads."""
+    if _counting_flops():
+        return out.copy_(_block_products(x, weight, bias, None).unflatten(-1, (len(out), num_heads, -1))
+                         .permute(2, 0, 3, 1, 4))
+    projections, num_blocks, size, _ = weight.shape
+    per_tile = _tile_blocks(num_blocks // num_heads, size)  # tiles never straddle two heads
+    tiles, width = num_blocks // per_tile, per_tile * size
+    batch, n = x.shape[:2]
+    layout = (num_heads, tiles // num_heads, batch, n, projections, width)
+    product = _tile_products(x, weight, per_tile).view(layout).permute(4, 2, 0, 3, 1, 5)
+    if bias is not None:
+        product = product + bias.view(projections, 1, num_heads, 1, tiles // num_heads, width)
+    out.view(projections, batch, num_heads, n, tiles // num_heads, width).copy_(product)
     return out
 
 
@@ -104,25 +131,55 @@ def causal_conv1d_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], reve
     return F.conv1d(sequence, weight, bias, groups=x.shape[-1]).transpose(1, 2)
 
 
+def conv_silu(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor], reverse: bool,
+              conv_kind: str = '2d') -> Tensor:
+    """``silu(conv(x))`` of tokens ``x (B, N, E)``; ``conv_kind``: ``'2d'`` (square odd kernel on the token grid,
+    ``conv_weight (E, 1, K, K)``) or ``'causal1d'`` (along the token sequence, ``conv_weight (E, 1, K)``)."""
+    if conv_kind == '2d':
+        return F.silu(depthwise_conv_tokens(x, grid, conv_weight, conv_bias, reverse))
+    if conv_kind == 'causal1d':
+        return F.silu(causal_conv1d_tokens(x, conv_weight, conv_bias, reverse))
+    raise ValueError(f'conv_kind={conv_kind!r} is not supported; choose one of {CONV_KINDS}')
+
+
 def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
              qkv_bias: Optional[Tensor], reverse: bool, conv_kind: str = '2d') -> Tuple[Tensor, Tensor]:
-    """``x (B, N, E)`` -> ``(silu(conv(x)), cat([q, k, v]))``; ``qkv_weight (3, E / S, S, S)``, ``qkv_bias (3, E)``.
-
-    ``conv_kind``: ``'2d'`` (square odd kernel on the token grid, ``conv_weight (E, 1, K, K)``) or ``'causal1d'``
-    (along the token sequence, ``conv_weight (E, 1, K)``).
-    """
-    if conv_kind == '2d':
-        x_conv = depthwise_conv_tokens(x, grid, conv_weight, conv_bias, reverse)
-    elif conv_kind == 'causal1d':
-        x_conv = causal_conv1d_tokens(x, conv_weight, conv_bias, reverse)
-    else:
-        raise ValueError(f'conv_kind={conv_kind!r} is not supported; choose one of {CONV_KINDS}')
-    x_conv = F.silu(x_conv)
+    """``x (B, N, E)`` -> ``(silu(conv(x)), cat([q, k, v]))``, token-major as the Triton kernel writes them;
+    ``qkv_weight (3, E / S, S, S)``, ``qkv_bias (3, E)``; conv as in :func:`conv_silu`."""
+    x_conv = conv_silu(x, grid, conv_weight, conv_bias, reverse, conv_kind)
     inner = x.shape[-1]
     qkv = x.new_empty(*x.shape[:-1], 3 * inner)
     block_diagonal(x_conv, qkv_weight[:2], None if qkv_bias is None else qkv_bias[:2], qkv[..., :2 * inner])
     block_diagonal(x, qkv_weight[2:], None if qkv_bias is None else qkv_bias[2:], qkv[..., 2 * inner:])
     return x_conv, qkv
+
+
+def conv_qkv_heads(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor],
+                   qkv_weight: Tensor, qkv_bias: Optional[Tensor], num_heads: int, reverse: bool,
+                   conv_kind: str = '2d') -> Tuple[Tensor, Tensor]:
+    """:func:`conv_qkv` with q, k, v in the mLSTM's head layout, ``qkv (3, B, NH, N, DH)`` contiguous: the CPU path
+    (one copy of the projections' output fewer than token-major q/k/v, which the cell copies again)."""
+    x_conv = conv_silu(x, grid, conv_weight, conv_bias, reverse, conv_kind)
+    batch, n, inner = x.shape
+    qkv = x.new_empty(3, batch, num_heads, n, inner // num_heads)
+    biases = (None, None) if qkv_bias is None else (qkv_bias[:2], qkv_bias[2:])
+    block_diagonal_heads(x_conv, qkv_weight[:2], biases[0], num_heads, qkv[:2])
+    block_diagonal_heads(x, qkv_weight[2:], biases[1], num_heads, qkv[2:])
+    return x_conv, qkv
+
+
+def gate_preactivations(qkv: Tensor, gate_weight: Tensor, gate_bias: Tensor) -> Tensor:
+    """Gate pre-activations ``(B, G, N)`` (each gate contiguous along the tokens, as the mLSTM reads them) of
+    ``gate_weight (G, 3 E) @ cat([q, k, v])`` for ``qkv (3, B, NH, N, DH)`` in the head layout or a token-major view.
+    """
+    projections, batch, heads, n, head_dim = qkv.shape
+    token_major = qkv.permute(1, 3, 0, 2, 4)
+    if token_major.is_contiguous():
+        weight = gate_weight.expand(batch, -1, -1)
+        return torch.baddbmm(gate_bias.view(1, -1, 1), weight, token_major.reshape(batch, n, -1).transpose(1, 2))
+    # per head and projection (G, DH) @ (DH, N), summed: the wide product is many times faster than (N, DH) @ (DH, G)
+    weight = gate_weight.view(-1, projections, heads, head_dim).permute(1, 2, 0, 3).unsqueeze(1)
+    return torch.matmul(weight, qkv.transpose(-1, -2)).sum((0, 2)) + gate_bias.unsqueeze(-1)
 
 
 def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], skip: Tensor,
