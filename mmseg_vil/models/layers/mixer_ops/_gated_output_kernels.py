@@ -35,12 +35,16 @@ def _normalise(h, ok, head_dim, eps):
 
 @triton.jit
 def _load_inputs(tile, H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
-                 head_dim, eps, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Offsets and masks of token tile ``tile``, its normalised heads with their 1/std, the parameters, x_conv, z."""
+                 head_dim, EPS, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and masks of token tile ``tile``, its normalised heads with their 1/std, the parameters, x_conv, z.
+
+    ``EPS`` points to the norm's eps in the accumulator's dtype: a float argument would arrive as float32 and shift
+    float64 results of low-variance heads by up to ~1e-7 relative."""
     h_offs, flat, chan, ok = _offsets(tile, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T,
                                       BLOCK_D)
     chan_ok = chan < chans
-    normed, rstd = _normalise(tl.load(H + h_offs, mask=ok, other=0.0).to(ACC), ok, head_dim, eps)
+    normed, rstd = _normalise(tl.load(H + h_offs, mask=ok, other=0.0).to(ACC), ok, head_dim,
+                               tl.load(EPS))
     weight = tl.load(NORM_W + chan, mask=chan_ok, other=0.0).to(ACC)
     bias = tl.load(NORM_B + chan, mask=chan_ok, other=0.0).to(ACC)
     skip = tl.load(SKIP + chan, mask=chan_ok, other=0.0).to(ACC)
@@ -51,19 +55,19 @@ def _load_inputs(tile, H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, s
 
 @triton.jit
 def gated_output_forward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, OUT, stride_b, stride_n, stride_h, seq_len,
-                                n_tokens, chans, head_dim, eps, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                                n_tokens, chans, head_dim, EPS, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
                                 BLOCK_D: tl.constexpr):
     """Grid: (token tiles over the B * N tokens, heads). ``out = (norm(h) * w + b + skip * x_conv) * silu(z)``."""
     h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
         tl.program_id(0), H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
-        head_dim, eps, ACC, BLOCK_T, BLOCK_D)
+        head_dim, EPS, ACC, BLOCK_T, BLOCK_D)
     out = (normed * weight[None, :] + bias[None, :] + skip[None, :] * x_conv) * (z * tl.sigmoid(z))
     tl.store(OUT + flat, out.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, GRAD_H, GRAD_X_CONV, GRAD_Z, PARTIAL,
-                                 OUT, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, eps,
+                                 OUT, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, EPS,
                                  ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                                  TILES: tl.constexpr, STORE_OUT: tl.constexpr):
     """Gradients of h (in h's strides), x_conv and z over ``TILES`` token tiles; one PARTIAL row per program:
@@ -76,7 +80,7 @@ def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, G
     for tile in range(tl.program_id(0) * TILES, end_tile):
         h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
             tile, H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
-            head_dim, eps, ACC, BLOCK_T, BLOCK_D)
+            head_dim, EPS, ACC, BLOCK_T, BLOCK_D)
         grad_out = tl.load(GRAD_OUT + flat, mask=ok, other=0.0).to(ACC)
         sig = tl.sigmoid(z)
         grad_gated = grad_out * (z * sig)  # gradient of the gated sum

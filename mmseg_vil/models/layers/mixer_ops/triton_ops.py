@@ -118,11 +118,14 @@ def _gate_launch(h: Tensor) -> Tuple[tuple, dict]:
     return grid, dict(BLOCK_T=block_t, BLOCK_D=block_d, ACC=_accumulator(h.dtype)[1], num_warps=4)
 
 
-def _gate_args(h: Tensor) -> tuple:
+def _gate_args(h: Tensor, eps: float) -> tuple:
+    """``h`` (unit stride along the head dim), its strides, the sizes, and ``eps`` as a one-element tensor in the
+    accumulator's dtype (a float argument would be passed as float32)."""
     batch, n, heads, head_dim = h.shape
     if h.stride(-1) != 1:
         h = h.contiguous()
-    return (h, h.stride(0), h.stride(1), h.stride(2), n, batch * n, heads * head_dim, head_dim)
+    eps = torch.full((1,), eps, dtype=_accumulator(h.dtype)[0], device=h.device)
+    return (h, h.stride(0), h.stride(1), h.stride(2), n, batch * n, heads * head_dim, head_dim, eps)
 
 
 @torch.library.custom_op('mmseg_vil::gated_output', mutates_args=())
@@ -131,9 +134,9 @@ def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm
     """Triton :func:`~.reference.gated_output` for heads ``h (B, N, NH, DH)`` in any strides."""
     out = x_conv.new_empty(x_conv.shape)
     grid, config = _gate_launch(h)
-    h, *sizes = _gate_args(h)
+    h, *sizes = _gate_args(h, eps)
     gate_kernels.gated_output_forward_kernel[grid](
-        h, x_conv.contiguous(), z.contiguous(), norm_weight, norm_bias, skip, out, *sizes, eps, **config)
+        h, x_conv.contiguous(), z.contiguous(), norm_weight, norm_bias, skip, out, *sizes, **config)
     return out
 
 
@@ -154,10 +157,10 @@ def gated_output_backward(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor
     grid = (triton.cdiv(token_tiles, BACKWARD_TILES), heads)
     chans = x_conv.shape[-1]
     partial = torch.empty(grid[0], 3 * chans, dtype=_accumulator(h.dtype)[0], device=h.device)
-    h, *sizes = _gate_args(h)
+    h, *sizes = _gate_args(h, eps)
     gate_kernels.gated_output_backward_kernel[grid](
         h, x_conv.contiguous(), z.contiguous(), norm_weight, norm_bias, skip, grad_out.contiguous(), grad_h,
-        grad_x_conv, grad_z, partial, out, *sizes, eps, TILES=BACKWARD_TILES, STORE_OUT=with_output, **config)
+        grad_x_conv, grad_z, partial, out, *sizes, TILES=BACKWARD_TILES, STORE_OUT=with_output, **config)
     grads = partial.sum(0).split(chans)
     params = (norm_weight, norm_bias, skip)
     return [grad_h, grad_x_conv, grad_z, *(g.to(p.dtype, copy=True) for g, p in zip(grads, params)),
