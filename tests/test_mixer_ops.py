@@ -48,7 +48,7 @@ def _check(ours, expected, inputs, dtype, gen):
 
 
 # float64 checks the formulas tightly; float32 the mixed-precision loads and stores of the CUDA path. (13, 11): 143
-# tokens, several backward programs along the tokens (triton_ops.BACKWARD_TILES), the last one partly outside.
+# tokens, several backward programs along the tokens (triton_ops.CONV_BACKWARD), the last one partly outside.
 CONV_CASES = [((5, 7), 16, 3, False, torch.float64), ((5, 7), 16, 3, True, torch.float64),
               ((13, 11), 8, 3, True, torch.float64),
               ((3, 2), 136, 5, True, torch.float64), ((1, 1), 8, 3, False, torch.float64),

@@ -16,9 +16,21 @@ from . import _gated_output_kernels as gate_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k/v
-# Token tiles per program of the backward kernels: their partial weight-gradient rows and cross-thread reductions fall
-# by this factor (conv_qkv's row per 8-token tile was 61 MB of fp32 per block at 224 px, batch 64; its backward took
-# 7 ms of ViL-T's 37 ms step on an H200).
+# Launch configurations of the conv + q/k/v kernels (tokens per tile, channel groups per tile, warps; the backward
+# launches also walk TILES token tiles per program, so their partial weight-gradient rows and cross-thread reductions
+# fall by that factor: conv_qkv's row per 8-token tile was 61 MB of fp32 per block at 224 px, batch 64, and its
+# backward took 7 ms of ViL-T's 37 ms step on an H200). 8 tokens x 16 groups (64 channels, 128-byte rows in bf16)
+# with 4 warps: at most 128 registers and no spills in the sm_90 resource report of Triton 3.8
+# (benchmarks/kernel_resources.py; 32 x 32 tiles of the first kernels spilled 1000 bytes in the backward). The
+# input-gradient launch walks the same tokens per program in tiles of half the size: its (tokens, channels, taps)
+# tiles of 8 tokens need 255 registers and spill on sm_90, of 4 tokens 168. benchmarks/tune_mixer_kernels.py times
+# alternatives on a GPU.
+CONV_FORWARD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4)
+CONV_BACKWARD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4, TILES=8)
+CONV_INPUT_GRAD = dict(BLOCK_T=4, BLOCK_G=16, num_warps=4)  # TILES: the same tokens per program as CONV_BACKWARD
+# Gated output: elements of a program's (tokens, head dims) tile (1024: no spills in the sm_90 report), warps, and
+# the token tiles each backward program walks.
+GATED_OUTPUT = dict(TILE_ELEMENTS=1024, num_warps=4)
 BACKWARD_TILES = 8
 
 
@@ -26,14 +38,17 @@ def _accumulator(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _conv_launch(x: Tensor) -> Tuple[tuple, dict]:
-    """8 tokens x 16 groups (64 channels, 128-byte rows in bf16) with 4 warps: at most 128 registers and no spills
-    in the sm_90 resource report of Triton 3.8 (benchmarks/kernel_resources.py; 32 x 32 tiles of the first kernels
-    spilled 1000 bytes in the backward, benchmarks/RESULTS.md)."""
+def _conv_launch(x: Tensor, config: dict, tokens_per_program: int = 0) -> Tuple[tuple, dict]:
+    """Grid ``(token ranges, channel tiles, batch)`` and launch options of a conv + q/k/v kernel with ``config``;
+    ``tokens_per_program`` (backward launches): each program walks that many tokens in tiles of ``BLOCK_T``."""
     batch, n, chans = x.shape
-    block_t, block_g = 8, min(16, triton.next_power_of_2(chans // GROUP))
-    grid = (triton.cdiv(n, block_t), triton.cdiv(chans // GROUP, block_g), batch)
-    return grid, dict(BLOCK_T=block_t, BLOCK_G=block_g, ACC=_accumulator(x.dtype)[1], num_warps=4)
+    block_t = config['BLOCK_T']
+    block_g = min(config['BLOCK_G'], triton.next_power_of_2(chans // GROUP))
+    options = dict(config, BLOCK_G=block_g, ACC=_accumulator(x.dtype)[1])
+    if tokens_per_program:
+        options['TILES'] = tokens_per_program // block_t
+    grid = (triton.cdiv(n, tokens_per_program or block_t), triton.cdiv(chans // GROUP, block_g), batch)
+    return grid, options
 
 
 @torch.library.custom_op('mmseg_vil::conv_qkv', mutates_args=())
@@ -42,7 +57,7 @@ def conv_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias:
     """Triton :func:`~.reference.conv_qkv` for ``x (B, N, E)``, ``N = height * width``."""
     x = x.contiguous()
     x_conv, qkv = torch.empty_like(x), x.new_empty(*x.shape[:2], 3 * x.shape[2])
-    grid, config = _conv_launch(x)
+    grid, config = _conv_launch(x, CONV_FORWARD)
     conv_kernels.conv_qkv_forward_kernel[grid](
         x, conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(), qkv_bias.contiguous(), x_conv, qkv, height,
         width, x.shape[2], KSIZE=conv_weight.shape[-1], REVERSE=reverse, **config)
@@ -54,21 +69,15 @@ def _(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(*x.shape[:2], 3 * x.shape[2])
 
 
-def _gather_config(config: dict) -> dict:
-    """The input-gradient launch walks the same tokens in tiles of half the size: its ``(tokens, channels, taps)``
-    tiles of 8 tokens need 255 registers and spill on sm_90, of 4 tokens 168 (Triton 3.8's report)."""
-    return {**config, 'BLOCK_T': config['BLOCK_T'] // 2, 'TILES': 2 * config['TILES']}
-
-
 @torch.library.custom_op('mmseg_vil::conv_qkv_backward', mutates_args=())
 def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, x: Tensor, height: int, width: int,
                       conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor, reverse: bool) -> List[Tensor]:
     """Gradients of x, conv weight, conv bias, q/k/v weight and q/k/v bias."""
     x = x.contiguous()
     chans, ksize = x.shape[2], conv_weight.shape[-1]
-    (token_tiles, *grid), config = _conv_launch(x)
-    grid = (triton.cdiv(token_tiles, BACKWARD_TILES), *grid)
-    config.update(KSIZE=ksize, REVERSE=reverse, TILES=BACKWARD_TILES)
+    tokens_per_program = CONV_BACKWARD['BLOCK_T'] * CONV_BACKWARD['TILES']
+    grid, config = _conv_launch(x, {k: v for k, v in CONV_BACKWARD.items() if k != 'TILES'}, tokens_per_program)
+    gather_grid, gather_config = _conv_launch(x, CONV_INPUT_GRAD, tokens_per_program)
     acc_dtype = _accumulator(x.dtype)[0]
     grad_pre = torch.empty(x.shape, dtype=acc_dtype, device=x.device)
     sizes = [chans * ksize * ksize, chans, 3 * chans * GROUP, 3 * chans]
@@ -76,11 +85,12 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, x: Tensor, height: 
     conv_weight, qkv_weight, grad_qkv = conv_weight.contiguous(), qkv_weight.contiguous(), grad_qkv.contiguous()
     conv_kernels.conv_qkv_backward_kernel[grid](
         x, conv_weight, conv_bias, qkv_weight, grad_x_conv.contiguous(), grad_qkv, grad_pre, partial, height, width,
-        chans, **config)
+        chans, KSIZE=ksize, REVERSE=reverse, **config)
     grad_x = torch.empty_like(x)
-    conv_kernels.conv_qkv_input_grad_kernel[grid](
-        grad_pre, x, conv_weight, qkv_weight, grad_qkv, grad_x, partial, height, width, chans,
-        BLOCK_TAPS=triton.next_power_of_2(ksize * ksize), **_gather_config(config))
+    # One partial row per (token range, image) in both launches: the same tokens per program (grid[0]).
+    conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
+        grad_pre, x, conv_weight, qkv_weight, grad_qkv, grad_x, partial, height, width, chans, KSIZE=ksize,
+        REVERSE=reverse, BLOCK_TAPS=triton.next_power_of_2(ksize * ksize), **gather_config)
     grads = partial.sum(0).split(sizes)
     params = (conv_weight, conv_bias, qkv_weight, conv_bias.new_empty(3, chans))
     return [grad_x, *(g.view(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, params))]
@@ -113,9 +123,10 @@ conv_qkv.register_autograd(_conv_qkv_grad, setup_context=_conv_qkv_setup)
 def _gate_launch(h: Tensor) -> Tuple[tuple, dict]:
     batch, n, heads, head_dim = h.shape
     block_d = triton.next_power_of_2(head_dim)
-    block_t = max(1, min(32, 1024 // block_d))  # 1024 elements per program: no spills in the sm_90 report
+    block_t = max(1, min(32, GATED_OUTPUT['TILE_ELEMENTS'] // block_d))
     grid = (triton.cdiv(batch * n, block_t), heads)
-    return grid, dict(BLOCK_T=block_t, BLOCK_D=block_d, ACC=_accumulator(h.dtype)[1], num_warps=4)
+    return grid, dict(BLOCK_T=block_t, BLOCK_D=block_d, ACC=_accumulator(h.dtype)[1],
+                      num_warps=GATED_OUTPUT['num_warps'])
 
 
 def _gate_args(h: Tensor, eps: float) -> tuple:

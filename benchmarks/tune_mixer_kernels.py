@@ -1,0 +1,159 @@
+"""Time the mixer's conv + q/k/v and gated-output Triton kernels under candidate launch configurations on a GPU.
+
+For ViL-T's shapes (inner width 384, 4 heads) at 224 px batch 64, 512 px batch 32 and 1024 px batch 8, in bfloat16:
+each kernel's GPU time (torch profiler, mean of the repetitions), its registers and spilled bytes, and the memory
+floor (the bytes it must read and write once, over 3 TB/s) for every configuration in the sweep; the current
+configuration (``triton_ops.CONV_FORWARD`` etc.) is marked ``*``. Writes a markdown table and a JSON file.
+
+    python benchmarks/tune_mixer_kernels.py --out DIR [--sizes 224 512] [--quick]
+"""
+import argparse
+import itertools
+import json
+import os
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mmseg_vil.models.layers.mixer_ops import triton_ops
+
+SHAPES = {224: (64, 14), 512: (32, 32), 1024: (8, 64)}  # size: (batch, tokens per side)
+INNER, HEADS, KSIZE = 384, 4, 3
+BANDWIDTH = 3.0e12  # bytes/s, about what an H100 SXM reaches on a streaming kernel
+
+
+def _inputs(batch, side, dtype=torch.bfloat16):
+    gen = torch.Generator(device='cuda').manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, device='cuda')).to(dtype)
+
+    n = side * side
+    return dict(x=rand(batch, n, INNER), conv_weight=torch.randn(INNER, 1, KSIZE, KSIZE, device='cuda') / 3,
+                conv_bias=torch.randn(INNER, device='cuda') / 10,
+                qkv_weight=torch.randn(3, INNER // 4, 4, 4, device='cuda') / 2,
+                qkv_bias=torch.randn(3, INNER, device='cuda') / 10, grad_x_conv=rand(batch, n, INNER),
+                grad_qkv=rand(batch, n, 3 * INNER), h=rand(batch, n, HEADS, INNER // HEADS), z=rand(batch, n, INNER),
+                norm_weight=torch.ones(INNER, device='cuda'), norm_bias=torch.zeros(INNER, device='cuda'),
+                skip=torch.ones(INNER, device='cuda'))
+
+
+def _calls(t, side):
+    """The ops to time, with the bytes each must move (activations only, bf16; grad_pre in float32)."""
+    act = t['x'].numel() * 2
+    conv = lambda: triton_ops.conv_qkv(t['x'], side, side, t['conv_weight'], t['conv_bias'], t['qkv_weight'],
+                                       t['qkv_bias'], False)
+    conv_bwd = lambda: triton_ops.conv_qkv_backward(t['grad_x_conv'], t['grad_qkv'], t['x'], side, side,
+                                                    t['conv_weight'], t['conv_bias'], t['qkv_weight'], False)
+    norm = (t['norm_weight'], t['norm_bias'], t['skip'])
+    gate = lambda: triton_ops.gated_output(t['h'], t['x'], t['z'], *norm, 1e-5)
+    gate_bwd = lambda: triton_ops.gated_output_backward(t['x'], t['h'], t['x'], t['z'], *norm, 1e-5, True)
+    return {'conv_qkv': (conv, {'conv_qkv_forward_kernel': 5 * act}),
+            'conv_qkv_backward': (conv_bwd, {'conv_qkv_backward_kernel': 5 * act + 2 * act,
+                                             'conv_qkv_input_grad_kernel': 2 * act + 3 * act}),
+            'gated_output': (gate, {'gated_output_forward_kernel': 4 * act}),
+            'gated_output_backward': (gate_bwd, {'gated_output_backward_kernel': 8 * act})}
+
+
+def _kernel_times(fn, reps):
+    """Mean GPU microseconds per call of each kernel ``fn`` launches."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name] += event.device_time_total / reps
+    return dict(times)
+
+
+def _resources(kernel):
+    """(registers, spilled bytes) of the kernel's newest compiled variant on this device."""
+    device = torch.cuda.current_device()
+    cache = getattr(kernel, 'device_caches', None)
+    compiled = list(cache[device][0].values()) if cache else list(getattr(kernel, 'cache', {}).get(device, {}).values())
+    if not compiled:
+        return None, None
+    last = compiled[-1]
+    return getattr(last, 'n_regs', None), getattr(last, 'n_spills', None)
+
+
+def _sweep(quick):
+    """Candidate configurations per tunable (name in triton_ops, list of dicts)."""
+    forward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w) for t, g, w in
+               itertools.product((8, 16, 32, 64), (8, 16, 32), (2, 4, 8))]
+    backward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, TILES=tiles // t) for t, g, w, tiles in
+                itertools.product((8, 16, 32), (8, 16), (4, 8), (64, 128)) if tiles // t >= 1]
+    input_grad = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w) for t, g, w in
+                  itertools.product((2, 4, 8, 16), (8, 16), (2, 4, 8))]
+    gated = [dict(TILE_ELEMENTS=e, num_warps=w) for e, w in itertools.product((512, 1024, 2048, 4096), (2, 4, 8))]
+    if quick:
+        forward = [c for c in forward if c['num_warps'] == 4 or c['BLOCK_T'] >= 32]
+        input_grad = [c for c in input_grad if c['num_warps'] == 4]
+    return [('CONV_FORWARD', 'conv_qkv', forward), ('CONV_BACKWARD', 'conv_qkv_backward', backward),
+            ('CONV_INPUT_GRAD', 'conv_qkv_backward', input_grad), ('GATED_OUTPUT', 'gated_output', gated),
+            ('GATED_OUTPUT', 'gated_output_backward', gated)]
+
+
+KERNELS = {'conv_qkv_forward_kernel': triton_ops.conv_kernels.conv_qkv_forward_kernel,
+           'conv_qkv_backward_kernel': triton_ops.conv_kernels.conv_qkv_backward_kernel,
+           'conv_qkv_input_grad_kernel': triton_ops.conv_kernels.conv_qkv_input_grad_kernel,
+           'gated_output_forward_kernel': triton_ops.gate_kernels.gated_output_forward_kernel,
+           'gated_output_backward_kernel': triton_ops.gate_kernels.gated_output_backward_kernel}
+TUNED_KERNEL = {'CONV_FORWARD': 'conv_qkv_forward_kernel', 'CONV_BACKWARD': 'conv_qkv_backward_kernel',
+                'CONV_INPUT_GRAD': 'conv_qkv_input_grad_kernel'}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', default='work_dirs/tune_mixer_kernels')
+    parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512, 1024])
+    parser.add_argument('--reps', type=int, default=20)
+    parser.add_argument('--quick', action='store_true', help='fewer warp counts')
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows, lines = [], ['| size | tunable | config | kernel | us | floor us | regs | spills |',
+                       '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for size in args.sizes:
+        batch, side = SHAPES[size]
+        calls = _calls(_inputs(batch, side), side)
+        for tunable, op, candidates in _sweep(args.quick):
+            default = dict(getattr(triton_ops, tunable))
+            fn, floors = calls[op]
+            timed = {TUNED_KERNEL.get(tunable)} if tunable in TUNED_KERNEL else set(floors)
+            results = []
+            for config in candidates:
+                setattr(triton_ops, tunable, config)
+                try:
+                    times = _kernel_times(fn, args.reps)
+                except Exception as error:  # a configuration that does not compile (shared memory, registers)
+                    lines.append(f'| {size} | {tunable} | {config} | - | failed: {type(error).__name__} | | | |')
+                    continue
+                finally:
+                    setattr(triton_ops, tunable, default)
+                for kernel in sorted(timed):
+                    regs, spills = _resources(KERNELS[kernel])
+                    us = times.get(kernel, float('nan'))
+                    results.append((us, config, kernel, regs, spills))
+                    rows.append(dict(size=size, tunable=tunable, config=config, kernel=kernel, us=us,
+                                     floor_us=floors[kernel] / BANDWIDTH * 1e6, regs=regs, spills=spills,
+                                     current=config == default))
+            for us, config, kernel, regs, spills in sorted(results, key=lambda r: r[0])[:8] + [
+                    r for r in results if r[1] == default]:
+                mark = '*' if config == default else ''
+                lines.append(f'| {size} | {tunable}{mark} | {config} | {kernel} | {us:.1f} | '
+                             f'{floors[kernel] / BANDWIDTH * 1e6:.1f} | {regs} | {spills} |')
+            print('\n'.join(lines[-9:]), flush=True)
+    with open(os.path.join(args.out, 'tune_mixer_kernels.md'), 'w') as f:
+        f.write(f'{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n' + '\n'.join(lines) + '\n')
+    with open(os.path.join(args.out, 'tune_mixer_kernels.json'), 'w') as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
