@@ -110,9 +110,12 @@ def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: 
     norm = [empty(inner, dtype=torch.float32) for _ in range(3)]
     lines: List[str] = []
     with _compile_launches(arch, lines):
-        triton_ops.conv_qkv._init_fn(x, *grid, conv_weight, conv_bias, qkv_weight, biases, False)
-        triton_ops.conv_qkv_backward._init_fn(x, empty(batch, n, 3 * inner), x, *grid, conv_weight, conv_bias,
-                                              qkv_weight, False)
+        gate_weight, gate_bias = empty(2 * heads, 3 * inner, dtype=torch.float32), empty(2 * heads, dtype=torch.float32)
+        triton_ops.conv_qkv._init_fn(x, *grid, conv_weight, conv_bias, qkv_weight, biases, gate_weight, gate_bias,
+                                     False)
+        qkv = empty(batch, n, 3 * inner)
+        triton_ops.conv_qkv_backward._init_fn(x, qkv, empty(batch, 2 * heads, n, dtype=torch.float32), x, qkv, *grid,
+                                              conv_weight, conv_bias, qkv_weight, gate_weight, False)
         h = heads_view.transpose(1, 2)
         triton_ops.gated_output._init_fn(h, x, x, *norm, 1e-5)
         triton_ops.gated_output_backward._init_fn(x, h, x, x, *norm, 1e-5, True)  # as mixer_core runs it

@@ -33,7 +33,10 @@ def _inputs(batch, side, dtype=torch.bfloat16):
     return dict(x=rand(batch, n, INNER), conv_weight=torch.randn(INNER, 1, KSIZE, KSIZE, device='cuda') / 3,
                 conv_bias=torch.randn(INNER, device='cuda') / 10,
                 qkv_weight=torch.randn(3, INNER // 4, 4, 4, device='cuda') / 2,
-                qkv_bias=torch.randn(3, INNER, device='cuda') / 10, grad_x_conv=rand(batch, n, INNER),
+                qkv_bias=torch.randn(3, INNER, device='cuda') / 10, gate_weight=torch.randn(2 * HEADS, 3 * INNER,
+                                                                                           device='cuda') / 30,
+                gate_bias=torch.randn(2 * HEADS, device='cuda'), grad_gates=torch.randn(batch, 2 * HEADS, n, device='cuda'),
+                qkv=rand(batch, n, 3 * INNER), grad_x_conv=rand(batch, n, INNER),
                 grad_qkv=rand(batch, n, 3 * INNER), h=rand(batch, n, HEADS, INNER // HEADS), z=rand(batch, n, INNER),
                 norm_weight=torch.ones(INNER, device='cuda'), norm_bias=torch.zeros(INNER, device='cuda'),
                 skip=torch.ones(INNER, device='cuda'))
@@ -43,9 +46,10 @@ def _calls(t, side):
     """The ops to time, with the bytes each must move (activations only, bf16; grad_pre in float32)."""
     act = t['x'].numel() * 2
     conv = lambda: triton_ops.conv_qkv(t['x'], side, side, t['conv_weight'], t['conv_bias'], t['qkv_weight'],
-                                       t['qkv_bias'], False)
-    conv_bwd = lambda: triton_ops.conv_qkv_backward(t['grad_x_conv'], t['grad_qkv'], t['x'], side, side,
-                                                    t['conv_weight'], t['conv_bias'], t['qkv_weight'], False)
+                                       t['qkv_bias'], t['gate_weight'], t['gate_bias'], False)
+    conv_bwd = lambda: triton_ops.conv_qkv_backward(t['grad_x_conv'], t['grad_qkv'], t['grad_gates'], t['x'], t['qkv'],
+                                                    side, side, t['conv_weight'], t['conv_bias'], t['qkv_weight'],
+                                                    t['gate_weight'], False)
     norm = (t['norm_weight'], t['norm_bias'], t['skip'])
     gate = lambda: triton_ops.gated_output(t['h'], t['x'], t['z'], *norm, 1e-5)
     gate_bwd = lambda: triton_ops.gated_output_backward(t['x'], t['h'], t['x'], t['z'], *norm, 1e-5, True)

@@ -49,23 +49,33 @@ def _check(ours, expected, inputs, dtype, gen):
 
 # float64 checks the formulas tightly; float32 the mixed-precision loads and stores of the CUDA path. (13, 11): 143
 # tokens, several backward programs along the tokens (triton_ops.CONV_BACKWARD), the last one partly outside.
-CONV_CASES = [((5, 7), 16, 3, False, torch.float64), ((5, 7), 16, 3, True, torch.float64),
-              ((13, 11), 8, 3, True, torch.float64),
-              ((3, 2), 136, 5, True, torch.float64), ((1, 1), 8, 3, False, torch.float64),
-              ((9, 4), 72, 3, True, torch.float32)]
+# num_gates: 2 x heads (8 in every released model), 3 where no power of two is assumed.
+CONV_CASES = [((5, 7), 16, 3, False, 4, torch.float64), ((5, 7), 16, 3, True, 2, torch.float64),
+              ((13, 11), 8, 3, True, 3, torch.float64),
+              ((3, 2), 136, 5, True, 8, torch.float64), ((1, 1), 8, 3, False, 2, torch.float64),
+              ((9, 4), 72, 3, True, 8, torch.float32)]
 
 
 @needs_kernels
-@pytest.mark.parametrize('grid,chans,ksize,reverse,dtype', CONV_CASES, ids=lambda value: str(value))
-def test_conv_qkv_kernels_match_reference(grid, chans, ksize, reverse, dtype):
+@pytest.mark.parametrize('grid,chans,ksize,reverse,num_gates,dtype', CONV_CASES, ids=lambda value: str(value))
+def test_conv_qkv_kernels_match_reference(grid, chans, ksize, reverse, num_gates, dtype):
     gen = torch.Generator().manual_seed(0)
     x = _randn(2, grid[0] * grid[1], chans, dtype=dtype, gen=gen)
     conv_weight, conv_bias = _randn(chans, 1, ksize, ksize, dtype=dtype, gen=gen), _randn(chans, dtype=dtype, gen=gen)
     qkv_weight, qkv_bias = _randn(3, chans // 4, 4, 4, dtype=dtype, gen=gen), _randn(3, chans, dtype=dtype, gen=gen)
-    inputs = (x, conv_weight, conv_bias, qkv_weight, qkv_bias)
-    ours = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
+    gate_weight, gate_bias = _randn(num_gates, 3 * chans, dtype=dtype, gen=gen), _randn(num_gates, dtype=dtype, gen=gen)
+    inputs = (x, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias)
+    ours = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias, reverse)
+    x_conv, qkv = reference.conv_qkv(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
+    gates = reference.gate_preactivations(qkv.unflatten(-1, (3, 1, chans)).permute(2, 0, 3, 1, 4), gate_weight,
+                                          gate_bias)
+    _check(ours, (x_conv, qkv, gates), inputs, dtype, gen)
+    # Without gate weights (the backward's recomputation): the same conv and q/k/v, no gates.
+    x_conv_only, qkv_only, no_gates = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, None,
+                                                          None, reverse)
+    assert no_gates.shape == (len(x), 0, x.shape[1])
     expected = reference.conv_qkv(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
-    _check(ours, expected, inputs, dtype, gen)
+    _check((x_conv_only, qkv_only), expected, inputs[:5], dtype, gen)
 
 
 @needs_kernels

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
-from .mixer_ops import conv_qkv, gate_preactivations, gated_output, mixer_core, use_mixer_core
+from .mixer_ops import conv_qkv, gated_output, mixer_core, use_mixer_core
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import mlstm, resolve_backend
 
@@ -148,9 +148,9 @@ class MLSTMMixer(nn.Module):
                               gate_bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                               self.proj_down.weight, self.proj_down.bias, self.num_heads, self.outnorm.eps,
                               self.reverse)[0]
-        x_conv, qkv = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, self.num_heads,
-                               self.reverse, self.conv_kind)
-        igate, fgate = gate_preactivations(qkv, gate_weight, gate_bias).chunk(2, dim=1)
+        x_conv, qkv, gates = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias,
+                                      gate_weight, gate_bias, self.num_heads, self.reverse, self.conv_kind)
+        igate, fgate = gates.chunk(2, dim=1)
         h = mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse)
         out = gated_output(h.transpose(1, 2), x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                            self.outnorm.eps)

@@ -8,7 +8,6 @@ from typing import Optional, Tuple
 from torch import Tensor
 
 from . import reference
-from .reference import gate_preactivations
 
 try:
     from . import triton_ops
@@ -29,15 +28,18 @@ def use_mixer_core(x: Tensor, conv_kind: str, has_biases: bool, mlstm_backend: s
 
 
 def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
-             qkv_bias: Optional[Tensor], num_heads: int, reverse: bool,
-             conv_kind: str = '2d') -> Tuple[Tensor, Tensor]:
-    """``(silu(conv(x)), qkv (3, B, NH, N, DH))``, see :func:`.reference.conv_qkv_heads`: the kernels (for the released
-    models' options: 2d conv, biases) write q/k/v token-major and ``qkv`` is a view of that buffer."""
+             qkv_bias: Optional[Tensor], gate_weight: Tensor, gate_bias: Tensor, num_heads: int, reverse: bool,
+             conv_kind: str = '2d') -> Tuple[Tensor, Tensor, Tensor]:
+    """``(silu(conv(x)), qkv (3, B, NH, N, DH), gates (B, G, N))``: :func:`.reference.conv_qkv_heads` and
+    :func:`.reference.gate_preactivations`. The kernels (for the released models' options: 2d conv, biases) write
+    q/k/v token-major (``qkv`` is a view of that buffer) and the gates in float32 or above, in the same pass."""
     if _use_kernels(x) and conv_kind == '2d' and conv_bias is not None and qkv_bias is not None:
-        x_conv, qkv = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
-        return x_conv, qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
-    return reference.conv_qkv_heads(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, num_heads, reverse,
-                                    conv_kind)
+        x_conv, qkv, gates = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
+                                                 gate_bias, reverse)
+        return x_conv, qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4), gates
+    x_conv, qkv = reference.conv_qkv_heads(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, num_heads, reverse,
+                                           conv_kind)
+    return x_conv, qkv, reference.gate_preactivations(qkv, gate_weight, gate_bias)
 
 
 def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
@@ -48,4 +50,4 @@ def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm
     return reference.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, eps)
 
 
-__all__ = ['conv_qkv', 'gate_preactivations', 'gated_output', 'mixer_core', 'use_mixer_core']
+__all__ = ['conv_qkv', 'gated_output', 'mixer_core', 'use_mixer_core']

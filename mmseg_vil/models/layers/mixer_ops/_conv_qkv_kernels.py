@@ -118,10 +118,21 @@ def _block_diagonal_tile(src, QKV_W, which, groups, group_ok, chans, TRANSPOSE: 
 
 
 @triton.jit
-def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, X_CONV, QKV, height, width, chans,
-                            KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Grid: (token tiles, channel tiles, batch). Writes silu(conv(x)) and q | k | v.
+def _gate_rows(GATE_W, gate, chan, chans):
+    """Gate ``gate``'s weights on this tile's channels of q, k and v: three ``(channels,)`` rows."""
+    row = GATE_W + gate * 3 * chans + chan
+    chan_ok = chan < chans
+    return (tl.load(row, mask=chan_ok, other=0.0), tl.load(row + chans, mask=chan_ok, other=0.0),
+            tl.load(row + 2 * chans, mask=chan_ok, other=0.0))
+
+
+@triton.jit
+def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_CONV, QKV, GATES, height, width, chans,
+                            KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr,
+                            ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Grid: (token tiles, channel tiles, batch). Writes silu(conv(x)), q | k | v, and this channel tile's share of
+    the gate pre-activations, ``GATES[channel tile, image, gate, token]`` (the caller sums the shares; tile 0 adds the
+    biases). ``NUM_GATES = 0``: no gates (the backward's recomputation).
 
     Every load and store is a ``(tokens, channels)`` tile with the channels contiguous (coalesced rows).
     """
@@ -129,14 +140,25 @@ def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, X_CONV, QKV, height
     pre, x = _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE, REVERSE, ACC)
     act = pre * tl.sigmoid(pre)
     tl.store(_tile_ptrs(X_CONV, image, offs_t, chan, chans, 0), act.to(X_CONV.dtype.element_ty), mask=ok)
-    for which in tl.static_range(3):
-        if which == 2:  # v projects the conv's input
-            out = _block_diagonal_tile(x, QKV_W, which, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)
-        else:
-            out = _block_diagonal_tile(act, QKV_W, which, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)
-        out += tl.load(QKV_B + which * chans + chan, mask=chan < chans, other=0.0).to(ACC)[None, :]
-        tl.store(_tile_ptrs(QKV, image * 3, offs_t, chan, 3 * chans, which * chans), out.to(QKV.dtype.element_ty),
-                 mask=ok)
+    q = _block_diagonal_tile(act, QKV_W, 0, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)
+    k = _block_diagonal_tile(act, QKV_W, 1, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)
+    v = _block_diagonal_tile(x, QKV_W, 2, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)  # v projects x
+    chan_ok = chan < chans
+    q += tl.load(QKV_B + chan, mask=chan_ok, other=0.0).to(ACC)[None, :]
+    k += tl.load(QKV_B + chans + chan, mask=chan_ok, other=0.0).to(ACC)[None, :]
+    v += tl.load(QKV_B + 2 * chans + chan, mask=chan_ok, other=0.0).to(ACC)[None, :]
+    out_ty = QKV.dtype.element_ty
+    tl.store(_tile_ptrs(QKV, image * 3, offs_t, chan, 3 * chans, 0), q.to(out_ty), mask=ok)
+    tl.store(_tile_ptrs(QKV, image * 3, offs_t, chan, 3 * chans, chans), k.to(out_ty), mask=ok)
+    tl.store(_tile_ptrs(QKV, image * 3, offs_t, chan, 3 * chans, 2 * chans), v.to(out_ty), mask=ok)
+    n_tokens = height * width
+    share = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * NUM_GATES * n_tokens
+    first_tile = tl.program_id(1) == 0
+    for gate in tl.static_range(NUM_GATES):
+        w_q, w_k, w_v = _gate_rows(GATE_W, gate, chan, chans)
+        value = tl.sum(q * w_q.to(ACC)[None, :] + k * w_k.to(ACC)[None, :] + v * w_v.to(ACC)[None, :], axis=1)
+        value += tl.where(first_tile, tl.load(GATE_B + gate).to(ACC), 0.0)
+        tl.store(GATES + share + gate * n_tokens + offs_t, value, mask=offs_t < n_tokens)
 
 
 @triton.jit
@@ -191,11 +213,31 @@ def _walk_tile(tile, n_tokens, chan, chans, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_QKV, GRAD_PRE, PARTIAL, height, width,
-                             chans, KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
+def _qkv_grads(GRAD_QKV, GRAD_GATES, GATE_W, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
+               stride_gate_n, n_tokens, NUM_GATES: tl.constexpr, ACC: tl.constexpr):
+    """The gradients of q, k and v on a ``(tokens, channels)`` tile: what reached them from the mLSTM (GRAD_QKV) plus
+    what reached them through the gate pre-activations, ``sum_g grad_gate[g] * GATE_W[g]``."""
+    dq = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, 0, ok, ACC)
+    dk = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, chans, ok, ACC)
+    dv = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, 2 * chans, ok, ACC)
+    gates = GRAD_GATES + tl.program_id(2).to(tl.int64) * stride_gate_b + offs_t * stride_gate_n
+    for gate in tl.static_range(NUM_GATES):
+        grad_gate = tl.load(gates + gate * stride_gate_g, mask=offs_t < n_tokens, other=0.0).to(ACC)[:, None]
+        w_q, w_k, w_v = _gate_rows(GATE_W, gate, chan, chans)
+        dq += grad_gate * w_q.to(ACC)[None, :]
+        dk += grad_gate * w_k.to(ACC)[None, :]
+        dv += grad_gate * w_v.to(ACC)[None, :]
+    return dq, dk, dv
+
+
+@triton.jit
+def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD_QKV, GRAD_GATES, GRAD_PRE, PARTIAL,
+                             height, width, chans, stride_gate_b, stride_gate_g, stride_gate_n,
+                             KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
     """Launch 1 of the backward (module docstring): grad_pre, and the partial sums of the conv bias and q/k/v weight
-    and bias gradients. PARTIAL: one row per program, ``[conv weight | conv bias | qkv weight | qkv bias]``."""
+    and bias gradients. PARTIAL: one row per program, ``[conv weight | conv bias | qkv weight | qkv bias]``. The
+    gradients of q, k and v are GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
     groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
     n_tokens = height * width
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
@@ -206,9 +248,8 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_QKV, GR
     wv0, wv1, wv2, wv3 = zero, zero, zero, zero
     for tile in range(first_tile, end_tile):
         offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
-        dq = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, 0, ok, ACC)
-        dk = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, chans, ok, ACC)
-        dv = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, 2 * chans, ok, ACC)
+        dq, dk, dv = _qkv_grads(GRAD_QKV, GRAD_GATES, GATE_W, image, offs_t, chan, chans, ok, stride_gate_b,
+                                stride_gate_g, stride_gate_n, n_tokens, NUM_GATES, ACC)
         pre, x = _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE, REVERSE, ACC)
         sig = tl.sigmoid(pre)
         act = pre * sig
@@ -238,9 +279,11 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GRAD_X_CONV, GRAD_QKV, GR
 
 
 @triton.jit
-def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GRAD_QKV, GRAD_X, PARTIAL, height, width, chans,
-                               KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
-                               BLOCK_G: tl.constexpr, TILES: tl.constexpr, BLOCK_TAPS: tl.constexpr):
+def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRAD_GATES, GRAD_X, PARTIAL, height,
+                               width, chans, stride_gate_b, stride_gate_g, stride_gate_n, KSIZE: tl.constexpr,
+                               REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
+                               BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr,
+                               BLOCK_TAPS: tl.constexpr):
     """Launch 2 of the backward: dx = transposed depthwise conv of the pre-activation gradient + v's block^T dv, and
     the partial sums of the conv weight gradient (the first columns of launch 1's PARTIAL rows).
 
@@ -266,6 +309,11 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GRAD_QKV, GRAD_X, PAR
                            other=0.0).to(ACC)
         grad_w += grad_pre * _load_tile(X, image, offs_t, chan, chans, 0, ok, ACC)[:, :, None]
         dv = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, 2 * chans, ok, ACC)
+        gates = GRAD_GATES + tl.program_id(2).to(tl.int64) * stride_gate_b + offs_t * stride_gate_n
+        for gate in tl.static_range(NUM_GATES):
+            grad_gate = tl.load(gates + gate * stride_gate_g, mask=offs_t < n_tokens, other=0.0).to(ACC)
+            w_v = tl.load(GATE_W + gate * 3 * chans + 2 * chans + chan, mask=chan < chans, other=0.0).to(ACC)
+            dv += grad_gate[:, None] * w_v[None, :]
         grad = (_block_diagonal_tile(dv, QKV_W, 2, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC)
                 + tl.sum(grad_pre * conv_w[None, :, :], axis=2))
         tl.store(_tile_ptrs(GRAD_X, image, offs_t, chan, chans, 0), grad.to(GRAD_X.dtype.element_ty), mask=ok)

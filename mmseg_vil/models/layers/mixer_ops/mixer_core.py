@@ -6,8 +6,8 @@ output, q | k | v, the cell output and the gated output, besides the projections
 activation memory of DeiT-T at 512 px. Here the backward recomputes the conv output and q | k | v from the saved
 up-projection output (one conv kernel launch: elementwise work next to the GEMMs), and the gated output inside the
 norm + gate backward kernel (one more store), and keeps only ``x_mlstm``, ``z``, the cell output, the gates and the
-cell's per-step statistics. It also builds the gradient of q | k | v in one buffer: the cell writes its gradients
-into it and the gate path's part is added by one batched product.
+cell's per-step statistics. The cell writes its q | k | v gradients into one buffer, and the conv backward adds
+the gate pre-activations' share to them as it reads them.
 
 The function and its gradients are those of the composition in :class:`~..vil_block.MLSTMMixer` (tested against
 it); the op is used where those kernels run (CUDA, or the interpreter) with the ``fused`` mLSTM backend. Products
@@ -30,12 +30,6 @@ def _split_heads(qkv: Tensor, heads: int) -> List[Tensor]:
     return [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
 
 
-def _gates(qkv: Tensor, gate_weight: Tensor, gate_bias: Tensor) -> Tensor:
-    """``(B, 2 NH, N)`` input and forget gate pre-activations: each head's contiguous along the tokens."""
-    weight = gate_weight.to(qkv.dtype).expand(len(qkv), -1, -1)
-    return torch.baddbmm(gate_bias.to(qkv.dtype).view(1, -1, 1), weight, qkv.transpose(1, 2))
-
-
 @torch.library.custom_op('mmseg_vil::mixer_core', mutates_args=())
 def mixer_core(x_mlstm: Tensor, z: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
                qkv_weight: Tensor, qkv_bias: Tensor, gate_weight: Tensor, gate_bias: Tensor, norm_weight: Tensor,
@@ -43,8 +37,8 @@ def mixer_core(x_mlstm: Tensor, z: Tensor, height: int, width: int, conv_weight:
                reverse: bool) -> List[Tensor]:
     """The mixer's output ``(B, N, D)``, then what the backward keeps: the cell output ``(B, N, NH, DH)``, the gates
     ``(B, 2 NH, N)`` and the cell's per-step statistics."""
-    x_conv, qkv = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
-    gates = _gates(qkv, gate_weight, gate_bias)
+    x_conv, qkv, gates = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias,
+                                             gate_weight, gate_bias, reverse)
     igate, fgate = gates.chunk(2, dim=1)
     h, *stats = fused_mlstm.fused_forward(*_split_heads(qkv, heads), igate, fgate, MLSTM_EPS, reverse)
     out = triton_ops.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, norm_eps)
@@ -56,7 +50,7 @@ def _(x_mlstm, z, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, g
       norm_bias, skip, down_weight, down_bias, heads, norm_eps, reverse):
     batch, n, inner = x_mlstm.shape
     h, *stats = fused_mlstm.empty_forward_outputs(x_mlstm.new_empty(batch, heads, n, inner // heads))
-    return [x_mlstm.new_empty(batch, n, len(down_weight)), h, x_mlstm.new_empty(batch, 2 * heads, n), *stats]
+    return [x_mlstm.new_empty(batch, n, len(down_weight)), h, triton_ops.empty_gates(x_mlstm, 2 * heads), *stats]
 
 
 @torch.library.custom_op('mmseg_vil::mixer_core_backward', mutates_args=())
@@ -66,22 +60,21 @@ def mixer_core_backward(grad_y: Tensor, x_mlstm: Tensor, z: Tensor, height: int,
                         down_bias: Tensor, h: Tensor, gates: Tensor, stats: List[Tensor], heads: int,
                         norm_eps: float, reverse: bool) -> List[Tensor]:
     """Gradients of x_mlstm, z and the parameters (in :func:`mixer_core`'s order), from what the forward kept."""
-    x_conv, qkv = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
+    x_conv, qkv, _ = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, None,
+                                         None, reverse)
     grad_out = grad_y @ down_weight.to(grad_y.dtype)
     grad_h, grad_x_conv, grad_z, *norm_grads, out = triton_ops.gated_output_backward(
         grad_out, h, x_conv, z, norm_weight, norm_bias, skip, norm_eps, with_output=True)
     grad_down_weight = grad_y.flatten(0, 1).t() @ out.flatten(0, 1)
-    # The cell's gradients go straight into one q | k | v buffer and one gate buffer.
+    # The cell's gradients go straight into one q | k | v buffer and one gate buffer; the conv backward adds the gates'
+    # share to the q | k | v gradient as it reads it.
     grad_qkv, grad_gates = torch.empty_like(qkv), torch.empty_like(gates)
     fused_mlstm.backward_into(grad_h, *_split_heads(qkv, heads), h, *gates.chunk(2, dim=1), stats, MLSTM_EPS, reverse,
                               *(t.unflatten(-1, (heads, -1)) for t in grad_qkv.chunk(3, dim=-1)),
                               *grad_gates.chunk(2, dim=1))
-    grad_qkv.baddbmm_(grad_gates.transpose(1, 2), gate_weight.to(grad_qkv.dtype).expand(len(qkv), -1, -1))
-    grad_gate_weight = grad_gates.transpose(0, 1).flatten(1) @ qkv.flatten(0, 1)
-    grad_x, *conv_grads = triton_ops.conv_qkv_backward(grad_x_conv, grad_qkv, x_mlstm, height, width, conv_weight,
-                                                       conv_bias, qkv_weight, reverse)
-    return [grad_x, grad_z, *conv_grads, grad_gate_weight.to(gate_weight.dtype),
-            grad_gates.sum((0, 2)).to(gate_bias.dtype), *norm_grads, grad_down_weight.to(down_weight.dtype),
+    grad_x, *conv_grads = triton_ops.conv_qkv_backward(grad_x_conv, grad_qkv, grad_gates, x_mlstm, qkv, height, width,
+                                                       conv_weight, conv_bias, qkv_weight, gate_weight, reverse)
+    return [grad_x, grad_z, *conv_grads, *norm_grads, grad_down_weight.to(down_weight.dtype),
             grad_y.sum((0, 1)).to(down_bias.dtype)]
 
 

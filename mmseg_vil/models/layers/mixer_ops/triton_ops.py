@@ -3,7 +3,7 @@
 Weights stay in their own dtype (float32 under autocast) and every kernel accumulates in float32 (float64 for
 float64 inputs); activations are read and written in the input's dtype.
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -51,28 +51,46 @@ def _conv_launch(x: Tensor, config: dict, tokens_per_program: int = 0) -> Tuple[
     return grid, options
 
 
+def _num_gates(gate_weight: Optional[Tensor]) -> int:
+    return 0 if gate_weight is None else len(gate_weight)
+
+
+def empty_gates(x: Tensor, num_gates: int) -> Tensor:
+    """``(B, G, N)`` gate pre-activations in the accumulator dtype (the mLSTM reads gates in float32 or above)."""
+    return torch.empty(len(x), num_gates, x.shape[1], dtype=_accumulator(x.dtype)[0], device=x.device)
+
+
 @torch.library.custom_op('mmseg_vil::conv_qkv', mutates_args=())
 def conv_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor,
-             qkv_bias: Tensor, reverse: bool) -> Tuple[Tensor, Tensor]:
-    """Triton :func:`~.reference.conv_qkv` for ``x (B, N, E)``, ``N = height * width``."""
+             qkv_bias: Tensor, gate_weight: Optional[Tensor], gate_bias: Optional[Tensor],
+             reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Triton :func:`~.reference.conv_qkv` for ``x (B, N, E)``, ``N = height * width``, and the gate pre-activations
+    ``gate_weight (G, 3 E) @ q | k | v + gate_bias`` as ``(B, G, N)`` in the accumulator dtype (``(B, 0, N)`` without
+    gate weights)."""
     x = x.contiguous()
     x_conv, qkv = torch.empty_like(x), x.new_empty(*x.shape[:2], 3 * x.shape[2])
     grid, config = _conv_launch(x, CONV_FORWARD)
+    num_gates = _num_gates(gate_weight)
+    shares = empty_gates(x, num_gates).expand(grid[1], -1, -1, -1).contiguous()  # a share per channel tile
     conv_kernels.conv_qkv_forward_kernel[grid](
-        x, conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(), qkv_bias.contiguous(), x_conv, qkv, height,
-        width, x.shape[2], KSIZE=conv_weight.shape[-1], REVERSE=reverse, **config)
-    return x_conv, qkv
+        x, conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(), qkv_bias.contiguous(),
+        None if gate_weight is None else gate_weight.contiguous(), gate_bias, x_conv, qkv, shares, height, width,
+        x.shape[2], KSIZE=conv_weight.shape[-1], REVERSE=reverse, NUM_GATES=num_gates, **config)
+    return x_conv, qkv, shares.sum(0)
 
 
 @conv_qkv.register_fake
-def _(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(*x.shape[:2], 3 * x.shape[2])
+def _(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias, reverse):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(*x.shape[:2], 3 * x.shape[2]),
+            empty_gates(x, _num_gates(gate_weight)))
 
 
 @torch.library.custom_op('mmseg_vil::conv_qkv_backward', mutates_args=())
-def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, x: Tensor, height: int, width: int,
-                      conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor, reverse: bool) -> List[Tensor]:
-    """Gradients of x, conv weight, conv bias, q/k/v weight and q/k/v bias."""
+def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor, x: Tensor, qkv: Tensor, height: int,
+                      width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor, gate_weight: Tensor,
+                      reverse: bool) -> List[Tensor]:
+    """Gradients of x, conv weight, conv bias, q/k/v weight, q/k/v bias, gate weight and gate bias; ``grad_gates``
+    ``(B, G, N)`` of any strides, ``qkv`` the forward's q | k | v (for the gate weight's gradient)."""
     x = x.contiguous()
     chans, ksize = x.shape[2], conv_weight.shape[-1]
     tokens_per_program = CONV_BACKWARD['BLOCK_T'] * CONV_BACKWARD['TILES']
@@ -82,39 +100,53 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, x: Tensor, height: 
     grad_pre = torch.empty(x.shape, dtype=acc_dtype, device=x.device)
     sizes = [chans * ksize * ksize, chans, 3 * chans * GROUP, 3 * chans]
     partial = torch.empty(grid[0] * grid[2], sum(sizes), dtype=acc_dtype, device=x.device)
-    conv_weight, qkv_weight, grad_qkv = conv_weight.contiguous(), qkv_weight.contiguous(), grad_qkv.contiguous()
+    conv_weight, qkv_weight, gate_weight = conv_weight.contiguous(), qkv_weight.contiguous(), gate_weight.contiguous()
+    grad_qkv = grad_qkv.contiguous()
+    gates = dict(NUM_GATES=len(gate_weight), KSIZE=ksize, REVERSE=reverse)
     conv_kernels.conv_qkv_backward_kernel[grid](
-        x, conv_weight, conv_bias, qkv_weight, grad_x_conv.contiguous(), grad_qkv, grad_pre, partial, height, width,
-        chans, KSIZE=ksize, REVERSE=reverse, **config)
+        x, conv_weight, conv_bias, qkv_weight, gate_weight, grad_x_conv.contiguous(), grad_qkv, grad_gates, grad_pre,
+        partial, height, width, chans, *grad_gates.stride(), **gates, **config)
     grad_x = torch.empty_like(x)
     # One partial row per (token range, image) in both launches: the same tokens per program (grid[0]).
     conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
-        grad_pre, x, conv_weight, qkv_weight, grad_qkv, grad_x, partial, height, width, chans, KSIZE=ksize,
-        REVERSE=reverse, BLOCK_TAPS=triton.next_power_of_2(ksize * ksize), **gather_config)
+        grad_pre, x, conv_weight, qkv_weight, gate_weight, grad_qkv, grad_gates, grad_x, partial, height, width,
+        chans, *grad_gates.stride(), BLOCK_TAPS=triton.next_power_of_2(ksize * ksize), **gates, **gather_config)
     grads = partial.sum(0).split(sizes)
     params = (conv_weight, conv_bias, qkv_weight, conv_bias.new_empty(3, chans))
-    return [grad_x, *(g.view(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, params))]
+    grad_gate_weight = grad_gates.transpose(0, 1).flatten(1).to(qkv.dtype) @ qkv.flatten(0, 1)
+    return [grad_x, *(g.view(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, params)),
+            grad_gate_weight.to(gate_weight.dtype), grad_gates.sum((0, 2)).to(gate_weight.dtype)]
 
 
 @conv_qkv_backward.register_fake
-def _(grad_x_conv, grad_qkv, x, height, width, conv_weight, conv_bias, qkv_weight, reverse):
+def _(grad_x_conv, grad_qkv, grad_gates, x, qkv, height, width, conv_weight, conv_bias, qkv_weight, gate_weight,
+      reverse):
     chans = x.shape[2]
     return [torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(conv_weight),
-            torch.empty_like(conv_bias), torch.empty_like(qkv_weight), conv_bias.new_empty(3, chans)]
+            torch.empty_like(conv_bias), torch.empty_like(qkv_weight), conv_bias.new_empty(3, chans),
+            torch.empty_like(gate_weight), gate_weight.new_empty(len(gate_weight))]
 
 
 def _conv_qkv_setup(ctx, inputs, output) -> None:
-    x, height, width, conv_weight, conv_bias, qkv_weight, _, reverse = inputs
-    ctx.save_for_backward(x, conv_weight, conv_bias, qkv_weight)
+    x, height, width, conv_weight, conv_bias, qkv_weight, _, gate_weight, _, reverse = inputs
+    ctx.save_for_backward(x, output[1], conv_weight, conv_bias, qkv_weight, gate_weight)
     ctx.grid, ctx.reverse = (height, width), reverse
+    ctx.set_materialize_grads(False)
 
 
-def _conv_qkv_grad(ctx, grad_x_conv, grad_qkv):
-    x, conv_weight, conv_bias, qkv_weight = ctx.saved_tensors
+def _conv_qkv_grad(ctx, grad_x_conv, grad_qkv, grad_gates):
+    x, qkv, conv_weight, conv_bias, qkv_weight, gate_weight = ctx.saved_tensors
+    if gate_weight is None:  # no gates: as with gate weights of zero rows
+        gate_weight = conv_weight.new_empty(0, qkv.shape[-1])
     grad_x_conv = torch.zeros_like(x) if grad_x_conv is None else grad_x_conv
-    grad_qkv = x.new_zeros(*x.shape[:2], 3 * x.shape[2]) if grad_qkv is None else grad_qkv
-    grads = conv_qkv_backward(grad_x_conv, grad_qkv, x, *ctx.grid, conv_weight, conv_bias, qkv_weight, ctx.reverse)
-    return grads[0], None, None, *grads[1:], None
+    grad_qkv = torch.zeros_like(qkv) if grad_qkv is None else grad_qkv
+    grad_gates = empty_gates(x, len(gate_weight)).zero_() if grad_gates is None else grad_gates
+    *grads, grad_gate_weight, grad_gate_bias = conv_qkv_backward(
+        grad_x_conv, grad_qkv, grad_gates, x, qkv, *ctx.grid, conv_weight, conv_bias, qkv_weight, gate_weight,
+        ctx.reverse)
+    has_gates = ctx.needs_input_grad[7]
+    return (grads[0], None, None, *grads[1:], grad_gate_weight if has_gates else None,
+            grad_gate_bias if has_gates else None, None)
 
 
 conv_qkv.register_autograd(_conv_qkv_grad, setup_context=_conv_qkv_setup)
