@@ -78,6 +78,24 @@ def test_conv_qkv_kernels_match_reference(grid, chans, ksize, reverse, num_gates
     _check((x_conv_only, qkv_only), expected, inputs[:5], dtype, gen)
 
 
+# Launch configurations other than the defaults (benchmarks/tune_mixer_kernels.py may pick them): larger and smaller
+# token tiles, several tiles per channel range, and the input-gradient launch with tiles larger than the backward's.
+OTHER_LAUNCHES = [dict(CONV_FORWARD=dict(BLOCK_T=32, BLOCK_G=4, num_warps=8),
+                       CONV_BACKWARD=dict(BLOCK_T=16, BLOCK_G=4, num_warps=8, TILES=2),
+                       CONV_INPUT_GRAD=dict(BLOCK_T=32, BLOCK_G=8, num_warps=4)),
+                  dict(CONV_FORWARD=dict(BLOCK_T=2, BLOCK_G=2, num_warps=2),
+                       CONV_BACKWARD=dict(BLOCK_T=4, BLOCK_G=2, num_warps=2, TILES=4),
+                       CONV_INPUT_GRAD=dict(BLOCK_T=2, BLOCK_G=2, num_warps=2))]
+
+
+@needs_kernels
+@pytest.mark.parametrize('launches', OTHER_LAUNCHES, ids=['large', 'small'])
+def test_conv_qkv_kernels_match_reference_with_other_launches(launches, monkeypatch):
+    for name, config in launches.items():
+        monkeypatch.setattr(triton_ops, name, config)
+    test_conv_qkv_kernels_match_reference((5, 7), 32, 3, True, 3, torch.float64)
+
+
 @needs_kernels
 # h_scale 1e-2: heads with a variance near the norm's eps, where an eps rounded to float32 shows in float64 results
 @pytest.mark.parametrize('heads,head_dim,layout,dtype,h_scale',
