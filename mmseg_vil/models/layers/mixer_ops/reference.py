@@ -79,12 +79,21 @@ def block_diagonal(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optio
     per_tile = _tile_blocks(num_blocks, size)
     tiles, width = num_blocks // per_tile, per_tile * size
     product = _tile_products(x, weight, per_tile).view(tiles, -1, projections, width).permute(1, 2, 0, 3)
-    if bias is not None:
-        product = product + bias.view(projections, tiles, width)
     if out is None:
         out = x.new_empty(*x.shape[:-1], projections * x.shape[-1])
-    out.view(-1, projections, tiles, width).copy_(product)
+    _copy_adding(product, None if bias is None else bias.view(projections, tiles, width),
+                 out.view(-1, projections, tiles, width))
     return out
+
+
+def _copy_adding(product: Tensor, bias: Optional[Tensor], out: Tensor) -> None:
+    """``out = product (+ bias)``; without autograd in one pass over the tokens (``out=`` is not differentiable)."""
+    if bias is None:
+        out.copy_(product)
+    elif torch.is_grad_enabled() and (product.requires_grad or bias.requires_grad):
+        out.copy_(product + bias)
+    else:
+        torch.add(product, bias, out=out)
 
 
 def block_diagonal_heads(x: Tensor, weight: Tensor, bias: Optional[Tensor], num_heads: int, out: Tensor) -> Tensor:
@@ -99,9 +108,8 @@ def block_diagonal_heads(x: Tensor, weight: Tensor, bias: Optional[Tensor], num_
     batch, n = x.shape[:2]
     layout = (num_heads, tiles // num_heads, batch, n, projections, width)
     product = _tile_products(x, weight, per_tile).view(layout).permute(4, 2, 0, 3, 1, 5)
-    if bias is not None:
-        product = product + bias.view(projections, 1, num_heads, 1, tiles // num_heads, width)
-    out.view(projections, batch, num_heads, n, tiles // num_heads, width).copy_(product)
+    _copy_adding(product, None if bias is None else bias.view(projections, 1, num_heads, 1, tiles // num_heads, width),
+                 out.view(projections, batch, num_heads, n, tiles // num_heads, width))
     return out
 
 
