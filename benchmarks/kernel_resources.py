@@ -1,7 +1,7 @@
 """Compile the block's Triton kernels for an NVIDIA architecture on a machine without a GPU, and report what each
-launch of one ViL block's training step would use: registers, spilled bytes, shared memory, SASS instructions and
-how many global loads and stores are vectors. GPU time is scarce; compile errors, spills and scalar memory access
-show up here first.
+launch of one ViL block's training step would use: registers, spilled bytes, stack frame, local-memory stores and
+loads, shared memory, SASS instructions and how many global loads and stores are vectors. GPU time is scarce; compile
+errors, spills and scalar memory access show up here first.
 
     python benchmarks/kernel_resources.py [--arch 90] [--dtype bfloat16] [--batch 64] [--grid 14 14] [--dims 192]
 
@@ -10,15 +10,17 @@ launch's real arguments: the same constexprs, and what Triton's launcher special
 divisible by 16; pointers are taken as 16-byte aligned). Needs the CUDA toolchain bundled with Triton, not a driver.
 """
 import argparse
+import io
 import os
 import re
 import subprocess
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Iterator, List
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
@@ -57,10 +59,21 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict):
     return signature, constexprs, attrs, options
 
 
+def _compile(fn: JITFunction, signature: dict, constexprs: dict, attrs: dict, options: dict, arch: int):
+    """Compile bypassing Triton's cache, so that ptxas runs and its log (the only source of spill bytes: the cubin's
+    ``STACK`` also holds local arrays, and its ``LOCAL`` is only the ``.local`` segment) can be caught from stdout."""
+    log = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope(), redirect_stdout(log):
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                target=GPUTarget('cuda', arch, 32), options=options)
+    return kernel, log.getvalue()
+
+
 def _report(fn: JITFunction, args: tuple, kwargs: dict, arch: int) -> str:
     signature, constexprs, attrs, options = _signature(fn, args, kwargs)
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget('cuda', arch, 32), options=options)
+    kernel, log = _compile(fn, signature, constexprs, attrs, options, arch)
     with tempfile.NamedTemporaryFile(suffix='.cubin') as cubin:
         cubin.write(kernel.asm['cubin'])
         cubin.flush()
@@ -68,13 +81,16 @@ def _report(fn: JITFunction, args: tuple, kwargs: dict, arch: int) -> str:
                                text=True, check=True).stdout
         sass = subprocess.run([os.path.join(_TOOLS, 'cuobjdump'), '-sass', cubin.name], capture_output=True,
                               text=True, check=True).stdout
-    resources = dict(re.findall(r'(REG|STACK|SHARED|LOCAL):(\d+)', usage))
+    resources = dict(re.findall(r'(REG|STACK|SHARED):(\d+)', usage))
+    spill = max(map(int, re.search(r'(\d+) bytes spill stores, (\d+) bytes spill loads', log).groups()))
+    local_stores, local_loads = (len(re.findall(rf'\b{op}\b', sass)) for op in ('STL', 'LDL'))  # in code, not run
     ptx = kernel.asm['ptx']
     vector_loads, loads = (len(re.findall(pattern, ptx)) for pattern in (r'ld\.global\S*\.v\d', r'ld\.global'))
     vector_stores, stores = (len(re.findall(pattern, ptx)) for pattern in (r'st\.global\S*\.v\d', r'st\.global'))
     blocks = {key: value for key, value in constexprs.items() if key.startswith('BLOCK') or key == 'TILES'}
     instructions = len(re.findall(r'^ +/\*[0-9a-f]{4}\*/', sass, re.M))
-    return (f'{fn.__name__:34s} regs {resources.get("REG", "?"):>3s}  spill {resources.get("LOCAL", "?"):>4s} B  '
+    return (f'{fn.__name__:34s} regs {resources.get("REG", "?"):>3s}  spill {spill:4d} B  '
+            f'stack {resources.get("STACK", "?"):>4s} B  local stores/loads {local_stores}/{local_loads}  '
             f'shared {resources.get("SHARED", "?"):>5s} B  sass {instructions:5d}'
             f'  vector loads {vector_loads}/{loads}  stores {vector_stores}/{stores}  {blocks} warps '
             f'{options.get("num_warps", 4)}')

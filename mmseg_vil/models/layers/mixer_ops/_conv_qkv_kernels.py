@@ -8,13 +8,17 @@ tiles of its groups' channels (``tl.split``; each thread holds runs of adjacent 
 threads), multiplied and added, and joined back. Tokens are row-major on the ``(height, width)`` grid; ``REVERSE``
 reads the conv kernel rotated by 180 degrees.
 
+The forward also writes each channel tile's share of the gate pre-activations (``gate_weight @ q | k | v``, a sum
+over all channels: the caller adds the shares), so that q | k | v are not read again for them.
+
 Backward, two launches whose programs each walk ``TILES`` token tiles, adding the weight-gradient terms of every
 tile into register tiles and reducing them once at the end: one partial row per program (summed by the caller:
-deterministic, no atomics), and a reduction across threads per program instead of per tile. (1) Recompute the conv,
-store the gradient at its pre-activation, and sum the conv bias and q/k/v weight and bias gradients; (2) the gradient
-of the input, which gathers the pre-activation gradient of neighbouring tokens (other programs' tiles, hence the
-second launch) plus the v path, and with the same gathered taps the conv weight gradient (tap ``d`` of channel ``c``:
-sum over tokens ``s`` of ``x[s] dpre[s - d]``).
+deterministic, no atomics), and a reduction across threads per program instead of per tile. The gradients of q, k
+and v are read as the mLSTM's plus the gates' share (``grad_gates @ gate_weight``, added on the fly). (1) Recompute
+the conv, store the gradient at its pre-activation, and sum the conv bias and q/k/v weight and bias gradients; (2) the
+gradient of the input, which gathers the pre-activation gradient of neighbouring tokens (other programs' tiles, hence
+the second launch) plus the v path, then the conv weight gradient (tap ``d`` of channel ``c``: sum over tokens ``s``
+of ``x[s] dpre[s - d]``).
 """
 import triton
 import triton.language as tl
@@ -213,21 +217,27 @@ def _walk_tile(tile, n_tokens, chan, chans, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _qkv_grads(GRAD_QKV, GRAD_GATES, GATE_W, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
-               stride_gate_n, n_tokens, NUM_GATES: tl.constexpr, ACC: tl.constexpr):
-    """The gradients of q, k and v on a ``(tokens, channels)`` tile: what reached them from the mLSTM (GRAD_QKV) plus
-    what reached them through the gate pre-activations, ``sum_g grad_gate[g] * GATE_W[g]``."""
-    dq = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, 0, ok, ACC)
-    dk = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, chans, ok, ACC)
-    dv = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, 2 * chans, ok, ACC)
+def _gate_share(GRAD_GATES, GATE_W, which, offs_t, chan, chans, stride_gate_b, stride_gate_g, stride_gate_n, n_tokens,
+                NUM_GATES: tl.constexpr, ACC: tl.constexpr):
+    """What reached projection ``which`` (0 q, 1 k, 2 v) through the gate pre-activations on a ``(tokens, channels)``
+    tile: ``sum_g grad_gate[g] * GATE_W[g, which's channels]``."""
     gates = GRAD_GATES + tl.program_id(2).to(tl.int64) * stride_gate_b + offs_t * stride_gate_n
+    share = tl.zeros((offs_t.shape[0], chan.shape[0]), dtype=ACC)
     for gate in tl.static_range(NUM_GATES):
-        grad_gate = tl.load(gates + gate * stride_gate_g, mask=offs_t < n_tokens, other=0.0).to(ACC)[:, None]
-        w_q, w_k, w_v = _gate_rows(GATE_W, gate, chan, chans)
-        dq += grad_gate * w_q.to(ACC)[None, :]
-        dk += grad_gate * w_k.to(ACC)[None, :]
-        dv += grad_gate * w_v.to(ACC)[None, :]
-    return dq, dk, dv
+        grad_gate = tl.load(gates + gate * stride_gate_g, mask=offs_t < n_tokens, other=0.0).to(ACC)
+        weight = tl.load(GATE_W + (gate * 3 + which) * chans + chan, mask=chan < chans, other=0.0).to(ACC)
+        share += grad_gate[:, None] * weight[None, :]
+    return share
+
+
+@triton.jit
+def _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, which, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
+              stride_gate_n, n_tokens, NUM_GATES: tl.constexpr, ACC: tl.constexpr):
+    """The gradient of projection ``which`` on a ``(tokens, channels)`` tile: what reached it from the mLSTM
+    (GRAD_QKV) plus its gate share."""
+    return (_load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, which * chans, ok, ACC)
+            + _gate_share(GRAD_GATES, GATE_W, which, offs_t, chan, chans, stride_gate_b, stride_gate_g, stride_gate_n,
+                          n_tokens, NUM_GATES, ACC))
 
 
 @triton.jit
@@ -248,17 +258,22 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
     wv0, wv1, wv2, wv3 = zero, zero, zero, zero
     for tile in range(first_tile, end_tile):
         offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
-        dq, dk, dv = _qkv_grads(GRAD_QKV, GRAD_GATES, GATE_W, image, offs_t, chan, chans, ok, stride_gate_b,
-                                stride_gate_g, stride_gate_n, n_tokens, NUM_GATES, ACC)
+        dq = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 0, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
+                       stride_gate_n, n_tokens, NUM_GATES, ACC)
+        dk = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 1, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
+                       stride_gate_n, n_tokens, NUM_GATES, ACC)
+        dv = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 2, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
+                       stride_gate_n, n_tokens, NUM_GATES, ACC)
         pre, x = _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE, REVERSE, ACC)
         sig = tl.sigmoid(pre)
         act = pre * sig
         grad_act = (_load_tile(GRAD_X_CONV, image, offs_t, chan, chans, 0, ok, ACC)
                     + _block_diagonal_tile(dq, QKV_W, 0, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC)
                     + _block_diagonal_tile(dk, QKV_W, 1, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC))
-        grad_pre = tl.where(ok, grad_act * sig * (1 + pre * (1 - sig)), 0.0)
+        # Rounded to GRAD_PRE's dtype once: the conv bias, weight and input gradients all see the stored value.
+        grad_pre = tl.where(ok, grad_act * sig * (1 + pre * (1 - sig)), 0.0).to(GRAD_PRE.dtype.element_ty)
         tl.store(_tile_ptrs(GRAD_PRE, image, offs_t, chan, chans, 0), grad_pre, mask=ok)
-        bias_conv += grad_pre
+        bias_conv += grad_pre.to(ACC)
         bias_q += dq
         bias_k += dk
         bias_v += dv
@@ -279,42 +294,47 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
 
 
 @triton.jit
+def _grad_pre_at(GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE: tl.constexpr,
+                 ACC: tl.constexpr):
+    """``dpre[s - d]`` for tap ``(tap_y, tap_x)`` with offset ``d``: the tap rotated by 180 degrees."""
+    return _tap(GRAD_PRE, image, offs_t, chan, KSIZE - 1 - tap_y, KSIZE - 1 - tap_x, height, width, chans, KSIZE, ACC)
+
+
+@triton.jit
 def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRAD_GATES, GRAD_X, PARTIAL, height,
                                width, chans, stride_gate_b, stride_gate_g, stride_gate_n, KSIZE: tl.constexpr,
                                REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
-                               BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr,
-                               BLOCK_TAPS: tl.constexpr):
+                               BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
     """Launch 2 of the backward: dx = transposed depthwise conv of the pre-activation gradient + v's block^T dv, and
     the partial sums of the conv weight gradient (the first columns of launch 1's PARTIAL rows).
 
-    All taps at once, as a ``(tokens, channels, taps)`` tile: forward ``pre[t] = sum_d w[d] x[t + d]`` gives
-    ``dx[s] = sum_d w[d] dpre[s - d]`` and ``dw[d] = sum_s x[s] dpre[s - d]`` from the same gathered values.
+    Forward ``pre[t] = sum_d w[d] x[t + d]`` gives ``dx[s] = sum_d w[d] dpre[s - d]`` and
+    ``dw[d] = sum_s x[s] dpre[s - d]``. First dx, tile by tile, tap by tap; then dw tap by tap, each a second walk over
+    the program's tokens (few: their x and dpre are still in the L1 cache), so that one ``(tokens, channels)``
+    accumulator suffices instead of one per tap.
     """
     groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
     n_tokens = height * width
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
-    taps = tl.arange(0, BLOCK_TAPS)
-    tap_ok = taps < KSIZE * KSIZE
-    shift_y, shift_x = taps // KSIZE - KSIZE // 2, taps % KSIZE - KSIZE // 2  # the offset d of each tap
-    weight_ptrs = chan[:, None] * (KSIZE * KSIZE) + _kernel_index(taps // KSIZE, taps % KSIZE, KSIZE, REVERSE)[None, :]
-    weight_ok = (chan < chans)[:, None] & tap_ok[None, :]
-    conv_w = tl.load(CONV_W + weight_ptrs, mask=weight_ok, other=0.0).to(ACC)
-    grad_w = tl.zeros((BLOCK_T, BLOCK_G * GROUP, BLOCK_TAPS), dtype=ACC)
+    chan_ok = chan < chans
     for tile in range(first_tile, end_tile):
         offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
-        row = offs_t[:, None, None] // width - shift_y[None, None, :]
-        col = offs_t[:, None, None] % width - shift_x[None, None, :]
-        inside = ok[:, :, None] & tap_ok[None, None, :] & (row >= 0) & (row < height) & (col >= 0) & (col < width)
-        grad_pre = tl.load(GRAD_PRE + image + (row * width + col) * chans + chan[None, :, None], mask=inside,
-                           other=0.0).to(ACC)
-        grad_w += grad_pre * _load_tile(X, image, offs_t, chan, chans, 0, ok, ACC)[:, :, None]
-        dv = _load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, 2 * chans, ok, ACC)
-        gates = GRAD_GATES + tl.program_id(2).to(tl.int64) * stride_gate_b + offs_t * stride_gate_n
-        for gate in tl.static_range(NUM_GATES):
-            grad_gate = tl.load(gates + gate * stride_gate_g, mask=offs_t < n_tokens, other=0.0).to(ACC)
-            w_v = tl.load(GATE_W + gate * 3 * chans + 2 * chans + chan, mask=chan < chans, other=0.0).to(ACC)
-            dv += grad_gate[:, None] * w_v[None, :]
-        grad = (_block_diagonal_tile(dv, QKV_W, 2, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC)
-                + tl.sum(grad_pre * conv_w[None, :, :], axis=2))
+        dv = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 2, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
+                       stride_gate_n, n_tokens, NUM_GATES, ACC)
+        grad = _block_diagonal_tile(dv, QKV_W, 2, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC)
+        for tap_y in tl.static_range(KSIZE):
+            for tap_x in tl.static_range(KSIZE):
+                weight = tl.load(CONV_W + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
+                                 mask=chan_ok, other=0.0).to(ACC)
+                grad += weight[None, :] * _grad_pre_at(GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width,
+                                                       chans, KSIZE, ACC)
         tl.store(_tile_ptrs(GRAD_X, image, offs_t, chan, chans, 0), grad.to(GRAD_X.dtype.element_ty), mask=ok)
-    tl.store(PARTIAL + part_row + weight_ptrs, tl.sum(grad_w, axis=0), mask=weight_ok)
+    for tap_y in tl.static_range(KSIZE):
+        for tap_x in tl.static_range(KSIZE):
+            grad_w = tl.zeros((BLOCK_T, BLOCK_G * GROUP), dtype=ACC)
+            for tile in range(first_tile, end_tile):
+                offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
+                grad_w += _load_tile(X, image, offs_t, chan, chans, 0, ok, ACC) * _grad_pre_at(
+                    GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE, ACC)
+            tl.store(PARTIAL + part_row + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
+                     tl.sum(grad_w, axis=0), mask=chan_ok)

@@ -21,13 +21,11 @@ GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k
 # fall by that factor: conv_qkv's row per 8-token tile was 61 MB of fp32 per block at 224 px, batch 64, and its
 # backward took 7 ms of ViL-T's 37 ms step on an H200). 8 tokens x 16 groups (64 channels, 128-byte rows in bf16)
 # with 4 warps: at most 128 registers and no spills in the sm_90 resource report of Triton 3.8
-# (benchmarks/kernel_resources.py; 32 x 32 tiles of the first kernels spilled 1000 bytes in the backward). The
-# input-gradient launch walks the same tokens per program in tiles of half the size: its (tokens, channels, taps)
-# tiles of 8 tokens need 255 registers and spill on sm_90, of 4 tokens 168. benchmarks/tune_mixer_kernels.py times
-# alternatives on a GPU.
+# (benchmarks/kernel_resources.py; 32 x 32 tiles of the first kernels spilled 1000 bytes in the backward).
+# benchmarks/tune_mixer_kernels.py times alternatives on a GPU.
 CONV_FORWARD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4)
 CONV_BACKWARD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4, TILES=8)
-CONV_INPUT_GRAD = dict(BLOCK_T=4, BLOCK_G=16, num_warps=4)  # TILES: the same tokens per program as CONV_BACKWARD
+CONV_INPUT_GRAD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4)  # TILES: the same tokens per program as CONV_BACKWARD
 # Gated output: elements of a program's (tokens, head dims) tile (1024: no spills in the sm_90 report), warps, and
 # the token tiles each backward program walks.
 GATED_OUTPUT = dict(TILE_ELEMENTS=1024, num_warps=4)
@@ -97,7 +95,7 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor,
     grid, config = _conv_launch(x, {k: v for k, v in CONV_BACKWARD.items() if k != 'TILES'}, tokens_per_program)
     gather_grid, gather_config = _conv_launch(x, CONV_INPUT_GRAD, tokens_per_program)
     acc_dtype = _accumulator(x.dtype)[0]
-    grad_pre = torch.empty(x.shape, dtype=acc_dtype, device=x.device)
+    grad_pre = torch.empty_like(x)  # in the activations' dtype, as autograd of the official conv has it
     sizes = [chans * ksize * ksize, chans, 3 * chans * GROUP, 3 * chans]
     partial = torch.empty(grid[0] * grid[2], sum(sizes), dtype=acc_dtype, device=x.device)
     conv_weight, qkv_weight, gate_weight = conv_weight.contiguous(), qkv_weight.contiguous(), gate_weight.contiguous()
@@ -110,7 +108,7 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor,
     # One partial row per (token range, image) in both launches: the same tokens per program (grid[0]).
     conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
         grad_pre, x, conv_weight, qkv_weight, gate_weight, grad_qkv, grad_gates, grad_x, partial, height, width,
-        chans, *grad_gates.stride(), BLOCK_TAPS=triton.next_power_of_2(ksize * ksize), **gates, **gather_config)
+        chans, *grad_gates.stride(), **gates, **gather_config)
     grads = partial.sum(0).split(sizes)
     params = (conv_weight, conv_bias, qkv_weight, conv_bias.new_empty(3, chans))
     grad_gate_weight = grad_gates.transpose(0, 1).flatten(1).to(qkv.dtype) @ qkv.flatten(0, 1)
