@@ -142,7 +142,7 @@ def main():
                     setattr(triton_ops, tunable, default)
                 for kernel in sorted(timed):
                     regs, spills = _resources(KERNELS[kernel])
-                    us = times.get(kernel, float('nan'))
+                    us = times.get(kernel, float('inf'))
                     results.append((us, config, kernel, regs, spills))
                     rows.append(dict(size=size, tunable=tunable, config=config, kernel=kernel, us=us,
                                      floor_us=floors[kernel] / BANDWIDTH * 1e6, regs=regs, spills=spills,
@@ -157,6 +157,26 @@ def main():
         f.write(f'{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n' + '\n'.join(lines) + '\n')
     with open(os.path.join(args.out, 'tune_mixer_kernels.json'), 'w') as f:
         json.dump(rows, f, indent=1)
+    best = _fastest(rows)
+    with open(os.path.join(args.out, 'best.json'), 'w') as f:
+        json.dump(best, f, indent=1)
+    print(f'fastest over the sizes (for ${triton_ops.LAUNCH_CONFIGS_ENV}): {best}')
+
+
+def _fastest(rows):
+    """Per launch table, the configuration with the least time summed over the sizes and the table's kernels (only
+    configurations timed at every size)."""
+    totals = defaultdict(lambda: defaultdict(float))
+    counts = defaultdict(lambda: defaultdict(int))
+    for row in rows:
+        key = json.dumps(row['config'], sort_keys=True)
+        totals[row['tunable']][key] += row['us']
+        counts[row['tunable']][key] += 1
+    best = {}
+    for tunable, times in totals.items():
+        complete = {key: t for key, t in times.items() if counts[tunable][key] == max(counts[tunable].values())}
+        best[tunable] = json.loads(min(complete, key=complete.get))
+    return best
 
 
 if __name__ == '__main__':

@@ -237,3 +237,23 @@ def test_mixer_core_official_parity(tmp_path, name):
     from test_vil_parity import check_official_parity
     path = Path(__file__).parent / 'data' / 'vil_official' / 'vil_official_parity.pt'
     check_official_parity(tmp_path, path, name, 'ours', mlstm_backend='fused', device=KERNEL_DEVICE)
+
+
+@pytest.mark.skipif(triton_ops is None, reason='needs Triton')
+def test_launch_configs_from_a_file_replace_the_tables_and_bad_files_are_refused(tmp_path, monkeypatch):
+    import json
+    for name in triton_ops.LAUNCH_TABLES:  # restored after the test
+        monkeypatch.setattr(triton_ops, name, dict(getattr(triton_ops, name)))
+    good = tmp_path / 'best.json'
+    good.write_text(json.dumps({'CONV_FORWARD': dict(BLOCK_T=32, BLOCK_G=8, num_warps=8)}))
+    triton_ops.load_launch_configs(str(good))
+    assert triton_ops.CONV_FORWARD == dict(BLOCK_T=32, BLOCK_G=8, num_warps=8)
+    unknown = tmp_path / 'unknown.json'
+    unknown.write_text(json.dumps({'CONV_SIDEWAYS': {}}))
+    with pytest.raises(ValueError, match='unknown launch tables.*CONV_SIDEWAYS'):
+        triton_ops.load_launch_configs(str(unknown))
+    wrong_keys = tmp_path / 'wrong_keys.json'
+    wrong_keys.write_text(json.dumps({'GATED_OUTPUT': dict(TILE_ELEMENTS=512)}))
+    with pytest.raises(ValueError, match='GATED_OUTPUT needs the keys'):
+        triton_ops.load_launch_configs(str(wrong_keys))
+    assert triton_ops.GATED_OUTPUT['num_warps'] == 4  # a refused file changes nothing

@@ -3,6 +3,8 @@
 Weights stay in their own dtype (float32 under autocast) and every kernel accumulates in float32 (float64 for
 float64 inputs); activations are read and written in the input's dtype.
 """
+import json
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -30,6 +32,27 @@ CONV_INPUT_GRAD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4)  # TILES: the same to
 # the token tiles each backward program walks.
 GATED_OUTPUT = dict(TILE_ELEMENTS=1024, num_warps=4)
 BACKWARD_TILES = 8
+LAUNCH_TABLES = ('CONV_FORWARD', 'CONV_BACKWARD', 'CONV_INPUT_GRAD', 'GATED_OUTPUT')
+LAUNCH_CONFIGS_ENV = 'MMSEG_VIL_MIXER_LAUNCH_CONFIGS'
+
+
+def load_launch_configs(path: str) -> None:
+    """Replace launch tables by those of a JSON file ``{"CONV_FORWARD": {...}, ...}`` (what
+    benchmarks/tune_mixer_kernels.py found fastest on a GPU); read at import from ``$MMSEG_VIL_MIXER_LAUNCH_CONFIGS``.
+    """
+    with open(path) as f:
+        configs = json.load(f)
+    unknown = set(configs) - set(LAUNCH_TABLES)
+    if unknown:
+        raise ValueError(f'{path}: unknown launch tables {sorted(unknown)}; expected some of {list(LAUNCH_TABLES)}')
+    for name, config in configs.items():
+        if set(config) != set(globals()[name]):
+            raise ValueError(f'{path}: {name} needs the keys {sorted(globals()[name])}, got {sorted(config)}')
+    globals().update({name: dict(config) for name, config in configs.items()})  # all or nothing
+
+
+if os.environ.get(LAUNCH_CONFIGS_ENV):
+    load_launch_configs(os.environ[LAUNCH_CONFIGS_ENV])
 
 
 def _accumulator(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
