@@ -253,7 +253,8 @@ def test_launch_configs_from_a_file_replace_the_tables_and_bad_files_are_refused
     with pytest.raises(ValueError, match='unknown launch tables.*CONV_SIDEWAYS'):
         triton_ops.load_launch_configs(str(unknown))
     wrong_keys = tmp_path / 'wrong_keys.json'
-    wrong_keys.write_text(json.dumps({'GATED_OUTPUT': dict(TILE_ELEMENTS=512)}))
+    wrong_keys.write_text(json.dumps({'CONV_FORWARD': dict(BLOCK_T=16, BLOCK_G=16, num_warps=4),
+                                      'GATED_OUTPUT': dict(TILE_ELEMENTS=512)}))
     with pytest.raises(ValueError, match='GATED_OUTPUT needs the keys'):
         triton_ops.load_launch_configs(str(wrong_keys))
-    assert triton_ops.GATED_OUTPUT['num_warps'] == 4  # a refused file changes nothing
+    assert triton_ops.CONV_FORWARD['BLOCK_T'] == 32  # a refused file changes nothing
