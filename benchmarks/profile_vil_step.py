@@ -3,6 +3,7 @@
     python benchmarks/profile_vil_step.py --backend parallel --size 224 --batch 64 --out $OUT/profile.txt
 """
 import argparse
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -38,9 +39,26 @@ def main():
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by='cuda_time_total', row_limit=30)
+    kernels = kernel_table(prof, steps=2)
     with open(args.out, 'a') as f:
-        f.write(f'\n### {vars(args)}\n{table}\n')
-    print(table[:6000])
+        f.write(f'\n### {vars(args)}\n{table}\n\n{kernels}\n')
+    print(kernels)
+
+
+def kernel_table(prof, steps: int, rows: int = 40) -> str:
+    """GPU time per step of each kernel (by name), largest first: the op table's CUDA columns mix a parent op's own
+    launches with its children's, this one counts every kernel once."""
+    totals, calls = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time_total / steps
+            calls[event.name] += 1
+    step_us = sum(totals.values())
+    lines = [f'GPU time per step: {step_us / 1e3:.2f} ms in {sum(calls.values()) // steps} kernel launches',
+             '| us per step | share | launches per step | kernel |', '| --- | --- | --- | --- |']
+    for name, us in sorted(totals.items(), key=lambda item: -item[1])[:rows]:
+        lines.append(f'| {us:.0f} | {us / step_us:.1%} | {calls[name] // steps} | {name[:110]} |')
+    return '\n'.join(lines)
 
 
 if __name__ == '__main__':
