@@ -91,8 +91,10 @@ def _sweep(quick):
     """Candidate configurations per tunable (name in triton_ops, list of dicts)."""
     forward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w) for t, g, w in
                itertools.product((8, 16, 32, 64), (8, 16, 32), (2, 4, 8))]
-    backward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, TILES=tiles // t) for t, g, w, tiles in
-                itertools.product((8, 16, 32), (8, 16), (4, 8), (64, 128)) if tiles // t >= 1]
+    backward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, TILES=tiles // t, maxnreg=None) for t, g, w, tiles in
+                itertools.product((8, 16, 32), (8, 16), (4, 8), (64, 128))]
+    backward += [dict(BLOCK_T=t, BLOCK_G=16, num_warps=w, TILES=64 // t, maxnreg=regs) for t, w, regs in
+                 itertools.product((8, 16), (4, 8), (128, 168))]
     input_grad = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w) for t, g, w in
                   itertools.product((2, 4, 8, 16), (8, 16), (2, 4, 8))]
     gated = [dict(TILE_ELEMENTS=e, num_warps=w) for e, w in itertools.product((512, 1024, 2048, 4096), (2, 4, 8))]

@@ -81,10 +81,10 @@ def test_conv_qkv_kernels_match_reference(grid, chans, ksize, reverse, num_gates
 # Launch configurations other than the defaults (benchmarks/tune_mixer_kernels.py may pick them): larger and smaller
 # token tiles, several tiles per channel range, and the input-gradient launch with tiles larger than the backward's.
 OTHER_LAUNCHES = [dict(CONV_FORWARD=dict(BLOCK_T=32, BLOCK_G=4, num_warps=8),
-                       CONV_BACKWARD=dict(BLOCK_T=16, BLOCK_G=4, num_warps=8, TILES=2),
+                       CONV_BACKWARD=dict(BLOCK_T=16, BLOCK_G=4, num_warps=8, TILES=2, maxnreg=128),
                        CONV_INPUT_GRAD=dict(BLOCK_T=32, BLOCK_G=8, num_warps=4)),
                   dict(CONV_FORWARD=dict(BLOCK_T=2, BLOCK_G=2, num_warps=2),
-                       CONV_BACKWARD=dict(BLOCK_T=4, BLOCK_G=2, num_warps=2, TILES=4),
+                       CONV_BACKWARD=dict(BLOCK_T=4, BLOCK_G=2, num_warps=2, TILES=4, maxnreg=None),
                        CONV_INPUT_GRAD=dict(BLOCK_T=2, BLOCK_G=2, num_warps=2))]
 
 

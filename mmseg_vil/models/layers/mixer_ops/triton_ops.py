@@ -26,7 +26,8 @@ GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k
 # (benchmarks/kernel_resources.py; 32 x 32 tiles of the first kernels spilled 1000 bytes in the backward).
 # benchmarks/tune_mixer_kernels.py times alternatives on a GPU.
 CONV_FORWARD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4)
-CONV_BACKWARD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4, TILES=8)
+# maxnreg: a register cap for ptxas (None: its choice; Triton 3.6 gives the backward 253 registers, 3.8 128).
+CONV_BACKWARD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4, TILES=8, maxnreg=None)
 CONV_INPUT_GRAD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4)  # TILES: the same tokens per program as CONV_BACKWARD
 # Gated output: elements of a program's (tokens, head dims) tile (1024: no spills in the sm_90 report), warps, and
 # the token tiles each backward program walks.
