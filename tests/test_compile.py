@@ -54,3 +54,17 @@ def test_compile_option_of_the_wrong_type_is_refused():
     cfg.compile = 'yes'
     with pytest.raises(TypeError, match='compile must be True, False or a dict'):
         take_compile_options(cfg)
+
+
+def test_compiled_vil_inference_matches_eager():
+    """No-grad inference takes its own fast paths (e.g. biases added by ``out=`` copies), which Inductor must trace;
+    width 64: two q/k/v tiles per head, whose head-layout view once failed to compile."""
+    from mmseg_vil.models.backbones.vil import ViL
+    torch.manual_seed(0)
+    model = ViL(arch=dict(embed_dims=64, num_layers=2), img_size=64, out_indices=(0, 1)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model)(x)
+    for out, exp in zip(compiled, expected):
+        torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-5)

@@ -87,10 +87,11 @@ def block_diagonal(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optio
 
 
 def _copy_adding(product: Tensor, bias: Optional[Tensor], out: Tensor) -> None:
-    """``out = product (+ bias)``; without autograd in one pass over the tokens (``out=`` is not differentiable)."""
+    """``out = product (+ bias)``; in eager mode without autograd in one pass over the tokens (``out=`` is not
+    differentiable, and Inductor fuses the sum into the copy itself)."""
     if bias is None:
         out.copy_(product)
-    elif torch.is_grad_enabled() and (product.requires_grad or bias.requires_grad):
+    elif torch.compiler.is_compiling() or (torch.is_grad_enabled() and (product.requires_grad or bias.requires_grad)):
         out.copy_(product + bias)
     else:
         torch.add(product, bias, out=out)
