@@ -30,6 +30,7 @@ def main():
         with torch.autocast('cuda', dtype=torch.bfloat16):
             loss = sum(o.float().mean() for o in step_model(x))
         loss.backward()
+        model.zero_grad(set_to_none=True)  # as an optimizer step would: no gradient accumulation kernels
 
     for _ in range(3):
         step()

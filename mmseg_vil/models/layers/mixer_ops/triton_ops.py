@@ -18,20 +18,20 @@ from . import _gated_output_kernels as gate_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k/v
-# Launch configurations of the conv + q/k/v kernels (tokens per tile, channel groups per tile, warps; the backward
-# launches also walk TILES token tiles per program, so their partial weight-gradient rows and cross-thread reductions
-# fall by that factor: conv_qkv's row per 8-token tile was 61 MB of fp32 per block at 224 px, batch 64, and its
-# backward took 7 ms of ViL-T's 37 ms step on an H200). 8 tokens x 16 groups (64 channels, 128-byte rows in bf16)
-# with 4 warps: at most 128 registers and no spills in the sm_90 resource report of Triton 3.8
-# (benchmarks/kernel_resources.py; 32 x 32 tiles of the first kernels spilled 1000 bytes in the backward).
-# benchmarks/tune_mixer_kernels.py times alternatives on a GPU.
-CONV_FORWARD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4)
-# maxnreg: a register cap for ptxas (None: its choice; Triton 3.6 gives the backward 253 registers, 3.8 128).
-CONV_BACKWARD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4, TILES=8, maxnreg=None)
-CONV_INPUT_GRAD = dict(BLOCK_T=8, BLOCK_G=16, num_warps=4)  # TILES: the same tokens per program as CONV_BACKWARD
-# Gated output: elements of a program's (tokens, head dims) tile (1024: no spills in the sm_90 report), warps, and
-# the token tiles each backward program walks.
-GATED_OUTPUT = dict(TILE_ELEMENTS=1024, num_warps=4)
+# Launch configurations of the mixer kernels: tokens per tile (BLOCK_T), channel groups per tile (BLOCK_G), warps;
+# the backward launches also walk TILES token tiles per program, so their partial weight-gradient rows and
+# cross-thread reductions fall by that factor. The fastest of benchmarks/tune_mixer_kernels.py on an H100 (Triton
+# 3.6, ViL-T at 224 px batch 64 and 512 px batch 32, 2026-12-06, benchmarks/runs/2026-12-06_h100_tune/): large token
+# tiles amortise the per-program weight loads (scalar: the conv weight is channel-strided, the 4x4 blocks are 16
+# apart), e.g. the forward took 53.6 instead of 116 us at 224 with 64 instead of 8 tokens per tile.
+CONV_FORWARD = dict(BLOCK_T=64, BLOCK_G=8, num_warps=2)
+# maxnreg: a register cap for ptxas (None: its choice; Triton 3.6 gives the backward 253 registers, 3.8 128; caps of
+# 128 or 168 spilled and ran slower).
+CONV_BACKWARD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=4, TILES=8, maxnreg=None)
+CONV_INPUT_GRAD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=4)  # TILES: the same tokens per program as CONV_BACKWARD
+# Gated output: elements of a program's (tokens, head dims) tile, warps, and the token tiles each backward program
+# walks.
+GATED_OUTPUT = dict(TILE_ELEMENTS=1024, num_warps=2)
 BACKWARD_TILES = 8
 LAUNCH_TABLES = ('CONV_FORWARD', 'CONV_BACKWARD', 'CONV_INPUT_GRAD', 'GATED_OUTPUT')
 LAUNCH_CONFIGS_ENV = 'MMSEG_VIL_MIXER_LAUNCH_CONFIGS'
