@@ -93,7 +93,8 @@ def conv_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias:
     x_conv, qkv = torch.empty_like(x), x.new_empty(*x.shape[:2], 3 * x.shape[2])
     grid, config = _conv_launch(x, CONV_FORWARD)
     num_gates = _num_gates(gate_weight)
-    shares = empty_gates(x, num_gates).expand(grid[1], -1, -1, -1).contiguous()  # a share per channel tile
+    # (channel tiles, B, G, N): each channel tile's share of the gates
+    shares = x.new_empty(grid[1], len(x), num_gates, x.shape[1], dtype=_accumulator(x.dtype)[0])
     conv_kernels.conv_qkv_forward_kernel[grid](
         x, conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(), qkv_bias.contiguous(),
         None if gate_weight is None else gate_weight.contiguous(), gate_bias, x_conv, qkv, shares, height, width,
