@@ -316,6 +316,8 @@ def profile_fused(out_lines, batch=64, heads=4, n=196, head_dim=96, dtype=torch.
 SWEEP = [  # (BLOCK_OWN, BLOCK_LOOP, BLOCK_DK, BLOCK_DZ, num_warps, num_stages), used for all four tile launches
     (128, 64, 64, 128, 8, 2), (128, 64, 64, 128, 8, 3), (64, 64, 64, 128, 4, 2), (128, 128, 64, 128, 8, 2),
     (128, 32, 64, 128, 8, 2), (64, 32, 128, 128, 4, 2),
+    # DK 32: head dim 96 in three unpadded chunks of the q.k product (128 pads it by a third)
+    (64, 32, 32, 128, 4, 2), (64, 64, 32, 128, 4, 2), (128, 64, 32, 128, 8, 2),
 ]
 
 

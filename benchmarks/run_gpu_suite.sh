@@ -11,6 +11,7 @@
 #   cell      the mLSTM cell alone against SDPA (benchmarks/mlstm_kernel_check.py --quick)
 #   tune      the mixer's conv + q/k/v and gated-output kernels under candidate launch configurations (224, 512)
 #   tuned     quick's 224 and 512 rows with the launch configurations tune found fastest (after tune)
+#   sweep     tile configurations of the fused mLSTM kernel (mlstm_kernel_check.py --quick --sweep, bf16)
 #   profile   per-kernel GPU time of a ViL-T training step (224, batch 64)
 #   train     tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T, 512 crops, batch 16, --amp
 #   base      A/B: the ViL-T/DeiT-T 224 training step of an older commit, carried as .base.tar
@@ -53,6 +54,8 @@ for part in $parts; do
              | grep -v -i warn | tail -80 | tee -a "$out/log.txt" ;;
     tuned) MMSEG_VIL_MIXER_LAUNCH_CONFIGS="$out/tune/best.json" timeout 200 $bench --models vil-t deit-t --sizes 224 512 \
              --batch 224=64 512=32 --out-dir "$out/tuned" 2>&1 | grep -v -i warn | tail -20 | tee -a "$out/log.txt" ;;
+    sweep) timeout 400 python3 benchmarks/mlstm_kernel_check.py --out "$out/sweep" --quick --sweep 2>&1 | grep "tile sweep\|DH=" \
+             | tail -40 | tee -a "$out/log.txt" ;;
     profile) timeout 120 python3 benchmarks/profile_vil_step.py --size 224 --batch 64 --out "$out/profile.txt" \
              2>&1 | tail -45 | tee -a "$out/log.txt" ;;
     train) timeout 400 bash benchmarks/train_speed.sh "$out/train" 2>&1 | tail -20 | tee -a "$out/log.txt" ;;
