@@ -127,14 +127,15 @@ def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: 
     lines: List[str] = []
     with _compile_launches(arch, lines):
         gate_weight, gate_bias = empty(2 * heads, 3 * inner, dtype=torch.float32), empty(2 * heads, dtype=torch.float32)
-        triton_ops.conv_qkv._init_fn(x, *grid, conv_weight, conv_bias, qkv_weight, biases, gate_weight, gate_bias,
-                                     False)
+        x_mlstm, z = empty(batch, n, 2 * inner).chunk(2, dim=-1)  # as mixer_core reads them: halves of one output
+        triton_ops.conv_qkv._init_fn(x_mlstm, *grid, conv_weight, conv_bias, qkv_weight, biases, gate_weight,
+                                     gate_bias, False)
         qkv = empty(batch, n, 3 * inner)
-        triton_ops.conv_qkv_backward._init_fn(x, qkv, empty(batch, 2 * heads, n, dtype=torch.float32), x, qkv, *grid,
-                                              conv_weight, conv_bias, qkv_weight, gate_weight, False)
+        triton_ops.conv_qkv_backward_into(x, qkv, empty(batch, 2 * heads, n, dtype=torch.float32), x_mlstm, qkv,
+                                          *grid, conv_weight, conv_bias, qkv_weight, gate_weight, False, x_mlstm)
         h = heads_view.transpose(1, 2)
-        triton_ops.gated_output._init_fn(h, x, x, *norm, 1e-5)
-        triton_ops.gated_output_backward._init_fn(x, h, x, x, *norm, 1e-5, True)  # as mixer_core runs it
+        triton_ops.gated_output._init_fn(h, x, z, *norm, 1e-5)
+        triton_ops.gated_output_backward_into(x, h, x, z, *norm, 1e-5, h, x, z, x)
         stats = fused.fused_forward._init_fn(heads_view, heads_view, heads_view, *gates, 1e-6, False)
         fused.fused_backward._init_fn(x.view(batch, n, heads, -1), heads_view, heads_view, heads_view,
                                        stats[0], *gates, *stats[1:], 1e-6, False)

@@ -52,7 +52,8 @@ def _calls(t, side):
                                                     t['gate_weight'], False)
     norm = (t['norm_weight'], t['norm_bias'], t['skip'])
     gate = lambda: triton_ops.gated_output(t['h'], t['x'], t['z'], *norm, 1e-5)
-    gate_bwd = lambda: triton_ops.gated_output_backward(t['x'], t['h'], t['x'], t['z'], *norm, 1e-5, True)
+    grads = [torch.empty_like(t[name]) for name in ('h', 'x', 'z', 'x')]  # as mixer_core runs it: with the output
+    gate_bwd = lambda: triton_ops.gated_output_backward_into(t['x'], t['h'], t['x'], t['z'], *norm, 1e-5, *grads)
     return {'conv_qkv': (conv, {'conv_qkv_forward_kernel': 5 * act}),
             'conv_qkv_backward': (conv_bwd, {'conv_qkv_backward_kernel': 5 * act + 2 * act,
                                              'conv_qkv_input_grad_kernel': 2 * act + 3 * act}),

@@ -97,6 +97,27 @@ def test_conv_qkv_kernels_match_reference_with_other_launches(launches, monkeypa
 
 
 @needs_kernels
+def test_kernels_read_halves_of_the_up_projection_in_place():
+    """x and z as the halves of one (B, N, 2E) output (how the mixer passes them): the same results and gradients as
+    from contiguous copies."""
+    gen = torch.Generator().manual_seed(2)
+    xz = _randn(2, 35, 32, dtype=torch.float64, gen=gen)
+    params = [_randn(*shape, dtype=torch.float64, gen=gen) for shape in
+              ((16, 1, 3, 3), (16,), (3, 4, 4, 4), (3, 16), (4, 48), (4,))]
+    norm = [_randn(16, dtype=torch.float64, gen=gen) for _ in range(3)]
+    h = _randn(2, 35, 2, 8, dtype=torch.float64, gen=gen)
+
+    def run(x, z):
+        x_conv, qkv, gates = triton_ops.conv_qkv(x, 5, 7, *params, True)
+        return x_conv, qkv, gates, triton_ops.gated_output(h, x_conv, z, *norm, 1e-5)
+
+    x, z = xz.chunk(2, dim=-1)
+    assert x.stride(1) == 32
+    ours, expected = run(x, z), run(x.contiguous(), z.contiguous())
+    _check(ours, expected, (xz, h, *params, *norm), torch.float64, gen)
+
+
+@needs_kernels
 # h_scale 1e-2: heads with a variance near the norm's eps, where an eps rounded to float32 shows in float64 results
 @pytest.mark.parametrize('heads,head_dim,layout,dtype,h_scale',
                          [(2, 8, 'heads_first', torch.float64, 1.0), (4, 12, 'tokens_first', torch.float64, 1e-2),
@@ -193,7 +214,7 @@ def _saved_activation_elements(fn) -> int:
 
 @needs_kernels
 def test_mixer_core_keeps_less_activation_memory():
-    """Per token the one-node mixer keeps x_mlstm, z, the cell output, gates and statistics, not the conv output,
+    """Per token the one-node mixer keeps x_mlstm | z, the cell output, gates and statistics, not the conv output,
     q | k | v and the gated output: at most half of what the separate ops keep (ViL-T's widths: 42 %). Per token = the
     growth from 35 to 70 tokens, so the stacked weights (a per-call constant) do not count."""
     from unittest import mock
@@ -217,9 +238,8 @@ def test_mixer_core_op_registration():
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch (torch.compile's view) agree."""
     from mmseg_vil.models.layers.mixer_ops.mixer_core import mixer_core
     mixer, _, grid = _mixer_case(reverse=True)
-    x_mlstm, z = (torch.randn(2, 35, 32, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
-                  for _ in range(2))
-    args = (x_mlstm, z, *grid, mixer.conv.weight, mixer.conv.bias,
+    xz = torch.randn(2, 35, 64, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    args = (xz, *grid, mixer.conv.weight, mixer.conv.bias,
             torch.stack([mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight]),
             torch.stack([mixer.q_proj.bias, mixer.k_proj.bias, mixer.v_proj.bias]),
             torch.cat([mixer.igate.weight, mixer.fgate.weight]), torch.cat([mixer.igate.bias, mixer.fgate.bias]),

@@ -132,10 +132,8 @@ class MLSTMMixer(nn.Module):
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         """``x (B, N, D)`` pre-normed tokens in row-major order of ``grid = (h, w)``."""
-        # Two products instead of one + chunk: each output is contiguous, so the conv reads it channels-last.
-        up_weights = self.proj_up.weight.chunk(2)
-        up_biases = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
-        x_mlstm, z = (F.linear(x, weight, bias) for weight, bias in zip(up_weights, up_biases))
+        xz = self.proj_up(x)  # one product; its halves are read in place (the kernels) or copied once (reference)
+        x_mlstm, z = xz.chunk(2, dim=-1)
         qkv_weight = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         qkv_bias = (None if self.q_proj.bias is None else
                     torch.stack([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
@@ -144,7 +142,7 @@ class MLSTMMixer(nn.Module):
         backend = resolve_backend(self.mlstm_backend, self._split_heads(x_mlstm))
         has_biases = all(module.bias is not None for module in (self.q_proj, self.outnorm, self.proj_down))
         if use_mixer_core(x_mlstm, self.conv_kind, has_biases, backend):
-            return mixer_core(x_mlstm, z, *grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, gate_weight,
+            return mixer_core(xz, *grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, gate_weight,
                               gate_bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                               self.proj_down.weight, self.proj_down.bias, self.num_heads, self.outnorm.eps,
                               self.reverse)[0]

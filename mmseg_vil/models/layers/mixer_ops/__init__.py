@@ -37,8 +37,10 @@ def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: O
         x_conv, qkv, gates = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
                                                  gate_bias, reverse)
         return x_conv, qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4), gates
-    x_conv, qkv = reference.conv_qkv_heads(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, num_heads, reverse,
-                                           conv_kind)
+    # The conv and the tile products read x channels-last: one copy of a strided x (half of the up-projection's
+    # output) here instead of one inside each.
+    x_conv, qkv = reference.conv_qkv_heads(x.contiguous(), grid, conv_weight, conv_bias, qkv_weight, qkv_bias,
+                                           num_heads, reverse, conv_kind)
     return x_conv, qkv, reference.gate_preactivations(qkv, gate_weight, gate_bias)
 
 

@@ -27,12 +27,14 @@ GROUP = tl.constexpr(4)  # channels per block of the block-diagonal projections
 
 
 @triton.jit
-def _tap(X, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE: tl.constexpr, ACC: tl.constexpr):
-    """``x`` at the token offset by tap ``(tap_y, tap_x)`` of a KSIZE x KSIZE kernel (zero outside the image)."""
+def _tap(X, image, offs_t, chan, tap_y, tap_x, height, width, chans, row_len, KSIZE: tl.constexpr,
+         ACC: tl.constexpr):
+    """``x`` (rows of ``row_len`` elements) at the token offset by tap ``(tap_y, tap_x)`` of a KSIZE x KSIZE kernel
+    (zero outside the image)."""
     row = offs_t // width + (tap_y - KSIZE // 2)
     col = offs_t % width + (tap_x - KSIZE // 2)
     inside = (offs_t < height * width) & (row >= 0) & (row < height) & (col >= 0) & (col < width)
-    ptrs = X + image + (row * width + col)[:, None] * chans + chan[None, :]
+    ptrs = X + image + (row * width + col)[:, None] * row_len + chan[None, :]
     return tl.load(ptrs, mask=inside[:, None] & (chan[None, :] < chans), other=0.0).to(ACC)
 
 
@@ -44,7 +46,7 @@ def _kernel_index(tap_y, tap_x, KSIZE: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE: tl.constexpr,
+def _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, row_len, KSIZE: tl.constexpr,
           REVERSE: tl.constexpr, ACC: tl.constexpr):
     """Pre-activation of the depthwise conv for one channel of each group, and the input at the centre tap."""
     chan_ok = chan < chans
@@ -53,8 +55,9 @@ def _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE: t
         for tap_x in tl.static_range(KSIZE):
             weight = tl.load(CONV_W + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
                              mask=chan_ok, other=0.0).to(ACC)
-            pre += weight[None, :] * _tap(X, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE, ACC)
-    centre = _tap(X, image, offs_t, chan, KSIZE // 2, KSIZE // 2, height, width, chans, KSIZE, ACC)
+            pre += weight[None, :] * _tap(X, image, offs_t, chan, tap_y, tap_x, height, width, chans, row_len, KSIZE,
+                                          ACC)
+    centre = _tap(X, image, offs_t, chan, KSIZE // 2, KSIZE // 2, height, width, chans, row_len, KSIZE, ACC)
     return pre + tl.load(CONV_B + chan, mask=chan_ok, other=0.0).to(ACC)[None, :], centre
 
 
@@ -132,7 +135,7 @@ def _gate_rows(GATE_W, gate, chan, chans):
 
 @triton.jit
 def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_CONV, QKV, GATES, height, width, chans,
-                            KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr,
+                            x_row, KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr,
                             ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
     """Grid: (token tiles, channel tiles, batch). Writes silu(conv(x)), q | k | v, and this channel tile's share of
     the gate pre-activations, ``GATES[channel tile, image, gate, token]`` (the caller sums the shares; tile 0 adds the
@@ -141,7 +144,8 @@ def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_C
     Every load and store is a ``(tokens, channels)`` tile with the channels contiguous (coalesced rows).
     """
     offs_t, groups, group_ok, chan, image, ok = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
-    pre, x = _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE, REVERSE, ACC)
+    x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X: rows of x_row elements
+    pre, x = _conv(X, CONV_W, CONV_B, x_image, offs_t, chan, height, width, chans, x_row, KSIZE, REVERSE, ACC)
     act = pre * tl.sigmoid(pre)
     tl.store(_tile_ptrs(X_CONV, image, offs_t, chan, chans, 0), act.to(X_CONV.dtype.element_ty), mask=ok)
     q = _block_diagonal_tile(act, QKV_W, 0, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)
@@ -242,13 +246,14 @@ def _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, which, image, offs_t, chan, chans, o
 
 @triton.jit
 def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD_QKV, GRAD_GATES, GRAD_PRE, PARTIAL,
-                             height, width, chans, stride_gate_b, stride_gate_g, stride_gate_n,
+                             height, width, chans, x_row, stride_gate_b, stride_gate_g, stride_gate_n,
                              KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
     """Launch 1 of the backward (module docstring): grad_pre, and the partial sums of the conv bias and q/k/v weight
     and bias gradients. PARTIAL: one row per program, ``[conv weight | conv bias | qkv weight | qkv bias]``. The
     gradients of q, k and v are GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
     groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
+    x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X and GRAD_X: rows of x_row elements
     n_tokens = height * width
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
     zero = tl.zeros((BLOCK_T, BLOCK_G * GROUP), dtype=ACC)
@@ -264,7 +269,7 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
         dv = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 2, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
-        pre, x = _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, KSIZE, REVERSE, ACC)
+        pre, x = _conv(X, CONV_W, CONV_B, x_image, offs_t, chan, height, width, chans, x_row, KSIZE, REVERSE, ACC)
         sig = tl.sigmoid(pre)
         act = pre * sig
         grad_act = (_load_tile(GRAD_X_CONV, image, offs_t, chan, chans, 0, ok, ACC)
@@ -297,12 +302,13 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
 def _grad_pre_at(GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE: tl.constexpr,
                  ACC: tl.constexpr):
     """``dpre[s - d]`` for tap ``(tap_y, tap_x)`` with offset ``d``: the tap rotated by 180 degrees."""
-    return _tap(GRAD_PRE, image, offs_t, chan, KSIZE - 1 - tap_y, KSIZE - 1 - tap_x, height, width, chans, KSIZE, ACC)
+    return _tap(GRAD_PRE, image, offs_t, chan, KSIZE - 1 - tap_y, KSIZE - 1 - tap_x, height, width, chans, chans,
+                KSIZE, ACC)
 
 
 @triton.jit
 def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRAD_GATES, GRAD_X, PARTIAL, height,
-                               width, chans, stride_gate_b, stride_gate_g, stride_gate_n, KSIZE: tl.constexpr,
+                               width, chans, x_row, stride_gate_b, stride_gate_g, stride_gate_n, KSIZE: tl.constexpr,
                                REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
                                BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
     """Launch 2 of the backward: dx = transposed depthwise conv of the pre-activation gradient + v's block^T dv, and
@@ -314,6 +320,7 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
     accumulator suffices instead of one per tap.
     """
     groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
+    x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X and GRAD_X: rows of x_row elements
     n_tokens = height * width
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
     chan_ok = chan < chans
@@ -328,13 +335,13 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
                                  mask=chan_ok, other=0.0).to(ACC)
                 grad += weight[None, :] * _grad_pre_at(GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width,
                                                        chans, KSIZE, ACC)
-        tl.store(_tile_ptrs(GRAD_X, image, offs_t, chan, chans, 0), grad.to(GRAD_X.dtype.element_ty), mask=ok)
+        tl.store(_tile_ptrs(GRAD_X, x_image, offs_t, chan, x_row, 0), grad.to(GRAD_X.dtype.element_ty), mask=ok)
     for tap_y in tl.static_range(KSIZE):
         for tap_x in tl.static_range(KSIZE):
             grad_w = tl.zeros((BLOCK_T, BLOCK_G * GROUP), dtype=ACC)
             for tile in range(first_tile, end_tile):
                 offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
-                grad_w += _load_tile(X, image, offs_t, chan, chans, 0, ok, ACC) * _grad_pre_at(
+                grad_w += _load_tile(X, x_image, offs_t, chan, x_row, 0, ok, ACC) * _grad_pre_at(
                     GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE, ACC)
             tl.store(PARTIAL + part_row + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
                      tl.sum(grad_w, axis=0), mask=chan_ok)

@@ -11,7 +11,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _offsets(tile, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T: tl.constexpr,
+def _offsets(tile, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, z_row, head_dim, BLOCK_T: tl.constexpr,
              BLOCK_D: tl.constexpr):
     tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
@@ -22,7 +22,7 @@ def _offsets(tile, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_
     h_offs = (batch.to(tl.int64) * stride_b + step.to(tl.int64) * stride_n)[:, None] + head * stride_h + dims[None, :]
     chan = head * head_dim + dims
     flat = tokens.to(tl.int64)[:, None] * chans + chan[None, :]
-    return h_offs, flat, chan, ok
+    return h_offs, flat, tokens.to(tl.int64)[:, None] * z_row + chan[None, :], chan, ok
 
 
 @triton.jit
@@ -35,13 +35,14 @@ def _normalise(h, ok, head_dim, eps):
 
 @triton.jit
 def _load_inputs(tile, H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
-                 head_dim, EPS, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                 z_row, head_dim, EPS, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Offsets and masks of token tile ``tile``, its normalised heads with their 1/std, the parameters, x_conv, z.
+    ``z`` (and its gradient) has rows of ``z_row`` elements: e.g. the second half of the up-projection's output.
 
     ``EPS`` points to the norm's eps in the accumulator's dtype: a float argument would arrive as float32 and shift
     float64 results of low-variance heads by up to ~1e-7 relative."""
-    h_offs, flat, chan, ok = _offsets(tile, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, BLOCK_T,
-                                      BLOCK_D)
+    h_offs, flat, z_offs, chan, ok = _offsets(tile, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, z_row,
+                                              head_dim, BLOCK_T, BLOCK_D)
     chan_ok = chan < chans
     normed, rstd = _normalise(tl.load(H + h_offs, mask=ok, other=0.0).to(ACC), ok, head_dim,
                                tl.load(EPS))
@@ -49,25 +50,25 @@ def _load_inputs(tile, H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, s
     bias = tl.load(NORM_B + chan, mask=chan_ok, other=0.0).to(ACC)
     skip = tl.load(SKIP + chan, mask=chan_ok, other=0.0).to(ACC)
     x_conv = tl.load(X_CONV + flat, mask=ok, other=0.0).to(ACC)
-    z = tl.load(Z + flat, mask=ok, other=0.0).to(ACC)
-    return h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z
+    z = tl.load(Z + z_offs, mask=ok, other=0.0).to(ACC)
+    return h_offs, flat, z_offs, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z
 
 
 @triton.jit
 def gated_output_forward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, OUT, stride_b, stride_n, stride_h, seq_len,
-                                n_tokens, chans, head_dim, EPS, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                                n_tokens, chans, z_row, head_dim, EPS, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
                                 BLOCK_D: tl.constexpr):
     """Grid: (token tiles over the B * N tokens, heads). ``out = (norm(h) * w + b + skip * x_conv) * silu(z)``."""
-    h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
+    h_offs, flat, z_offs, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
         tl.program_id(0), H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
-        head_dim, EPS, ACC, BLOCK_T, BLOCK_D)
+        z_row, head_dim, EPS, ACC, BLOCK_T, BLOCK_D)
     out = (normed * weight[None, :] + bias[None, :] + skip[None, :] * x_conv) * (z * tl.sigmoid(z))
     tl.store(OUT + flat, out.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, GRAD_H, GRAD_X_CONV, GRAD_Z, PARTIAL,
-                                 OUT, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, head_dim, EPS,
+                                 OUT, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, z_row, head_dim, EPS,
                                  ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                                  TILES: tl.constexpr, STORE_OUT: tl.constexpr):
     """Gradients of h (in h's strides), x_conv and z over ``TILES`` token tiles; one PARTIAL row per program:
@@ -78,16 +79,16 @@ def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, G
     grad_skip = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
     end_tile = tl.minimum((tl.program_id(0) + 1) * TILES, tl.cdiv(n_tokens, BLOCK_T))
     for tile in range(tl.program_id(0) * TILES, end_tile):
-        h_offs, flat, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
+        h_offs, flat, z_offs, chan, chan_ok, ok, normed, rstd, weight, bias, skip, x_conv, z = _load_inputs(
             tile, H, X_CONV, Z, NORM_W, NORM_B, SKIP, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
-            head_dim, EPS, ACC, BLOCK_T, BLOCK_D)
+            z_row, head_dim, EPS, ACC, BLOCK_T, BLOCK_D)
         grad_out = tl.load(GRAD_OUT + flat, mask=ok, other=0.0).to(ACC)
         sig = tl.sigmoid(z)
         grad_gated = grad_out * (z * sig)  # gradient of the gated sum
         gated_sum = normed * weight[None, :] + bias[None, :] + skip[None, :] * x_conv
         if STORE_OUT:
             tl.store(OUT + flat, (gated_sum * (z * sig)).to(OUT.dtype.element_ty), mask=ok)
-        tl.store(GRAD_Z + flat, (grad_out * gated_sum * sig * (1 + z * (1 - sig))).to(GRAD_Z.dtype.element_ty),
+        tl.store(GRAD_Z + z_offs, (grad_out * gated_sum * sig * (1 + z * (1 - sig))).to(GRAD_Z.dtype.element_ty),
                  mask=ok)
         tl.store(GRAD_X_CONV + flat, (grad_gated * skip[None, :]).to(GRAD_X_CONV.dtype.element_ty), mask=ok)
         grad_normed = grad_gated * weight[None, :]

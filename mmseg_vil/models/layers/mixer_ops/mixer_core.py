@@ -5,9 +5,11 @@ Why one node: as separate ops, autograd keeps every op's inputs until the backwa
 output, q | k | v, the cell output and the gated output, besides the projections' inputs), so ViL-T held 2.2x the
 activation memory of DeiT-T at 512 px. Here the backward recomputes the conv output and q | k | v from the saved
 up-projection output (one conv kernel launch: elementwise work next to the GEMMs), and the gated output inside the
-norm + gate backward kernel (one more store), and keeps only ``x_mlstm``, ``z``, the cell output, the gates and the
-cell's per-step statistics. The cell writes its q | k | v gradients into one buffer, and the conv backward adds
-the gate pre-activations' share to them as it reads them.
+norm + gate backward kernel (one more store), and keeps only the up-projection output ``x_mlstm | z``, the cell
+output, the gates and the cell's per-step statistics. The cell writes its q | k | v gradients into one buffer, and
+the conv backward adds the gate pre-activations' share to them as it reads them. The kernels read ``x_mlstm`` and
+``z`` as the two halves of the up-projection's output and write their gradients into the halves of one buffer, so
+the up-projection is one product forward and backward (no second product, bias sum and gradient sum).
 
 The function and its gradients are those of the composition in :class:`~..vil_block.MLSTMMixer` (tested against
 it); the op is used where those kernels run (CUDA, or the interpreter) with the ``fused`` mLSTM backend. Products
@@ -31,12 +33,14 @@ def _split_heads(qkv: Tensor, heads: int) -> List[Tensor]:
 
 
 @torch.library.custom_op('mmseg_vil::mixer_core', mutates_args=())
-def mixer_core(x_mlstm: Tensor, z: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
+def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
                qkv_weight: Tensor, qkv_bias: Tensor, gate_weight: Tensor, gate_bias: Tensor, norm_weight: Tensor,
                norm_bias: Tensor, skip: Tensor, down_weight: Tensor, down_bias: Tensor, heads: int, norm_eps: float,
                reverse: bool) -> List[Tensor]:
-    """The mixer's output ``(B, N, D)``, then what the backward keeps: the cell output ``(B, N, NH, DH)``, the gates
-    ``(B, 2 NH, N)`` and the cell's per-step statistics."""
+    """The mixer's output ``(B, N, D)`` for the up-projection output ``xz = x_mlstm | z (B, N, 2E)``, then what the
+    backward keeps: the cell output ``(B, N, NH, DH)``, the gates ``(B, 2 NH, N)`` and the cell's per-step
+    statistics."""
+    x_mlstm, z = xz.chunk(2, dim=-1)
     x_conv, qkv, gates = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias,
                                              gate_weight, gate_bias, reverse)
     igate, fgate = gates.chunk(2, dim=1)
@@ -46,25 +50,29 @@ def mixer_core(x_mlstm: Tensor, z: Tensor, height: int, width: int, conv_weight:
 
 
 @mixer_core.register_fake
-def _(x_mlstm, z, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias, norm_weight,
+def _(xz, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias, norm_weight,
       norm_bias, skip, down_weight, down_bias, heads, norm_eps, reverse):
-    batch, n, inner = x_mlstm.shape
-    h, *stats = fused_mlstm.empty_forward_outputs(x_mlstm.new_empty(batch, heads, n, inner // heads))
-    return [x_mlstm.new_empty(batch, n, len(down_weight)), h, triton_ops.empty_gates(x_mlstm, 2 * heads), *stats]
+    batch, n, inner = xz.shape[0], xz.shape[1], xz.shape[2] // 2
+    h, *stats = fused_mlstm.empty_forward_outputs(xz.new_empty(batch, heads, n, inner // heads))
+    return [xz.new_empty(batch, n, len(down_weight)), h, triton_ops.empty_gates(xz, 2 * heads), *stats]
 
 
 @torch.library.custom_op('mmseg_vil::mixer_core_backward', mutates_args=())
-def mixer_core_backward(grad_y: Tensor, x_mlstm: Tensor, z: Tensor, height: int, width: int, conv_weight: Tensor,
+def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, conv_weight: Tensor,
                         conv_bias: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, gate_weight: Tensor,
                         gate_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, skip: Tensor, down_weight: Tensor,
                         down_bias: Tensor, h: Tensor, gates: Tensor, stats: List[Tensor], heads: int,
                         norm_eps: float, reverse: bool) -> List[Tensor]:
-    """Gradients of x_mlstm, z and the parameters (in :func:`mixer_core`'s order), from what the forward kept."""
+    """Gradients of xz and the parameters (in :func:`mixer_core`'s order), from what the forward kept."""
+    x_mlstm, z = xz.chunk(2, dim=-1)
+    grad_xz = torch.empty_like(xz, memory_format=torch.contiguous_format)
+    grad_x_mlstm, grad_z = grad_xz.chunk(2, dim=-1)
     x_conv, qkv, _ = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, None,
                                          None, reverse)
     grad_out = grad_y @ down_weight.to(grad_y.dtype)
-    grad_h, grad_x_conv, grad_z, *norm_grads, out = triton_ops.gated_output_backward(
-        grad_out, h, x_conv, z, norm_weight, norm_bias, skip, norm_eps, with_output=True)
+    grad_h, grad_x_conv, out = torch.empty_like(h), torch.empty_like(x_conv), torch.empty_like(x_conv)
+    norm_grads = triton_ops.gated_output_backward_into(grad_out, h, x_conv, z, norm_weight, norm_bias, skip, norm_eps,
+                                                       grad_h, grad_x_conv, grad_z, out)
     grad_down_weight = grad_y.flatten(0, 1).t() @ out.flatten(0, 1)
     # The cell's gradients go straight into one q | k | v buffer and one gate buffer; the conv backward adds the gates'
     # share to the q | k | v gradient as it reads it.
@@ -72,16 +80,17 @@ def mixer_core_backward(grad_y: Tensor, x_mlstm: Tensor, z: Tensor, height: int,
     fused_mlstm.backward_into(grad_h, *_split_heads(qkv, heads), h, *gates.chunk(2, dim=1), stats, MLSTM_EPS, reverse,
                               *(t.unflatten(-1, (heads, -1)) for t in grad_qkv.chunk(3, dim=-1)),
                               *grad_gates.chunk(2, dim=1))
-    grad_x, *conv_grads = triton_ops.conv_qkv_backward(grad_x_conv, grad_qkv, grad_gates, x_mlstm, qkv, height, width,
-                                                       conv_weight, conv_bias, qkv_weight, gate_weight, reverse)
-    return [grad_x, grad_z, *conv_grads, *norm_grads, grad_down_weight.to(down_weight.dtype),
+    conv_grads = triton_ops.conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x_mlstm, qkv, height, width,
+                                                   conv_weight, conv_bias, qkv_weight, gate_weight, reverse,
+                                                   grad_x_mlstm)
+    return [grad_xz, *conv_grads, *norm_grads, grad_down_weight.to(down_weight.dtype),
             grad_y.sum((0, 1)).to(down_bias.dtype)]
 
 
 @mixer_core_backward.register_fake
-def _(grad_y, x_mlstm, z, height, width, *params_h_gates_stats_options):
+def _(grad_y, xz, height, width, *params_h_gates_stats_options):
     params = params_h_gates_stats_options[:11]
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x_mlstm, z, *params)]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (xz, *params)]
 
 
 _NUM_PARAMS = 11  # conv weight and bias, q/k/v weight and bias, gate weight and bias, norm weight and bias, skip,
@@ -89,23 +98,23 @@ _NUM_PARAMS = 11  # conv weight and bias, q/k/v weight and bias, gate weight and
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x_mlstm, z, height, width, *params = inputs[:4 + _NUM_PARAMS]
-    heads, norm_eps, reverse = inputs[4 + _NUM_PARAMS:]
-    ctx.save_for_backward(x_mlstm, z, *params, *output[1:])
+    xz, height, width, *params = inputs[:3 + _NUM_PARAMS]
+    heads, norm_eps, reverse = inputs[3 + _NUM_PARAMS:]
+    ctx.save_for_backward(xz, *params, *output[1:])
     ctx.options = (height, width, heads, norm_eps, reverse)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grads):
     grad_y = grads[0]  # the other outputs are kept for the backward, not differentiated
-    x_mlstm, z, *rest = ctx.saved_tensors
+    xz, *rest = ctx.saved_tensors
     params, (h, gates, *stats) = rest[:_NUM_PARAMS], rest[_NUM_PARAMS:]
     height, width, heads, norm_eps, reverse = ctx.options
     if grad_y is None:
-        grad_y = torch.zeros(*x_mlstm.shape[:2], len(params[-2]), dtype=x_mlstm.dtype, device=x_mlstm.device)
-    grad_x, grad_z, *param_grads = mixer_core_backward(grad_y, x_mlstm, z, height, width, *params, h, gates, stats,
-                                                       heads, norm_eps, reverse)
-    return grad_x, grad_z, None, None, *param_grads, None, None, None
+        grad_y = torch.zeros(*xz.shape[:2], len(params[-2]), dtype=xz.dtype, device=xz.device)
+    grad_xz, *param_grads = mixer_core_backward(grad_y, xz, height, width, *params, h, gates, stats, heads, norm_eps,
+                                                reverse)
+    return grad_xz, None, None, *param_grads, None, None, None
 
 
 mixer_core.register_autograd(_backward, setup_context=_setup_context)

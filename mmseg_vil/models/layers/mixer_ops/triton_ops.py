@@ -73,6 +73,14 @@ def _conv_launch(x: Tensor, config: dict, tokens_per_program: int = 0) -> Tuple[
     return grid, options
 
 
+def _rows(x: Tensor) -> Tuple[Tensor, int]:
+    """``x (B, N, C)`` and the length of its rows, for kernels that read tokens as rows of unit-stride channels: a view
+    with longer rows (e.g. one half of the up-projection's output) as it is, any other layout copied."""
+    if x.stride(-1) == 1 and x.stride(0) == x.shape[1] * x.stride(1):
+        return x, x.stride(1)
+    return x.contiguous(), x.shape[-1]
+
+
 def _num_gates(gate_weight: Optional[Tensor]) -> int:
     return 0 if gate_weight is None else len(gate_weight)
 
@@ -89,8 +97,8 @@ def conv_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias:
     """Triton :func:`~.reference.conv_qkv` for ``x (B, N, E)``, ``N = height * width``, and the gate pre-activations
     ``gate_weight (G, 3 E) @ q | k | v + gate_bias`` as ``(B, G, N)`` in the accumulator dtype (``(B, 0, N)`` without
     gate weights)."""
-    x = x.contiguous()
-    x_conv, qkv = torch.empty_like(x), x.new_empty(*x.shape[:2], 3 * x.shape[2])
+    x, x_row = _rows(x)
+    x_conv, qkv = x.new_empty(x.shape), x.new_empty(*x.shape[:2], 3 * x.shape[2])
     grid, config = _conv_launch(x, CONV_FORWARD)
     num_gates = _num_gates(gate_weight)
     # (channel tiles, B, G, N): each channel tile's share of the gates
@@ -98,7 +106,7 @@ def conv_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias:
     conv_kernels.conv_qkv_forward_kernel[grid](
         x, conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(), qkv_bias.contiguous(),
         None if gate_weight is None else gate_weight.contiguous(), gate_bias, x_conv, qkv, shares, height, width,
-        x.shape[2], KSIZE=conv_weight.shape[-1], REVERSE=reverse, NUM_GATES=num_gates, **config)
+        x.shape[2], x_row, KSIZE=conv_weight.shape[-1], REVERSE=reverse, NUM_GATES=num_gates, **config)
     return x_conv, qkv, shares.sum(0)
 
 
@@ -108,19 +116,22 @@ def _(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weigh
             empty_gates(x, _num_gates(gate_weight)))
 
 
-@torch.library.custom_op('mmseg_vil::conv_qkv_backward', mutates_args=())
-def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor, x: Tensor, qkv: Tensor, height: int,
-                      width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor, gate_weight: Tensor,
-                      reverse: bool) -> List[Tensor]:
-    """Gradients of x, conv weight, conv bias, q/k/v weight, q/k/v bias, gate weight and gate bias; ``grad_gates``
-    ``(B, G, N)`` of any strides, ``qkv`` the forward's q | k | v (for the gate weight's gradient)."""
-    x = x.contiguous()
+def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor, x: Tensor, qkv: Tensor,
+                           height: int, width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor,
+                           gate_weight: Tensor, reverse: bool, grad_x: Tensor) -> List[Tensor]:
+    """The gradient of ``x`` written into ``grad_x`` (same strides as ``x``, e.g. halves of the up-projection's
+    output and of its gradient); returns those of the conv weight and bias, q/k/v weight and bias, gate weight and
+    bias. ``grad_gates (B, G, N)`` of any strides, ``qkv`` the forward's q | k | v (for the gate weight's gradient).
+    """
+    x, x_row = _rows(x)
+    if grad_x.stride() != x.stride():
+        raise ValueError(f'grad_x strides {grad_x.stride()} differ from those of x {x.stride()}')
     chans, ksize = x.shape[2], conv_weight.shape[-1]
     tokens_per_program = CONV_BACKWARD['BLOCK_T'] * CONV_BACKWARD['TILES']
     grid, config = _conv_launch(x, {k: v for k, v in CONV_BACKWARD.items() if k != 'TILES'}, tokens_per_program)
     gather_grid, gather_config = _conv_launch(x, CONV_INPUT_GRAD, tokens_per_program)
     acc_dtype = _accumulator(x.dtype)[0]
-    grad_pre = torch.empty_like(x)  # in the activations' dtype, as autograd of the official conv has it
+    grad_pre = x.new_empty(x.shape)  # in the activations' dtype, as autograd of the official conv has it
     sizes = [chans * ksize * ksize, chans, 3 * chans * GROUP, 3 * chans]
     partial = torch.empty(grid[0] * grid[2], sum(sizes), dtype=acc_dtype, device=x.device)
     conv_weight, qkv_weight, gate_weight = conv_weight.contiguous(), qkv_weight.contiguous(), gate_weight.contiguous()
@@ -128,17 +139,28 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor,
     gates = dict(NUM_GATES=len(gate_weight), KSIZE=ksize, REVERSE=reverse)
     conv_kernels.conv_qkv_backward_kernel[grid](
         x, conv_weight, conv_bias, qkv_weight, gate_weight, grad_x_conv.contiguous(), grad_qkv, grad_gates, grad_pre,
-        partial, height, width, chans, *grad_gates.stride(), **gates, **config)
-    grad_x = torch.empty_like(x)
+        partial, height, width, chans, x_row, *grad_gates.stride(), **gates, **config)
     # One partial row per (token range, image) in both launches: the same tokens per program (grid[0]).
     conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
         grad_pre, x, conv_weight, qkv_weight, gate_weight, grad_qkv, grad_gates, grad_x, partial, height, width,
-        chans, *grad_gates.stride(), **gates, **gather_config)
+        chans, x_row, *grad_gates.stride(), **gates, **gather_config)
     grads = partial.sum(0).split(sizes)
     params = (conv_weight, conv_bias, qkv_weight, conv_bias.new_empty(3, chans))
     grad_gate_weight = grad_gates.transpose(0, 1).flatten(1).to(qkv.dtype) @ qkv.flatten(0, 1)
-    return [grad_x, *(g.view(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, params)),
+    return [*(g.view(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, params)),
             grad_gate_weight.to(gate_weight.dtype), grad_gates.sum((0, 2)).to(gate_weight.dtype)]
+
+
+@torch.library.custom_op('mmseg_vil::conv_qkv_backward', mutates_args=())
+def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor, x: Tensor, qkv: Tensor, height: int,
+                      width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor, gate_weight: Tensor,
+                      reverse: bool) -> List[Tensor]:
+    """Gradients of x, conv weight, conv bias, q/k/v weight, q/k/v bias, gate weight and gate bias
+    (:func:`conv_qkv_backward_into` with a fresh gradient of x)."""
+    x = x.contiguous()
+    grad_x = torch.empty_like(x)
+    return [grad_x, *conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x, qkv, height, width, conv_weight,
+                                            conv_bias, qkv_weight, gate_weight, reverse, grad_x)]
 
 
 @conv_qkv_backward.register_fake
@@ -184,14 +206,16 @@ def _gate_launch(h: Tensor) -> Tuple[tuple, dict]:
                       num_warps=GATED_OUTPUT['num_warps'])
 
 
-def _gate_args(h: Tensor, eps: float) -> tuple:
-    """``h`` (unit stride along the head dim), its strides, the sizes, and ``eps`` as a one-element tensor in the
-    accumulator's dtype (a float argument would be passed as float32)."""
+def _gate_args(h: Tensor, z: Tensor, eps: float) -> tuple:
+    """``h`` (unit stride along the head dim), ``z`` (rows as :func:`_rows` gives them), their strides and the
+    sizes, and ``eps`` as a one-element tensor in the accumulator's dtype (a float argument would be passed as
+    float32)."""
     batch, n, heads, head_dim = h.shape
     if h.stride(-1) != 1:
         h = h.contiguous()
+    z, z_row = _rows(z)
     eps = torch.full((1,), eps, dtype=_accumulator(h.dtype)[0], device=h.device)
-    return (h, h.stride(0), h.stride(1), h.stride(2), n, batch * n, heads * head_dim, head_dim, eps)
+    return h, z, (h.stride(0), h.stride(1), h.stride(2), n, batch * n, heads * head_dim, z_row, head_dim, eps)
 
 
 @torch.library.custom_op('mmseg_vil::gated_output', mutates_args=())
@@ -200,9 +224,9 @@ def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm
     """Triton :func:`~.reference.gated_output` for heads ``h (B, N, NH, DH)`` in any strides."""
     out = x_conv.new_empty(x_conv.shape)
     grid, config = _gate_launch(h)
-    h, *sizes = _gate_args(h, eps)
+    h, z, sizes = _gate_args(h, z, eps)
     gate_kernels.gated_output_forward_kernel[grid](
-        h, x_conv.contiguous(), z.contiguous(), norm_weight, norm_bias, skip, out, *sizes, **config)
+        h, x_conv.contiguous(), z, norm_weight, norm_bias, skip, out, *sizes, **config)
     return out
 
 
@@ -211,33 +235,49 @@ def _(h, x_conv, z, norm_weight, norm_bias, skip, eps):
     return x_conv.new_empty(x_conv.shape)
 
 
-@torch.library.custom_op('mmseg_vil::gated_output_backward', mutates_args=())
-def gated_output_backward(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor,
-                          norm_bias: Tensor, skip: Tensor, eps: float, with_output: bool = False) -> List[Tensor]:
-    """Gradients of h (in h's strides), x_conv, z, norm weight, norm bias and skip; ``with_output``: then the
-    forward's output, recomputed on the way (for a caller that did not keep it)."""
-    grad_h = torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=h.device)
-    grad_x_conv, grad_z = torch.empty_like(x_conv), torch.empty_like(z)
-    out = torch.empty_like(x_conv) if with_output else None
+def gated_output_backward_into(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor,
+                               norm_bias: Tensor, skip: Tensor, eps: float, grad_h: Tensor, grad_x_conv: Tensor,
+                               grad_z: Tensor, out: Optional[Tensor] = None) -> List[Tensor]:
+    """Gradients of h, x_conv and z written into ``grad_h`` (h's strides), ``grad_x_conv`` (contiguous) and
+    ``grad_z`` (z's strides, e.g. halves of the up-projection's output and of its gradient), and the forward's
+    output into ``out`` if given (recomputed on the way, for a caller that did not keep it); returns the gradients
+    of the norm weight, norm bias and skip."""
+    if grad_z.stride() != z.stride() or grad_h.stride() != h.stride() or h.stride(-1) != 1:
+        raise ValueError(f'gradient strides {grad_h.stride()}, {grad_z.stride()} differ from those of h and z '
+                         f'{h.stride()}, {z.stride()} (or h is not contiguous along its head dim)')
     (token_tiles, heads), config = _gate_launch(h)
     grid = (triton.cdiv(token_tiles, BACKWARD_TILES), heads)
     chans = x_conv.shape[-1]
     partial = torch.empty(grid[0], 3 * chans, dtype=_accumulator(h.dtype)[0], device=h.device)
-    h, *sizes = _gate_args(h, eps)
+    h, z, sizes = _gate_args(h, z, eps)
     gate_kernels.gated_output_backward_kernel[grid](
-        h, x_conv.contiguous(), z.contiguous(), norm_weight, norm_bias, skip, grad_out.contiguous(), grad_h,
-        grad_x_conv, grad_z, partial, out, *sizes, TILES=BACKWARD_TILES, STORE_OUT=with_output, **config)
+        h, x_conv.contiguous(), z, norm_weight, norm_bias, skip, grad_out.contiguous(), grad_h, grad_x_conv, grad_z,
+        partial, out, *sizes, TILES=BACKWARD_TILES, STORE_OUT=out is not None, **config)
     grads = partial.sum(0).split(chans)
-    params = (norm_weight, norm_bias, skip)
-    return [grad_h, grad_x_conv, grad_z, *(g.to(p.dtype, copy=True) for g, p in zip(grads, params)),
-            *([out] if with_output else [])]
+    return [g.to(p.dtype, copy=True) for g, p in zip(grads, (norm_weight, norm_bias, skip))]
+
+
+@torch.library.custom_op('mmseg_vil::gated_output_backward', mutates_args=())
+def gated_output_backward(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor,
+                          norm_bias: Tensor, skip: Tensor, eps: float) -> List[Tensor]:
+    """Gradients of h (in h's strides), x_conv, z, norm weight, norm bias and skip
+    (:func:`gated_output_backward_into` with fresh buffers)."""
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    z = z.contiguous()
+    grad_h = torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=h.device)
+    grad_x_conv, grad_z = torch.empty_like(x_conv, memory_format=torch.contiguous_format), torch.empty_like(z)
+    return [grad_h, grad_x_conv, grad_z, *gated_output_backward_into(grad_out, h, x_conv, z, norm_weight, norm_bias,
+                                                                     skip, eps, grad_h, grad_x_conv, grad_z)]
 
 
 @gated_output_backward.register_fake
-def _(grad_out, h, x_conv, z, norm_weight, norm_bias, skip, eps, with_output=False):
-    return [torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=h.device), torch.empty_like(x_conv),
-            torch.empty_like(z), torch.empty_like(norm_weight), torch.empty_like(norm_bias), torch.empty_like(skip),
-            *([torch.empty_like(x_conv)] if with_output else [])]
+def _(grad_out, h, x_conv, z, norm_weight, norm_bias, skip, eps):
+    h_strides = h.stride() if h.stride(-1) == 1 else h.contiguous().stride()
+    return [torch.empty_strided(h.shape, h_strides, dtype=h.dtype, device=h.device),
+            torch.empty_like(x_conv, memory_format=torch.contiguous_format),
+            torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(norm_weight),
+            torch.empty_like(norm_bias), torch.empty_like(skip)]
 
 
 def _gated_output_setup(ctx, inputs, output) -> None:
