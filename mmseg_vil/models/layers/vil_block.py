@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
-from .mixer_ops import conv_qkv, gated_output, mixer_core, use_mixer_core
+from .mixer_ops import conv_qkv, gated_output, mixer_core, reads_strided_halves, use_mixer_core
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import mlstm, resolve_backend
 
@@ -132,8 +132,13 @@ class MLSTMMixer(nn.Module):
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         """``x (B, N, D)`` pre-normed tokens in row-major order of ``grid = (h, w)``."""
-        xz = self.proj_up(x)  # one product; its halves are read in place (the kernels) or copied once (reference)
-        x_mlstm, z = xz.chunk(2, dim=-1)
+        if reads_strided_halves(x):  # one product, its halves read in place
+            xz = self.proj_up(x)
+            x_mlstm, z = xz.chunk(2, dim=-1)
+        else:  # two products, each contiguous for the reference's channels-last conv and tile products
+            xz = None
+            up_biases = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
+            x_mlstm, z = (F.linear(x, weight, bias) for weight, bias in zip(self.proj_up.weight.chunk(2), up_biases))
         qkv_weight = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         qkv_bias = (None if self.q_proj.bias is None else
                     torch.stack([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
@@ -141,7 +146,7 @@ class MLSTMMixer(nn.Module):
         gate_bias = torch.cat([self.igate.bias, self.fgate.bias])
         backend = resolve_backend(self.mlstm_backend, self._split_heads(x_mlstm))
         has_biases = all(module.bias is not None for module in (self.q_proj, self.outnorm, self.proj_down))
-        if use_mixer_core(x_mlstm, self.conv_kind, has_biases, backend):
+        if xz is not None and use_mixer_core(x_mlstm, self.conv_kind, has_biases, backend):
             return mixer_core(xz, *grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, gate_weight,
                               gate_bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                               self.proj_down.weight, self.proj_down.bias, self.num_heads, self.outnorm.eps,

@@ -21,6 +21,13 @@ def _use_kernels(x: Tensor) -> bool:
             and (x.is_cuda or triton_ops.kernels_interpreted()))
 
 
+def reads_strided_halves(x: Tensor) -> bool:
+    """Whether the mixer's stages for activations like ``x`` read ``x_mlstm`` and ``z`` in place as the halves of one
+    up-projection output (the kernels), rather than as two contiguous products (the reference: its conv and tile
+    products would copy a strided ``x_mlstm``)."""
+    return _use_kernels(x)
+
+
 def use_mixer_core(x: Tensor, conv_kind: str, has_biases: bool, mlstm_backend: str) -> bool:
     """Whether :func:`.mixer_core.mixer_core` runs the mixer for ``x (B, N, E)``: where the mixer kernels run, for the
     options they cover (2d conv, biases) and the ``fused`` mLSTM backend."""
@@ -37,8 +44,7 @@ def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: O
         x_conv, qkv, gates = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
                                                  gate_bias, reverse)
         return x_conv, qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4), gates
-    # The conv and the tile products read x channels-last: one copy of a strided x (half of the up-projection's
-    # output) here instead of one inside each.
+    # The conv and the tile products read x channels-last: a strided x is copied once here, not inside each.
     x_conv, qkv = reference.conv_qkv_heads(x.contiguous(), grid, conv_weight, conv_bias, qkv_weight, qkv_bias,
                                            num_heads, reverse, conv_kind)
     return x_conv, qkv, reference.gate_preactivations(qkv, gate_weight, gate_bias)
@@ -52,4 +58,4 @@ def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm
     return reference.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, eps)
 
 
-__all__ = ['conv_qkv', 'gated_output', 'mixer_core', 'use_mixer_core']
+__all__ = ['conv_qkv', 'gated_output', 'mixer_core', 'reads_strided_halves', 'use_mixer_core']
