@@ -44,7 +44,7 @@ def _inputs(batch, side, dtype=torch.bfloat16):
 
 
 def _calls(t, side):
-    """The ops to time, with the bytes each must move (activations only, bf16; grad_pre in float32)."""
+    """The ops to time, with the bytes each must move (activations only, bf16, the pre-activation gradient too)."""
     act = t['x'].numel() * 2
     conv = lambda: triton_ops.conv_qkv(t['x'], side, side, t['conv_weight'], t['conv_bias'], t['qkv_weight'],
                                        t['qkv_bias'], t['gate_weight'], t['gate_bias'], False)
@@ -56,8 +56,8 @@ def _calls(t, side):
     grads = [torch.empty_like(t[name]) for name in ('h', 'x', 'z', 'x')]  # as mixer_core runs it: with the output
     gate_bwd = lambda: triton_ops.gated_output_backward_into(t['x'], t['h'], t['x'], t['z'], *norm, 1e-5, *grads)
     return {'conv_qkv': (conv, {'conv_qkv_forward_kernel': 5 * act}),
-            'conv_qkv_backward': (conv_bwd, {'conv_qkv_backward_kernel': 5 * act + 2 * act,
-                                             'conv_qkv_input_grad_kernel': 2 * act + 3 * act}),
+            'conv_qkv_backward': (conv_bwd, {'conv_qkv_backward_kernel': 5 * act + act,
+                                             'conv_qkv_input_grad_kernel': act + 3 * act}),
             'gated_output': (gate, {'gated_output_forward_kernel': 4 * act}),
             'gated_output_backward': (gate_bwd, {'gated_output_backward_kernel': 8 * act})}
 

@@ -125,12 +125,9 @@ def _block_diagonal_tile(src, QKV_W, which, groups, group_ok, chans, TRANSPOSE: 
 
 
 @triton.jit
-def _gate_rows(GATE_W, gate, chan, chans):
-    """Gate ``gate``'s weights on this tile's channels of q, k and v: three ``(channels,)`` rows."""
-    row = GATE_W + gate * 3 * chans + chan
-    chan_ok = chan < chans
-    return (tl.load(row, mask=chan_ok, other=0.0), tl.load(row + chans, mask=chan_ok, other=0.0),
-            tl.load(row + 2 * chans, mask=chan_ok, other=0.0))
+def _gate_row(GATE_W, gate, which, chan, chans, ACC: tl.constexpr):
+    """Gate ``gate``'s weights on this tile's channels of projection ``which`` (0 q, 1 k, 2 v): ``(channels,)``."""
+    return tl.load(GATE_W + (gate * 3 + which) * chans + chan, mask=chan < chans, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -163,8 +160,9 @@ def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_C
     share = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * NUM_GATES * n_tokens
     first_tile = tl.program_id(1) == 0
     for gate in tl.static_range(NUM_GATES):
-        w_q, w_k, w_v = _gate_rows(GATE_W, gate, chan, chans)
-        value = tl.sum(q * w_q.to(ACC)[None, :] + k * w_k.to(ACC)[None, :] + v * w_v.to(ACC)[None, :], axis=1)
+        value = tl.sum(q * _gate_row(GATE_W, gate, 0, chan, chans, ACC)[None, :]
+                       + k * _gate_row(GATE_W, gate, 1, chan, chans, ACC)[None, :]
+                       + v * _gate_row(GATE_W, gate, 2, chan, chans, ACC)[None, :], axis=1)
         value += tl.where(first_tile, tl.load(GATE_B + gate).to(ACC), 0.0)
         tl.store(GATES + share + gate * n_tokens + offs_t, value, mask=offs_t < n_tokens)
 
@@ -229,8 +227,7 @@ def _gate_share(GRAD_GATES, GATE_W, which, offs_t, chan, chans, stride_gate_b, s
     share = tl.zeros((offs_t.shape[0], chan.shape[0]), dtype=ACC)
     for gate in tl.static_range(NUM_GATES):
         grad_gate = tl.load(gates + gate * stride_gate_g, mask=offs_t < n_tokens, other=0.0).to(ACC)
-        weight = tl.load(GATE_W + (gate * 3 + which) * chans + chan, mask=chan < chans, other=0.0).to(ACC)
-        share += grad_gate[:, None] * weight[None, :]
+        share += grad_gate[:, None] * _gate_row(GATE_W, gate, which, chan, chans, ACC)[None, :]
     return share
 
 
