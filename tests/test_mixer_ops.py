@@ -278,3 +278,7 @@ def test_launch_configs_from_a_file_replace_the_tables_and_bad_files_are_refused
     with pytest.raises(ValueError, match='GATED_OUTPUT needs the keys'):
         triton_ops.load_launch_configs(str(wrong_keys))
     assert triton_ops.CONV_FORWARD['BLOCK_T'] == 32  # a refused file changes nothing
+    not_json = tmp_path / 'not_json.json'
+    not_json.write_text('{"CONV_FORWARD": ')
+    with pytest.raises(ValueError, match='not_json.json .*is not JSON'):
+        triton_ops.load_launch_configs(str(not_json))

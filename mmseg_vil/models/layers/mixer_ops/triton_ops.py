@@ -42,7 +42,11 @@ def load_launch_configs(path: str) -> None:
     benchmarks/tune_mixer_kernels.py found fastest on a GPU); read at import from ``$MMSEG_VIL_MIXER_LAUNCH_CONFIGS``.
     """
     with open(path) as f:
-        configs = json.load(f)
+        try:
+            configs = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f'{path} (launch configurations, e.g. from ${LAUNCH_CONFIGS_ENV}) is not JSON: {error}; '
+                             'write it with benchmarks/tune_mixer_kernels.py') from error
     unknown = set(configs) - set(LAUNCH_TABLES)
     if unknown:
         raise ValueError(f'{path}: unknown launch tables {sorted(unknown)}; expected some of {list(LAUNCH_TABLES)}')
