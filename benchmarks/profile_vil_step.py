@@ -35,15 +35,17 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=True) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by='cuda_time_total', row_limit=30)
     kernels = kernel_table(prof, steps=2)
+    sites = launch_sites(prof, steps=2)
     with open(args.out, 'a') as f:
-        f.write(f'\n### {vars(args)}\n{table}\n\n{kernels}\n')
+        f.write(f'\n### {vars(args)}\n{table}\n\n{kernels}\n\n{sites}\n')
     print(kernels)
+    print(sites)
 
 
 def kernel_table(prof, steps: int, rows: int = 40) -> str:
@@ -59,6 +61,31 @@ def kernel_table(prof, steps: int, rows: int = 40) -> str:
              '| us per step | share | launches per step | kernel |', '| --- | --- | --- | --- |']
     for name, us in sorted(totals.items(), key=lambda item: -item[1])[:rows]:
         lines.append(f'| {us:.0f} | {us / step_us:.1%} | {calls[name] // steps} | {name[:110]} |')
+    return '\n'.join(lines)
+
+
+def launch_sites(prof, steps: int, rows: int = 30) -> str:
+    """GPU time per step of PyTorch's own kernels (not ours, not GEMMs) by the op that launched them and where: its
+    parent ops and the innermost lines of mmseg_vil (forward) or the autograd node (backward), to find copies, casts
+    and reductions worth fusing."""
+    totals, calls = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU or not event.kernels:
+            continue
+        chain, parent = [event.name], event.cpu_parent
+        while parent is not None and len(chain) < 4:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        lines = [frame for frame in event.stack if 'mmseg_vil' in frame][:2]
+        site = ' < '.join(chain) + (' @ ' + ' < '.join(line.split('mmseg_vil/')[-1] for line in lines) if lines else '')
+        for kernel in event.kernels:
+            if kernel.name.startswith(('void at::', 'Memcpy', 'Memset')):
+                key = (kernel.name.split('<')[0].split('(')[0][-40:], site)
+                totals[key] += kernel.duration / steps
+                calls[key] += 1
+    lines = ['PyTorch kernels by launch site (us per step, launches per step, kernel, site)']
+    for key, us in sorted(totals.items(), key=lambda item: -item[1])[:rows]:
+        lines.append(f'{us:7.0f} {calls[key] // steps:4d}  {key[0]}  {key[1][:230]}')
     return '\n'.join(lines)
 
 

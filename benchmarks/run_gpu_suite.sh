@@ -12,7 +12,8 @@
 #   tune      the mixer's conv + q/k/v and gated-output kernels under candidate launch configurations (224, 512)
 #   tuned     quick's 224 and 512 rows with the launch configurations tune found fastest (after tune)
 #   sweep     tile configurations of the fused mLSTM kernel (mlstm_kernel_check.py --quick --sweep, bf16)
-#   profile   per-kernel GPU time of a ViL-T training step (224, batch 64)
+#   profile   per-kernel GPU time of a ViL-T training step (224, batch 64), PyTorch's kernels by launch site
+#   ncu       Nsight Compute metrics (speed of light, occupancy, warp stalls) of each mixer and mLSTM kernel, once
 #   train     tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T, 512 crops, batch 16, --amp
 #   base      A/B: the ViL-T/DeiT-T 224 training step of an older commit, carried as .base.tar
 #             (made by `git archive -o .base.tar COMMIT`), on the same warm machine
@@ -58,6 +59,12 @@ for part in $parts; do
              | tail -40 | tee -a "$out/log.txt" ;;
     profile) timeout 120 python3 benchmarks/profile_vil_step.py --size 224 --batch 64 --out "$out/profile.txt" \
              2>&1 | tail -45 | tee -a "$out/log.txt" ;;
+    ncu) ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+         [ -n "$ncu_bin" ] && (cd benchmarks && timeout 300 "$ncu_bin" --nvtx --nvtx-include "measure/" \
+           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+           --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis python3 ncu_mixer_kernels.py \
+           > "$out/ncu.txt" 2>&1; tail -5 "$out/ncu.txt" | tee -a "$out/log.txt") \
+           || echo "no ncu on this machine" | tee -a "$out/log.txt" ;;
     train) timeout 400 bash benchmarks/train_speed.sh "$out/train" 2>&1 | tail -20 | tee -a "$out/log.txt" ;;
     base) mkdir -p /tmp/base && tar -xf .base.tar -C /tmp/base && (cd /tmp/base && PYTHONPATH=/tmp/site:/tmp/base \
              timeout 150 $bench --models vil-t deit-t --sizes 224 --batch 224=64 --out-dir "$out/base224" 2>&1 \

@@ -212,7 +212,9 @@ class ViL(BaseModule):
     def embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Patch tokens ``(B, N, D)`` with position embedding, and their grid. Pads H, W up to the patch size."""
         x = pad_to_patches(x, self.in_channels, self.patch_size, 'ViL', self.patch_stride)
-        x = self.patch_embed(x).permute(0, 2, 3, 1)
+        # Tokens contiguous (B, N, D): a permuted view of the conv output would keep its channel-major strides through
+        # every residual add, so that each block's norm copied its input and its adds and gradients ran strided.
+        x = self.patch_embed(x).permute(0, 2, 3, 1).contiguous()
         grid = tuple(x.shape[1:3])
         x = x + resample_grid_pos_embed(self.pos_embed, grid)
         return x.flatten(1, 2), grid

@@ -57,13 +57,19 @@ def _(xz, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weig
     return [xz.new_empty(batch, n, len(down_weight)), h, triton_ops.empty_gates(xz, 2 * heads), *stats]
 
 
+_NUM_PARAMS = 11  # conv weight and bias, q/k/v weight and bias, gate weight and bias, norm weight and bias, skip,
+# down-projection weight and bias
+
+
 @torch.library.custom_op('mmseg_vil::mixer_core_backward', mutates_args=())
 def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, conv_weight: Tensor,
                         conv_bias: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, gate_weight: Tensor,
                         gate_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, skip: Tensor, down_weight: Tensor,
                         down_bias: Tensor, h: Tensor, gates: Tensor, stats: List[Tensor], heads: int,
                         norm_eps: float, reverse: bool) -> List[Tensor]:
-    """Gradients of xz and the parameters (in :func:`mixer_core`'s order), from what the forward kept."""
+    """The gradient of xz, and those of the parameters (in :func:`mixer_core`'s order) flattened into one tensor in
+    the accumulator's dtype, from what the forward kept. One tensor: the parameters' gradients come out of a few
+    reductions and products as views and casts, and separate outputs of a custom op would each need a copy."""
     x_mlstm, z = xz.chunk(2, dim=-1)
     grad_xz = torch.empty_like(xz, memory_format=torch.contiguous_format)
     grad_x_mlstm, grad_z = grad_xz.chunk(2, dim=-1)
@@ -83,18 +89,19 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
     conv_grads = triton_ops.conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x_mlstm, qkv, height, width,
                                                    conv_weight, conv_bias, qkv_weight, gate_weight, reverse,
                                                    grad_x_mlstm)
-    return [grad_xz, *conv_grads, *norm_grads, grad_down_weight.to(down_weight.dtype),
-            grad_y.sum((0, 1)).to(down_bias.dtype)]
+    param_grads = [*conv_grads, *norm_grads, grad_down_weight, grad_y.sum((0, 1))]
+    return [grad_xz, torch.cat([g.reshape(-1) for g in param_grads]).to(_grad_dtype(xz))]
+
+
+def _grad_dtype(xz: Tensor) -> torch.dtype:
+    return torch.promote_types(xz.dtype, torch.float32)
 
 
 @mixer_core_backward.register_fake
 def _(grad_y, xz, height, width, *params_h_gates_stats_options):
-    params = params_h_gates_stats_options[:11]
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (xz, *params)]
-
-
-_NUM_PARAMS = 11  # conv weight and bias, q/k/v weight and bias, gate weight and bias, norm weight and bias, skip,
-# down-projection weight and bias
+    params = params_h_gates_stats_options[:_NUM_PARAMS]
+    return [torch.empty_like(xz, memory_format=torch.contiguous_format),
+            xz.new_empty(sum(p.numel() for p in params), dtype=_grad_dtype(xz))]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -112,8 +119,8 @@ def _backward(ctx, grads):
     height, width, heads, norm_eps, reverse = ctx.options
     if grad_y is None:
         grad_y = torch.zeros(*xz.shape[:2], len(params[-2]), dtype=xz.dtype, device=xz.device)
-    grad_xz, *param_grads = mixer_core_backward(grad_y, xz, height, width, *params, h, gates, stats, heads, norm_eps,
-                                                reverse)
+    grad_xz, flat = mixer_core_backward(grad_y, xz, height, width, *params, h, gates, stats, heads, norm_eps, reverse)
+    param_grads = (g.view(p.shape).to(p.dtype) for g, p in zip(flat.split([p.numel() for p in params]), params))
     return grad_xz, None, None, *param_grads, None, None, None
 
 

@@ -125,7 +125,9 @@ def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Te
                            gate_weight: Tensor, reverse: bool, grad_x: Tensor) -> List[Tensor]:
     """The gradient of ``x`` written into ``grad_x`` (same strides as ``x``, e.g. halves of the up-projection's
     output and of its gradient); returns those of the conv weight and bias, q/k/v weight and bias, gate weight and
-    bias. ``grad_gates (B, G, N)`` of any strides, ``qkv`` the forward's q | k | v (for the gate weight's gradient).
+    bias, shaped as the parameters but in the accumulator's or activations' dtype and possibly views of one buffer
+    (:func:`owned_grads` makes them the parameters' own). ``grad_gates (B, G, N)`` of any strides, ``qkv`` the
+    forward's q | k | v (for the gate weight's gradient).
     """
     x, x_row = _rows(x)
     if grad_x.stride() != x.stride():
@@ -148,11 +150,15 @@ def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Te
     conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
         grad_pre, x, conv_weight, qkv_weight, gate_weight, grad_qkv, grad_gates, grad_x, partial, height, width,
         chans, x_row, *grad_gates.stride(), **gates, **gather_config)
-    grads = partial.sum(0).split(sizes)
-    params = (conv_weight, conv_bias, qkv_weight, conv_bias.new_empty(3, chans))
+    shapes = (conv_weight.shape, conv_bias.shape, qkv_weight.shape, (3, chans))
     grad_gate_weight = grad_gates.transpose(0, 1).flatten(1).to(qkv.dtype) @ qkv.flatten(0, 1)
-    return [*(g.view(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, params)),
-            grad_gate_weight.to(gate_weight.dtype), grad_gates.sum((0, 2)).to(gate_weight.dtype)]
+    return [*(g.view(shape) for g, shape in zip(partial.sum(0).split(sizes), shapes)), grad_gate_weight,
+            grad_gates.sum((0, 2))]
+
+
+def owned_grads(grads: List[Tensor], params: List[Tensor]) -> List[Tensor]:
+    """Gradients as separate tensors in their parameters' dtypes (a custom op's outputs may not alias)."""
+    return [g.to(p.dtype, copy=True) for g, p in zip(grads, params)]
 
 
 @torch.library.custom_op('mmseg_vil::conv_qkv_backward', mutates_args=())
@@ -163,8 +169,11 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor,
     (:func:`conv_qkv_backward_into` with a fresh gradient of x)."""
     x = x.contiguous()
     grad_x = torch.empty_like(x)
-    return [grad_x, *conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x, qkv, height, width, conv_weight,
-                                            conv_bias, qkv_weight, gate_weight, reverse, grad_x)]
+    grads = conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x, qkv, height, width, conv_weight, conv_bias,
+                                   qkv_weight, gate_weight, reverse, grad_x)
+    qkv_bias_like = conv_bias.new_empty(3, x.shape[2])
+    return [grad_x, *owned_grads(grads, [conv_weight, conv_bias, qkv_weight, qkv_bias_like, gate_weight,
+                                         gate_weight])]
 
 
 @conv_qkv_backward.register_fake
@@ -245,7 +254,7 @@ def gated_output_backward_into(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: T
     """Gradients of h, x_conv and z written into ``grad_h`` (h's strides), ``grad_x_conv`` (contiguous) and
     ``grad_z`` (z's strides, e.g. halves of the up-projection's output and of its gradient), and the forward's
     output into ``out`` if given (recomputed on the way, for a caller that did not keep it); returns the gradients
-    of the norm weight, norm bias and skip."""
+    of the norm weight, norm bias and skip (accumulator dtype, views of one buffer: see :func:`owned_grads`)."""
     if grad_z.stride() != z.stride() or grad_h.stride() != h.stride() or h.stride(-1) != 1:
         raise ValueError(f'gradient strides {grad_h.stride()}, {grad_z.stride()} differ from those of h and z '
                          f'{h.stride()}, {z.stride()} (or h is not contiguous along its head dim)')
@@ -257,8 +266,7 @@ def gated_output_backward_into(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: T
     gate_kernels.gated_output_backward_kernel[grid](
         h, x_conv.contiguous(), z, norm_weight, norm_bias, skip, grad_out.contiguous(), grad_h, grad_x_conv, grad_z,
         partial, out, *sizes, TILES=BACKWARD_TILES, STORE_OUT=out is not None, **config)
-    grads = partial.sum(0).split(chans)
-    return [g.to(p.dtype, copy=True) for g, p in zip(grads, (norm_weight, norm_bias, skip))]
+    return list(partial.sum(0).split(chans))
 
 
 @torch.library.custom_op('mmseg_vil::gated_output_backward', mutates_args=())
@@ -271,8 +279,9 @@ def gated_output_backward(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor
     z = z.contiguous()
     grad_h = torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=h.device)
     grad_x_conv, grad_z = torch.empty_like(x_conv, memory_format=torch.contiguous_format), torch.empty_like(z)
-    return [grad_h, grad_x_conv, grad_z, *gated_output_backward_into(grad_out, h, x_conv, z, norm_weight, norm_bias,
-                                                                     skip, eps, grad_h, grad_x_conv, grad_z)]
+    grads = gated_output_backward_into(grad_out, h, x_conv, z, norm_weight, norm_bias, skip, eps, grad_h, grad_x_conv,
+                                       grad_z)
+    return [grad_h, grad_x_conv, grad_z, *owned_grads(grads, [norm_weight, norm_bias, skip])]
 
 
 @gated_output_backward.register_fake
