@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .mixer_ops import conv_qkv, gated_output, mixer_core, reads_strided_halves, use_mixer_core
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import mlstm, resolve_backend
+from .norm_ops import compute_dtype, layer_norm
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -171,4 +172,6 @@ class ViLBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
-        return x + self.drop_path(self.mixer(self.norm(x), grid))
+        # the norm written in the dtype the up-projection runs in (no cast of its output under autocast)
+        normed = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, compute_dtype(x))
+        return x + self.drop_path(self.mixer(normed, grid))

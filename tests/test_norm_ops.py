@@ -1,0 +1,74 @@
+"""The blocks' LayerNorm kernels against PyTorch's LayerNorm: output in the compute dtype and every gradient.
+
+On a CPU-only machine the kernels run under ``TRITON_INTERPRET=1`` in a subprocess (set before they are decorated).
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmseg_vil.models.layers import norm_ops
+
+KERNEL_DEVICE = None if norm_ops.ops is None else (
+    'cuda' if torch.cuda.is_available() else 'cpu' if norm_ops.kernels_interpreted() else None)
+needs_kernels = pytest.mark.skipif(KERNEL_DEVICE is None, reason='norm kernels need CUDA or TRITON_INTERPRET=1')
+TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
+              torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}
+
+
+# (rows, dim): rows not a multiple of a program's tile, dims not powers of two; float64 checks the formulas, float32
+# and a bf16 output the mixed-precision path; no bias as in the v1 models.
+@needs_kernels
+@pytest.mark.parametrize('shape,dtype,out_dtype,bias', [
+    ((3, 37, 24), torch.float64, torch.float64, True), ((2, 300, 192), torch.float64, torch.float64, False),
+    ((5, 11, 40), torch.float32, torch.float32, True), ((4, 45, 48), torch.float32, torch.bfloat16, True)],
+    ids=str)
+def test_layer_norm_kernels_match_torch(shape, dtype, out_dtype, bias):
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*size, scale=1.0, shift=0.0):
+        return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale + shift).to(dtype).to(
+            KERNEL_DEVICE).requires_grad_()
+
+    x, weight = leaf(*shape, scale=3, shift=1), leaf(shape[-1], shift=1)
+    params = [weight, leaf(shape[-1])] if bias else [weight, None]
+    ours = norm_ops.layer_norm(x, *params, 1e-5, out_dtype)
+    expected = F.layer_norm(x, shape[-1:], *params, 1e-5).to(out_dtype)
+    assert ours.dtype == out_dtype
+    torch.testing.assert_close(ours, expected, **TOLERANCES[out_dtype])
+    grad_out = torch.randn(shape, generator=gen, dtype=torch.float64).to(out_dtype).to(KERNEL_DEVICE)
+    inputs = [x] + [p for p in params if p is not None]
+    for grad, exp in zip(torch.autograd.grad(ours, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out)):
+        assert grad.dtype == exp.dtype
+        torch.testing.assert_close(grad, exp, **TOLERANCES[dtype])
+
+
+@needs_kernels
+def test_layer_norm_op_registration():
+    x = torch.randn(2, 5, 24, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    weight, bias = (torch.randn(24, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(norm_ops.ops.layer_norm, (x, weight, bias, 1e-5, torch.float64))
+
+
+def test_layer_norm_without_kernels_is_torchs_in_the_compute_dtype():
+    x = torch.randn(2, 5, 24)
+    weight, bias = torch.randn(24), torch.randn(24)
+    expected = F.layer_norm(x, (24,), weight, bias, 1e-6)
+    if KERNEL_DEVICE != 'cpu':  # the CPU path is PyTorch's unless the kernels are interpreted
+        assert torch.equal(norm_ops.layer_norm(x, weight, bias, 1e-6, torch.float32), expected)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert norm_ops.compute_dtype(x) == torch.bfloat16
+    assert norm_ops.compute_dtype(x) == torch.float32
+
+
+@pytest.mark.skipif(KERNEL_DEVICE is not None or norm_ops.ops is None, reason='the kernel tests run in this process')
+def test_layer_norm_kernels_under_triton_interpreter():
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__],
+                            env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert re.fullmatch(r'\d+ passed(, \d+ skipped)?(, \d+ warnings?)? in .*', summary), summary
