@@ -29,7 +29,7 @@ bench="python3 tools/benchmark.py --modes train --iters 5 --warmup 2 --repeats 3
 for part in $parts; do
   echo "=== $part $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
   case $part in
-    tests) timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_mixer_ops.py tests/test_vil_mixer.py \
+    tests) timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests/test_norm_ops.py tests/test_mixer_ops.py tests/test_vil_mixer.py \
              tests/test_mlstm_backends.py -k "not interpreter" 2>&1 | tail -15 | tee -a "$out/log.txt" ;;
     quick) timeout 300 $bench --models vil-t deit-t --sizes 224 512 1024 --batch 224=64 512=32 1024=8 \
              --out-dir "$out/quick" 2>&1 | grep -v -i warn | tail -30 | tee -a "$out/log.txt" ;;
