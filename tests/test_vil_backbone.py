@@ -264,3 +264,17 @@ def test_head_layout_projections_and_gates_equal_token_major(count_flops):
     gates = (token_major @ gate_weight.T + gate_bias).transpose(1, 2)
     torch.testing.assert_close(gate_preactivations(heads_layout, gate_weight, gate_bias), gates)
     torch.testing.assert_close(gate_preactivations(expected, gate_weight, gate_bias), gates)
+
+
+def test_blocks_get_contiguous_token_gradients_from_feature_maps():
+    """The feature maps are channel-first views of the tokens: their gradient must reach the blocks contiguous (and the
+    tokens stay contiguous forward), or every residual add, norm and product of the backward runs on strides."""
+    model = ViL(arch=dict(embed_dims=32, num_layers=2), img_size=64, out_indices=(0, 1))
+    layouts = []
+    for block in model.layers:
+        block.register_full_backward_hook(
+            lambda module, grad_in, grad_out: layouts.append((grad_out[0].is_contiguous(), grad_in[0].is_contiguous())))
+        block.register_forward_hook(lambda module, args, out: layouts.append((args[0].is_contiguous(),)))
+    outs = model(torch.randn(2, 3, 64, 64))
+    sum(out.mean() for out in outs).backward()
+    assert layouts and all(all(flags) for flags in layouts), layouts

@@ -22,6 +22,19 @@ from .isotropic import pad_to_patches, resolve_out_indices
 from .vil_checkpoint import V1_CONV_KERNEL_SIZE, convert_vil_state_dict, split_backbone_and_head
 
 OUT_TYPES = ('featmap', 'raw', 'pooled', 'avg_pooled')
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the gradient of a channel-first feature map reaches
+    the tokens transposed, and every block's residual adds and products would otherwise run on those strides."""
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor) -> Tensor:
+        return tokens.view_as(tokens)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 DROP_PATH_DECAYS = ('none', 'blocks', 'pairs')
 INIT_SCHEMES = ('original', 'original-fixed')
 # The v1 models (official ``VisionLSTM``, released ``vil_*16_*.th``): causal 1-D conv of kernel 4, no biases.
@@ -247,6 +260,8 @@ class ViL(BaseModule):
             return torch.cat([tokens[:, 0], tokens[:, -1]], dim=1)
         if self.out_type == 'avg_pooled':
             return (tokens[:, 0] + tokens[:, -1]) / 2
+        if torch.is_grad_enabled() and tokens.requires_grad:
+            tokens = _ContiguousGrad.apply(tokens)
         return tokens.transpose(1, 2).unflatten(-1, grid).contiguous()
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:

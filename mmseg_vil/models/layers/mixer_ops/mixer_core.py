@@ -68,29 +68,34 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
                         down_bias: Tensor, h: Tensor, gates: Tensor, stats: List[Tensor], heads: int,
                         norm_eps: float, reverse: bool) -> List[Tensor]:
     """The gradient of xz, and those of the parameters (in :func:`mixer_core`'s order) flattened into one tensor in
-    the accumulator's dtype, from what the forward kept. One tensor: the parameters' gradients come out of a few
-    reductions and products as views and casts, and separate outputs of a custom op would each need a copy."""
+    the accumulator's dtype, from what the forward kept. One tensor: the reductions and products write the
+    parameters' gradients straight into its slices, where separate outputs of a custom op would each need a copy."""
     x_mlstm, z = xz.chunk(2, dim=-1)
+    params = (conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias, norm_weight, norm_bias, skip,
+              down_weight, down_bias)
+    flat = xz.new_empty(sum(p.numel() for p in params), dtype=_grad_dtype(xz))
+    conv_part, norm_part, down_part = flat.split([sum(p.numel() for p in group)
+                                                  for group in (params[:6], params[6:9], params[9:])])
     grad_xz = torch.empty_like(xz, memory_format=torch.contiguous_format)
     grad_x_mlstm, grad_z = grad_xz.chunk(2, dim=-1)
     x_conv, qkv, _ = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, None,
                                          None, reverse)
     grad_out = grad_y @ down_weight.to(grad_y.dtype)
     grad_h, grad_x_conv, out = torch.empty_like(h), torch.empty_like(x_conv), torch.empty_like(x_conv)
-    norm_grads = triton_ops.gated_output_backward_into(grad_out, h, x_conv, z, norm_weight, norm_bias, skip, norm_eps,
-                                                       grad_h, grad_x_conv, grad_z, out)
-    grad_down_weight = grad_y.flatten(0, 1).t() @ out.flatten(0, 1)
+    triton_ops.gated_output_backward_into(grad_out, h, x_conv, z, norm_weight, norm_bias, skip, norm_eps, grad_h,
+                                          grad_x_conv, grad_z, out, norm_part)
+    grad_y = grad_y.flatten(0, 1)
+    down_part[:down_weight.numel()].view(down_weight.shape).copy_(grad_y.t() @ out.flatten(0, 1))
+    torch.sum(grad_y, 0, dtype=flat.dtype, out=down_part[down_weight.numel():])
     # The cell's gradients go straight into one q | k | v buffer and one gate buffer; the conv backward adds the gates'
     # share to the q | k | v gradient as it reads it.
     grad_qkv, grad_gates = torch.empty_like(qkv), torch.empty_like(gates)
     fused_mlstm.backward_into(grad_h, *_split_heads(qkv, heads), h, *gates.chunk(2, dim=1), stats, MLSTM_EPS, reverse,
                               *(t.unflatten(-1, (heads, -1)) for t in grad_qkv.chunk(3, dim=-1)),
                               *grad_gates.chunk(2, dim=1))
-    conv_grads = triton_ops.conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x_mlstm, qkv, height, width,
-                                                   conv_weight, conv_bias, qkv_weight, gate_weight, reverse,
-                                                   grad_x_mlstm)
-    param_grads = [*conv_grads, *norm_grads, grad_down_weight, grad_y.sum((0, 1))]
-    return [grad_xz, torch.cat([g.reshape(-1) for g in param_grads]).to(_grad_dtype(xz))]
+    triton_ops.conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x_mlstm, qkv, height, width, conv_weight,
+                                      conv_bias, qkv_weight, gate_weight, reverse, grad_x_mlstm, conv_part)
+    return [grad_xz, flat]
 
 
 def _grad_dtype(xz: Tensor) -> torch.dtype:

@@ -122,11 +122,12 @@ def _(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weigh
 
 def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor, x: Tensor, qkv: Tensor,
                            height: int, width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor,
-                           gate_weight: Tensor, reverse: bool, grad_x: Tensor) -> List[Tensor]:
+                           gate_weight: Tensor, reverse: bool, grad_x: Tensor,
+                           param_grads: Optional[Tensor] = None) -> List[Tensor]:
     """The gradient of ``x`` written into ``grad_x`` (same strides as ``x``, e.g. halves of the up-projection's
     output and of its gradient); returns those of the conv weight and bias, q/k/v weight and bias, gate weight and
-    bias, shaped as the parameters but in the accumulator's or activations' dtype and possibly views of one buffer
-    (:func:`owned_grads` makes them the parameters' own). ``grad_gates (B, G, N)`` of any strides, ``qkv`` the
+    bias as views of one flat buffer in the accumulator's dtype: ``param_grads`` if given (e.g. a slice of the
+    caller's buffer for all its parameters), in that order. ``grad_gates (B, G, N)`` of any strides, ``qkv`` the
     forward's q | k | v (for the gate weight's gradient).
     """
     x, x_row = _rows(x)
@@ -150,10 +151,20 @@ def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Te
     conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
         grad_pre, x, conv_weight, qkv_weight, gate_weight, grad_qkv, grad_gates, grad_x, partial, height, width,
         chans, x_row, *grad_gates.stride(), **gates, **gather_config)
-    shapes = (conv_weight.shape, conv_bias.shape, qkv_weight.shape, (3, chans))
-    grad_gate_weight = grad_gates.transpose(0, 1).flatten(1).to(qkv.dtype) @ qkv.flatten(0, 1)
-    return [*(g.view(shape) for g, shape in zip(partial.sum(0).split(sizes), shapes)), grad_gate_weight,
-            grad_gates.sum((0, 2))]
+    shapes = [conv_weight.shape, conv_bias.shape, qkv_weight.shape, (3, chans), gate_weight.shape, gate_weight.shape[:1]]
+    flat, views = _flat_grads(shapes, acc_dtype, x.device, param_grads)
+    torch.sum(partial, 0, out=flat[:sum(sizes)])
+    views[4].copy_(grad_gates.transpose(0, 1).flatten(1).to(qkv.dtype) @ qkv.flatten(0, 1))
+    torch.sum(grad_gates.sum(2), 0, out=views[5])  # along the tokens first: (B, G) rows, then few
+    return views
+
+
+def _flat_grads(shapes: List[tuple], dtype: torch.dtype, device: torch.device,
+                flat: Optional[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+    """A flat buffer for gradients of ``shapes`` (``flat`` if given) and its views shaped so, in order."""
+    numels = [torch.Size(shape).numel() for shape in shapes]
+    flat = torch.empty(sum(numels), dtype=dtype, device=device) if flat is None else flat
+    return flat, [g.view(shape) for g, shape in zip(flat.split(numels), shapes)]
 
 
 def owned_grads(grads: List[Tensor], params: List[Tensor]) -> List[Tensor]:
@@ -250,11 +261,13 @@ def _(h, x_conv, z, norm_weight, norm_bias, skip, eps):
 
 def gated_output_backward_into(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor,
                                norm_bias: Tensor, skip: Tensor, eps: float, grad_h: Tensor, grad_x_conv: Tensor,
-                               grad_z: Tensor, out: Optional[Tensor] = None) -> List[Tensor]:
+                               grad_z: Tensor, out: Optional[Tensor] = None,
+                               param_grads: Optional[Tensor] = None) -> List[Tensor]:
     """Gradients of h, x_conv and z written into ``grad_h`` (h's strides), ``grad_x_conv`` (contiguous) and
     ``grad_z`` (z's strides, e.g. halves of the up-projection's output and of its gradient), and the forward's
     output into ``out`` if given (recomputed on the way, for a caller that did not keep it); returns the gradients
-    of the norm weight, norm bias and skip (accumulator dtype, views of one buffer: see :func:`owned_grads`)."""
+    of the norm weight, norm bias and skip as views of one flat buffer in the accumulator's dtype (``param_grads`` if
+    given)."""
     if grad_z.stride() != z.stride() or grad_h.stride() != h.stride() or h.stride(-1) != 1:
         raise ValueError(f'gradient strides {grad_h.stride()}, {grad_z.stride()} differ from those of h and z '
                          f'{h.stride()}, {z.stride()} (or h is not contiguous along its head dim)')
@@ -266,7 +279,9 @@ def gated_output_backward_into(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: T
     gate_kernels.gated_output_backward_kernel[grid](
         h, x_conv.contiguous(), z, norm_weight, norm_bias, skip, grad_out.contiguous(), grad_h, grad_x_conv, grad_z,
         partial, out, *sizes, TILES=BACKWARD_TILES, STORE_OUT=out is not None, **config)
-    return list(partial.sum(0).split(chans))
+    flat, views = _flat_grads([(chans,)] * 3, partial.dtype, partial.device, param_grads)
+    torch.sum(partial, 0, out=flat)
+    return views
 
 
 @torch.library.custom_op('mmseg_vil::gated_output_backward', mutates_args=())
