@@ -278,3 +278,22 @@ def test_blocks_get_contiguous_token_gradients_from_feature_maps():
     outs = model(torch.randn(2, 3, 64, 64))
     sum(out.mean() for out in outs).backward()
     assert layouts and all(all(flags) for flags in layouts), layouts
+
+
+@pytest.mark.parametrize('with_qkv_bias', [True, False])
+def test_folded_gate_preactivations_equal_gates_of_the_projections(with_qkv_bias):
+    """The CPU path's gates from the projections' inputs (folded weights) equal the official gates of q | k | v."""
+    from mmseg_vil.models.layers.mixer_ops.reference import (block_diagonal, folded_gate_preactivations,
+                                                               gate_preactivations)
+    batch, n, heads, head_dim = 2, 7, 3, 32
+    f64 = dict(dtype=torch.float64)
+    inner = heads * head_dim
+    x, x_conv = torch.randn(batch, n, inner, **f64), torch.randn(batch, n, inner, **f64)
+    weight = torch.randn(3, inner // 4, 4, 4, **f64)
+    bias = torch.randn(3, inner, **f64) if with_qkv_bias else None
+    gate_weight, gate_bias = torch.randn(2 * heads, 3 * inner, **f64), torch.randn(2 * heads, **f64)
+    qk = block_diagonal(x_conv, weight[:2], None if bias is None else bias[:2])
+    v = block_diagonal(x, weight[2:], None if bias is None else bias[2:])
+    qkv = torch.cat([qk, v], -1).unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(folded_gate_preactivations(x_conv, x, weight, bias, gate_weight, gate_bias),
+                               gate_preactivations(qkv, gate_weight, gate_bias))

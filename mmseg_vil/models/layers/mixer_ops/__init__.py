@@ -38,7 +38,7 @@ def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: O
              qkv_bias: Optional[Tensor], gate_weight: Tensor, gate_bias: Tensor, num_heads: int, reverse: bool,
              conv_kind: str = '2d') -> Tuple[Tensor, Tensor, Tensor]:
     """``(silu(conv(x)), qkv (3, B, NH, N, DH), gates (B, G, N))``: :func:`.reference.conv_qkv_heads` and
-    :func:`.reference.gate_preactivations`. The kernels (for the released models' options: 2d conv, biases) write
+    :func:`.reference.folded_gate_preactivations`. The kernels (for the released models' options: 2d conv, biases) write
     q/k/v token-major (``qkv`` is a view of that buffer) and the gates in float32 or above, in the same pass."""
     if _use_kernels(x) and conv_kind == '2d' and conv_bias is not None and qkv_bias is not None:
         x_conv, qkv, gates = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
@@ -47,7 +47,9 @@ def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: O
     # The conv and the tile products read x channels-last: a strided x is copied once here, not inside each.
     x_conv, qkv = reference.conv_qkv_heads(x.contiguous(), grid, conv_weight, conv_bias, qkv_weight, qkv_bias,
                                            num_heads, reverse, conv_kind)
-    return x_conv, qkv, reference.gate_preactivations(qkv, gate_weight, gate_bias)
+    if reference.counting_flops():  # the official operation count
+        return x_conv, qkv, reference.gate_preactivations(qkv, gate_weight, gate_bias)
+    return x_conv, qkv, reference.folded_gate_preactivations(x_conv, x, qkv_weight, qkv_bias, gate_weight, gate_bias)
 
 
 def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],

@@ -32,7 +32,7 @@ def _tile_blocks(num_blocks: int, block_size: int) -> int:
     return max(t for t in range(1, max(1, 16 // block_size) + 1) if num_blocks % t == 0)
 
 
-def _counting_flops() -> bool:
+def counting_flops() -> bool:
     """Whether a ``FlopCounterMode`` watches: it should count the model's products, not the tiles' zeros."""
     # The dispatch mode is FlopCounterMode itself or, in newer torch, a private class of its module.
     return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
@@ -73,7 +73,7 @@ def block_diagonal(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optio
     1.3 ms per projection of 1024 tokens for products per block). Under a FLOP counter the products per block run
     instead, so that the count is the model's (the official one), not the tiles'.
     """
-    if _counting_flops():
+    if counting_flops():
         return _block_products(x, weight, bias, out)
     projections, num_blocks, size, _ = weight.shape
     per_tile = _tile_blocks(num_blocks, size)
@@ -100,7 +100,7 @@ def _copy_adding(product: Tensor, bias: Optional[Tensor], out: Tensor) -> None:
 def block_diagonal_heads(x: Tensor, weight: Tensor, bias: Optional[Tensor], num_heads: int, out: Tensor) -> Tensor:
     """:func:`block_diagonal` of ``x (B, N, E)`` written into ``out (P, B, NH, N, DH)`` (contiguous): the mLSTM's
     head layout, so that the tile-major product is copied once, straight into the layout the cell reads."""
-    if _counting_flops():
+    if counting_flops():
         return out.copy_(_block_products(x, weight, bias, None).unflatten(-1, (len(out), num_heads, -1))
                          .permute(2, 0, 3, 1, 4))
     projections, num_blocks, size, _ = weight.shape
@@ -189,6 +189,22 @@ def gate_preactivations(qkv: Tensor, gate_weight: Tensor, gate_bias: Tensor) -> 
     # per head and projection (G, DH) @ (DH, N), summed: the wide product is many times faster than (N, DH) @ (DH, G)
     weight = gate_weight.view(-1, projections, heads, head_dim).permute(1, 2, 0, 3).unsqueeze(1)
     return torch.matmul(weight, qkv.transpose(-1, -2)).sum((0, 2)) + gate_bias.unsqueeze(-1)
+
+
+def folded_gate_preactivations(x_conv: Tensor, x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor],
+                               gate_weight: Tensor, gate_bias: Tensor) -> Tensor:
+    """:func:`gate_preactivations` from the projections' inputs: the gates are linear in q | k | v, which are linear
+    in ``x_conv`` (q, k) and ``x`` (v), so ``gates = A x_conv + B x + c`` with ``A``, ``B`` of ``(G, E)``: two products
+    of width G instead of one of 3E over q | k | v (on CPU, ViL-T at 1024 tokens: 0.15 instead of 0.44 ms). The same
+    function up to rounding; ``(B, G, N)``."""
+    num_gates, blocks, size = len(gate_weight), qkv_weight.shape[1], qkv_weight.shape[2]
+    # folded[p, g, b, i] = sum_o gate_weight[g, p, b, o] * qkv_weight[p, b, o, i]
+    per_projection = gate_weight.view(num_gates, 3, blocks, size).transpose(0, 1)
+    folded = torch.einsum('pgbo,pboi->pgbi', per_projection, qkv_weight).flatten(2)
+    bias = gate_bias if qkv_bias is None else gate_bias + torch.einsum('pgc,pc->g', per_projection.flatten(2), qkv_bias)
+    batch = len(x)
+    gates = torch.baddbmm(bias.view(1, -1, 1), (folded[0] + folded[1]).expand(batch, -1, -1), x_conv.transpose(1, 2))
+    return torch.baddbmm(gates, folded[2].expand(batch, -1, -1), x.transpose(1, 2))
 
 
 def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], skip: Tensor,

@@ -151,7 +151,7 @@ def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Te
     conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
         grad_pre, x, conv_weight, qkv_weight, gate_weight, grad_qkv, grad_gates, grad_x, partial, height, width,
         chans, x_row, *grad_gates.stride(), **gates, **gather_config)
-    shapes = [conv_weight.shape, conv_bias.shape, qkv_weight.shape, (3, chans), gate_weight.shape, gate_weight.shape[:1]]
+    shapes = [conv_weight.shape, conv_bias.shape, qkv_weight.shape, (3, chans), gate_weight.shape, (len(gate_weight),)]
     flat, views = _flat_grads(shapes, acc_dtype, x.device, param_grads)
     torch.sum(partial, 0, out=flat[:sum(sizes)])
     views[4].copy_(grad_gates.transpose(0, 1).flatten(1).to(qkv.dtype) @ qkv.flatten(0, 1))
