@@ -210,7 +210,7 @@ def folded_gate_preactivations(x_conv: Tensor, x: Tensor, qkv_weight: Tensor, qk
 def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], skip: Tensor,
                  eps: float) -> Tensor:
     """``(LayerNorm_per_head(h) * w [+ b] + skip * x_conv) * silu(z)`` for ``h (B, N, NH, DH)``; ``(B, N, E)`` out."""
-    normed = F.layer_norm(h, h.shape[-1:], eps=eps).flatten(2) * norm_weight
-    if norm_bias is not None:
-        normed = normed + norm_bias
-    return (normed + skip * x_conv) * F.silu(z)
+    normed = F.layer_norm(h, h.shape[-1:], eps=eps).flatten(2)
+    # multiply-adds in one pass each (the CPU path: each elementwise pass over the tokens costs about as much)
+    normed = normed * norm_weight if norm_bias is None else torch.addcmul(norm_bias, normed, norm_weight)
+    return torch.addcmul(normed, skip, x_conv) * F.silu(z)
