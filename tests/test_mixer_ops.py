@@ -282,3 +282,59 @@ def test_launch_configs_from_a_file_replace_the_tables_and_bad_files_are_refused
     not_json.write_text('{"CONV_FORWARD": ')
     with pytest.raises(ValueError, match='not_json.json .*is not JSON'):
         triton_ops.load_launch_configs(str(not_json))
+
+
+def _relative_error(ours, expected):
+    return ((ours.double() - expected).norm() / expected.norm()).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=str)
+def test_conv_qkv_gate_dots_in_16_bit(dtype, monkeypatch):
+    """16-bit data in tiles of 16 or more tokens and channels take the gate products as ``tl.dot`` of the stored
+    q | k | v and the gate weights rounded to the data's dtype (the official model's numerics under autocast): the
+    gates within float32 accuracy of that float64 product, the conv output and q | k | v within a unit in their last
+    place of the float64 reference, the gradients within 16-bit accuracy."""
+    monkeypatch.setattr(triton_ops, 'CONV_FORWARD', dict(BLOCK_T=64, BLOCK_G=8, num_warps=4))
+    gen = torch.Generator().manual_seed(3)
+    grid, chans, num_gates = (9, 8), 64, 8  # 72 tokens: a partial second token tile; two channel tiles
+    x = _randn(2, grid[0] * grid[1], chans, dtype=dtype, gen=gen)
+    params = [_randn(*shape, dtype=torch.float32, gen=gen) for shape in
+              ((chans, 1, 3, 3), (chans,), (3, chans // 4, 4, 4), (3, chans), (num_gates, 3 * chans), (num_gates,))]
+    with torch.no_grad():  # gate weights that the data's dtype holds: the interpreter rounds toward zero, CUDA to even
+        params[4].copy_(params[4].to(dtype))
+    x_conv, qkv, gates = triton_ops.conv_qkv(x, *grid, *params, True)
+    inputs64 = [t.detach().double().requires_grad_() for t in (x, *params)]
+    x_conv_ref, qkv_ref = reference.conv_qkv(inputs64[0], grid, *inputs64[1:5], True)
+    rounding = dict(rtol=2 ** -7, atol=1e-5)  # a unit in the last place of bfloat16 (the interpreter truncates)
+    torch.testing.assert_close(x_conv.double(), x_conv_ref.detach(), **rounding)
+    torch.testing.assert_close(qkv.double(), qkv_ref.detach(), **rounding)
+    stored = qkv.detach().double().unflatten(-1, (3, 1, chans)).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(gates.double(), reference.gate_preactivations(stored, *inputs64[5:]).detach(),
+                               rtol=1e-5, atol=1e-5)
+    gates_ref = reference.gate_preactivations(qkv_ref.unflatten(-1, (3, 1, chans)).permute(2, 0, 3, 1, 4),
+                                              *inputs64[5:])
+    grads_out = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype) for t in (x_conv, qkv, gates)]
+    grads = torch.autograd.grad((x_conv, qkv, gates), (x, *params), grads_out)
+    expected = torch.autograd.grad((x_conv_ref, qkv_ref, gates_ref), inputs64, [g.double() for g in grads_out])
+    for grad, exp in zip(grads, expected):
+        assert _relative_error(grad, exp) < 1e-2
+
+
+@needs_kernels
+@pytest.mark.parametrize('block_t', [16, 64], ids=lambda t: f'BLOCK_T={t}')
+def test_conv_qkv_gate_dots_and_fmas_agree(block_t, monkeypatch):
+    """bfloat16: the gate products as ``tl.dot`` (tiles of 16 tokens and more) and as FMAs (tiles of 8 tokens) take
+    the same rounded operands, so they agree within float32 accuracy; the conv output and q | k | v are identical."""
+    gen = torch.Generator().manual_seed(4)
+    x = _randn(1, 35, 32, dtype=torch.bfloat16, gen=gen)
+    params = [_randn(*shape, dtype=torch.float32, gen=gen) for shape in
+              ((32, 1, 3, 3), (32,), (3, 8, 4, 4), (3, 32), (3, 96), (3,))]
+    outputs = []
+    for config in (dict(BLOCK_T=block_t, BLOCK_G=8, num_warps=4), dict(BLOCK_T=8, BLOCK_G=8, num_warps=4)):
+        monkeypatch.setattr(triton_ops, 'CONV_FORWARD', config)
+        outputs.append(triton_ops.conv_qkv(x, 5, 7, *params, False))
+    (x_conv, qkv, gates), (x_conv_fma, qkv_fma, gates_fma) = outputs
+    torch.testing.assert_close(x_conv, x_conv_fma, rtol=0, atol=0)
+    torch.testing.assert_close(qkv, qkv_fma, rtol=0, atol=0)
+    torch.testing.assert_close(gates, gates_fma, rtol=1e-5, atol=1e-5)

@@ -9,16 +9,20 @@ threads), multiplied and added, and joined back. Tokens are row-major on the ``(
 reads the conv kernel rotated by 180 degrees.
 
 The forward also writes each channel tile's share of the gate pre-activations (``gate_weight @ q | k | v``, a sum
-over all channels: the caller adds the shares), so that q | k | v are not read again for them.
+over all channels: the caller adds the shares), so that q | k | v are not read again for them. It projects, stores
+and multiplies by the gate weights one of q, k, v at a time (few live tiles); the gate products are one ``tl.dot``
+per projection (tensor cores) of the stored q | k | v and the gate weights rounded to the activations' dtype, as the
+official model computes them under autocast.
 
 Backward, two launches whose programs each walk ``TILES`` token tiles, adding the weight-gradient terms of every
 tile into register tiles and reducing them once at the end: one partial row per program (summed by the caller:
 deterministic, no atomics), and a reduction across threads per program instead of per tile. The gradients of q, k
 and v are read as the mLSTM's plus the gates' share (``grad_gates @ gate_weight``, added on the fly). (1) Recompute
-the conv, store the gradient at its pre-activation, and sum the conv bias and q/k/v weight and bias gradients; (2) the
-gradient of the input, which gathers the pre-activation gradient of neighbouring tokens (other programs' tiles, hence
-the second launch) plus the v path, then the conv weight gradient (tap ``d`` of channel ``c``: sum over tokens ``s``
-of ``x[s] dpre[s - d]``).
+the conv, store the gradient at its pre-activation, and sum the conv bias and the q and k weight and bias gradients;
+(2) the gradient of the input, which gathers the pre-activation gradient of neighbouring tokens (other programs'
+tiles, hence the second launch) plus the v path, the v weight and bias gradients (v's gradient is at hand there, so
+launch 1 neither reads it nor keeps its four weight-gradient tiles), then the conv weight gradient (tap ``d`` of
+channel ``c``: sum over tokens ``s`` of ``x[s] dpre[s - d]``).
 """
 import triton
 import triton.language as tl
@@ -46,19 +50,22 @@ def _kernel_index(tap_y, tap_x, KSIZE: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr):
+    """The conv weights of tap ``(tap_y, tap_x)`` on this tile's channels, ``(1, channels)``."""
+    return tl.load(CONV_W + chan[None, :] * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
+                   mask=chan[None, :] < chans, other=0.0).to(ACC)
+
+
+@triton.jit
 def _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, row_len, KSIZE: tl.constexpr,
           REVERSE: tl.constexpr, ACC: tl.constexpr):
-    """Pre-activation of the depthwise conv for one channel of each group, and the input at the centre tap."""
-    chan_ok = chan < chans
+    """Pre-activation of the depthwise conv on a ``(tokens, channels)`` tile."""
     pre = tl.zeros((offs_t.shape[0], chan.shape[0]), dtype=ACC)
     for tap_y in tl.static_range(KSIZE):
         for tap_x in tl.static_range(KSIZE):
-            weight = tl.load(CONV_W + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
-                             mask=chan_ok, other=0.0).to(ACC)
-            pre += weight[None, :] * _tap(X, image, offs_t, chan, tap_y, tap_x, height, width, chans, row_len, KSIZE,
-                                          ACC)
-    centre = _tap(X, image, offs_t, chan, KSIZE // 2, KSIZE // 2, height, width, chans, row_len, KSIZE, ACC)
-    return pre + tl.load(CONV_B + chan, mask=chan_ok, other=0.0).to(ACC)[None, :], centre
+            pre += (_conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE, REVERSE, ACC)
+                    * _tap(X, image, offs_t, chan, tap_y, tap_x, height, width, chans, row_len, KSIZE, ACC))
+    return pre + tl.load(CONV_B + chan, mask=chan < chans, other=0.0).to(ACC)[None, :]
 
 
 @triton.jit
@@ -82,6 +89,11 @@ def _tile_channels(BLOCK_G: tl.constexpr):
 @triton.jit
 def _tile_ptrs(PTR, image, offs_t, chan, row_len, column):
     return PTR + image + offs_t[:, None] * row_len + column + chan[None, :]
+
+
+@triton.jit
+def _load_tile(PTR, image, offs_t, chan, row_len, column, ok, ACC: tl.constexpr):
+    return tl.load(_tile_ptrs(PTR, image, offs_t, chan, row_len, column), mask=ok, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -125,54 +137,6 @@ def _block_diagonal_tile(src, QKV_W, which, groups, group_ok, chans, TRANSPOSE: 
 
 
 @triton.jit
-def _gate_row(GATE_W, gate, which, chan, chans, ACC: tl.constexpr):
-    """Gate ``gate``'s weights on this tile's channels of projection ``which`` (0 q, 1 k, 2 v): ``(channels,)``."""
-    return tl.load(GATE_W + (gate * 3 + which) * chans + chan, mask=chan < chans, other=0.0).to(ACC)
-
-
-@triton.jit
-def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_CONV, QKV, GATES, height, width, chans,
-                            x_row, KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr,
-                            ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Grid: (token tiles, channel tiles, batch). Writes silu(conv(x)), q | k | v, and this channel tile's share of
-    the gate pre-activations, ``GATES[channel tile, image, gate, token]`` (the caller sums the shares; tile 0 adds the
-    biases). ``NUM_GATES = 0``: no gates (the backward's recomputation).
-
-    Every load and store is a ``(tokens, channels)`` tile with the channels contiguous (coalesced rows).
-    """
-    offs_t, groups, group_ok, chan, image, ok = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
-    x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X: rows of x_row elements
-    pre, x = _conv(X, CONV_W, CONV_B, x_image, offs_t, chan, height, width, chans, x_row, KSIZE, REVERSE, ACC)
-    act = pre * tl.sigmoid(pre)
-    tl.store(_tile_ptrs(X_CONV, image, offs_t, chan, chans, 0), act.to(X_CONV.dtype.element_ty), mask=ok)
-    q = _block_diagonal_tile(act, QKV_W, 0, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)
-    k = _block_diagonal_tile(act, QKV_W, 1, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)
-    v = _block_diagonal_tile(x, QKV_W, 2, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)  # v projects x
-    chan_ok = chan < chans
-    q += tl.load(QKV_B + chan, mask=chan_ok, other=0.0).to(ACC)[None, :]
-    k += tl.load(QKV_B + chans + chan, mask=chan_ok, other=0.0).to(ACC)[None, :]
-    v += tl.load(QKV_B + 2 * chans + chan, mask=chan_ok, other=0.0).to(ACC)[None, :]
-    out_ty = QKV.dtype.element_ty
-    tl.store(_tile_ptrs(QKV, image * 3, offs_t, chan, 3 * chans, 0), q.to(out_ty), mask=ok)
-    tl.store(_tile_ptrs(QKV, image * 3, offs_t, chan, 3 * chans, chans), k.to(out_ty), mask=ok)
-    tl.store(_tile_ptrs(QKV, image * 3, offs_t, chan, 3 * chans, 2 * chans), v.to(out_ty), mask=ok)
-    n_tokens = height * width
-    share = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * NUM_GATES * n_tokens
-    first_tile = tl.program_id(1) == 0
-    for gate in tl.static_range(NUM_GATES):
-        value = tl.sum(q * _gate_row(GATE_W, gate, 0, chan, chans, ACC)[None, :]
-                       + k * _gate_row(GATE_W, gate, 1, chan, chans, ACC)[None, :]
-                       + v * _gate_row(GATE_W, gate, 2, chan, chans, ACC)[None, :], axis=1)
-        value += tl.where(first_tile, tl.load(GATE_B + gate).to(ACC), 0.0)
-        tl.store(GATES + share + gate * n_tokens + offs_t, value, mask=offs_t < n_tokens)
-
-
-@triton.jit
-def _load_tile(PTR, image, offs_t, chan, row_len, column, ok, ACC: tl.constexpr):
-    return tl.load(_tile_ptrs(PTR, image, offs_t, chan, row_len, column), mask=ok, other=0.0).to(ACC)
-
-
-@triton.jit
 def _add_outer(acc0, acc1, acc2, acc3, grad, src, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
     """Accumulate the weight-gradient terms of one token tile: ``acc_o[t, 4g + i] += grad[t, 4g + o] src[t, 4g + i]``
     (``grad`` at the block's outputs, ``src`` its inputs)."""
@@ -191,6 +155,99 @@ def _store_weight_sums(PTR, chan, chan_ok, acc0, acc1, acc2, acc3):
     tl.store(entry + GROUP, tl.sum(acc1, axis=0), mask=chan_ok)
     tl.store(entry + 2 * GROUP, tl.sum(acc2, axis=0), mask=chan_ok)
     tl.store(entry + 3 * GROUP, tl.sum(acc3, axis=0), mask=chan_ok)
+
+
+@triton.constexpr_function
+def _gate_block(NUM_GATES):
+    """Gates of a ``(tokens, gates)`` tile: at least 16, what ``tl.dot`` needs."""
+    return max(16, triton.next_power_of_2(NUM_GATES))
+
+
+@triton.jit
+def _gate_row(GATE_W, gate, which, chan, chans, ACC: tl.constexpr):
+    """Gate ``gate``'s weights on this tile's channels of projection ``which`` (0 q, 1 k, 2 v): ``(channels,)``."""
+    return tl.load(GATE_W + (gate * 3 + which) * chans + chan, mask=chan < chans, other=0.0).to(ACC)
+
+
+@triton.constexpr_function
+def _gate_dots(ACC, BLOCK_T, BLOCK_G):
+    """Whether the gate products run as ``tl.dot``: in float32 accumulation (16-bit and float32 data; float64 keeps
+    the FMAs) for tiles of at least 16 tokens and 16 channels."""
+    return (ACC == tl.float32) & (BLOCK_T >= 16) & (BLOCK_G * GROUP.value >= 16)
+
+
+@triton.constexpr_function
+def _dot_precision(DATA):
+    """Products of 16-bit values (at most 11 significant bits) are exact in tf32; float32 values need 'ieee'."""
+    return 'ieee' if DATA == tl.float32 else 'tf32'
+
+
+@triton.jit
+def _add_gate_products(gates, out, GATE_W, which, chan, chans, NUM_GATES: tl.constexpr, DATA: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``gates (tokens, gate block) + out @ gate_weight[:, which's channels]^T``: projection ``which``'s share of the
+    gate pre-activations, of its output ``out`` as stored (rounded to ``DATA``) and the gate weights rounded to
+    ``DATA``, summed in float32: the official model's numerics under autocast (a linear layer of the stored q | k | v),
+    and exact products on tensor cores (``tl.dot``; FMAs where :func:`_gate_dots` is false)."""
+    gate = tl.arange(0, _gate_block(NUM_GATES))
+    if _gate_dots(ACC, BLOCK_T, BLOCK_G):
+        weights = tl.load(GATE_W + (gate[None, :] * 3 + which) * chans + chan[:, None],
+                          mask=(chan[:, None] < chans) & (gate[None, :] < NUM_GATES), other=0.0)
+        return tl.dot(out, weights.to(DATA).to(ACC), gates, input_precision=_dot_precision(DATA))
+    for g in tl.static_range(NUM_GATES):
+        share = tl.sum(out * _gate_row(GATE_W, g, which, chan, chans, ACC).to(DATA).to(ACC)[None, :], axis=1)
+        gates += tl.where(gate[None, :] == g, share[:, None], 0.0)
+    return gates
+
+
+@triton.jit
+def _project_and_store(src, QKV_W, QKV_B, GATE_W, QKV, gates, which, image, offs_t, groups, group_ok, chan, chans,
+                       ok, NUM_GATES: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_G: tl.constexpr):
+    """Projection ``which`` (0 q, 1 k, 2 v) of ``src`` plus its bias, stored; returns ``gates`` plus its share."""
+    out = _block_diagonal_tile(src, QKV_W, which, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)
+    out += tl.load(QKV_B + which * chans + chan, mask=chan < chans, other=0.0).to(ACC)[None, :]
+    stored = out.to(QKV.dtype.element_ty)
+    tl.store(_tile_ptrs(QKV, image * 3, offs_t, chan, 3 * chans, which * chans), stored, mask=ok)
+    if NUM_GATES > 0:
+        gates = _add_gate_products(gates, stored.to(ACC), GATE_W, which, chan, chans, NUM_GATES,
+                                   QKV.dtype.element_ty, ACC, BLOCK_T, BLOCK_G)
+    return gates
+
+
+@triton.jit
+def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_CONV, QKV, GATES, height, width, chans,
+                            x_row, KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr,
+                            ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Grid: (token tiles, channel tiles, batch). Writes silu(conv(x)), q | k | v, and this channel tile's share of
+    the gate pre-activations, ``GATES[channel tile, image, gate, token]`` (the caller sums the shares; tile 0 adds the
+    biases). ``NUM_GATES = 0``: no gates (the backward's recomputation).
+
+    One projection at a time, stored and its gate share added before the next (few live tiles); x is read again for v
+    (from the cache) rather than kept live through the conv and q, k. Tiles of 64 tokens or more with 4 warps make the
+    gate products warp-group MMAs (``wgmma``).
+    """
+    offs_t, groups, group_ok, chan, image, ok = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
+    x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X: rows of x_row elements
+    pre = _conv(X, CONV_W, CONV_B, x_image, offs_t, chan, height, width, chans, x_row, KSIZE, REVERSE, ACC)
+    act = pre * tl.sigmoid(pre)
+    tl.store(_tile_ptrs(X_CONV, image, offs_t, chan, chans, 0), act.to(X_CONV.dtype.element_ty), mask=ok)
+    gate = tl.arange(0, _gate_block(NUM_GATES))
+    gates = tl.zeros((BLOCK_T, _gate_block(NUM_GATES)), dtype=ACC)
+    if NUM_GATES > 0:  # channel tile 0 adds the biases
+        gates += tl.load(GATE_B + gate, mask=(gate < NUM_GATES) & (tl.program_id(1) == 0), other=0.0).to(ACC)[None, :]
+    gates = _project_and_store(act, QKV_W, QKV_B, GATE_W, QKV, gates, 0, image, offs_t, groups, group_ok, chan,
+                               chans, ok, NUM_GATES, ACC, BLOCK_T, BLOCK_G)
+    gates = _project_and_store(act, QKV_W, QKV_B, GATE_W, QKV, gates, 1, image, offs_t, groups, group_ok, chan,
+                               chans, ok, NUM_GATES, ACC, BLOCK_T, BLOCK_G)
+    x = _load_tile(X, x_image, offs_t, chan, x_row, 0, ok, ACC)
+    gates = _project_and_store(x, QKV_W, QKV_B, GATE_W, QKV, gates, 2, image, offs_t, groups, group_ok, chan,
+                               chans, ok, NUM_GATES, ACC, BLOCK_T, BLOCK_G)  # v projects x
+    if NUM_GATES > 0:
+        n_tokens = height * width
+        share = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * NUM_GATES * n_tokens
+        tl.store(GATES + share + gate[None, :] * n_tokens + offs_t[:, None], gates,
+                 mask=(gate[None, :] < NUM_GATES) & (offs_t[:, None] < n_tokens))
 
 
 @triton.jit
@@ -246,27 +303,24 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
                              height, width, chans, x_row, stride_gate_b, stride_gate_g, stride_gate_n,
                              KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
-    """Launch 1 of the backward (module docstring): grad_pre, and the partial sums of the conv bias and q/k/v weight
-    and bias gradients. PARTIAL: one row per program, ``[conv weight | conv bias | qkv weight | qkv bias]``. The
-    gradients of q, k and v are GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
+    """Launch 1 of the backward (module docstring): grad_pre, and the partial sums of the conv bias and q/k weight
+    and bias gradients. PARTIAL: one row per program, ``[conv weight | conv bias | qkv weight | qkv bias]`` (launch 2
+    writes the other columns). The gradients of q and k are GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
     groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
-    x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X and GRAD_X: rows of x_row elements
+    x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X: rows of x_row elements
     n_tokens = height * width
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
     zero = tl.zeros((BLOCK_T, BLOCK_G * GROUP), dtype=ACC)
-    bias_conv, bias_q, bias_k, bias_v = zero, zero, zero, zero
+    bias_conv, bias_q, bias_k = zero, zero, zero
     wq0, wq1, wq2, wq3 = zero, zero, zero, zero
     wk0, wk1, wk2, wk3 = zero, zero, zero, zero
-    wv0, wv1, wv2, wv3 = zero, zero, zero, zero
     for tile in range(first_tile, end_tile):
         offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
         dq = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 0, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
         dk = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 1, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
-        dv = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 2, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
-                       stride_gate_n, n_tokens, NUM_GATES, ACC)
-        pre, x = _conv(X, CONV_W, CONV_B, x_image, offs_t, chan, height, width, chans, x_row, KSIZE, REVERSE, ACC)
+        pre = _conv(X, CONV_W, CONV_B, x_image, offs_t, chan, height, width, chans, x_row, KSIZE, REVERSE, ACC)
         sig = tl.sigmoid(pre)
         act = pre * sig
         grad_act = (_load_tile(GRAD_X_CONV, image, offs_t, chan, chans, 0, ok, ACC)
@@ -278,21 +332,17 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
         bias_conv += grad_pre.to(ACC)
         bias_q += dq
         bias_k += dk
-        bias_v += dv
         wq0, wq1, wq2, wq3 = _add_outer(wq0, wq1, wq2, wq3, dq, act, BLOCK_T, BLOCK_G)
         wk0, wk1, wk2, wk3 = _add_outer(wk0, wk1, wk2, wk3, dk, act, BLOCK_T, BLOCK_G)
-        wv0, wv1, wv2, wv3 = _add_outer(wv0, wv1, wv2, wv3, dv, x, BLOCK_T, BLOCK_G)  # v projects x
     chan_ok = chan < chans
     row = PARTIAL + part_row + chans * KSIZE * KSIZE
     tl.store(row + chan, tl.sum(bias_conv, axis=0), mask=chan_ok)
     weights = row + chans
     _store_weight_sums(weights, chan, chan_ok, wq0, wq1, wq2, wq3)
     _store_weight_sums(weights + chans * GROUP, chan, chan_ok, wk0, wk1, wk2, wk3)
-    _store_weight_sums(weights + 2 * chans * GROUP, chan, chan_ok, wv0, wv1, wv2, wv3)
     biases = weights + 3 * chans * GROUP + chan
     tl.store(biases, tl.sum(bias_q, axis=0), mask=chan_ok)
     tl.store(biases + chans, tl.sum(bias_k, axis=0), mask=chan_ok)
-    tl.store(biases + 2 * chans, tl.sum(bias_v, axis=0), mask=chan_ok)
 
 
 @triton.jit
@@ -309,30 +359,33 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
                                REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
                                BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
     """Launch 2 of the backward: dx = transposed depthwise conv of the pre-activation gradient + v's block^T dv, and
-    the partial sums of the conv weight gradient (the first columns of launch 1's PARTIAL rows).
+    the partial sums of the conv weight and the v weight and bias gradients (columns of launch 1's PARTIAL rows).
 
     Forward ``pre[t] = sum_d w[d] x[t + d]`` gives ``dx[s] = sum_d w[d] dpre[s - d]`` and
-    ``dw[d] = sum_s x[s] dpre[s - d]``. First dx, tile by tile, tap by tap; then dw tap by tap, each a second walk over
-    the program's tokens (few: their x and dpre are still in the L1 cache), so that one ``(tokens, channels)``
-    accumulator suffices instead of one per tap.
+    ``dw[d] = sum_s x[s] dpre[s - d]``. First dx and the v terms, tile by tile, tap by tap; then dw tap by tap, each a
+    second walk over the program's tokens (few: their x and dpre are still in the L1 cache), so that one
+    ``(tokens, channels)`` accumulator suffices instead of one per tap.
     """
     groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
     x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X and GRAD_X: rows of x_row elements
     n_tokens = height * width
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
-    chan_ok = chan < chans
+    zero = tl.zeros((BLOCK_T, BLOCK_G * GROUP), dtype=ACC)
+    bias_v, wv0, wv1, wv2, wv3 = zero, zero, zero, zero, zero
     for tile in range(first_tile, end_tile):
         offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
         dv = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 2, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
+        bias_v += dv
+        wv0, wv1, wv2, wv3 = _add_outer(wv0, wv1, wv2, wv3, dv, _load_tile(X, x_image, offs_t, chan, x_row, 0, ok, ACC),
+                                        BLOCK_T, BLOCK_G)  # v projects x
         grad = _block_diagonal_tile(dv, QKV_W, 2, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC)
         for tap_y in tl.static_range(KSIZE):
             for tap_x in tl.static_range(KSIZE):
-                weight = tl.load(CONV_W + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
-                                 mask=chan_ok, other=0.0).to(ACC)
-                grad += weight[None, :] * _grad_pre_at(GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width,
-                                                       chans, KSIZE, ACC)
+                grad += (_conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE, REVERSE, ACC)
+                         * _grad_pre_at(GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE, ACC))
         tl.store(_tile_ptrs(GRAD_X, x_image, offs_t, chan, x_row, 0), grad.to(GRAD_X.dtype.element_ty), mask=ok)
+    chan_ok = chan < chans
     for tap_y in tl.static_range(KSIZE):
         for tap_x in tl.static_range(KSIZE):
             grad_w = tl.zeros((BLOCK_T, BLOCK_G * GROUP), dtype=ACC)
@@ -342,3 +395,6 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
                     GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE, ACC)
             tl.store(PARTIAL + part_row + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
                      tl.sum(grad_w, axis=0), mask=chan_ok)
+    weights = PARTIAL + part_row + chans * (KSIZE * KSIZE + 1)
+    _store_weight_sums(weights + 2 * chans * GROUP, chan, chan_ok, wv0, wv1, wv2, wv3)
+    tl.store(weights + 3 * chans * GROUP + 2 * chans + chan, tl.sum(bias_v, axis=0), mask=chan_ok)

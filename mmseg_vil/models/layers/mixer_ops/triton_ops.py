@@ -24,11 +24,18 @@ GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k
 # 3.6, ViL-T at 224 px batch 64 and 512 px batch 32, 2026-12-06, benchmarks/runs/2026-12-06_h100_tune/): large token
 # tiles amortise the per-program weight loads (scalar: the conv weight is channel-strided, the 4x4 blocks are 16
 # apart), e.g. the forward took 53.6 instead of 116 us at 224 with 64 instead of 8 tokens per tile.
-CONV_FORWARD = dict(BLOCK_T=64, BLOCK_G=8, num_warps=2)
-# maxnreg: a register cap for ptxas (None: its choice; Triton 3.6 gives the backward 253 registers, 3.8 128; caps of
-# 128 or 168 spilled and ran slower).
-CONV_BACKWARD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=4, TILES=8, maxnreg=None)
-CONV_INPUT_GRAD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=4)  # TILES: the same tokens per program as CONV_BACKWARD
+# Forward: 4 warps, since its gate products are tl.dot, a warp-group MMA (wgmma) for tiles of 64 tokens and more with
+# 4 warps; with 2 warps they are mma.sync whose operand layout Triton carries back into the conv (255 registers and
+# spills, 115 us at 224). 128 tokens per tile: 46.8 us at 224 on an H100 (Triton 3.6; 58 us before the gate products
+# were tl.dot, 2026-12-06).
+CONV_FORWARD = dict(BLOCK_T=128, BLOCK_G=8, num_warps=4)
+# maxnreg: a register cap for ptxas (None: its choice; caps of 128 or 168 spilled and ran slower). 2 warps since
+# launch 1 no longer reads v's gradient (launch 2 sums v's weight gradient): 77 instead of 85 us with 4 warps at 224
+# on an H100 (Triton 3.6, 2026-12-06; 105 us before), no spills.
+CONV_BACKWARD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=2, TILES=8, maxnreg=None)
+# TILES: the same tokens per program as CONV_BACKWARD. 2 warps: 97 instead of 102 us with 4 at 224 (with v's weight
+# gradient, 89 us before it moved here).
+CONV_INPUT_GRAD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=2)
 # Gated output: elements of a program's (tokens, head dims) tile, warps, and the token tiles each backward program
 # walks.
 GATED_OUTPUT = dict(TILE_ELEMENTS=1024, num_warps=2)
