@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import mmseg_vil.models.layers.mlstm.chunkwise as chunkwise_module
 from mmseg_vil.models.layers.mlstm import MLSTM_BACKENDS, mlstm
 from mmseg_vil.models.layers.mlstm.chunkwise import mlstm_chunkwise
 
@@ -171,16 +172,25 @@ def test_large_input_gates_stay_finite_and_exact(backend, reverse):
                               reverse=reverse)
 
 
+@pytest.fixture(params=['decay-matrix', 'scan'])
+def state_scheme(request, monkeypatch):
+    """The chunkwise states combined by the (chunks x chunks) decay matrix, or by the scan over the chunks
+    (``SCAN_MIN_CHUNKS`` lowered to 2: every case of several chunks scans)."""
+    if request.param == 'scan':
+        monkeypatch.setattr(chunkwise_module, 'SCAN_MIN_CHUNKS', 2)
+    return request.param
+
+
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
 @pytest.mark.parametrize('n', SEQ_LENS)
-def test_chunkwise_float64_is_exact(n, reverse):
+def test_chunkwise_float64_is_exact(n, reverse, state_scheme):
     """Output and gradients; the reverse cell (chunked from the sequence's end) against the flipped reference."""
     assert_close_to_reference('chunkwise', n, 12, torch.float64, CHUNKWISE_FLOAT64_TOLERANCE, reverse=reverse)
 
 
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
 @pytest.mark.parametrize('chunk_size', [16, 37, 64, 256])
-def test_chunkwise_padding_does_not_change_results(chunk_size, reverse):
+def test_chunkwise_padding_does_not_change_results(chunk_size, reverse, state_scheme):
     """N=200 runs as 13 x 16 and 6 x 34 steps (padded: at the end, or in front in reverse), 4 x 50 and one chunk;
     all give the reference result. Input gates below -5: a padded step's (pre-activations 0) would be the max
     stabiliser of the real steps before it if the cell saw it, and move their outputs by about eps."""
@@ -192,7 +202,19 @@ def test_chunkwise_padding_does_not_change_results(chunk_size, reverse):
 
 
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
-def test_chunkwise_gradcheck(reverse):
+@pytest.mark.parametrize('n', [15, 200, 1024])
+def test_chunkwise_without_autograd_is_exact(n, reverse, state_scheme):
+    """Under no_grad the cell updates its large intermediates in place and the scan writes every chunk's state into
+    one buffer: the same result. N=1024 in chunks of 16: 64 chunks."""
+    inputs = [x.requires_grad_() for x in make_inputs(n, 12, torch.float64, seed=3)[:5]]
+    expected = directed_reference(inputs, reverse)
+    with torch.no_grad():
+        actual = mlstm_chunkwise(*inputs, chunk_size=16, reverse=reverse)
+    assert (actual - expected).abs().max() <= CHUNKWISE_FLOAT64_TOLERANCE * expected.abs().max()
+
+
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_chunkwise_gradcheck(reverse, state_scheme):
     """Finite differences of the float64 cell over three chunks of 4 steps, the one run last padded (N=10)."""
     *inputs, _ = make_inputs(10, 3, torch.float64, seed=2, batch=1, heads=2)
     cell = functools.partial(mlstm_chunkwise, chunk_size=4, reverse=reverse)
@@ -215,7 +237,7 @@ class _SubnormalOperands(TorchDispatchMode):
 
 
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
-def test_chunkwise_matmuls_get_no_subnormal_numbers(reverse):
+def test_chunkwise_matmuls_get_no_subnormal_numbers(reverse, state_scheme):
     """Forget gates of about e^-1 per step decay the state's weights by e^-16 per chunk of 16: chunks 6 apart weigh
     about e^-93, a subnormal float32, which slows the CPU's matmuls many times over. They are flushed to zero, and the
     result stays exact."""
@@ -226,6 +248,28 @@ def test_chunkwise_matmuls_get_no_subnormal_numbers(reverse):
         actual = mlstm_chunkwise(*(x.float() for x in (q, k, v, igate, fgate)), chunk_size=16, reverse=reverse)
     assert subnormals.count == 0
     assert (actual - expected).abs().max() <= TOLERANCES[torch.float32] * expected.abs().max()
+
+
+def test_chunkwise_traced_graph_holds_for_other_lengths(monkeypatch):
+    """A graph traced as the ONNX exporter traces it (torch.export, dynamic length; the exporter drops the size
+    assertions it records) computes the cell at other lengths: other numbers of chunks, padding and chunk lengths,
+    and no scan (a loop over the traced number of chunks) even above ``SCAN_MIN_CHUNKS``."""
+    monkeypatch.setattr(chunkwise_module, 'SCAN_MIN_CHUNKS', 2)
+
+    class Cell(torch.nn.Module):
+        def forward(self, q, k, v, igate, fgate):
+            return mlstm_chunkwise(q, k, v, igate, fgate, chunk_size=16, reverse=True)
+
+    length = torch.export.Dim('length', min=2)
+    with torch.no_grad():
+        program = torch.export.export(Cell(), tuple(make_inputs(101, 8, torch.float64, seed=4)[:5]), strict=False,
+                                      dynamic_shapes=[{2: length}] * 5,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+        for n in (3, 16, 40, 250):
+            inputs = make_inputs(n, 8, torch.float64, seed=5)[:5]
+            expected = directed_reference(inputs, reverse=True)
+            actual = program.module()(*inputs)
+            assert (actual - expected).abs().max() <= CHUNKWISE_FLOAT64_TOLERANCE * expected.abs().max(), n
 
 
 class _LargeMoves(TorchDispatchMode):
