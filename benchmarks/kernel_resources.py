@@ -88,7 +88,7 @@ def _report(fn: JITFunction, args: tuple, kwargs: dict, arch: int) -> str:
     vector_loads, loads = (len(re.findall(pattern, ptx)) for pattern in (r'ld\.global\S*\.v\d', r'ld\.global'))
     vector_stores, stores = (len(re.findall(pattern, ptx)) for pattern in (r'st\.global\S*\.v\d', r'st\.global'))
     blocks = {key: value for key, value in constexprs.items() if key.startswith('BLOCK') or key == 'TILES'}
-    instructions = len(re.findall(r'^ +/\*[0-9a-f]{4}\*/', sass, re.M))
+    instructions = len(re.findall(r'^ +/\*[0-9a-f]{4,}\*/', sass, re.M))
     return (f'{fn.__name__:34s} regs {resources.get("REG", "?"):>3s}  spill {spill:4d} B  '
             f'stack {resources.get("STACK", "?"):>4s} B  local stores/loads {local_stores}/{local_loads}  '
             f'shared {resources.get("SHARED", "?"):>5s} B  sass {instructions:5d}'

@@ -314,7 +314,8 @@ def test_conv_qkv_gate_dots_in_16_bit(dtype, monkeypatch):
                                rtol=1e-5, atol=1e-5)
     gates_ref = reference.gate_preactivations(qkv_ref.unflatten(-1, (3, 1, chans)).permute(2, 0, 3, 1, 4),
                                               *inputs64[5:])
-    grads_out = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype) for t in (x_conv, qkv, gates)]
+    grads_out = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+                 for t in (x_conv, qkv, gates)]
     grads = torch.autograd.grad((x_conv, qkv, gates), (x, *params), grads_out)
     expected = torch.autograd.grad((x_conv_ref, qkv_ref, gates_ref), inputs64, [g.double() for g in grads_out])
     for grad, exp in zip(grads, expected):
