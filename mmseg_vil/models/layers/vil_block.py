@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
+from .linear import linear
 from .mixer_ops import conv_qkv, gated_output, mixer_core, reads_strided_halves, use_mixer_core
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import mlstm, resolve_backend
@@ -134,7 +135,7 @@ class MLSTMMixer(nn.Module):
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         """``x (B, N, D)`` pre-normed tokens in row-major order of ``grid = (h, w)``."""
         if reads_strided_halves(x):  # one product, its halves read in place
-            xz = self.proj_up(x)
+            xz = linear(x, self.proj_up.weight, self.proj_up.bias)
             x_mlstm, z = xz.chunk(2, dim=-1)
         else:  # two products, each contiguous for the reference's channels-last conv and tile products
             xz = None
