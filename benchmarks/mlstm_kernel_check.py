@@ -313,22 +313,23 @@ def profile_fused(out_lines, batch=64, heads=4, n=196, head_dim=96, dtype=torch.
     out_lines.append(prof.key_averages().table(sort_by='cuda_time_total', row_limit=25, max_name_column_width=60))
 
 
-SWEEP = [  # (BLOCK_OWN, BLOCK_LOOP, BLOCK_DK, BLOCK_DZ, num_warps, num_stages), used for all four tile launches
-    (128, 64, 64, 128, 8, 2), (128, 64, 64, 128, 8, 3), (64, 64, 64, 128, 4, 2), (128, 128, 64, 128, 8, 2),
-    (128, 32, 64, 128, 8, 2), (64, 32, 128, 128, 4, 2),
-    # DK 32: head dim 96 in three unpadded chunks of the q.k product (128 pads it by a third)
-    (64, 32, 32, 128, 4, 2), (64, 64, 32, 128, 4, 2), (128, 64, 32, 128, 8, 2),
+SWEEP = [  # (BLOCK_OWN, BLOCK_LOOP, BLOCK_DK, BLOCK_DZ, num_warps, num_stages, FUSE_DK_DV) for all tile launches
+    # DK and DZ are the largest head-dim chunks: 128 splits DH 96 as 64 + 32 (fused._head_split), 32 as 3 x 32.
+    # FUSE_DK_DV: dk and dv in one launch where the head is one chunk and a tail (not DH 384: two launches there).
+    (64, 32, 128, 128, 4, 2, True), (64, 32, 128, 128, 4, 2, False), (64, 32, 128, 128, 8, 2, True),
+    (64, 32, 128, 128, 4, 3, True), (64, 16, 128, 128, 4, 2, True), (64, 64, 128, 128, 8, 2, True),
+    (128, 32, 128, 128, 8, 2, True), (128, 64, 128, 128, 8, 2, True), (64, 32, 32, 128, 4, 2, False),
 ]
 
 
 def sweep(out_lines, results, dtype):
-    out_lines.append(f'## tile sweep {str(dtype)[6:]}: OWN LOOP DK DZ warps stages -> graph fwd+bwd ms')
+    out_lines.append(f'## tile sweep {str(dtype)[6:]}: OWN LOOP DK DZ warps stages fuse_dk_dv -> graph fwd+bwd ms')
     default_config = fused._launch_config
     try:
         for head_dim, shapes in ((96, [(64, 196), (8, 1024)]), (384, [(64, 196)])):
-            for own, loop, dk, dz, warps, stages in SWEEP:
-                config = dict(BLOCK_OWN=own, BLOCK_LOOP=loop, BLOCK_DK=min(dk, triton.next_power_of_2(head_dim)),
-                              BLOCK_DZ=min(dz, triton.next_power_of_2(head_dim)), num_warps=warps, num_stages=stages)
+            for own, loop, dk, dz, warps, stages, fuse in SWEEP:
+                config = dict(BLOCK_OWN=own, BLOCK_LOOP=loop, BLOCK_DK=dk, BLOCK_DZ=dz, FUSE_DK_DV=fuse,
+                              num_warps=warps, num_stages=stages)
                 fused._launch_config = lambda *_, config=config: config
                 for batch, n in shapes:
                     try:
@@ -339,7 +340,7 @@ def sweep(out_lines, results, dtype):
                     results.append(dict(kind='sweep', head_dim=head_dim, batch=batch, n=n, dtype=str(dtype),
                                         graph_forward_backward_ms=graph, **config))
                     out_lines.append(f'DH={head_dim} B={batch:2d} N={n:4d} {own:3d} {loop:3d} {dk:3d} {dz:3d} {warps} '
-                                     f'{stages} -> {graph:7.3f}')
+                                     f'{stages} {fuse:d} -> {graph:7.3f}')
     finally:
         fused._launch_config = default_config
 

@@ -9,9 +9,9 @@ and both branches of the normaliser max(|q.n|, exp(-m)) matter.
 The fused Triton kernels run on CUDA when there is one. Otherwise they run on CPU under ``TRITON_INTERPRET=1``, which
 must be set before the kernels are decorated, i.e. before ``mmseg_vil`` is imported: one test re-runs this file's
 fused tests in a subprocess with the variable set, and fails if any of them is skipped or Triton is missing. Under
-the interpreter the kernels use their own tile sizes, except in the preset head-dim tests and some of the mixer-view
-tests, which force the CUDA launch configurations. The fused kernels also run on q, k, v and the gates as the ViL
-mixer passes them (strided views of one projection output), in both directions, and are checked to copy nothing;
+the interpreter the kernels use their own tile sizes, except in the preset and split head-dim tests and some of the
+mixer-view tests, which force the CUDA launch configurations. The fused kernels also run on q, k, v and the gates as
+the ViL mixer passes them (strided views of one projection output), in both directions, and are checked to copy nothing;
 the chunkwise form, on the same views, to copy q, k and v once (into its chunk layout) and to flip none of them.
 """
 import contextlib
@@ -357,6 +357,40 @@ def test_fused_backend_matches_reference_at_preset_head_dims_in_cuda_configs(n, 
                                   heads=1)
 
 
+# Head dims as the tile kernel splits them (fused._head_split): one chunk and a tail (40 = 32 + 8 in a tail of 16,
+# 48 = 32 + 16, 96 = 64 + 32, 192 = 128 + 64) or one chunk (64). In the half-precision configurations dk and dv
+# come from one launch (here at every head dim), in the float32 ones from two; float64 inputs run in both, so that
+# both forms are held to float64's tolerance.
+SPLIT_HEAD_DIM_CASES = [(torch.float64, torch.bfloat16), (torch.float64, torch.float32),
+                        (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+
+
+@needs_fused
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+@pytest.mark.parametrize('head_dim', [40, 48, 64, 96, 192])
+@pytest.mark.parametrize('dtype,config_dtype', SPLIT_HEAD_DIM_CASES,
+                         ids=['float64-half-configs', 'float64', 'float32', 'bfloat16'])
+def test_fused_backend_matches_reference_at_split_head_dims_in_cuda_configs(dtype, config_dtype, head_dim, reverse,
+                                                                            monkeypatch):
+    """N=72 spans two owned tiles, one partial (first in the query-major walks, last in the key-major ones), and
+    several loop tiles; under the interpreter every access is bounds-checked and every tl.dot held to the sizes
+    Triton 3.6 compiles (tests/triton_bounds.py)."""
+    from mmseg_vil.models.layers.mlstm import fused
+    if FUSED_DEVICE == 'cpu':
+        from triton_bounds import checked_accesses
+    elif dtype == torch.float64 and config_dtype != dtype and head_dim > 128:
+        pytest.skip('float64 tiles of the half-precision configuration exceed the shared memory of a GPU above '
+                    'DH=128 (300 KB on an H200); the interpreter runs them')
+    launch_config = fused._launch_config
+    one_key_launch = config_dtype == torch.bfloat16
+    monkeypatch.setattr(fused, '_launch_config',
+                        lambda dim, _: dict(launch_config(dim, config_dtype), FUSE_DK_DV=one_key_launch))
+    with fused.cuda_launch_configs(), checked_accesses() if FUSED_DEVICE == 'cpu' else contextlib.nullcontext():
+        assert fused._fuses_dk_dv(head_dim, dtype) == one_key_launch
+        assert_close_to_reference('fused', 72, head_dim, dtype, TOLERANCES[dtype], device=FUSED_DEVICE, batch=1,
+                                  heads=2, reverse=reverse)
+
+
 @needs_fused
 def test_fused_backend_matches_reference_with_large_input_gates():
     assert_close_to_reference('fused', 200, 12, torch.float32, TOLERANCES[torch.float32], device=FUSED_DEVICE,
@@ -439,14 +473,16 @@ def test_fused_kernels_copy_nothing(monkeypatch):
                      'mmseg_vil.mlstm_fused_backward.default'}
     assert set(log.ops) <= views_and_ops, sorted(set(log.ops) - views_and_ops)
 
-    # The kernels' arguments that are the caller's tensors, launch by launch: forward, then backward (dq, dk, dv).
+    # The kernels' arguments that are the caller's tensors, launch by launch: forward, then backward (dq, then dk and
+    # dv in one launch or two).
     caller = dict(q=q, k=k, v=v, igate=igate, fgate=fgate, grad_h=grad_h.transpose(1, 2))
+    key_grads = [('mlstm_tile_kernel', dict(X='v', Z='q', X2='k'))] if fused._fuses_dk_dv(8, torch.float32) else [
+        ('mlstm_tile_kernel', dict(X='v', Z='q')), ('mlstm_tile_kernel', dict(X='k', Y='q'))]
     expected_reads = [('mlstm_stabiliser_kernel', dict(IGATE='igate', FGATE='fgate')),
                       ('mlstm_tile_kernel', dict(X='q', Y='k', Z='v')),
                       ('mlstm_grad_prep_kernel', dict(GRAD_H='grad_h')),
                       ('mlstm_tile_kernel', dict(Y='v', Z='k')),
-                      ('mlstm_tile_kernel', dict(X='v', Z='q')),
-                      ('mlstm_tile_kernel', dict(X='k', Y='q')),
+                      *key_grads,
                       ('mlstm_gate_grad_kernel', dict(Q='q', K='k', FGATE='fgate'))]
     assert [name for name, _ in launches] == [name for name, _ in expected_reads]
     for (name, args), (_, reads) in zip(launches, expected_reads):

@@ -9,16 +9,20 @@ Forward and all three backward products have one shape, so one tile kernel compu
     dk:       a = key s,   b = query t >= s, x = v, y = g/divisor, z = q,  shift = row shift
     dv:       a = key s,   b = query t >= s, x = k, y = q, z = g/divisor
 
-Flash-attention style: a program owns a tile of rows a (and a slice of z's columns) and walks the causal tiles b, so no
-N x N matrix is stored. The stabiliser m is known up front (a cummax, computed outside), so unlike softmax attention no
-running rescaling is needed: the stabilised decay is ``exp(row_log[t] + col_log[s])`` with ``row_log = F - m`` and
-``col_log = i - F``. Both are large (|F| grows with N) while their sum is small, so in float32 each comes as a pair
-``hi + lo``: hi + hi cancels exactly and lo + lo restores the digits float32 would lose (in float64, for exact
-reference runs, hi is the value itself and lo is 0).
+Flash-attention style: a program owns a tile of rows a (and all or a slice of z's columns) and walks the causal tiles
+b, so no N x N matrix is stored. dk and dv walk the same pairs with the same decay, one's y being the other's z, so one
+launch can compute both (DUAL: x2 = k beside x = v). Query-major tiles end at the last step, so that the partial
+tile is the one that walks the fewest keys. The stabiliser m is known up front (a cummax, computed outside), so
+unlike softmax attention no running rescaling is needed: the stabilised decay is ``exp(row_log[t] + col_log[s])``
+with ``row_log = F - m`` and ``col_log = i - F``. Both are large (|F| grows with N) while their sum is small, so in
+float32 each comes as a pair ``hi + lo``: hi + hi cancels exactly and lo + lo restores the digits float32 would lose
+(in float64, for exact reference runs, hi is the value itself and lo is 0).
 
-The x.y dot runs over head-dim chunks of BLOCK_DK and the output over slices of BLOCK_DZ (a grid axis), so that large
-heads (ViL-B: 384) need no more registers than small ones; chunks are powers of two (at least 16, the smallest
-``tl.dot``) and masked where they pass the head dim (96 -> 128).
+Head dims come in power-of-two chunks of at least 16 (the smallest ``tl.dot``), unpadded: a head that one chunk and
+a tail chunk cover (96 = 64 + 32, 192 = 128 + 64) is held whole, its own x tile loaded once (like flash attention's
+Q) and all output columns in one program, in two accumulators; larger heads (ViL-B: 384 = 3 x 128) walk the x.y dot
+chunk by chunk and split the output into slices of BLOCK_DZ (a grid axis), so that they need no more registers than
+small ones. Only head dims below 16 and tails that are no power of two are padded (masked).
 
 Layout. Every ``(B, NH, N, DH)`` operand (q, k, v, h, the output gradient, dq, dk, dv) and ``(B, NH, N)`` gate is read
 and written through its own (batch, head, token[, dim]) strides, so the ViL mixer's views of one projection output are
@@ -59,9 +63,15 @@ def _causal_decay(target_hi, target_lo, target_pos, source_hi, source_lo, source
 
 
 @triton.jit
+def _in_sequence(steps, seq_len):
+    """Which steps exist: query-major tiles end at the last step, so the first one may start before step 0."""
+    return (steps >= 0) & (steps < seq_len)
+
+
+@triton.jit
 def _load_log(hi_ptr, lo_ptr, offs, seq_len):
-    """A hi/lo log vector; steps past the end get -inf, so their decays are 0 and never meet 0 * inf."""
-    mask = offs < seq_len
+    """A hi/lo log vector; steps outside the sequence get -inf, so their decays are 0 and never meet 0 * inf."""
+    mask = _in_sequence(offs, seq_len)
     return tl.load(hi_ptr + offs, mask=mask, other=float('-inf')), tl.load(lo_ptr + offs, mask=mask, other=0.0)
 
 
@@ -75,7 +85,57 @@ def _token_tile(tokens, offs_d, stride_n, stride_d):
 def _load_tile(ptr, steps, offs_d, seq_len, stride_n, stride_d, HEAD_DIM: tl.constexpr, REVERSE: tl.constexpr):
     """The (steps, head-dim) tile of one head; 0 past the end of the sequence and of the head dim."""
     return tl.load(ptr + _token_tile(_tokens(steps, seq_len, REVERSE), offs_d, stride_n, stride_d),
-                   mask=(steps[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                   mask=_in_sequence(steps, seq_len)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, values, steps, offs_d, seq_len, stride_n, stride_d, HEAD_DIM: tl.constexpr,
+                REVERSE: tl.constexpr):
+    """Store the (steps, head-dim) tile of one head in the dtype of ``ptr``, within the sequence and the head dim."""
+    tl.store(ptr + _token_tile(_tokens(steps, seq_len, REVERSE), offs_d, stride_n, stride_d),
+             values.to(ptr.dtype.element_ty),
+             mask=_in_sequence(steps, seq_len)[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# Head-dim chunks. A tile of one head is held as its chunk of BLOCK head dims (at offs_d) and a tail chunk of the
+# head dims past the last full chunk, in BLOCK_TAIL columns (fused._head_split). Without a tail (BLOCK_TAIL = 0) the
+# second is the first again, which no caller uses: Triton has no optional tensors.
+@triton.jit
+def _tail_columns(HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+    """Head dims of the tail chunk."""
+    return HEAD_DIM // BLOCK * BLOCK + tl.arange(0, BLOCK_TAIL)
+
+
+@triton.jit
+def _load_chunks(ptr, steps, offs_d, seq_len, stride_n, stride_d, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_TAIL: tl.constexpr, REVERSE: tl.constexpr):
+    """The chunk and tail chunk of a (steps, head-dim) tile."""
+    chunk = _load_tile(ptr, steps, offs_d, seq_len, stride_n, stride_d, HEAD_DIM, REVERSE)
+    tail = chunk
+    if BLOCK_TAIL > 0:
+        tail = _load_tile(ptr, steps, _tail_columns(HEAD_DIM, BLOCK, BLOCK_TAIL), seq_len, stride_n, stride_d,
+                          HEAD_DIM, REVERSE)
+    return chunk, tail
+
+
+@triton.jit
+def _store_chunks(ptr, chunk, tail, steps, offs_d, seq_len, stride_n, stride_d, HEAD_DIM: tl.constexpr,
+                  BLOCK: tl.constexpr, BLOCK_TAIL: tl.constexpr, REVERSE: tl.constexpr):
+    """Store a (steps, head-dim) tile given as its chunk and tail chunk."""
+    _store_tile(ptr, chunk, steps, offs_d, seq_len, stride_n, stride_d, HEAD_DIM, REVERSE)
+    if BLOCK_TAIL > 0:
+        _store_tile(ptr, tail, steps, _tail_columns(HEAD_DIM, BLOCK, BLOCK_TAIL), seq_len, stride_n, stride_d,
+                    HEAD_DIM, REVERSE)
+
+
+@triton.jit
+def _zero_chunks(ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_TAIL: tl.constexpr, dtype: tl.constexpr):
+    """Accumulators of a chunk and its tail chunk; without a tail, only the tail's updates are skipped, by callers."""
+    chunk = tl.zeros((ROWS, BLOCK), dtype=dtype)
+    tail = chunk
+    if BLOCK_TAIL > 0:
+        tail = tl.zeros((ROWS, BLOCK_TAIL), dtype=dtype)
+    return chunk, tail
 
 
 @triton.jit
@@ -89,18 +149,38 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
 
 
 @triton.jit
-def mlstm_tile_kernel(X, Y, Z, OUT, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, COL_LOG_LO, NORM_FLOOR, ROW_SUM,
-                      stride_xb, stride_xh, stride_xn, stride_xd, stride_yb, stride_yh, stride_yn, stride_yd,
+def _chunk_dots(x, x_tail, y, y_tail, HAS_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                DOT_IN_FLOAT32: tl.constexpr):
+    """x_a . y_b of all row pairs, the head dims held as one chunk and (HAS_TAIL) a tail chunk."""
+    dots = _dot(x, tl.trans(y), DOT_PRECISION, DOT_IN_FLOAT32)
+    if HAS_TAIL:
+        dots += _dot(x_tail, tl.trans(y_tail), DOT_PRECISION, DOT_IN_FLOAT32)
+    return dots
+
+
+@triton.jit
+def mlstm_tile_kernel(X, Y, Z, OUT, X2, OUT2, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, COL_LOG_LO, NORM_FLOOR,
+                      ROW_SUM, stride_xb, stride_xh, stride_xn, stride_xd, stride_yb, stride_yh, stride_yn, stride_yd,
                       stride_zb, stride_zh, stride_zn, stride_zd, stride_ob, stride_oh, stride_on, stride_od,
+                      stride_x2b, stride_x2h, stride_x2n, stride_x2d, stride_o2b, stride_o2h, stride_o2n, stride_o2d,
                       seq_len, num_heads, eps, HEAD_DIM: tl.constexpr, SCALE: tl.constexpr, REVERSE: tl.constexpr,
-                      KEY_MAJOR: tl.constexpr, FORWARD: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                      BLOCK_OWN: tl.constexpr, BLOCK_LOOP: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DZ: tl.constexpr,
+                      KEY_MAJOR: tl.constexpr, FORWARD: tl.constexpr, HAS_SHIFT: tl.constexpr, DUAL: tl.constexpr,
+                      BLOCK_OWN: tl.constexpr, BLOCK_LOOP: tl.constexpr, BLOCK_DK: tl.constexpr,
+                      BLOCK_DK_TAIL: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_DZ_TAIL: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """One tile of ``out`` (see the module docstring). FORWARD: divide by max(|row sum|, exp(-m)) + eps and store the
     row sums (needed by the backward) too. NORM_FLOOR and ROW_SUM are only read when FORWARD, SHIFT when HAS_SHIFT.
+    DUAL: also ``out2`` = the product of ``x2`` with the roles of y and z swapped and no shift (dv beside dk: both
+    walk the same pairs with the same decay); it needs the whole head in one chunk and tail of equal splits for
+    BLOCK_DK and BLOCK_DZ, so that the y tiles serve as z tiles and back.
     Rows a and b are scan steps; x, y, z and out are addressed at their tokens. SCALE = 1/sqrt(HEAD_DIM) is a
     compile-time constant so that it takes the dtype of the scores (a float argument is float32 on the GPU)."""
-    own_start = tl.program_id(0) * BLOCK_OWN
+    # Head dims: one chunk and a tail chunk, or (large heads, no tail) chunks of BLOCK_DK walked in the x.y dot and
+    # output slices of BLOCK_DZ on grid axis 2.
+    X_RESIDENT: tl.constexpr = HEAD_DIM <= BLOCK_DK + BLOCK_DK_TAIL
+    tl.static_assert(X_RESIDENT or BLOCK_DK_TAIL == 0)
+    tl.static_assert(HEAD_DIM <= BLOCK_DZ + BLOCK_DZ_TAIL or BLOCK_DZ_TAIL == 0)
+    tl.static_assert(not DUAL or (X_RESIDENT and BLOCK_DZ == BLOCK_DK and BLOCK_DZ_TAIL == BLOCK_DK_TAIL))
     batch_head = tl.program_id(1)
     X += head_offset(batch_head, num_heads, stride_xb, stride_xh)
     Y += head_offset(batch_head, num_heads, stride_yb, stride_yh)
@@ -108,30 +188,46 @@ def mlstm_tile_kernel(X, Y, Z, OUT, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, C
     OUT += head_offset(batch_head, num_heads, stride_ob, stride_oh)
     steps = batch_head.to(tl.int64) * seq_len
     ACC = ROW_LOG_HI.dtype.element_ty
-    offs_a = own_start + tl.arange(0, BLOCK_OWN)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dz = tl.program_id(2) * BLOCK_DZ + tl.arange(0, BLOCK_DZ)
 
     if KEY_MAJOR:  # own keys s, walk the queries t >= s
+        own_start = tl.program_id(0) * BLOCK_OWN
+        offs_a = own_start + tl.arange(0, BLOCK_OWN)
         own_hi, own_lo = _load_log(COL_LOG_HI + steps, COL_LOG_LO + steps, offs_a, seq_len)
         loop_start = (own_start // BLOCK_LOOP) * BLOCK_LOOP
         loop_end = seq_len
-    else:  # own queries t, walk the keys s <= t
+    else:  # own queries t, walk the keys s <= t; tiles end at the last step: the partial one walks the fewest keys
+        own_start = seq_len - (tl.program_id(0) + 1) * BLOCK_OWN
+        offs_a = own_start + tl.arange(0, BLOCK_OWN)
         own_hi, own_lo = _load_log(ROW_LOG_HI + steps, ROW_LOG_LO + steps, offs_a, seq_len)
         loop_start = 0
-        loop_end = tl.minimum(own_start + BLOCK_OWN, seq_len)
+        loop_end = own_start + BLOCK_OWN
         if HAS_SHIFT:
-            shift = tl.load(SHIFT + steps + offs_a, mask=offs_a < seq_len, other=0.0)
-
-    acc = tl.zeros((BLOCK_OWN, BLOCK_DZ), dtype=ACC)
+            shift = tl.load(SHIFT + steps + offs_a, mask=_in_sequence(offs_a, seq_len), other=0.0)
+    if X_RESIDENT:  # the own x tile is loaded once, like flash attention's Q
+        x, x_tail = _load_chunks(X, offs_a, offs_dk, seq_len, stride_xn, stride_xd, HEAD_DIM, BLOCK_DK, BLOCK_DK_TAIL,
+                                 REVERSE)
+    if DUAL:
+        X2 += head_offset(batch_head, num_heads, stride_x2b, stride_x2h)
+        OUT2 += head_offset(batch_head, num_heads, stride_o2b, stride_o2h)
+        x2, x2_tail = _load_chunks(X2, offs_a, offs_dk, seq_len, stride_x2n, stride_x2d, HEAD_DIM, BLOCK_DK,
+                                   BLOCK_DK_TAIL, REVERSE)
+        acc2, acc2_tail = _zero_chunks(BLOCK_OWN, BLOCK_DZ, BLOCK_DZ_TAIL, ACC)
+    acc, acc_tail = _zero_chunks(BLOCK_OWN, BLOCK_DZ, BLOCK_DZ_TAIL, ACC)
     row_sum = tl.zeros((BLOCK_OWN,), dtype=ACC)
     for b_start in range(loop_start, loop_end, BLOCK_LOOP):
         offs_b = b_start + tl.arange(0, BLOCK_LOOP)
-        dots = tl.zeros((BLOCK_OWN, BLOCK_LOOP), dtype=ACC)
-        for d_start in tl.static_range(0, HEAD_DIM, BLOCK_DK):
-            x = _load_tile(X, offs_a, d_start + offs_dk, seq_len, stride_xn, stride_xd, HEAD_DIM, REVERSE)
-            y = _load_tile(Y, offs_b, d_start + offs_dk, seq_len, stride_yn, stride_yd, HEAD_DIM, REVERSE)
-            dots += _dot(x, tl.trans(y), DOT_PRECISION, DOT_IN_FLOAT32)
+        if X_RESIDENT:
+            y, y_tail = _load_chunks(Y, offs_b, offs_dk, seq_len, stride_yn, stride_yd, HEAD_DIM, BLOCK_DK,
+                                     BLOCK_DK_TAIL, REVERSE)
+            dots = _chunk_dots(x, x_tail, y, y_tail, BLOCK_DK_TAIL > 0, DOT_PRECISION, DOT_IN_FLOAT32)
+        else:
+            dots = tl.zeros((BLOCK_OWN, BLOCK_LOOP), dtype=ACC)
+            for d_start in tl.static_range(0, HEAD_DIM, BLOCK_DK):
+                x = _load_tile(X, offs_a, d_start + offs_dk, seq_len, stride_xn, stride_xd, HEAD_DIM, REVERSE)
+                y = _load_tile(Y, offs_b, d_start + offs_dk, seq_len, stride_yn, stride_yd, HEAD_DIM, REVERSE)
+                dots += _dot(x, tl.trans(y), DOT_PRECISION, DOT_IN_FLOAT32)
         if KEY_MAJOR:
             loop_hi, loop_lo = _load_log(ROW_LOG_HI + steps, ROW_LOG_LO + steps, offs_b, seq_len)
             decay = _causal_decay(loop_hi[None, :], loop_lo[None, :], offs_b[None, :],
@@ -147,16 +243,30 @@ def mlstm_tile_kernel(X, Y, Z, OUT, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, C
         weights = dots * SCALE * decay
         if FORWARD:
             row_sum += tl.sum(weights, axis=1)
-        z = _load_tile(Z, offs_b, offs_dz, seq_len, stride_zn, stride_zd, HEAD_DIM, REVERSE)
+        z, z_tail = _load_chunks(Z, offs_b, offs_dz, seq_len, stride_zn, stride_zd, HEAD_DIM, BLOCK_DZ, BLOCK_DZ_TAIL,
+                                 REVERSE)
         acc += _dot(weights.to(z.dtype), z, DOT_PRECISION, DOT_IN_FLOAT32)
+        if BLOCK_DZ_TAIL > 0:
+            acc_tail += _dot(weights.to(z.dtype), z_tail, DOT_PRECISION, DOT_IN_FLOAT32)
+        if DUAL:
+            dots2 = _chunk_dots(x2, x2_tail, z, z_tail, BLOCK_DK_TAIL > 0, DOT_PRECISION, DOT_IN_FLOAT32)
+            weights2 = (dots2 * SCALE * decay).to(y.dtype)
+            acc2 += _dot(weights2, y, DOT_PRECISION, DOT_IN_FLOAT32)
+            if BLOCK_DZ_TAIL > 0:
+                acc2_tail += _dot(weights2, y_tail, DOT_PRECISION, DOT_IN_FLOAT32)
 
-    rows = offs_a < seq_len
+    rows = _in_sequence(offs_a, seq_len)
     if FORWARD:
-        norm_floor = tl.load(NORM_FLOOR + steps + offs_a, mask=rows, other=1.0)
-        acc = acc / (tl.maximum(tl.abs(row_sum), norm_floor) + eps)[:, None]
+        divisor = tl.maximum(tl.abs(row_sum), tl.load(NORM_FLOOR + steps + offs_a, mask=rows, other=1.0)) + eps
+        acc = acc / divisor[:, None]
+        if BLOCK_DZ_TAIL > 0:
+            acc_tail = acc_tail / divisor[:, None]
         tl.store(ROW_SUM + steps + offs_a, row_sum, mask=rows & (tl.program_id(2) == 0))
-    tl.store(OUT + _token_tile(_tokens(offs_a, seq_len, REVERSE), offs_dz, stride_on, stride_od),
-             acc.to(OUT.dtype.element_ty), mask=rows[:, None] & (offs_dz[None, :] < HEAD_DIM))
+    _store_chunks(OUT, acc, acc_tail, offs_a, offs_dz, seq_len, stride_on, stride_od, HEAD_DIM, BLOCK_DZ,
+                  BLOCK_DZ_TAIL, REVERSE)
+    if DUAL:
+        _store_chunks(OUT2, acc2, acc2_tail, offs_a, offs_dz, seq_len, stride_o2n, stride_o2d, HEAD_DIM, BLOCK_DZ,
+                      BLOCK_DZ_TAIL, REVERSE)
 
 
 @triton.jit

@@ -20,8 +20,9 @@ like the gradient of torch's max), so its gradient is added to row t and to colu
 logD[t,s] = F_t - F_s + i_s: di_s = column sum, dF_t = row sum - column sum, dlog f = reverse cumsum of dF,
 dfgate = dlog f * sigmoid(-fgate).
 
-Per call: forward = stabiliser scan + one tile launch; backward = per-row prologue + three tile launches (dq, dk, dv)
-+ gate-gradient epilogue. Few launches matter: at ViL sizes the GPU work is well under a millisecond.
+Per call: forward = stabiliser scan + one tile launch; backward = per-row prologue + tile launches for dq and for dk
+with dv (one launch where the head is small enough, else two) + gate-gradient epilogue. Few launches matter: at ViL
+sizes the GPU work is well under a millisecond.
 
 No copies around the kernels either (they cost ~6 ms of a 37 ms ViL-T training step on an H200 when q, k, v, the
 gates, h and its gradient were made contiguous and reverse blocks flipped them): the kernels read every input through
@@ -76,23 +77,40 @@ def _cuda_configs() -> bool:
 
 
 def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes, head-dim chunks, warps and pipeline stages (benchmarks/mlstm_kernel_notes.md).
+    """Tile sizes, the largest head-dim chunks (:func:`_head_split`), warps, pipeline stages and whether dk and dv
+    share one launch (benchmarks/mlstm_kernel_notes.md).
 
-    Half precision: the fastest of the H200 sweep for head dims 96 and 384 (forward+backward replayed from a CUDA
-    graph). float32 (3xTF32) operands take twice the shared memory: smaller tiles free of spills in the ptxas report,
-    one pipeline stage above DH=128 to fit; float64 (exact reference runs, not tuned) takes the smallest of these.
-    The interpreter gets large unequal tiles and small chunks: fewer programs run faster there; the tests also run the
-    CUDA configurations under it (:func:`cuda_launch_configs`).
+    Half precision: the fastest tiles of the H200 sweep for head dims 96 and 384 (forward+backward replayed from a
+    CUDA graph, timed before the head split); dk and dv share a launch up to DH=128, above which its two pairs of
+    accumulators spill at 4 warps (ptxas, DH=192). float32 (3xTF32) operands take twice the shared memory and more
+    registers: smaller tiles free of spills in the ptxas report (at DH=96, where one program holds all output
+    columns, loop tiles of 16 take about 180 registers, tiles of 32 about 250: too close to 255), one pipeline stage
+    above DH=128 to fit, dk and dv apart (together they spill); float64 (exact reference runs, not tuned) takes the
+    smallest of these. The interpreter gets large unequal tiles and small chunks: fewer programs run faster there;
+    the tests also run the CUDA configurations under it (:func:`cuda_launch_configs`).
     """
-    chunk = min(128, max(16, triton.next_power_of_2(head_dim)))
     if not _cuda_configs():
-        return dict(BLOCK_OWN=128, BLOCK_LOOP=64, BLOCK_DK=min(chunk, 64), BLOCK_DZ=min(chunk, 64))
+        return dict(BLOCK_OWN=128, BLOCK_LOOP=64, BLOCK_DK=64, BLOCK_DZ=64, FUSE_DK_DV=True)
     if dtype in (torch.float16, torch.bfloat16):
-        return dict(BLOCK_OWN=64, BLOCK_LOOP=32, BLOCK_DK=chunk, BLOCK_DZ=chunk, num_warps=4, num_stages=2)
-    small_dk, small_dz = min(chunk, 32), min(chunk, 64)
+        return dict(BLOCK_OWN=64, BLOCK_LOOP=32, BLOCK_DK=128, BLOCK_DZ=128, FUSE_DK_DV=head_dim <= 128,
+                    num_warps=4, num_stages=2)
     if head_dim <= 128 and dtype == torch.float32:
-        return dict(BLOCK_OWN=64, BLOCK_LOOP=32, BLOCK_DK=small_dk, BLOCK_DZ=small_dz, num_warps=4, num_stages=2)
-    return dict(BLOCK_OWN=32, BLOCK_LOOP=32, BLOCK_DK=small_dk, BLOCK_DZ=small_dz, num_warps=4, num_stages=1)
+        return dict(BLOCK_OWN=64, BLOCK_LOOP=16, BLOCK_DK=32, BLOCK_DZ=64, FUSE_DK_DV=False, num_warps=4,
+                    num_stages=2)
+    return dict(BLOCK_OWN=32, BLOCK_LOOP=32, BLOCK_DK=32, BLOCK_DZ=64, FUSE_DK_DV=False, num_warps=4, num_stages=1)
+
+
+def _head_split(head_dim: int, block: int) -> Tuple[int, int]:
+    """(chunk, tail) of the head dims for chunks of at most ``block``: a power-of-two chunk and a tail chunk for the
+    rest when that covers the head (96 = 64 + 32, 192 = 128 + 64; 64 without a tail), else chunks of ``block``
+    (384 = 3 x 128; tail 0). Chunks and tails take at least 16 columns (the smallest ``tl.dot``), so only head dims
+    below 16, tails that are no power of two (112 = 64 + 48 in 64) and heads that are no multiple of ``block`` above
+    two chunks are padded (masked)."""
+    chunk = min(block, max(16, 1 << (head_dim.bit_length() - 1)))
+    tail = head_dim - chunk
+    if tail <= 0 or tail >= chunk:
+        return chunk, 0
+    return chunk, max(16, triton.next_power_of_2(tail))
 
 
 def _scan_block(n: int) -> int:
@@ -129,17 +147,34 @@ def _token_major(like: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _tile_product(x: Tensor, y: Tensor, z: Tensor, out: Tensor, logs, key_major: bool, reverse: bool,
-                  shift: Optional[Tensor] = None, normaliser: Optional[Tuple[Tensor, Tensor, float]] = None) -> None:
-    """One launch of the tile kernel into ``out``; all four are ``(B, NH, N, DH)`` views of any strides.
-    ``normaliser = (norm_floor, row_sum_out, eps)`` makes it the forward."""
+                  shift: Optional[Tensor] = None, normaliser: Optional[Tuple[Tensor, Tensor, float]] = None,
+                  second: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+    """One launch of the tile kernel into ``out``; all are ``(B, NH, N, DH)`` views of any strides.
+    ``normaliser = (norm_floor, row_sum_out, eps)`` makes it the forward; ``second = (x2, out2)`` also computes
+    ``out2`` from ``x2`` with y and z swapped and no shift (dv beside dk: only where :func:`_fuses_dk_dv`)."""
     batch, heads, n, head_dim = x.shape
     norm_floor, row_sum, eps = normaliser or (None, None, 0.0)
-    config = _launch_config(head_dim, x.dtype)
-    grid = (triton.cdiv(n, config['BLOCK_OWN']), batch * heads, triton.cdiv(head_dim, config['BLOCK_DZ']))
+    x2, out2 = second or (None, None)
+    config = dict(_launch_config(head_dim, x.dtype))
+    config.pop('FUSE_DK_DV')
+    config['BLOCK_DK'], config['BLOCK_DK_TAIL'] = _head_split(head_dim, config['BLOCK_DK'])
+    config['BLOCK_DZ'], config['BLOCK_DZ_TAIL'] = _head_split(head_dim, config['BLOCK_DZ'])
+    grid = (triton.cdiv(n, config['BLOCK_OWN']), batch * heads,
+            triton.cdiv(head_dim, config['BLOCK_DZ'] + config['BLOCK_DZ_TAIL']))
     kernels.mlstm_tile_kernel[grid](
-        x, y, z, out, shift, *logs, norm_floor, row_sum, *x.stride(), *y.stride(), *z.stride(), *out.stride(), n,
-        heads, eps, HEAD_DIM=head_dim, SCALE=1 / math.sqrt(head_dim), REVERSE=reverse, KEY_MAJOR=key_major,
-        FORWARD=normaliser is not None, HAS_SHIFT=shift is not None, **_dot_options(x.dtype), **config)
+        x, y, z, out, x2, out2, shift, *logs, norm_floor, row_sum, *x.stride(), *y.stride(), *z.stride(),
+        *out.stride(), *(x2.stride() if second else (0,) * 4), *(out2.stride() if second else (0,) * 4), n, heads,
+        eps, HEAD_DIM=head_dim, SCALE=1 / math.sqrt(head_dim), REVERSE=reverse, KEY_MAJOR=key_major,
+        FORWARD=normaliser is not None, HAS_SHIFT=shift is not None, DUAL=second is not None,
+        **_dot_options(x.dtype), **config)
+
+
+def _fuses_dk_dv(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether dk and dv come from one key-major launch: where the launch configuration asks for it and the head dims
+    are one chunk and a tail, split alike for the x.y dot and the output columns (the y tiles are z tiles too)."""
+    config = _launch_config(head_dim, dtype)
+    split = _head_split(head_dim, config['BLOCK_DK'])
+    return config['FUSE_DK_DV'] and split == _head_split(head_dim, config['BLOCK_DZ']) and head_dim <= sum(split)
 
 
 # The kernels are wrapped as torch.library custom ops with a registered autograd formula, so that torch.compile
@@ -202,8 +237,11 @@ def backward_into(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, ig
     cast_out = acc_dtype != q.dtype
     dq_acc, dk_acc = (_token_major(q, acc_dtype) for _ in range(2)) if cast_out else (dq, dk)
     _tile_product(scaled_grad, v, k, dq_acc.transpose(1, 2), logs, key_major=False, reverse=reverse, shift=row_shift)
-    _tile_product(v, scaled_grad, q, dk_acc.transpose(1, 2), logs, key_major=True, reverse=reverse, shift=row_shift)
-    _tile_product(k, q, scaled_grad, dv.transpose(1, 2), logs, key_major=True, reverse=reverse)
+    fuse_dk_dv = _fuses_dk_dv(head_dim, q.dtype)
+    _tile_product(v, scaled_grad, q, dk_acc.transpose(1, 2), logs, key_major=True, reverse=reverse, shift=row_shift,
+                  second=(k, dv.transpose(1, 2)) if fuse_dk_dv else None)
+    if not fuse_dk_dv:
+        _tile_product(k, q, scaled_grad, dv.transpose(1, 2), logs, key_major=True, reverse=reverse)
     kernels.mlstm_gate_grad_kernel[(heads_total,)](
         q, k, dq_acc, dk_acc, grad_m, column_grad_m, fgate, dq, dk, d_igate, d_fgate, *q.stride(), *k.stride(),
         *dq_acc.transpose(1, 2).stride(), *dq.transpose(1, 2).stride(), *fgate.stride(), *d_igate.stride(), n, heads,
