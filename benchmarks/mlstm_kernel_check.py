@@ -12,6 +12,7 @@
    32/64/128), fused, chunkwise and SDPA at B=1, NH=4, DH=96, N = 196..16384, and the ViL-T shapes; a compact
    table at the end. fused_chunkwise (refused on CUDA until validated here) runs in child processes, one per case.
 4. ``--sweep``: CUDA-graph forward+backward time of candidate tile configurations per head dim.
+5. ``--vil-shapes`` (alone): forward and forward+backward of the fused backend at ViL's training shapes.
 
 Usage, from the repo root on a CUDA machine: ``python benchmarks/mlstm_kernel_check.py --out DIR [--sweep]``;
 ``--quick`` runs a subset of 1 and only 3 in bfloat16 (a few minutes, most of it compiling kernels).
@@ -345,12 +346,33 @@ def sweep(out_lines, results, dtype):
         fused._launch_config = default_config
 
 
+VIL_SHAPES = [(64, 196, 96), (32, 1024, 96), (8, 4096, 96), (64, 196, 384)]  # (B, N, DH): ViL-T 224/512/1024, ViL-B
+
+
+def vil_shapes(out_lines):
+    """CUDA-graph forward and forward+backward ms of the fused backend at ViL's training shapes (bf16, 4 heads): a
+    few seconds per shape, for A/B runs of two trees on one machine (run_gpu_suite.sh's part ``base``)."""
+    out_lines.append('## fused at ViL shapes, bf16, 4 heads: CUDA-graph forward / forward+backward ms')
+    for batch, n, head_dim in VIL_SHAPES:
+        inputs = make_inputs(batch, 4, n, head_dim, torch.bfloat16)
+
+        def forward():
+            with torch.no_grad():
+                mlstm_fused(*inputs)
+
+        forward_ms = do_bench_cudagraph(forward, rep=100, return_mode='median')
+        total_ms = time_backend(mlstm_fused, batch, 4, n, head_dim, torch.bfloat16, graph_only=True)
+        out_lines.append(f'B={batch:2d} N={n:4d} DH={head_dim}: {forward_ms:.4f} / {total_ms:.4f}')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default='.', help='folder for mlstm_kernel_check.{txt,json}')
     parser.add_argument('--sweep', action='store_true', help='also time candidate tile configurations')
     parser.add_argument('--quick', action='store_true',
                         help='only a few fused_chunkwise checks and the bfloat16 CUDA-graph table (minutes)')
+    parser.add_argument('--vil-shapes', action='store_true',
+                        help='only the fused backend at ViL training shapes (seconds; for A/B runs of two trees)')
     parser.add_argument('--child', nargs='+', help=argparse.SUPPRESS)  # one fused_chunkwise case, run by the parent
     args = parser.parse_args()
     if args.child:
@@ -361,6 +383,10 @@ def main():
     out_lines = [f'# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | '
                  f'python {platform.python_version()} | {time.strftime("%Y-%m-%d %H:%M")}']
     results, summary = [], []
+    if args.vil_shapes:
+        vil_shapes(out_lines)
+        print('\n'.join(out_lines))
+        return
     if not args.quick:
         check(out_lines, results)
     check_chunkwise(out_lines, results, summary, args.quick)

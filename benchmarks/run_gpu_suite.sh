@@ -15,8 +15,9 @@
 #   profile   per-kernel GPU time of a ViL-T training step (224, batch 64), PyTorch's kernels by launch site
 #   ncu       Nsight Compute metrics (speed of light, occupancy, warp stalls) of each mixer and mLSTM kernel, once
 #   train     tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T, 512 crops, batch 16, --amp
-#   base      A/B: the ViL-T/DeiT-T 224 training step of an older commit, carried as .base.tar
-#             (made by `git archive -o .base.tar COMMIT`), on the same warm machine
+#   base      A/B: the ViL-T/DeiT-T 224 training step and the fused mLSTM at ViL shapes (mlstm_kernel_check.py
+#             --vil-shapes) of an older commit, carried as .base.tar (made by `git archive -o .base.tar COMMIT`),
+#             then of this tree, on the same warm machine
 set -u
 out=${1:-work_dirs/gpu_suite}
 shift
@@ -68,7 +69,10 @@ for part in $parts; do
     train) timeout 400 bash benchmarks/train_speed.sh "$out/train" 2>&1 | tail -20 | tee -a "$out/log.txt" ;;
     base) mkdir -p /tmp/base && tar -xf .base.tar -C /tmp/base && (cd /tmp/base && PYTHONPATH=/tmp/site:/tmp/base \
              timeout 150 $bench --models vil-t deit-t --sizes 224 --batch 224=64 --out-dir "$out/base224" 2>&1 \
-             | grep -v -i warn | tail -12 | tee -a "$out/log.txt") ;;
+             | grep -v -i warn | tail -12 | tee -a "$out/log.txt")
+          for tree in /tmp/base "$PWD"; do echo "fused mLSTM of $tree" | tee -a "$out/log.txt"
+            PYTHONPATH=/tmp/site:$tree timeout 120 python3 benchmarks/mlstm_kernel_check.py --vil-shapes 2>&1 \
+              | grep "B=" | tee -a "$out/log.txt"; done ;;
   esac
 done
 rm -f "$out"/*/benchmark.png "$out"/*/benchmark.partial.json
