@@ -476,14 +476,15 @@ def test_fused_kernels_copy_nothing(monkeypatch):
     # The kernels' arguments that are the caller's tensors, launch by launch: forward, then backward (dq, then dk and
     # dv in one launch or two).
     caller = dict(q=q, k=k, v=v, igate=igate, fgate=fgate, grad_h=grad_h.transpose(1, 2))
-    key_grads = [('mlstm_tile_kernel', dict(X='v', Z='q', X2='k'))] if fused._fuses_dk_dv(8, torch.float32) else [
-        ('mlstm_tile_kernel', dict(X='v', Z='q')), ('mlstm_tile_kernel', dict(X='k', Y='q'))]
+    key_grads = [('mlstm_tile_kernel', dict(X='v', Z='q', X2='k', DOT_WITH='k'))] if fused._fuses_dk_dv(
+        8, torch.float32) else [('mlstm_tile_kernel', dict(X='v', Z='q', DOT_WITH='k')),
+                                ('mlstm_tile_kernel', dict(X='k', Y='q'))]
     expected_reads = [('mlstm_stabiliser_kernel', dict(IGATE='igate', FGATE='fgate')),
                       ('mlstm_tile_kernel', dict(X='q', Y='k', Z='v')),
                       ('mlstm_grad_prep_kernel', dict(GRAD_H='grad_h')),
-                      ('mlstm_tile_kernel', dict(Y='v', Z='k')),
+                      ('mlstm_tile_kernel', dict(Y='v', Z='k', DOT_WITH='q')),
                       *key_grads,
-                      ('mlstm_gate_grad_kernel', dict(Q='q', K='k', FGATE='fgate'))]
+                      ('mlstm_gate_grad_kernel', dict(FGATE='fgate'))]
     assert [name for name, _ in launches] == [name for name, _ in expected_reads]
     for (name, args), (_, reads) in zip(launches, expected_reads):
         for arg, tensor in reads.items():

@@ -159,12 +159,13 @@ def _chunk_dots(x, x_tail, y, y_tail, HAS_TAIL: tl.constexpr, DOT_PRECISION: tl.
 
 
 @triton.jit
-def mlstm_tile_kernel(X, Y, Z, OUT, X2, OUT2, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, COL_LOG_LO, NORM_FLOOR,
-                      ROW_SUM, stride_xb, stride_xh, stride_xn, stride_xd, stride_yb, stride_yh, stride_yn, stride_yd,
-                      stride_zb, stride_zh, stride_zn, stride_zd, stride_ob, stride_oh, stride_on, stride_od,
+def mlstm_tile_kernel(X, Y, Z, OUT, X2, OUT2, DOT_WITH, DOTS, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL_LOG_HI, COL_LOG_LO,
+                      NORM_FLOOR, ROW_SUM, stride_xb, stride_xh, stride_xn, stride_xd, stride_yb, stride_yh, stride_yn,
+                      stride_yd, stride_zb, stride_zh, stride_zn, stride_zd, stride_ob, stride_oh, stride_on, stride_od,
                       stride_x2b, stride_x2h, stride_x2n, stride_x2d, stride_o2b, stride_o2h, stride_o2n, stride_o2d,
-                      seq_len, num_heads, eps, HEAD_DIM: tl.constexpr, SCALE: tl.constexpr, REVERSE: tl.constexpr,
-                      KEY_MAJOR: tl.constexpr, FORWARD: tl.constexpr, HAS_SHIFT: tl.constexpr, DUAL: tl.constexpr,
+                      stride_wb, stride_wh, stride_wn, stride_wd, seq_len, num_heads, eps, HEAD_DIM: tl.constexpr,
+                      SCALE: tl.constexpr, REVERSE: tl.constexpr, KEY_MAJOR: tl.constexpr, FORWARD: tl.constexpr,
+                      HAS_SHIFT: tl.constexpr, DUAL: tl.constexpr, HAS_DOTS: tl.constexpr,
                       BLOCK_OWN: tl.constexpr, BLOCK_LOOP: tl.constexpr, BLOCK_DK: tl.constexpr,
                       BLOCK_DK_TAIL: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_DZ_TAIL: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
@@ -172,7 +173,9 @@ def mlstm_tile_kernel(X, Y, Z, OUT, X2, OUT2, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL
     row sums (needed by the backward) too. NORM_FLOOR and ROW_SUM are only read when FORWARD, SHIFT when HAS_SHIFT.
     DUAL: also ``out2`` = the product of ``x2`` with the roles of y and z swapped and no shift (dv beside dk: both
     walk the same pairs with the same decay); it needs the whole head in one chunk and tail of equal splits for
-    BLOCK_DK and BLOCK_DZ, so that the y tiles serve as z tiles and back.
+    BLOCK_DK and BLOCK_DZ, so that the y tiles serve as z tiles and back. HAS_DOTS: also each row's inner product of
+    ``out`` (before rounding) with DOT_WITH, q.dq or k.dk for the gate gradients, into DOTS: one row of
+    steps per output slice (grid axis 2).
     Rows a and b are scan steps; x, y, z and out are addressed at their tokens. SCALE = 1/sqrt(HEAD_DIM) is a
     compile-time constant so that it takes the dtype of the scores (a float argument is float32 on the GPU)."""
     # Head dims: one chunk and a tail chunk, or (large heads, no tail) chunks of BLOCK_DK walked in the x.y dot and
@@ -267,6 +270,15 @@ def mlstm_tile_kernel(X, Y, Z, OUT, X2, OUT2, SHIFT, ROW_LOG_HI, ROW_LOG_LO, COL
     if DUAL:
         _store_chunks(OUT2, acc2, acc2_tail, offs_a, offs_dz, seq_len, stride_o2n, stride_o2d, HEAD_DIM, BLOCK_DZ,
                       BLOCK_DZ_TAIL, REVERSE)
+    if HAS_DOTS:  # loaded again rather than kept from the loop (x2): fewer registers (ptxas: 215, not 248)
+        DOT_WITH += head_offset(batch_head, num_heads, stride_wb, stride_wh)
+        with_tile, with_tail = _load_chunks(DOT_WITH, offs_a, offs_dz, seq_len, stride_wn, stride_wd, HEAD_DIM,
+                                            BLOCK_DZ, BLOCK_DZ_TAIL, REVERSE)
+        dots = tl.sum(acc * with_tile.to(ACC), axis=1)
+        if BLOCK_DZ_TAIL > 0:
+            dots += tl.sum(acc_tail * with_tail.to(ACC), axis=1)
+        output_slice = tl.program_id(2) * tl.num_programs(1)
+        tl.store(DOTS + output_slice.to(tl.int64) * seq_len + steps + offs_a, dots, mask=rows)
 
 
 @triton.jit
@@ -363,28 +375,19 @@ def mlstm_grad_prep_kernel(GRAD_H, H, ROW_SUM, NORM_FLOOR, ARGMAX, SCALED_GRAD, 
 
 
 @triton.jit
-def mlstm_gate_grad_kernel(Q, K, DQ, DK, GRAD_M, COLUMN_GRAD_M, FGATE, DQ_OUT, DK_OUT, DIGATE, DFGATE,
-                           stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                           stride_db, stride_dh, stride_dn, stride_dd, stride_ob, stride_oh, stride_on, stride_od,
-                           stride_fb, stride_fh, stride_fn, stride_gb, stride_gh, stride_gn, seq_len, num_heads,
-                           HEAD_DIM: tl.constexpr, REVERSE: tl.constexpr, CAST_OUT: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def mlstm_gate_grad_kernel(GRAD_M, COLUMN_GRAD_M, ROW_DOTS, COLUMN_DOTS, FGATE, DIGATE, DFGATE, stride_fb, stride_fh,
+                           stride_fn, stride_gb, stride_gh, stride_gn, seq_len, num_heads, SLICES: tl.constexpr,
+                           REVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Gate gradients of one head (module docstring of fused.py): the row and column sums of dL/dlogD are q_t.dq_t
-    and k_s.dk_s, plus the gradient of m; di = column sum, dlog f = reverse cumsum over the steps of (row - column
-    sum). Walks the head backwards carrying that cumsum. CAST_OUT: dq and dk (accumulation dtype, strides
-    ``stride_d*``) also go to DQ_OUT and DK_OUT in the input dtype (strides ``stride_o*``). The gate gradients share
-    the strides ``stride_g*``."""
+    and k_s.dk_s (ROW_DOTS, COLUMN_DOTS: the tile kernel's per-step inner products, a row of all heads' steps per
+    output slice), plus the gradient of m; di = column sum, dlog f = reverse cumsum over the steps of (row - column
+    sum). Walks the head backwards carrying that cumsum. The gate gradients share the strides ``stride_g*``."""
     batch_head = tl.program_id(0)
-    Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
-    K += head_offset(batch_head, num_heads, stride_kb, stride_kh)
-    DQ += head_offset(batch_head, num_heads, stride_db, stride_dh)
-    DK += head_offset(batch_head, num_heads, stride_db, stride_dh)
-    DQ_OUT += head_offset(batch_head, num_heads, stride_ob, stride_oh)
-    DK_OUT += head_offset(batch_head, num_heads, stride_ob, stride_oh)
     FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
     DIGATE += head_offset(batch_head, num_heads, stride_gb, stride_gh)
     DFGATE += head_offset(batch_head, num_heads, stride_gb, stride_gh)
     steps = batch_head.to(tl.int64) * seq_len
+    slice_stride = tl.num_programs(0).to(tl.int64) * seq_len
     ACC = GRAD_M.dtype.element_ty
     grad_log_f_after = tl.zeros([1], dtype=ACC)
     num_blocks = tl.cdiv(seq_len, BLOCK_N)
@@ -394,20 +397,9 @@ def mlstm_gate_grad_kernel(Q, K, DQ, DK, GRAD_M, COLUMN_GRAD_M, FGATE, DQ_OUT, D
         tokens = _tokens(offs, seq_len, REVERSE)
         row_total = tl.load(GRAD_M + steps + offs, mask=mask, other=0.0)
         column_total = tl.load(COLUMN_GRAD_M + steps + offs, mask=mask, other=0.0)
-        for d_start in tl.static_range(0, HEAD_DIM, BLOCK_D):
-            offs_d = d_start + tl.arange(0, BLOCK_D)
-            tile_ok = mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-            grad_tile = _token_tile(tokens, offs_d, stride_dn, stride_dd)
-            dq = tl.load(DQ + grad_tile, mask=tile_ok, other=0.0)
-            dk = tl.load(DK + grad_tile, mask=tile_ok, other=0.0)
-            q = tl.load(Q + _token_tile(tokens, offs_d, stride_qn, stride_qd), mask=tile_ok, other=0.0)
-            k = tl.load(K + _token_tile(tokens, offs_d, stride_kn, stride_kd), mask=tile_ok, other=0.0)
-            row_total += tl.sum(q.to(ACC) * dq, axis=1)
-            column_total += tl.sum(k.to(ACC) * dk, axis=1)
-            if CAST_OUT:
-                out_tile = _token_tile(tokens, offs_d, stride_on, stride_od)
-                tl.store(DQ_OUT + out_tile, dq.to(DQ_OUT.dtype.element_ty), mask=tile_ok)
-                tl.store(DK_OUT + out_tile, dk.to(DK_OUT.dtype.element_ty), mask=tile_ok)
+        for output_slice in tl.static_range(SLICES):
+            row_total += tl.load(ROW_DOTS + output_slice * slice_stride + steps + offs, mask=mask, other=0.0)
+            column_total += tl.load(COLUMN_DOTS + output_slice * slice_stride + steps + offs, mask=mask, other=0.0)
         grad_cum_log_f = row_total - column_total
         grad_log_f = grad_log_f_after + tl.cumsum(grad_cum_log_f, 0, reverse=True)
         grad_log_f_after += tl.sum(grad_cum_log_f, 0, keep_dims=True)

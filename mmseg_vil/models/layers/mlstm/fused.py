@@ -146,27 +146,40 @@ def _token_major(like: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(batch, n, heads, head_dim, dtype=dtype, device=like.device)
 
 
-def _tile_product(x: Tensor, y: Tensor, z: Tensor, out: Tensor, logs, key_major: bool, reverse: bool,
-                  shift: Optional[Tensor] = None, normaliser: Optional[Tuple[Tensor, Tensor, float]] = None,
-                  second: Optional[Tuple[Tensor, Tensor]] = None) -> None:
-    """One launch of the tile kernel into ``out``; all are ``(B, NH, N, DH)`` views of any strides.
-    ``normaliser = (norm_floor, row_sum_out, eps)`` makes it the forward; ``second = (x2, out2)`` also computes
-    ``out2`` from ``x2`` with y and z swapped and no shift (dv beside dk: only where :func:`_fuses_dk_dv`)."""
-    batch, heads, n, head_dim = x.shape
-    norm_floor, row_sum, eps = normaliser or (None, None, 0.0)
-    x2, out2 = second or (None, None)
-    config = dict(_launch_config(head_dim, x.dtype))
+def _tile_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """The tile kernel's launch options: :func:`_launch_config` with its head-dim chunks split (:func:`_head_split`)."""
+    config = dict(_launch_config(head_dim, dtype))
     config.pop('FUSE_DK_DV')
     config['BLOCK_DK'], config['BLOCK_DK_TAIL'] = _head_split(head_dim, config['BLOCK_DK'])
     config['BLOCK_DZ'], config['BLOCK_DZ_TAIL'] = _head_split(head_dim, config['BLOCK_DZ'])
-    grid = (triton.cdiv(n, config['BLOCK_OWN']), batch * heads,
-            triton.cdiv(head_dim, config['BLOCK_DZ'] + config['BLOCK_DZ_TAIL']))
+    return config
+
+
+def _output_slices(head_dim: int, config: dict) -> int:
+    """Programs that share a row of the output (grid axis 2): one where the head is one chunk and a tail."""
+    return triton.cdiv(head_dim, config['BLOCK_DZ'] + config['BLOCK_DZ_TAIL'])
+
+
+def _tile_product(x: Tensor, y: Tensor, z: Tensor, out: Tensor, logs, key_major: bool, reverse: bool,
+                  shift: Optional[Tensor] = None, normaliser: Optional[Tuple[Tensor, Tensor, float]] = None,
+                  second: Optional[Tuple[Tensor, Tensor]] = None, dots: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+    """One launch of the tile kernel into ``out``; all are ``(B, NH, N, DH)`` views of any strides.
+    ``normaliser = (norm_floor, row_sum_out, eps)`` makes it the forward; ``second = (x2, out2)`` also computes
+    ``out2`` from ``x2`` with y and z swapped and no shift (dv beside dk: only where :func:`_fuses_dk_dv`);
+    ``dots = (w, dots_out)`` also each row's inner product of ``out`` with ``w`` into ``dots_out`` (output slices,
+    B * NH * N)."""
+    batch, heads, n, head_dim = x.shape
+    norm_floor, row_sum, eps = normaliser or (None, None, 0.0)
+    x2, out2 = second or (None, None)
+    dot_with, dots_out = dots or (None, None)
+    config = _tile_config(head_dim, x.dtype)
+    grid = (triton.cdiv(n, config['BLOCK_OWN']), batch * heads, _output_slices(head_dim, config))
     kernels.mlstm_tile_kernel[grid](
-        x, y, z, out, x2, out2, shift, *logs, norm_floor, row_sum, *x.stride(), *y.stride(), *z.stride(),
-        *out.stride(), *(x2.stride() if second else (0,) * 4), *(out2.stride() if second else (0,) * 4), n, heads,
-        eps, HEAD_DIM=head_dim, SCALE=1 / math.sqrt(head_dim), REVERSE=reverse, KEY_MAJOR=key_major,
-        FORWARD=normaliser is not None, HAS_SHIFT=shift is not None, DUAL=second is not None,
-        **_dot_options(x.dtype), **config)
+        x, y, z, out, x2, out2, dot_with, dots_out, shift, *logs, norm_floor, row_sum, *x.stride(), *y.stride(),
+        *z.stride(), *out.stride(), *(x2.stride() if second else (0,) * 4), *(out2.stride() if second else (0,) * 4),
+        *(dot_with.stride() if dots else (0,) * 4), n, heads, eps, HEAD_DIM=head_dim, SCALE=1 / math.sqrt(head_dim),
+        REVERSE=reverse, KEY_MAJOR=key_major, FORWARD=normaliser is not None, HAS_SHIFT=shift is not None,
+        DUAL=second is not None, HAS_DOTS=dots is not None, **_dot_options(x.dtype), **config)
 
 
 def _fuses_dk_dv(head_dim: int, dtype: torch.dtype) -> bool:
@@ -221,7 +234,6 @@ def backward_into(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, ig
     norm_floor, argmax, row_sum, *logs = stats
     batch, heads, n, head_dim = q.shape
     heads_total = batch * heads
-    acc_dtype = row_sum.dtype
     scaled_grad = _token_major(q, q.dtype).transpose(1, 2)
     row_shift, grad_m = (torch.empty_like(row_sum) for _ in range(2))
     column_grad_m = torch.zeros_like(row_sum)
@@ -231,22 +243,20 @@ def backward_into(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, ig
         *grad_h.transpose(1, 2).stride(), *h.transpose(1, 2).stride(), *scaled_grad.stride(), heads_total * n, n,
         heads, eps, HEAD_DIM=head_dim, REVERSE=reverse, BLOCK_ROWS=rows_per_program,
         BLOCK_D=triton.next_power_of_2(head_dim))
-
-    # dq and dk in the accumulation dtype: the gate epilogue takes their inner products with q and k, and writes them
-    # out in q's dtype (in place when that is the accumulation dtype).
-    cast_out = acc_dtype != q.dtype
-    dq_acc, dk_acc = (_token_major(q, acc_dtype) for _ in range(2)) if cast_out else (dq, dk)
-    _tile_product(scaled_grad, v, k, dq_acc.transpose(1, 2), logs, key_major=False, reverse=reverse, shift=row_shift)
+    # q.dq and k.dk of each step (the gate gradients) come from the dq and dk launches, from the float32 (float64)
+    # accumulators before dq and dk are rounded to q's dtype
+    slices = _output_slices(head_dim, _tile_config(head_dim, q.dtype))
+    row_dots, column_dots = (row_sum.new_empty(slices, heads_total * n) for _ in range(2))
+    _tile_product(scaled_grad, v, k, dq.transpose(1, 2), logs, key_major=False, reverse=reverse, shift=row_shift,
+                  dots=(q, row_dots))
     fuse_dk_dv = _fuses_dk_dv(head_dim, q.dtype)
-    _tile_product(v, scaled_grad, q, dk_acc.transpose(1, 2), logs, key_major=True, reverse=reverse, shift=row_shift,
-                  second=(k, dv.transpose(1, 2)) if fuse_dk_dv else None)
+    _tile_product(v, scaled_grad, q, dk.transpose(1, 2), logs, key_major=True, reverse=reverse, shift=row_shift,
+                  second=(k, dv.transpose(1, 2)) if fuse_dk_dv else None, dots=(k, column_dots))
     if not fuse_dk_dv:
         _tile_product(k, q, scaled_grad, dv.transpose(1, 2), logs, key_major=True, reverse=reverse)
     kernels.mlstm_gate_grad_kernel[(heads_total,)](
-        q, k, dq_acc, dk_acc, grad_m, column_grad_m, fgate, dq, dk, d_igate, d_fgate, *q.stride(), *k.stride(),
-        *dq_acc.transpose(1, 2).stride(), *dq.transpose(1, 2).stride(), *fgate.stride(), *d_igate.stride(), n, heads,
-        HEAD_DIM=head_dim, REVERSE=reverse, CAST_OUT=cast_out, BLOCK_N=min(64, _scan_block(n)),
-        BLOCK_D=min(64, triton.next_power_of_2(head_dim)))
+        grad_m, column_grad_m, row_dots, column_dots, fgate, d_igate, d_fgate, *fgate.stride(), *d_igate.stride(), n,
+        heads, SLICES=slices, REVERSE=reverse, BLOCK_N=min(64, _scan_block(n)))
 
 
 @torch.library.custom_op('mmseg_vil::mlstm_fused_backward', mutates_args=())
