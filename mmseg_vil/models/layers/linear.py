@@ -14,6 +14,11 @@ from torch import Tensor
 from .norm_ops import compute_dtype
 
 
+def column_sums(rows: Tensor) -> Tensor:
+    """``rows (M, C).sum(0)`` as a product with ones, in ``rows``' dtype (module docstring: why)."""
+    return torch.mv(rows.t(), rows.new_ones(len(rows)))
+
+
 class _Linear(torch.autograd.Function):
 
     @staticmethod
@@ -34,7 +39,7 @@ class _Linear(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad
         grad_x = grad @ weight if need_x else None
         grad_weight = (rows.t() @ x.reshape(-1, x.shape[-1])).to(ctx.dtypes[0]) if need_weight else None
-        grad_bias = torch.mv(rows.t(), rows.new_ones(len(rows))).to(ctx.dtypes[1]) if need_bias else None
+        grad_bias = column_sums(rows).to(ctx.dtypes[1]) if need_bias else None
         return grad_x, grad_weight, grad_bias
 
 

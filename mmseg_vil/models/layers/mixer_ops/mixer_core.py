@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..linear import column_sums
 from ..mlstm import fused as fused_mlstm
 from . import triton_ops
 
@@ -86,8 +87,7 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
                                           grad_x_conv, grad_z, out, norm_part)
     grad_y = grad_y.flatten(0, 1)
     down_part[:down_weight.numel()].view(down_weight.shape).copy_(grad_y.t() @ out.flatten(0, 1))
-    # the bias gradient as a product with ones: PyTorch's column sum took 28 us per block at 224 px batch 64 (H200)
-    down_part[down_weight.numel():].copy_(torch.mv(grad_y.t(), grad_y.new_ones(len(grad_y))))
+    down_part[down_weight.numel():].copy_(column_sums(grad_y))  # PyTorch's sum: 28 us per block at 224 b64 (H200)
     # The cell's gradients go straight into one q | k | v buffer and one gate buffer; the conv backward adds the gates'
     # share to the q | k | v gradient as it reads it.
     grad_qkv, grad_gates = torch.empty_like(qkv), torch.empty_like(gates)
