@@ -1,7 +1,7 @@
 """``F.linear`` whose bias gradient is a matrix-vector product with ones instead of PyTorch's column sum.
 
 Why: autograd sums the output gradient over the tokens with a column reduction, which at ViL's widths is slow on the
-GPU: 21 us per up-projection of a ViL-T block at 224 px batch 64 on an H200 (0.5 ms of an 18 ms training step), for
+GPU: 23 us per up-projection of a ViL-T block at 224 px batch 64 on an H200 (0.55 ms of an 18 ms training step), for
 19 MB that a product reads in a few microseconds. Same function; the same products for the input and weight
 gradients, in the dtype autocast runs them in (the bias gradient is rounded to that dtype, as autograd's sum is).
 """
