@@ -164,12 +164,12 @@ def test_mixer_kernels_under_triton_interpreter():
     assert re.fullmatch(r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*', summary), summary
 
 
-def _mixer_case(reverse: bool):
-    """A small fused-backend mixer with every parameter perturbed (the zero/one inits hide gradient terms), its input
-    and grid."""
+def _mixer_case(reverse: bool, backend: str = 'fused'):
+    """A small mixer on a Triton mLSTM backend with every parameter perturbed (the zero/one inits hide gradient
+    terms), its input and grid."""
     from mmseg_vil.models.layers.vil_block import MLSTMMixer
     torch.manual_seed(0)
-    mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend='fused').double().to(KERNEL_DEVICE)
+    mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend=backend).double().to(KERNEL_DEVICE)
     with torch.no_grad():
         for param in mixer.parameters():
             param.add_(0.1 * torch.randn_like(param))
@@ -177,18 +177,29 @@ def _mixer_case(reverse: bool):
     return mixer, x, (5, 7)
 
 
+def _skip_unvalidated_chunkwise(backend: str) -> None:
+    from mmseg_vil.models.layers.mlstm.fused_chunkwise import op
+    if backend == 'fused_chunkwise' and KERNEL_DEVICE == 'cuda' and not op.cuda_allowed():
+        pytest.skip(f'fused_chunkwise on CUDA needs {op.CUDA_OVERRIDE_ENV}=1')
+
+
 @needs_kernels
+@pytest.mark.parametrize('backend', ['fused', 'fused_chunkwise'])
 @pytest.mark.parametrize('reverse', [False, True])
-def test_mixer_core_matches_composition_of_ops(reverse):
+def test_mixer_core_matches_composition_of_ops(reverse, backend, monkeypatch):
     """The one-node mixer (conv, q/k/v and gated output recomputed in the backward) is the composition of
-    the separate ops: output and the gradient of the input and of every parameter, float64."""
+    the separate ops: output and the gradient of the input and of every parameter, float64; with the chunkwise cell
+    in chunks of 16 steps (3 chunks, the last one partial)."""
     from unittest import mock
     from mmseg_vil.models.layers import vil_block
-    mixer, x, grid = _mixer_case(reverse)
+    from mmseg_vil.models.layers.mlstm.fused_chunkwise import op
+    _skip_unvalidated_chunkwise(backend)
+    monkeypatch.setattr(op, 'DEFAULT_CHUNK_SIZE', 16)
+    mixer, x, grid = _mixer_case(reverse, backend)
     inputs = (x, *mixer.parameters())
     with mock.patch.object(vil_block, 'mixer_core', wraps=vil_block.mixer_core) as core:
         ours = mixer(x, grid)
-    assert core.call_count == 1
+    assert core.call_count == 1 and core.call_args.args[-1] == (16 if backend == 'fused_chunkwise' else 0)
     with mock.patch.object(vil_block, 'use_mixer_core', return_value=False):
         expected = mixer(x, grid)
     grad_out = torch.randn_like(ours)
@@ -234,8 +245,11 @@ def test_mixer_core_keeps_less_activation_memory():
 
 
 @needs_kernels
-def test_mixer_core_op_registration():
-    """Schema, fake (meta) implementation, autograd registration and AOT dispatch (torch.compile's view) agree."""
+@pytest.mark.parametrize('chunk_size', [0, 16])
+def test_mixer_core_op_registration(chunk_size):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch (torch.compile's view) agree, with
+    the quadratic (chunk size 0) and the chunkwise cell."""
+    _skip_unvalidated_chunkwise('fused_chunkwise' if chunk_size else 'fused')
     from mmseg_vil.models.layers.mixer_ops.mixer_core import mixer_core
     mixer, _, grid = _mixer_case(reverse=True)
     xz = torch.randn(2, 35, 64, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
@@ -244,19 +258,21 @@ def test_mixer_core_op_registration():
             torch.stack([mixer.q_proj.bias, mixer.k_proj.bias, mixer.v_proj.bias]),
             torch.cat([mixer.igate.weight, mixer.fgate.weight]), torch.cat([mixer.igate.bias, mixer.fgate.bias]),
             mixer.outnorm.weight, mixer.outnorm.bias, mixer.learnable_skip, mixer.proj_down.weight,
-            mixer.proj_down.bias, 2, 1e-5, True)
+            mixer.proj_down.bias, 2, 1e-5, True, chunk_size)
     torch.library.opcheck(mixer_core, args)
 
 
 @needs_kernels
+@pytest.mark.parametrize('backend', ['fused', 'fused_chunkwise'])
 @pytest.mark.parametrize('name', ['cls_nonsquare_interp', 'feat_tokens_square'])
-def test_mixer_core_official_parity(tmp_path, name):
-    """The official model's outputs (every block's, for the features case) with the fused backend, i.e. through
-    mixer_core, in float32."""
+def test_mixer_core_official_parity(tmp_path, name, backend):
+    """The official model's outputs (every block's, for the features case) with the Triton mLSTM backends, i.e.
+    through mixer_core, in float32."""
     from pathlib import Path
     from test_vil_parity import check_official_parity
+    _skip_unvalidated_chunkwise(backend)
     path = Path(__file__).parent / 'data' / 'vil_official' / 'vil_official_parity.pt'
-    check_official_parity(tmp_path, path, name, 'ours', mlstm_backend='fused', device=KERNEL_DEVICE)
+    check_official_parity(tmp_path, path, name, 'ours', mlstm_backend=backend, device=KERNEL_DEVICE)
 
 
 @pytest.mark.skipif(triton_ops is None, reason='needs Triton')

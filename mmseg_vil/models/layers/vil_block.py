@@ -13,7 +13,8 @@ from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
 from .linear import linear
-from .mixer_ops import conv_qkv, gated_output, mixer_core, reads_strided_halves, use_mixer_core
+from .mixer_ops import (conv_qkv, gated_output, mixer_core, mixer_core_chunk_size, reads_strided_halves,
+                        use_mixer_core)
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import mlstm, resolve_backend
 from .norm_ops import compute_dtype, layer_norm
@@ -152,7 +153,7 @@ class MLSTMMixer(nn.Module):
             return mixer_core(xz, *grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, gate_weight,
                               gate_bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                               self.proj_down.weight, self.proj_down.bias, self.num_heads, self.outnorm.eps,
-                              self.reverse)[0]
+                              self.reverse, mixer_core_chunk_size(x_mlstm, backend))[0]
         x_conv, qkv, gates = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias,
                                       gate_weight, gate_bias, self.num_heads, self.reverse, self.conv_kind)
         igate, fgate = gates.chunk(2, dim=1)

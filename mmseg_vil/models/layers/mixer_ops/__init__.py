@@ -10,10 +10,11 @@ from torch import Tensor
 from . import reference
 
 try:
+    from ..mlstm.fused_chunkwise import op as chunkwise_mlstm
     from . import triton_ops
     from .mixer_core import mixer_core
 except ImportError:  # no Triton
-    triton_ops = mixer_core = None
+    chunkwise_mlstm = triton_ops = mixer_core = None
 
 
 def _use_kernels(x: Tensor) -> bool:
@@ -30,8 +31,19 @@ def reads_strided_halves(x: Tensor) -> bool:
 
 def use_mixer_core(x: Tensor, conv_kind: str, has_biases: bool, mlstm_backend: str) -> bool:
     """Whether :func:`.mixer_core.mixer_core` runs the mixer for ``x (B, N, E)``: where the mixer kernels run, for the
-    options they cover (2d conv, biases) and the ``fused`` mLSTM backend."""
-    return _use_kernels(x) and conv_kind == '2d' and has_biases and mlstm_backend == 'fused'
+    options they cover (2d conv, biases) and the Triton mLSTM backends (``fused``, ``fused_chunkwise``)."""
+    return (_use_kernels(x) and conv_kind == '2d' and has_biases
+            and mlstm_backend in ('fused', 'fused_chunkwise'))
+
+
+def mixer_core_chunk_size(x: Tensor, mlstm_backend: str) -> int:
+    """:func:`.mixer_core.mixer_core`'s ``chunk_size`` for a mixer with the given (resolved) mLSTM backend: 0 for the
+    quadratic ``fused`` kernels, the chunkwise kernels' default chunk for ``fused_chunkwise`` (refused on CUDA where
+    that backend is, see :func:`~..mlstm.fused_chunkwise.op.refuse_unvalidated_cuda`)."""
+    if mlstm_backend != 'fused_chunkwise':
+        return 0
+    chunkwise_mlstm.refuse_unvalidated_cuda(x)
+    return chunkwise_mlstm.DEFAULT_CHUNK_SIZE
 
 
 def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
@@ -60,4 +72,5 @@ def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm
     return reference.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, eps)
 
 
-__all__ = ['conv_qkv', 'gated_output', 'mixer_core', 'reads_strided_halves', 'use_mixer_core']
+__all__ = ['conv_qkv', 'gated_output', 'mixer_core', 'mixer_core_chunk_size', 'reads_strided_halves',
+           'use_mixer_core']

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..linear import column_sums
 from ..mlstm import fused as fused_mlstm
+from ..mlstm.fused_chunkwise import op as chunkwise_mlstm
 from . import triton_ops
 
 MLSTM_EPS = 1e-6  # the cell's normaliser eps (the official default)
@@ -37,24 +38,31 @@ def _split_heads(qkv: Tensor, heads: int) -> List[Tensor]:
 def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
                qkv_weight: Tensor, qkv_bias: Tensor, gate_weight: Tensor, gate_bias: Tensor, norm_weight: Tensor,
                norm_bias: Tensor, skip: Tensor, down_weight: Tensor, down_bias: Tensor, heads: int, norm_eps: float,
-               reverse: bool) -> List[Tensor]:
+               reverse: bool, chunk_size: int) -> List[Tensor]:
     """The mixer's output ``(B, N, D)`` for the up-projection output ``xz = x_mlstm | z (B, N, 2E)``, then what the
     backward keeps: the cell output ``(B, N, NH, DH)``, the gates ``(B, 2 NH, N)`` and the cell's per-step
-    statistics."""
+    statistics. ``chunk_size``: 0 runs the cell as the quadratic tile kernels (``fused``), else as the chunkwise
+    kernels with chunks of that many steps (``fused_chunkwise``, linear in the tokens)."""
     x_mlstm, z = xz.chunk(2, dim=-1)
     x_conv, qkv, gates = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias,
                                              gate_weight, gate_bias, reverse)
     igate, fgate = gates.chunk(2, dim=1)
-    h, *stats = fused_mlstm.fused_forward(*_split_heads(qkv, heads), igate, fgate, MLSTM_EPS, reverse)
+    if chunk_size:
+        h, *stats = chunkwise_mlstm.forward_kernels(*_split_heads(qkv, heads), igate, fgate, MLSTM_EPS, chunk_size,
+                                                    reverse)
+    else:
+        h, *stats = fused_mlstm.fused_forward(*_split_heads(qkv, heads), igate, fgate, MLSTM_EPS, reverse)
     out = triton_ops.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, norm_eps)
     return [F.linear(out, down_weight.to(out.dtype), down_bias.to(out.dtype)), h, gates, *stats]
 
 
 @mixer_core.register_fake
 def _(xz, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias, norm_weight,
-      norm_bias, skip, down_weight, down_bias, heads, norm_eps, reverse):
+      norm_bias, skip, down_weight, down_bias, heads, norm_eps, reverse, chunk_size):
     batch, n, inner = xz.shape[0], xz.shape[1], xz.shape[2] // 2
     h, *stats = fused_mlstm.empty_forward_outputs(xz.new_empty(batch, heads, n, inner // heads))
+    if chunk_size:  # the chunkwise kernels keep only the row sums
+        stats = stats[2:3]
     return [xz.new_empty(batch, n, len(down_weight)), h, triton_ops.empty_gates(xz, 2 * heads), *stats]
 
 
@@ -67,7 +75,7 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
                         conv_bias: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, gate_weight: Tensor,
                         gate_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, skip: Tensor, down_weight: Tensor,
                         down_bias: Tensor, h: Tensor, gates: Tensor, stats: List[Tensor], heads: int,
-                        norm_eps: float, reverse: bool) -> List[Tensor]:
+                        norm_eps: float, reverse: bool, chunk_size: int) -> List[Tensor]:
     """The gradient of xz, and those of the parameters (in :func:`mixer_core`'s order) flattened into one tensor in
     the accumulator's dtype, from what the forward kept. One tensor: the reductions and products write the
     parameters' gradients straight into its slices, where separate outputs of a custom op would each need a copy."""
@@ -91,9 +99,14 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
     # The cell's gradients go straight into one q | k | v buffer and one gate buffer; the conv backward adds the gates'
     # share to the q | k | v gradient as it reads it.
     grad_qkv, grad_gates = torch.empty_like(qkv), torch.empty_like(gates)
-    fused_mlstm.backward_into(grad_h, *_split_heads(qkv, heads), h, *gates.chunk(2, dim=1), stats, MLSTM_EPS, reverse,
-                              *(t.unflatten(-1, (heads, -1)) for t in grad_qkv.chunk(3, dim=-1)),
-                              *grad_gates.chunk(2, dim=1))
+    grad_q_k_v = [t.unflatten(-1, (heads, -1)) for t in grad_qkv.chunk(3, dim=-1)]
+    if chunk_size:
+        chunkwise_mlstm.backward_kernels_into(grad_h, *_split_heads(qkv, heads), *gates.chunk(2, dim=1), h, *stats,
+                                              MLSTM_EPS, chunk_size, reverse, *grad_q_k_v,
+                                              *(g.transpose(1, 2) for g in grad_gates.chunk(2, dim=1)))
+    else:
+        fused_mlstm.backward_into(grad_h, *_split_heads(qkv, heads), h, *gates.chunk(2, dim=1), stats, MLSTM_EPS,
+                                  reverse, *grad_q_k_v, *grad_gates.chunk(2, dim=1))
     triton_ops.conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x_mlstm, qkv, height, width, conv_weight,
                                       conv_bias, qkv_weight, gate_weight, reverse, grad_x_mlstm, conv_part)
     return [grad_xz, flat]
@@ -112,9 +125,8 @@ def _(grad_y, xz, height, width, *params_h_gates_stats_options):
 
 def _setup_context(ctx, inputs, output) -> None:
     xz, height, width, *params = inputs[:3 + _NUM_PARAMS]
-    heads, norm_eps, reverse = inputs[3 + _NUM_PARAMS:]
     ctx.save_for_backward(xz, *params, *output[1:])
-    ctx.options = (height, width, heads, norm_eps, reverse)
+    ctx.options = (height, width, *inputs[3 + _NUM_PARAMS:])  # heads, norm_eps, reverse, chunk_size
     ctx.set_materialize_grads(False)
 
 
@@ -122,12 +134,12 @@ def _backward(ctx, grads):
     grad_y = grads[0]  # the other outputs are kept for the backward, not differentiated
     xz, *rest = ctx.saved_tensors
     params, (h, gates, *stats) = rest[:_NUM_PARAMS], rest[_NUM_PARAMS:]
-    height, width, heads, norm_eps, reverse = ctx.options
+    height, width, *options = ctx.options
     if grad_y is None:
         grad_y = torch.zeros(*xz.shape[:2], len(params[-2]), dtype=xz.dtype, device=xz.device)
-    grad_xz, flat = mixer_core_backward(grad_y, xz, height, width, *params, h, gates, stats, heads, norm_eps, reverse)
+    grad_xz, flat = mixer_core_backward(grad_y, xz, height, width, *params, h, gates, stats, *options)
     param_grads = (g.view(p.shape).to(p.dtype) for g, p in zip(flat.split([p.numel() for p in params]), params))
-    return grad_xz, None, None, *param_grads, None, None, None
+    return grad_xz, None, None, *param_grads, *(None for _ in options)
 
 
 mixer_core.register_autograd(_backward, setup_context=_setup_context)

@@ -27,7 +27,7 @@ Launches:
    deterministic. dfgate = dlog f * sigmoid(-fgate).
 Splitting dq from dk/dv keeps each kernel's live tiles few enough to stay in registers.
 """
-from typing import List
+from typing import List, Optional, Sequence
 
 import torch
 import triton
@@ -315,8 +315,9 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
 
 
 def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor,
-             row_sum: Tensor, eps: float, config: dict) -> List[Tensor]:
-    """Gradients of q, k, v as ``(B, N, NH, DH)`` buffers and of igate, fgate as ``(B, N, NH)`` buffers.
+             row_sum: Tensor, eps: float, config: dict, out: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
+    """Gradients of q, k, v as ``(B, N, NH, DH)`` buffers and of igate, fgate as ``(B, N, NH)`` buffers: ``out`` if
+    given (any strides with a unit head-dim stride for dq, dk, dv), else fresh ones.
 
     ``grad_h`` and ``h`` are ``(B, N, NH, DH)`` (any strides with a unit head-dim stride), ``row_sum`` is the
     forward's.
@@ -346,12 +347,15 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
         crossing, *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads, num_chunks,
         **{**config, **STATE_LAUNCH})
 
-    dq, dk, dv = (token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3))
+    dq, dk, dv, d_igate, d_fgate = out or (*(token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3)),
+                                           token_major_buffer((batch, n, heads), igate),
+                                           token_major_buffer((batch, n, heads), fgate))
+    if dk.stride() != dv.stride() or d_igate.stride() != d_fgate.stride():  # the key kernel takes one set of each
+        raise ValueError(f'dk, dv strides {dk.stride()}, {dv.stride()} or d_igate, d_fgate strides '
+                         f'{d_igate.stride()}, {d_fgate.stride()} differ')
     mlstm_chunk_grad_query_kernel[grid](
         q, k, v, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_m, state_c, state_n, dq, row_total,
         *token_args, *token_major_strides(dq), n, heads, num_chunks, scale, **config)
-    d_igate = token_major_buffer((batch, n, heads), igate)
-    d_fgate = token_major_buffer((batch, n, heads), fgate)
     mlstm_chunk_grad_key_kernel[grid](
         q, k, v, grad_h, igate, fgate, *steps, chunk_max, gates['chunk_argmax'], inv_divisor, row_shift, grad_m,
         row_total, state_grad_m, grad_state_c, grad_state_n, crossing, dk, dv, d_igate, d_fgate, *token_args,

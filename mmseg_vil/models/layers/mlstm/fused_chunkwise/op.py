@@ -5,7 +5,7 @@ re-traces our kernels. A custom op must return fresh tensors, so the ops return 
 buffers and the Python wrappers turn them into the ``(B, NH, N, DH)`` views the callers expect.
 """
 import os
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -105,13 +105,33 @@ def mlstm_fused_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate:
     Returns:
         ``(B, NH, N, DH)`` in the dtype of ``q``: a transposed view of a contiguous ``(B, N, NH, DH)`` tensor.
     """
+    refuse_unvalidated_cuda(q)
+    return mlstm_fused_chunkwise_kernels(q, k, v, igate, fgate, eps, reverse, chunk_size)
+
+
+def refuse_unvalidated_cuda(q: Tensor) -> None:
+    """Raise for CUDA tensors unless :func:`cuda_allowed`: benchmarks/RESULTS.md (H200, 2026-12-04) had an illegal
+    memory access in the GPU check, and head dims below 16 did not compile on Triton 3.6. Exact and in bounds under
+    the interpreter (tests/triton_bounds.py), also with the CUDA tiles; refused on CUDA until a GPU run confirms it."""
     if q.device.type == 'cuda' and not cuda_allowed():
-        # benchmarks/RESULTS.md (H200, 2026-12-04): an illegal memory access in the GPU check, and head dims below 16
-        # did not compile on Triton 3.6. Exact and in bounds under the interpreter (tests/triton_bounds.py), also
-        # with the CUDA tiles; refused on CUDA until a GPU run confirms it.
         raise RuntimeError("The fused_chunkwise mLSTM backend is not yet validated on CUDA (benchmarks/RESULTS.md); "
                            f"use mlstm_backend='fused' or 'auto' (or set {CUDA_OVERRIDE_ENV}=1 to validate it).")
-    return mlstm_fused_chunkwise_kernels(q, k, v, igate, fgate, eps, reverse, chunk_size)
+
+
+def forward_kernels(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, chunk_size: int,
+                    reverse: bool) -> Tuple[Tensor, Tensor]:
+    """The forward kernels outside autograd, for callers with their own backward (the ViL mixer's one op):
+    ``h (B, N, NH, DH)`` and the row sums ``(B*NH, N)`` that :func:`backward_kernels_into` needs."""
+    return _forward_kernels.forward(q, k, v, igate, fgate, eps, _config(q.shape[-1], chunk_size, reverse, q.dtype))
+
+
+def backward_kernels_into(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor,
+                          row_sum: Tensor, eps: float, chunk_size: int, reverse: bool, dq: Tensor, dk: Tensor,
+                          dv: Tensor, d_igate: Tensor, d_fgate: Tensor) -> None:
+    """The backward kernels writing into the caller's buffers: ``dq, dk, dv (B, N, NH, DH)`` and ``d_igate, d_fgate
+    (B, N, NH)`` of any strides (e.g. head views of one q | k | v gradient buffer)."""
+    _backward_kernels.backward(grad_h, q, k, v, igate, fgate, h, row_sum, eps,
+                               _config(q.shape[-1], chunk_size, reverse, q.dtype), out=(dq, dk, dv, d_igate, d_fgate))
 
 
 def mlstm_fused_chunkwise_kernels(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6,
