@@ -6,6 +6,8 @@
 #   quick     the same for ViL-T vs DeiT-T at 224/512/1024 only
 #   rest      what backbone adds to quick: ViL-S vs DeiT-S at 224/512/1024, all four at 2048
 #   compile   ViL-T vs DeiT-T training step under torch.compile (default mode) at 224 and 512
+#   highres   ViL-T with the quadratic (fused) and the chunkwise (fused_chunkwise) mLSTM vs DeiT-T at 1024 and 2048,
+#             then a per-kernel profile of the chunkwise ViL-T step at 2048 (batch 2)
 #   chunkcheck  the fused_chunkwise kernel tests on CUDA (MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1), then one check case
 #             under compute-sanitizer's memcheck (the 2026-12-04 illegal memory access)
 #   cell      the mLSTM cell alone against SDPA (benchmarks/mlstm_kernel_check.py --quick)
@@ -41,6 +43,11 @@ for part in $parts; do
     compile) timeout 400 python3 tools/benchmark.py --modes train --iters 5 --warmup 3 --repeats 3 --execution compile \
              --models vil-t deit-t --sizes 224 512 --batch 224=64 512=32 --out-dir "$out/compile" 2>&1 \
              | grep -v -i warn | tail -30 | tee -a "$out/log.txt" ;;
+    highres) MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 300 $bench --models vil-t vil-t@fused_chunkwise deit-t \
+             --sizes 1024 2048 --batch 1024=8 2048=2 --out-dir "$out/highres" 2>&1 | grep -v -i warn | tail -30 \
+             | tee -a "$out/log.txt"
+           MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 120 python3 benchmarks/profile_vil_step.py --backend fused_chunkwise \
+             --size 2048 --batch 2 --out "$out/profile_2048_b2_chunkwise.txt" 2>&1 | head -30 | tee -a "$out/log.txt" ;;
     backbone) timeout 420 $bench --models vil-t deit-t vil-s deit-s --sizes 224 512 1024 2048 \
              --batch 224=64 512=32 1024=8 2048=2 --out-dir "$out/backbone" 2>&1 | grep -v -i warn | tail -60 \
              | tee -a "$out/log.txt" ;;

@@ -48,10 +48,11 @@ def _check(ours, expected, inputs, dtype, gen):
 
 
 # float64 checks the formulas tightly; float32 the mixed-precision loads and stores of the CUDA path. (13, 11): 143
-# tokens, several backward programs along the tokens (triton_ops.CONV_BACKWARD), the last one partly outside.
-# num_gates: 2 x heads (8 in every released model), 3 where no power of two is assumed.
+# tokens, several backward programs along the tokens (triton_ops.CONV_BACKWARD), the last one partly outside. (9, 7)
+# with a 5x5 kernel: the input-gradient launch's 25 tap accumulators over several token tiles of a non-square grid,
+# 6 of a tile's 8 channel groups. num_gates: 2 x heads (8 in every released model), 3 where no power of two is assumed.
 CONV_CASES = [((5, 7), 16, 3, False, 4, torch.float64), ((5, 7), 16, 3, True, 2, torch.float64),
-              ((13, 11), 8, 3, True, 3, torch.float64),
+              ((13, 11), 8, 3, True, 3, torch.float64), ((9, 7), 24, 5, False, 2, torch.float64),
               ((3, 2), 136, 5, True, 8, torch.float64), ((1, 1), 8, 3, False, 2, torch.float64),
               ((9, 4), 72, 3, True, 8, torch.float32)]
 

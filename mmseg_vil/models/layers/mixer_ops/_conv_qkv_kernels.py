@@ -21,8 +21,9 @@ and v are read as the mLSTM's plus the gates' share (``grad_gates @ gate_weight`
 the conv, store the gradient at its pre-activation, and sum the conv bias and the q and k weight and bias gradients;
 (2) the gradient of the input, which gathers the pre-activation gradient of neighbouring tokens (other programs'
 tiles, hence the second launch) plus the v path, the v weight and bias gradients (v's gradient is at hand there, so
-launch 1 neither reads it nor keeps its four weight-gradient tiles), then the conv weight gradient (tap ``d`` of
-channel ``c``: sum over tokens ``s`` of ``x[s] dpre[s - d]``).
+launch 1 neither reads it nor keeps its four weight-gradient tiles), and in the same walk the conv weight gradient
+(tap ``d`` of channel ``c``: sum over tokens ``s`` of ``x[s] dpre[s - d]``, the shifted value that the input gradient
+reads anyway), so each tile's x and each tap's shifted dpre are loaded once; one register tile per tap holds its sums.
 """
 import triton
 import triton.language as tl
@@ -31,14 +32,20 @@ GROUP = tl.constexpr(4)  # channels per block of the block-diagonal projections
 
 
 @triton.jit
-def _tap(X, image, offs_t, chan, tap_y, tap_x, height, width, chans, row_len, KSIZE: tl.constexpr,
+def _grid_position(offs_t, width):
+    """Row and column of tokens on the ``(height, width)`` grid: once per tile, shared by all its taps."""
+    return offs_t // width, offs_t % width
+
+
+@triton.jit
+def _tap(X, image, row, col, chan, tap_y, tap_x, height, width, chans, row_len, KSIZE: tl.constexpr,
          ACC: tl.constexpr):
-    """``x`` (rows of ``row_len`` elements) at the token offset by tap ``(tap_y, tap_x)`` of a KSIZE x KSIZE kernel
-    (zero outside the image)."""
-    row = offs_t // width + (tap_y - KSIZE // 2)
-    col = offs_t % width + (tap_x - KSIZE // 2)
-    inside = (offs_t < height * width) & (row >= 0) & (row < height) & (col >= 0) & (col < width)
-    ptrs = X + image + (row * width + col)[:, None] * row_len + chan[None, :]
+    """``x`` (rows of ``row_len`` elements) at the tokens at ``(row, col)`` offset by tap ``(tap_y, tap_x)`` of a
+    KSIZE x KSIZE kernel (zero outside the image; ``row >= height``: a token past the image's last)."""
+    tap_row = row + (tap_y - KSIZE // 2)
+    tap_col = col + (tap_x - KSIZE // 2)
+    inside = (row < height) & (tap_row >= 0) & (tap_row < height) & (tap_col >= 0) & (tap_col < width)
+    ptrs = X + image + (tap_row * width + tap_col)[:, None] * row_len + chan[None, :]
     return tl.load(ptrs, mask=inside[:, None] & (chan[None, :] < chans), other=0.0).to(ACC)
 
 
@@ -60,11 +67,12 @@ def _conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE: tl.constexpr, REVERSE
 def _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, row_len, KSIZE: tl.constexpr,
           REVERSE: tl.constexpr, ACC: tl.constexpr):
     """Pre-activation of the depthwise conv on a ``(tokens, channels)`` tile."""
+    row, col = _grid_position(offs_t, width)
     pre = tl.zeros((offs_t.shape[0], chan.shape[0]), dtype=ACC)
     for tap_y in tl.static_range(KSIZE):
         for tap_x in tl.static_range(KSIZE):
             pre += (_conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE, REVERSE, ACC)
-                    * _tap(X, image, offs_t, chan, tap_y, tap_x, height, width, chans, row_len, KSIZE, ACC))
+                    * _tap(X, image, row, col, chan, tap_y, tap_x, height, width, chans, row_len, KSIZE, ACC))
     return pre + tl.load(CONV_B + chan, mask=chan < chans, other=0.0).to(ACC)[None, :]
 
 
@@ -346,11 +354,18 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
 
 
 @triton.jit
-def _grad_pre_at(GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE: tl.constexpr,
+def _grad_pre_at(GRAD_PRE, image, row, col, chan, tap_y, tap_x, height, width, chans, KSIZE: tl.constexpr,
                  ACC: tl.constexpr):
     """``dpre[s - d]`` for tap ``(tap_y, tap_x)`` with offset ``d``: the tap rotated by 180 degrees."""
-    return _tap(GRAD_PRE, image, offs_t, chan, KSIZE - 1 - tap_y, KSIZE - 1 - tap_x, height, width, chans, chans,
+    return _tap(GRAD_PRE, image, row, col, chan, KSIZE - 1 - tap_y, KSIZE - 1 - tap_x, height, width, chans, chans,
                 KSIZE, ACC)
+
+
+@triton.jit
+def _add_at(tiles, index: tl.constexpr, term):
+    """The tuple ``tiles`` with ``term`` added to its entry ``index`` (tuples are immutable; the index is static,
+    so each entry stays in registers of its own)."""
+    return tiles[:index] + (tiles[index] + term,) + tiles[index + 1:]
 
 
 @triton.jit
@@ -362,9 +377,9 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
     the partial sums of the conv weight and the v weight and bias gradients (columns of launch 1's PARTIAL rows).
 
     Forward ``pre[t] = sum_d w[d] x[t + d]`` gives ``dx[s] = sum_d w[d] dpre[s - d]`` and
-    ``dw[d] = sum_s x[s] dpre[s - d]``. First dx and the v terms, tile by tile, tap by tap; then dw tap by tap, each a
-    second walk over the program's tokens (few: their x and dpre are still in the L1 cache), so that one
-    ``(tokens, channels)`` accumulator suffices instead of one per tap.
+    ``dw[d] = sum_s x[s] dpre[s - d]``: the same shifted ``dpre`` for both, so one walk over the program's tiles loads
+    each tile's x and each tap's shifted dpre once, adds it to dx and its product with x to the tap's accumulator
+    (``tap_sums``: one ``(tokens, channels)`` register tile per tap, summed across threads once at the end).
     """
     groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
     x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X and GRAD_X: rows of x_row elements
@@ -372,29 +387,28 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
     zero = tl.zeros((BLOCK_T, BLOCK_G * GROUP), dtype=ACC)
     bias_v, wv0, wv1, wv2, wv3 = zero, zero, zero, zero, zero
+    tap_sums = (zero,) * (KSIZE * KSIZE)  # entry tap_y * KSIZE + tap_x
     for tile in range(first_tile, end_tile):
         offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
+        row, col = _grid_position(offs_t, width)
+        x = _load_tile(X, x_image, offs_t, chan, x_row, 0, ok, ACC)
         dv = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 2, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
         bias_v += dv
-        wv0, wv1, wv2, wv3 = _add_outer(wv0, wv1, wv2, wv3, dv, _load_tile(X, x_image, offs_t, chan, x_row, 0, ok, ACC),
-                                        BLOCK_T, BLOCK_G)  # v projects x
+        wv0, wv1, wv2, wv3 = _add_outer(wv0, wv1, wv2, wv3, dv, x, BLOCK_T, BLOCK_G)  # v projects x
         grad = _block_diagonal_tile(dv, QKV_W, 2, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC)
         for tap_y in tl.static_range(KSIZE):
             for tap_x in tl.static_range(KSIZE):
-                grad += (_conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE, REVERSE, ACC)
-                         * _grad_pre_at(GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE, ACC))
+                grad_pre = _grad_pre_at(GRAD_PRE, image, row, col, chan, tap_y, tap_x, height, width, chans, KSIZE,
+                                        ACC)
+                grad += _conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE, REVERSE, ACC) * grad_pre
+                tap_sums = _add_at(tap_sums, tap_y * KSIZE + tap_x, x * grad_pre)
         tl.store(_tile_ptrs(GRAD_X, x_image, offs_t, chan, x_row, 0), grad.to(GRAD_X.dtype.element_ty), mask=ok)
     chan_ok = chan < chans
     for tap_y in tl.static_range(KSIZE):
         for tap_x in tl.static_range(KSIZE):
-            grad_w = tl.zeros((BLOCK_T, BLOCK_G * GROUP), dtype=ACC)
-            for tile in range(first_tile, end_tile):
-                offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
-                grad_w += _load_tile(X, x_image, offs_t, chan, x_row, 0, ok, ACC) * _grad_pre_at(
-                    GRAD_PRE, image, offs_t, chan, tap_y, tap_x, height, width, chans, KSIZE, ACC)
             tl.store(PARTIAL + part_row + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),
-                     tl.sum(grad_w, axis=0), mask=chan_ok)
+                     tl.sum(tap_sums[tap_y * KSIZE + tap_x], axis=0), mask=chan_ok)
     weights = PARTIAL + part_row + chans * (KSIZE * KSIZE + 1)
     _store_weight_sums(weights + 2 * chans * GROUP, chan, chan_ok, wv0, wv1, wv2, wv3)
     tl.store(weights + 3 * chans * GROUP + 2 * chans + chan, tl.sum(bias_v, axis=0), mask=chan_ok)

@@ -34,7 +34,9 @@ CONV_FORWARD = dict(BLOCK_T=128, BLOCK_G=8, num_warps=4)
 # on an H100 (Triton 3.6, 2026-12-06; 105 us before), no spills.
 CONV_BACKWARD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=2, TILES=8, maxnreg=None)
 # TILES: the same tokens per program as CONV_BACKWARD. 2 warps: 97 instead of 102 us with 4 at 224 (with v's weight
-# gradient, 89 us before it moved here).
+# gradient, 89 us before it moved here), timed when the conv weight gradient took a second walk per tap. The single
+# walk is not timed yet; its per-tap register tiles take ptxas (sm_90, bfloat16) to 255 registers at 2 warps (12 bytes
+# spilled outside the loop) and 128 at 4 warps, no spills.
 CONV_INPUT_GRAD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=2)
 # Gated output: elements of a program's (tokens, head dims) tile, warps, and the token tiles each backward program
 # walks.
