@@ -14,7 +14,7 @@ and multiplies by the gate weights one of q, k, v at a time (few live tiles); th
 per projection (tensor cores) of the stored q | k | v and the gate weights rounded to the activations' dtype, as the
 official model computes them under autocast.
 
-Backward, two launches whose programs each walk ``TILES`` token tiles, adding the weight-gradient terms of every
+Backward, three launches whose programs each walk ``TILES`` token tiles, adding the weight-gradient terms of every
 tile into register tiles and reducing them once at the end: one partial row per program (summed by the caller:
 deterministic, no atomics), and a reduction across threads per program instead of per tile. The gradients of q, k
 and v are read as the mLSTM's plus the gates' share (``grad_gates @ gate_weight``, added on the fly). (1) Recompute
@@ -23,7 +23,10 @@ the conv, store the gradient at its pre-activation, and sum the conv bias and th
 tiles, hence the second launch) plus the v path, the v weight and bias gradients (v's gradient is at hand there, so
 launch 1 neither reads it nor keeps its four weight-gradient tiles), and in the same walk the conv weight gradient
 (tap ``d`` of channel ``c``: sum over tokens ``s`` of ``x[s] dpre[s - d]``, the shifted value that the input gradient
-reads anyway), so each tile's x and each tap's shifted dpre are loaded once; one register tile per tap holds its sums.
+reads anyway), so each tile's x and each tap's shifted dpre are loaded once; one register tile per tap holds its sums;
+(3) the gate weight and bias gradients (``grad_gates^T @ q | k | v`` and the sums of ``grad_gates``), so that the
+partial rows hold every parameter's gradient in the order of the caller's flat buffer and one sum finishes them all
+(a kernel of its own: launches 1 and 2 use all their registers).
 """
 import triton
 import triton.language as tl
@@ -259,12 +262,12 @@ def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_C
 
 
 @triton.jit
-def _walk_setup(height, width, chans, KSIZE: tl.constexpr, BLOCK_G: tl.constexpr):
+def _walk_setup(height, width, chans, KSIZE: tl.constexpr, NUM_GATES: tl.constexpr, BLOCK_G: tl.constexpr):
     """Channel groups, channels, image offset and partial row of a backward program (grid: token ranges, groups,
-    batch)."""
+    batch). A partial row: ``[conv weight | conv bias | qkv weight | qkv bias | gate weight | gate bias]``."""
     groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     image = tl.program_id(2).to(tl.int64) * height * width * chans
-    row_len = chans * (KSIZE * KSIZE + 1) + 3 * chans * GROUP + 3 * chans
+    row_len = chans * (KSIZE * KSIZE + 1) + 3 * chans * GROUP + 3 * chans + NUM_GATES * (3 * chans + 1)
     part_row = (tl.program_id(2).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * row_len
     return groups, groups < chans // GROUP, _tile_channels(BLOCK_G), image, part_row
 
@@ -314,7 +317,7 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
     """Launch 1 of the backward (module docstring): grad_pre, and the partial sums of the conv bias and q/k weight
     and bias gradients. PARTIAL: one row per program, ``[conv weight | conv bias | qkv weight | qkv bias]`` (launch 2
     writes the other columns). The gradients of q and k are GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
-    groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
+    groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, NUM_GATES, BLOCK_G)
     x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X: rows of x_row elements
     n_tokens = height * width
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
@@ -381,7 +384,7 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
     each tile's x and each tap's shifted dpre once, adds it to dx and its product with x to the tap's accumulator
     (``tap_sums``: one ``(tokens, channels)`` register tile per tap, summed across threads once at the end).
     """
-    groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, BLOCK_G)
+    groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, NUM_GATES, BLOCK_G)
     x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X and GRAD_X: rows of x_row elements
     n_tokens = height * width
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
@@ -412,3 +415,58 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
     weights = PARTIAL + part_row + chans * (KSIZE * KSIZE + 1)
     _store_weight_sums(weights + 2 * chans * GROUP, chan, chan_ok, wv0, wv1, wv2, wv3)
     tl.store(weights + 3 * chans * GROUP + 2 * chans + chan, tl.sum(bias_v, axis=0), mask=chan_ok)
+
+
+@triton.jit
+def _add_gate_weight_terms(acc, grad_gates, src, NUM_GATES: tl.constexpr, DATA: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``acc (gate block, channels) + grad_gates^T @ src`` for a ``(tokens, gate block)`` tile of gate gradients and a
+    ``(tokens, channels)`` tile of one projection's output: a ``tl.dot`` where :func:`_gate_dots` allows (exact
+    products of 16-bit values), else a reduction over the tokens per gate."""
+    if _gate_dots(ACC, BLOCK_T, BLOCK_G):
+        return tl.dot(tl.trans(grad_gates), src, acc, input_precision=_dot_precision(DATA))
+    gate = tl.arange(0, _gate_block(NUM_GATES))
+    for g in tl.static_range(NUM_GATES):
+        column = tl.sum(tl.where(gate[None, :] == g, grad_gates, 0.0), axis=1)
+        acc += tl.where(gate[:, None] == g, tl.sum(column[:, None] * src, axis=0)[None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def conv_qkv_gate_grad_kernel(QKV, GRAD_GATES, PARTIAL, height, width, chans, stride_gate_b, stride_gate_g,
+                              stride_gate_n, KSIZE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
+    """Launch 3 of the backward: the partial sums of the gate weight gradient ``grad_gates^T @ q | k | v`` (the gate
+    gradient rounded to q | k | v's dtype: the official gate layer's 16-bit product under autocast) and, in channel
+    tile 0, of the gate bias gradient (the sums of the unrounded gate gradients), as the last columns of launches 1
+    and 2's PARTIAL rows (the same grid). ``QKV``: the forward's q | k | v, rows of ``3 * chans``."""
+    _, _, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, NUM_GATES, BLOCK_G)
+    n_tokens = height * width
+    first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
+    gate = tl.arange(0, _gate_block(NUM_GATES))
+    gates = GRAD_GATES + tl.program_id(2).to(tl.int64) * stride_gate_b + gate[None, :] * stride_gate_g
+    DATA = QKV.dtype.element_ty
+    weight_q = tl.zeros((_gate_block(NUM_GATES), BLOCK_G * GROUP), dtype=ACC)
+    weight_k, weight_v = weight_q, weight_q
+    bias = tl.zeros((BLOCK_T, _gate_block(NUM_GATES)), dtype=ACC)
+    for tile in range(first_tile, end_tile):
+        offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
+        grad_gates = tl.load(gates + offs_t[:, None] * stride_gate_n,
+                             mask=(offs_t[:, None] < n_tokens) & (gate[None, :] < NUM_GATES), other=0.0).to(ACC)
+        bias += grad_gates
+        rounded = grad_gates.to(DATA).to(ACC)
+        weight_q = _add_gate_weight_terms(weight_q, rounded, _load_tile(QKV, image * 3, offs_t, chan, 3 * chans, 0, ok,
+                                                                        ACC), NUM_GATES, DATA, ACC, BLOCK_T, BLOCK_G)
+        weight_k = _add_gate_weight_terms(weight_k, rounded, _load_tile(QKV, image * 3, offs_t, chan, 3 * chans, chans,
+                                                                        ok, ACC), NUM_GATES, DATA, ACC, BLOCK_T, BLOCK_G)
+        weight_v = _add_gate_weight_terms(weight_v, rounded, _load_tile(QKV, image * 3, offs_t, chan, 3 * chans,
+                                                                        2 * chans, ok, ACC),
+                                          NUM_GATES, DATA, ACC, BLOCK_T, BLOCK_G)
+    weights = PARTIAL + part_row + chans * (KSIZE * KSIZE + 1) + 3 * chans * GROUP + 3 * chans
+    entry = weights + gate[:, None] * (3 * chans) + chan[None, :]
+    stored = (gate[:, None] < NUM_GATES) & (chan[None, :] < chans)
+    tl.store(entry, weight_q, mask=stored)
+    tl.store(entry + chans, weight_k, mask=stored)
+    tl.store(entry + 2 * chans, weight_v, mask=stored)
+    tl.store(weights + NUM_GATES * 3 * chans + gate, tl.sum(bias, axis=0),
+             mask=(gate < NUM_GATES) & (tl.program_id(1) == 0))

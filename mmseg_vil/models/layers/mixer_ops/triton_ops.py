@@ -148,23 +148,24 @@ def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Te
     gather_grid, gather_config = _conv_launch(x, CONV_INPUT_GRAD, tokens_per_program)
     acc_dtype = _accumulator(x.dtype)[0]
     grad_pre = x.new_empty(x.shape)  # in the activations' dtype, as autograd of the official conv has it
-    sizes = [chans * ksize * ksize, chans, 3 * chans * GROUP, 3 * chans]
-    partial = torch.empty(grid[0] * grid[2], sum(sizes), dtype=acc_dtype, device=x.device)
+    shapes = [conv_weight.shape, conv_bias.shape, qkv_weight.shape, (3, chans), gate_weight.shape, (len(gate_weight),)]
+    flat, views = _flat_grads(shapes, acc_dtype, x.device, param_grads)
+    # One partial row per (token range, image), the same tokens per program (grid[0]) in all three launches, with the
+    # columns of the flat gradient buffer: one sum over the rows gives every gradient.
+    partial = torch.empty(grid[0] * grid[2], flat.numel(), dtype=acc_dtype, device=x.device)
     conv_weight, qkv_weight, gate_weight = conv_weight.contiguous(), qkv_weight.contiguous(), gate_weight.contiguous()
-    grad_qkv = grad_qkv.contiguous()
+    grad_qkv, qkv = grad_qkv.contiguous(), qkv.contiguous()
     gates = dict(NUM_GATES=len(gate_weight), KSIZE=ksize, REVERSE=reverse)
     conv_kernels.conv_qkv_backward_kernel[grid](
         x, conv_weight, conv_bias, qkv_weight, gate_weight, grad_x_conv.contiguous(), grad_qkv, grad_gates, grad_pre,
         partial, height, width, chans, x_row, *grad_gates.stride(), **gates, **config)
-    # One partial row per (token range, image) in both launches: the same tokens per program (grid[0]).
     conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
         grad_pre, x, conv_weight, qkv_weight, gate_weight, grad_qkv, grad_gates, grad_x, partial, height, width,
         chans, x_row, *grad_gates.stride(), **gates, **gather_config)
-    shapes = [conv_weight.shape, conv_bias.shape, qkv_weight.shape, (3, chans), gate_weight.shape, (len(gate_weight),)]
-    flat, views = _flat_grads(shapes, acc_dtype, x.device, param_grads)
-    torch.sum(partial, 0, out=flat[:sum(sizes)])
-    views[4].copy_(grad_gates.transpose(0, 1).flatten(1).to(qkv.dtype) @ qkv.flatten(0, 1))
-    torch.sum(grad_gates.sum(2), 0, out=views[5])  # along the tokens first: (B, G) rows, then few
+    conv_kernels.conv_qkv_gate_grad_kernel[grid](
+        qkv, grad_gates, partial, height, width, chans, *grad_gates.stride(), NUM_GATES=len(gate_weight), KSIZE=ksize,
+        **{k: v for k, v in config.items() if k != 'maxnreg'})
+    torch.sum(partial, 0, out=flat)
     return views
 
 
