@@ -8,6 +8,7 @@ every test passed (none skipped), and every kernel access is bounds-checked ther
 the kernels are refused for now, and the tests run in this process only with MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 (the
 GPU validation run). Sizes are small because the interpreter is slow.
 """
+import contextlib
 import functools
 import os
 import re
@@ -26,7 +27,7 @@ if 'fused_chunkwise' in MLSTM_BACKENDS:
     from triton_bounds import OutOfBoundsAccess, checked_accesses
 
     from mmseg_vil.models.layers.mlstm import fused, mlstm_fused_chunkwise
-    from mmseg_vil.models.layers.mlstm.fused_chunkwise import op
+    from mmseg_vil.models.layers.mlstm.fused_chunkwise import forward as chunkwise_forward, op
     from mmseg_vil.models.layers.mlstm.fused_chunkwise.tiles import head_dim_block
 
 # Refused on CUDA until a GPU run validates it (benchmarks/RESULTS.md, 2026-12-04): the interpreter only, unless that
@@ -55,11 +56,8 @@ def reference_case(n, head_dim, dtype, reverse=False, seed=0, gates='vil'):
     """Inputs (batch 1, 2 heads), output gradient, float64 reference output and gradients; ``reverse`` flips the
     token order around the reference, which is what the reversed cell must compute."""
     *inputs, grad_h = make_inputs(n, head_dim, dtype, seed, batch=1, heads=2)
-    if gates == 'extreme':  # exp input gates of e^+-100 and forget gates from ~0 to ~1
-        gen = torch.Generator().manual_seed(seed)
-        inputs[3] = (100 * torch.randn(1, 2, n, generator=gen, dtype=F64).sign()
-                     + torch.randn(1, 2, n, generator=gen, dtype=F64)).to(dtype).double()
-        inputs[4] = (60 * torch.rand(1, 2, n, generator=gen, dtype=F64) - 30).to(dtype).double()
+    if gates != 'vil':
+        inputs[3], inputs[4] = (x.to(dtype).double() for x in extreme_gates(n, seed, quiet=gates == 'moving'))
     inputs = [x.requires_grad_() for x in inputs]
     if reverse:
         expected = reference_float64(*(x.flip(-2 if x.dim() == 4 else -1) for x in inputs))[0].flip(-2)
@@ -67,6 +65,20 @@ def reference_case(n, head_dim, dtype, reverse=False, seed=0, gates='vil'):
         expected = reference_float64(*inputs)[0]
     expected_grads = torch.autograd.grad(expected, inputs, grad_h)
     return [x.detach() for x in inputs], grad_h, expected.detach(), expected_grads
+
+
+def extreme_gates(n, seed, quiet=False):
+    """Input gates of +-100 and forget gates from ~0 to ~1 (exp input gates of e^+-100); with ``quiet``, every third
+    stretch of 24 steps has input gates ~ -100 and forget gates ~ 1 instead, so that m carries over whole chunks of 16
+    (in both directions) as well as moving to later keys within them."""
+    gen = torch.Generator().manual_seed(seed)
+    igate = 100 * torch.randn(1, 2, n, generator=gen, dtype=F64).sign() + torch.randn(1, 2, n, generator=gen, dtype=F64)
+    fgate = 60 * torch.rand(1, 2, n, generator=gen, dtype=F64) - 30
+    if quiet:
+        calm = torch.arange(n) // 24 % 3 == 1
+        igate = torch.where(calm, igate.abs().neg(), igate)
+        fgate = torch.where(calm, 20 + fgate / 30, fgate)
+    return igate, fgate
 
 
 def chunkwise_errors(n, head_dim, dtype, chunk_size, reverse=False, gates='vil'):
@@ -112,6 +124,60 @@ def test_kernel_extreme_gates(dtype):
     """Input gates around +-100 and forget gates from -30 to 30: everything finite and equal to the reference (float32
     in the reversed direction, to cover both)."""
     assert_matches_reference(130, 8, dtype, 32, reverse=dtype == F32, gates='extreme')
+
+
+@needs_kernels
+@pytest.mark.parametrize('dtype', [F64, F32])
+def test_kernel_max_moves_between_chunks(dtype):
+    """Many chunks (a partial last one) with the extreme gates and quiet stretches, where m carries over whole chunks
+    and also moves within them: equal to the reference (float32 in the reversed direction)."""
+    assert_matches_reference(200, 8, dtype, 16, reverse=dtype == F32, gates='moving')
+
+
+def chunk_states_reference(k, v, igate, fgate, chunk_size):
+    """What ``forward.chunk_states`` stores, from the definitions of scans.py in float64 and in the global frame
+    (F, M = cummax of i - F, the argmax ties to the later step as torch.cummax's), for flattened heads: per step the
+    local cumsum b, mu = M + F before the chunk and the argmax; per chunk end m and its argmax; the states C, n after
+    every chunk but the last."""
+    k, v, igate, fgate = (x.flatten(0, 1).cpu().double() for x in (k, v, igate, fgate))
+    n = igate.shape[-1]
+    cum_log_f = torch.nn.functional.logsigmoid(fgate).cumsum(-1)
+    run_max, argmax = torch.cummax(igate - cum_log_f, -1)
+    starts = torch.arange(n) // chunk_size * chunk_size
+    before = torch.where(starts > 0, cum_log_f[:, (starts - 1).clamp(min=0)], 0.0)  # F before the step's chunk
+    ends = torch.arange(chunk_size - 1, n + chunk_size - 1, chunk_size).clamp(max=n - 1)
+    weights = torch.exp((igate - cum_log_f)[:, None, :] - run_max[:, ends[:-1], None])
+    weights = torch.where(torch.arange(n) <= ends[:-1, None], weights, 0.0)  # (heads, chunks - 1, N)
+    return dict(cum=cum_log_f - before, row_log=run_max + before, argmax=argmax,
+                chunk_max=run_max[:, ends] + cum_log_f[:, ends], chunk_argmax=argmax[:, ends],
+                state_c=torch.einsum('hcs,hsk,hsv->hckv', weights, k, v),
+                state_n=torch.einsum('hcs,hsk->hck', weights, k))
+
+
+@needs_kernels
+@pytest.mark.parametrize('n,head_dim,chunk_size,reverse,cuda_tiles', [(200, 8, 16, False, False),
+                                                                      (200, 40, 16, True, True)])
+def test_kernel_chunk_states_match_definitions(n, head_dim, chunk_size, reverse, cuda_tiles, monkeypatch):
+    """The chunk summaries and the scan over them (forward.chunk_states, parallel over chunks) store every per-step,
+    per-chunk-end and state value of its definition, also where m carries over whole chunks (asserted below), with the
+    GPU's tiles (several scan tiles, a masked last one) and the kernels' buffers NaN until written."""
+    inputs, _, _, _ = reference_case(n, head_dim, F64, gates='moving')
+    k, v, igate, fgate = (x.flip(-2 if x.dim() == 4 else -1) if reverse else x for x in inputs[1:])
+    expected = chunk_states_reference(k, v, igate, fgate, chunk_size)
+    fill_new_buffers(monkeypatch)
+    with fused.cuda_launch_configs() if cuda_tiles else contextlib.nullcontext():
+        actual = chunkwise_forward.chunk_states(*(x.to(FUSED_DEVICE) for x in inputs[1:]),
+                                                op._config(head_dim, chunk_size, reverse, F64))
+    actual = {name: x.cpu() for name, x in actual.items()}
+    actual['state_c'], actual['state_n'] = actual['state_c'][:, :-1], actual['state_n'][:, :-1]  # last: never read
+    for name in ('argmax', 'chunk_argmax'):
+        assert torch.equal(actual[name].long(), expected[name]), name
+    for name in ('cum', 'row_log', 'chunk_max', 'state_c', 'state_n'):
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-12, atol=1e-10, msg=name)
+    starts = torch.arange(n) // chunk_size * chunk_size
+    ends = torch.arange(chunk_size - 1, n + chunk_size - 1, chunk_size).clamp(max=n - 1)
+    from_earlier = expected['chunk_argmax'] < starts[ends]
+    assert from_earlier.any() and not from_earlier.all() and (expected['argmax'] < starts).sum() > from_earlier.sum()
 
 
 @needs_kernels

@@ -1,4 +1,4 @@
-"""Backward of the chunkwise Triton mLSTM: the parallel cell's exact gradients in five launches.
+"""Backward of the chunkwise Triton mLSTM: the parallel cell's exact gradients in seven launches.
 
 The gradient itself is derived in ``fused.py``: with g_t = dL/dh_t, the divisor d_t = max(|r_t|, exp(-m_t)) + eps,
 delta_t = g_t.h_t, the row shift beta_t (through the normaliser's |r| branch) and the direct m-gradient
@@ -8,15 +8,18 @@ W[t,s] = exp(logD[t,s] - m_t):
     dq_t = sc sum_s G W k_s,    dk_s = sc sum_t G W q_t,    dv_s = sc sum_t (q_t.k_s) W g_t / d_t   (sc = DH^-1/2)
 
 Launches:
-1. ``forward.chunk_states`` again: C_c, n_c (for dq's earlier keys), m and its argmax at every chunk end, and the
-   per-step gate values (local cumsum, row stabiliser, argmax).
+1. ``forward.chunk_states`` again (two launches): C_c, n_c (for dq's earlier keys), m and its argmax at every chunk
+   end, and the per-step gate values (local cumsum, row stabiliser, argmax).
 2. ``mlstm_chunk_grad_prep_kernel`` (per chunk): 1/d_t, beta_t, gm_t, and per chunk the sum of gm_t over the rows
    whose argmax s*_t lies in an earlier chunk (that s* is always the previous chunk end's argmax).
-3. ``mlstm_chunk_state_backward_kernel`` walks the chunks backwards: the reverse states
-   dC_j = sum_{t > e_j} exp(M_e - M_t) q_t (g_t/d_t)^T and dn_j = sum_{t > e_j} exp(M_e - M_t) beta_t q_t (e = e_j,
-   scans.py), which every key of chunk j reads with its state weight exp(u_s - mu_e) (for dk, dv). It also stores
-   <dC_j, C_j> + <dn_j, n_j>: that is sum_{t > e_j >= s} dL/dlogD[t,s] / sc, which is exactly the forget-gate
-   gradient at the first step of chunk j+1 without the m-gradient.
+3. The reverse states dC_j = sum_{t > e_j} exp(M_e - M_t) q_t (g_t/d_t)^T and dn_j = sum_{t > e_j} exp(M_e - M_t)
+   beta_t q_t (e = e_j, scans.py), which every key of chunk j reads with its state weight exp(u_s - mu_e) (for dk,
+   dv). They obey dC_{c-1} = exp(m_{c-1} - mu_e) dC_c + sum_{t in c} exp(m_{c-1} - mu_t) q_t (g_t/d_t)^T (e the last
+   step of chunk c), whose weights are all known after launch 1, so ``mlstm_chunk_grad_summary_kernel`` builds the
+   sums per chunk in parallel and ``mlstm_chunk_grad_state_scan_kernel`` walks the boundaries backwards with one
+   multiply-add per element, its states split over many programs as in the forward's scan. The scan also stores
+   its tiles' parts of <dC_j, C_j> + <dn_j, n_j>: that is sum_{t > e_j >= s} dL/dlogD[t,s] / sc, which is exactly
+   the forget-gate gradient at the first step of chunk j+1 without the m-gradient.
 4. ``mlstm_chunk_grad_query_kernel`` (per chunk): dq (in-chunk quadratic form + the previous chunk's state) and the
    row sums of dL/dlogD, q_t.dq_t + gm_t.
 5. ``mlstm_chunk_grad_key_kernel`` (per chunk): dk, dv (in-chunk + the reverse state) and the column sums
@@ -34,11 +37,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .forward import STATE_LAUNCH, chunk_states
+from ..fused import _cuda_configs
+from .forward import SCAN_LAUNCH, SCAN_STAGES, SUMMARY_LAUNCH, chunk_states
 from .scans import causal_decay, chunk_stabiliser
 from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
-                    state_block_ptrs, state_dot, state_offset, store_tokens, token_major_buffer, token_major_strides,
-                    token_strides)
+                    state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens, token_major_buffer,
+                    token_major_strides, token_strides)
 
 
 @jit_kernel
@@ -80,60 +84,89 @@ def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, CUM, ROW_LOG, ARGMAX, ROW_SUM
 
 
 @jit_kernel
-def mlstm_chunk_state_backward_kernel(Q, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, ROW_SHIFT,
-                                      STATE_C, STATE_N, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
-                                      stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
-                                      stride_ib, stride_ih, stride_in, seq_len, num_heads, num_chunks,
-                                      HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                                      REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                                      DOT_IN_FLOAT32: tl.constexpr):
-    """Reverse states before every chunk boundary for one (key block, value block) of one head, walking backwards,
-    and their inner products with the forward states (launch 3 of the module docstring)."""
-    key_start = tl.program_id(0) * BLOCK_D
-    value_start = tl.program_id(1) * BLOCK_D
+def mlstm_chunk_grad_summary_kernel(Q, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, ROW_SHIFT,
+                                    GRAD_STATE_C, GRAD_STATE_N, stride_qb, stride_qh, stride_qn,
+                                    stride_gb, stride_gh, stride_gn, stride_ib, stride_ih, stride_in,
+                                    seq_len, num_heads, num_chunks, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                                    BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                    DOT_IN_FLOAT32: tl.constexpr):
+    """Step 3's sums for one chunk c > 0, one key block and one head: the key block's rows of what the queries of
+    chunk c add to the reverse states at the boundary before it (all value blocks), stored where the scan turns them
+    into those states. See the module docstring."""
+    chunk = tl.program_id(0) + 1
+    key_start = tl.program_id(1) * BLOCK_D
     batch_head = tl.program_id(2)
     Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
     GRAD_H += head_offset(batch_head, num_heads, stride_gb, stride_gh)
     IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
     steps_offset = batch_head.to(tl.int64) * seq_len
-    NUM_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
-    ACC = STATE_C.dtype.element_ty
-    offs_key = key_start + tl.arange(0, BLOCK_D)
-    stores_norm = (offs_key < HEAD_DIM) & (value_start == 0)
+    ACC = GRAD_STATE_C.dtype.element_ty
 
-    grad_state = tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC)
-    grad_norm = tl.zeros((BLOCK_D,), dtype=ACC)
-    for index in range(1, num_chunks):
-        chunk = num_chunks - index  # its queries enter the reverse state of the boundary before it
-        steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-        _, _, row_log, _, _, prev_max = chunk_stabiliser(
-            IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
-            steps, positions, valid, stride_in, CHUNK)
-        end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
-        rows = steps_offset + steps
-        inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
-        shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
-        q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
+    steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
+    _, _, row_log, _, _, prev_max = chunk_stabiliser(
+        IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in, CHUNK)
+    rows = steps_offset + steps
+    inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
+    shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
+    q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
+    weighted_q = q.to(ACC) * tl.exp((prev_max - row_log).to(ACC))[:, None]
+    grad_state_c = GRAD_STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
+    for value_start in range(0, HEAD_DIM, BLOCK_D):
         grad_h = load_tokens(GRAD_H, positions, valid, value_start, stride_gn, HEAD_DIM, BLOCK_D)
-        scaled_grad = grad_h.to(ACC) * inv_divisor[:, None]
-        weighted_q = q.to(ACC) * tl.exp((prev_max - row_log).to(ACC))[:, None]
-        carry = tl.exp((prev_max - end_row_log).to(ACC))
-        grad_state = state_dot(tl.trans(weighted_q), scaled_grad, grad_state * carry)
-        grad_norm = grad_norm * carry + tl.sum(weighted_q * shift[:, None], 0)
+        summary = state_dot(tl.trans(weighted_q), grad_h.to(ACC) * inv_divisor[:, None],
+                            tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC))
+        ptrs, mask = state_block_ptrs(grad_state_c, key_start, value_start, HEAD_DIM, BLOCK_D)
+        tl.store(ptrs, summary, mask=mask)
+    offs_key = key_start + tl.arange(0, BLOCK_D)
+    tl.store(GRAD_STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM + offs_key, tl.sum(weighted_q * shift[:, None], 0),
+             mask=offs_key < HEAD_DIM)
 
-        boundary = chunk - 1
-        ptrs, mask = state_block_ptrs(GRAD_STATE_C + state_offset(batch_head, boundary, num_chunks, HEAD_DIM),
-                                      key_start, value_start, HEAD_DIM, BLOCK_D)
-        tl.store(ptrs, grad_state, mask=mask)
-        norm_offset = (chunk_ends + boundary) * HEAD_DIM
-        tl.store(GRAD_STATE_N + norm_offset + offs_key, grad_norm, mask=stores_norm)
-        state = load_state_block(STATE_C + state_offset(batch_head, boundary, num_chunks, HEAD_DIM), key_start,
-                                 value_start, HEAD_DIM, BLOCK_D)
-        norm = load_state_vector(STATE_N + norm_offset, key_start, True, HEAD_DIM, BLOCK_D)
-        crossing = tl.sum(tl.sum(grad_state * state, 1), 0) + tl.sum(tl.where(stores_norm, grad_norm * norm, 0.0), 0)
-        tl.store(CROSSING + ((chunk_ends + boundary) * NUM_BLOCKS + tl.program_id(0)) * NUM_BLOCKS
-                 + tl.program_id(1), crossing)
+
+@jit_kernel
+def mlstm_chunk_grad_state_scan_kernel(ROW_LOG, CHUNK_MAX, STATE_C, STATE_N, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
+                                       seq_len, num_chunks, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                                       BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    """Step 3's scan for one tile of BLOCK_E elements of the reverse matrix states of one head, or (the program after
+    the last tile) its reverse normaliser states: walks the boundaries backwards, replacing each summary by the
+    state, and stores that tile's part of the crossing inner products. See the module docstring."""
+    tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    NUM_TILES: tl.constexpr = (HEAD_DIM * HEAD_DIM + BLOCK_E - 1) // BLOCK_E
+    chunk_ends = batch_head.to(tl.int64) * num_chunks
+    crossing = CROSSING + chunk_ends * (NUM_TILES + 1) + tile
+    row_log = ROW_LOG + batch_head.to(tl.int64) * seq_len
+    # Names bound in both branches must have one type, so each branch has its own.
+    if tile < NUM_TILES:
+        offs_e = tile * BLOCK_E + tl.arange(0, BLOCK_E)
+        states = state_offset(batch_head, 0, num_chunks, HEAD_DIM) + offs_e
+        scan_reverse_states(GRAD_STATE_C + states, STATE_C + states, offs_e < HEAD_DIM * HEAD_DIM,
+                            HEAD_DIM * HEAD_DIM, crossing, row_log, CHUNK_MAX + chunk_ends, seq_len, num_chunks,
+                            CHUNK, NUM_TILES + 1, STAGES)
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
+        norms = chunk_ends * HEAD_DIM + offs_n
+        scan_reverse_states(GRAD_STATE_N + norms, STATE_N + norms, offs_n < HEAD_DIM, HEAD_DIM, crossing, row_log,
+                            CHUNK_MAX + chunk_ends, seq_len, num_chunks, CHUNK, NUM_TILES + 1, STAGES)
+
+
+@triton.jit
+def scan_reverse_states(grads, states, mask, stride, crossing, ROW_LOG, CHUNK_MAX, seq_len, num_chunks,
+                        CHUNK: tl.constexpr, NUM_PARTIALS: tl.constexpr, STAGES: tl.constexpr):
+    """dX_j = exp(m_j - mu_e) dX_{j+1} + (chunk j+1's summary) for the boundaries j backwards, with e the last step of
+    chunk j+1 (the weight <= 1 that carries the reverse state over that chunk), in place over the summaries at
+    ``grads``; and sum(dX_j * X_j) over this part of the forward states ``states``."""
+    grad = tl.zeros(grads.shape, dtype=grads.dtype.element_ty)
+    for index in tl.range(0, num_chunks - 1, num_stages=STAGES):
+        boundary = num_chunks - 2 - index
+        end_row_log = tl.load(ROW_LOG + tl.minimum(boundary * CHUNK + 2 * CHUNK, seq_len) - 1)  # mu does not decrease
+        carry = tl.exp((tl.load(CHUNK_MAX + boundary) - end_row_log).to(grad.dtype))
+        ptrs = grads + boundary * stride
+        grad = grad * carry + tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, grad, mask=mask)
+        state = tl.load(states + boundary * stride, mask=mask, other=0.0)
+        tl.store(crossing + boundary * NUM_PARTIALS, tl.sum(grad * state, 0))
 
 
 @jit_kernel
@@ -208,7 +241,8 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
                                 stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
                                 stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
                                 seq_len, num_heads, num_chunks, scale, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-                                BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, BLOCK_CROSSING: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, NUM_CROSSING: tl.constexpr,
+                                BLOCK_CROSSING: tl.constexpr,
                                 REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """dk, dv and the gate gradients of one chunk of one head (launch 5). Tiles are key-major (rows s, columns t),
     so the sums over queries need no transposed tiles."""
@@ -228,7 +262,6 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
     steps_offset = batch_head.to(tl.int64) * seq_len
     grad_state_c = GRAD_STATE_C + state_offset(batch_head, chunk, num_chunks, HEAD_DIM)
     grad_state_n = GRAD_STATE_N + (chunk_ends + chunk) * HEAD_DIM
-    NUM_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
     ACC = GRAD_STATE_C.dtype.element_ty
     IN = Q.dtype.element_ty
     has_next = chunk < num_chunks - 1
@@ -300,8 +333,8 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
         crossing += tl.sum(tl.where(target <= last_step, later_grad_m, 0.0), 0)
     if has_next:
         offs = tl.arange(0, BLOCK_CROSSING)
-        partials = tl.load(CROSSING + (chunk_ends + chunk) * NUM_BLOCKS * NUM_BLOCKS + offs,
-                           mask=offs < NUM_BLOCKS * NUM_BLOCKS, other=0.0)
+        partials = tl.load(CROSSING + (chunk_ends + chunk) * NUM_CROSSING + offs, mask=offs < NUM_CROSSING,
+                           other=0.0)
         crossing += tl.sum(partials, 0) * scale
     row_total = tl.load(ROW_TOTAL + rows, mask=valid, other=0.0)
     grad_log_f = tl.cumsum(tl.where(valid, row_total - column_total, 0.0), 0, reverse=True) + crossing
@@ -341,11 +374,18 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
         **prep_config)
 
     grad_state_c, grad_state_n = torch.empty_like(state_c), torch.empty_like(state_n)
-    crossing = torch.empty(batch * heads, num_chunks, blocks * blocks, dtype=state_c.dtype, device=q.device)
-    mlstm_chunk_state_backward_kernel[(blocks, blocks, batch * heads)](
-        q, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, state_c, state_n, grad_state_c, grad_state_n,
-        crossing, *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads, num_chunks,
-        **{**config, **STATE_LAUNCH})
+    scan_block = state_scan_block(head_dim, interpreted=not _cuda_configs())
+    scan_tiles = triton.cdiv(head_dim * head_dim, scan_block) + 1  # and the normaliser's
+    crossing = torch.empty(batch * heads, num_chunks, scan_tiles, dtype=state_c.dtype, device=q.device)
+    if num_chunks > 1:  # else no boundary has a reverse state
+        mlstm_chunk_grad_summary_kernel[(num_chunks - 1, blocks, batch * heads)](
+            q, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_state_c, grad_state_n,
+            *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads, num_chunks,
+            **{**config, **SUMMARY_LAUNCH})
+        mlstm_chunk_grad_state_scan_kernel[(scan_tiles, batch * heads)](
+            gates['row_log'], chunk_max, state_c, state_n, grad_state_c, grad_state_n, crossing, n, num_chunks,
+            HEAD_DIM=head_dim, CHUNK=config['CHUNK'], BLOCK_E=scan_block, BLOCK_N=triton.next_power_of_2(head_dim),
+            STAGES=SCAN_STAGES, **SCAN_LAUNCH)
 
     dq, dk, dv, d_igate, d_fgate = out or (*(token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3)),
                                            token_major_buffer((batch, n, heads), igate),
@@ -360,5 +400,5 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
         q, k, v, grad_h, igate, fgate, *steps, chunk_max, gates['chunk_argmax'], inv_divisor, row_shift, grad_m,
         row_total, state_grad_m, grad_state_c, grad_state_n, crossing, dk, dv, d_igate, d_fgate, *token_args,
         *token_strides(fgate), *token_major_strides(dk), *token_major_strides(d_igate), n, heads, num_chunks, scale,
-        BLOCK_CHUNKS=64, BLOCK_CROSSING=triton.next_power_of_2(blocks * blocks), **config)
+        BLOCK_CHUNKS=64, NUM_CROSSING=scan_tiles, BLOCK_CROSSING=triton.next_power_of_2(scan_tiles), **config)
     return [dq, dk, dv, d_igate, d_fgate]

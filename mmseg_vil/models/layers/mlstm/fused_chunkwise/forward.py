@@ -1,16 +1,27 @@
-"""Forward of the chunkwise Triton mLSTM: chunk states, then every chunk's outputs in parallel (two launches).
+"""Forward of the chunkwise Triton mLSTM: chunk states, then every chunk's outputs in parallel (three launches).
 
-1. ``mlstm_chunk_state_kernel`` walks the chunks of a head in order, one program per (key block, value block, head),
-   and stores after every chunk c the matrix state C_c = sum_{s<=e_c} exp(logD[e_c,s] - m_{e_c}) k_s v_s^T, the
-   normaliser state n_c (the same sum of k_s) and m at the chunk end with its argmax; its first program per head
-   also stores per step the chunk-local cumsum of the log forget gates, the row stabiliser mu and the argmax
-   (scans.py), so that no later kernel runs a scan. The backward recomputes all this instead of keeping it: DH x DH
-   floats per chunk would outweigh q, k and v.
-2. ``mlstm_chunk_output_kernel``, one program per (chunk, head), adds the in-chunk quadratic form to the previous
+The matrix state after chunk c, C_c = sum_{s<=e_c} exp(logD[e_c,s] - m_{e_c}) k_s v_s^T, and the normaliser state
+n_c (the same sum of k_s) obey C_c = exp(m_{c-1} - mu_e) C_{c-1} + exp(L_c - mu_e) S_c with the chunk's summary
+S_c = sum_{s in c} exp(u_s - L_c) k_s v_s^T (scans.py: all three weights <= 1). So the heavy work is parallel over
+chunks and only an elementwise recurrence walks them in order:
+
+1. ``mlstm_chunk_summary_kernel``, one program per (chunk, key block, head): the chunk's gate scan, its own max L_c
+   of u and the summaries S_c and sum_s exp(u_s - L_c) k_s, stored where C_c and n_c go. The key block 0 program
+   also stores per step the chunk-local cumsum of the log forget gates and the in-chunk running max of u with its
+   argmax, and per chunk L_c, its argmax and b at the last step.
+2. ``mlstm_chunk_state_scan_kernel`` walks the chunks of a head in order, its matrix states split over programs of
+   BLOCK_E elements: per chunk the max-plus step m_c = b_e + max(m_{c-1}, L_c) on two scalars and one multiply-add
+   per element, turning each summary into C_c in place. Nothing in that chain waits for memory (the loads are
+   pipelined), so the launch is bandwidth-bound, not latency-bound. One more program per head does the same for
+   n_c and stores m and its argmax at every chunk end and per step the row stabiliser mu and its argmax, so that no
+   later kernel runs a scan. The states after the last chunk are never read, so not stored. The backward
+   recomputes all this instead of keeping it: DH x DH floats per chunk would outweigh q, k and v.
+3. ``mlstm_chunk_output_kernel``, one program per (chunk, head), adds the in-chunk quadratic form to the previous
    chunk's state read by each query, and divides by the parallel form's normaliser max(|row sum|, exp(-m_t)) + eps.
    The row sums are kept for the backward. Scores are built once per chunk and reused for every value block.
 
-All sums accumulate in float32 (float64 for float64 inputs); dot operands are the input dtype.
+All sums accumulate in float32 (float64 for float64 inputs); dot operands are the input dtype, except the summaries'
+(state_dot).
 """
 from typing import Dict, Tuple
 
@@ -19,72 +30,138 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .scans import causal_decay, chunk_end, chunk_stabiliser, gate_scan, row_stabiliser
+from ..fused import _cuda_configs
+from .scans import (causal_decay, chunk_end, chunk_key_max, chunk_stabiliser, gate_scan, row_stabiliser,
+                    running_key_max)
 from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
-                    state_block_ptrs, state_dot, state_offset, store_tokens, token_major_buffer, token_major_strides,
-                    token_strides)
+                    state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens, token_major_buffer,
+                    token_major_strides, token_strides)
 
 
-# The state kernels walk the chunks in order, so their time is latency: several pipeline stages prefetch the next
-# chunk's tiles. 8 warps keep their float32 (3xTF32) operands free of spills.
-STATE_LAUNCH = dict(num_warps=8, num_stages=3)
+# A summary program is short and latency-bound: it takes ~134 registers at 4 or 8 warps (ptxas, sm_90, bf16), so 8
+# warps fit one program per SM and 4 warps three. H100, bf16, B=2, NH=4, N=16384, DH=96: 0.19 ms at 4 warps, 0.38 ms
+# at 8.
+SUMMARY_LAUNCH = dict(num_warps=4)
+# The scan walks the chunks in order: Triton pipelines only the loads of a loop with its own num_stages (not those of
+# a plain range, which feed no tl.dot), so that the next chunks' summaries are already on their way. Same H100 case:
+# 0.09 ms, 1.7 TB/s (0.07 at best over BLOCK_E 256-1024, 2-8 stages, 2-4 warps); at DH=192 0.22 ms, 2.8 TB/s (best).
+SCAN_LAUNCH = dict(num_warps=4)
+SCAN_STAGES = 4
 
 
 @jit_kernel
-def mlstm_chunk_state_kernel(K, V, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STATE_N, CHUNK_MAX, CHUNK_ARGMAX,
-                             stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                             stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
-                             seq_len, num_heads, num_chunks, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-                             BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                             DOT_IN_FLOAT32: tl.constexpr):
-    """States after every chunk for one (key block, value block) of one head; the first program of each head also
-    stores the per-step gate values of scans.py (local cumsum, row stabiliser, argmax). See the module docstring."""
-    key_start = tl.program_id(0) * BLOCK_D
-    value_start = tl.program_id(1) * BLOCK_D
+def mlstm_chunk_summary_kernel(K, V, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STATE_N, CHUNK_LOCAL, CHUNK_ARGMAX,
+                               stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                               stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
+                               seq_len, num_heads, num_chunks, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                               BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                               DOT_IN_FLOAT32: tl.constexpr):
+    """Launch 1 for one chunk, one key block and one head: the key block's rows of the chunk's summaries (all value
+    blocks); the key block 0 program also stores the chunk's gate values. See the module docstring."""
+    chunk = tl.program_id(0)
+    key_start = tl.program_id(1) * BLOCK_D
     batch_head = tl.program_id(2)
     K += head_offset(batch_head, num_heads, stride_kb, stride_kh)
     V += head_offset(batch_head, num_heads, stride_vb, stride_vh)
     IGATE += head_offset(batch_head, num_heads, stride_ib, stride_ih)
     FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
-    STATE_C += state_offset(batch_head, 0, num_chunks, HEAD_DIM)
-    STATE_N += batch_head.to(tl.int64) * num_chunks * HEAD_DIM
-    CHUNK_MAX += batch_head.to(tl.int64) * num_chunks
-    CHUNK_ARGMAX += batch_head.to(tl.int64) * num_chunks
-    CUM += batch_head.to(tl.int64) * seq_len
-    ROW_LOG += batch_head.to(tl.int64) * seq_len
-    ARGMAX += batch_head.to(tl.int64) * seq_len
+    chunk_index = batch_head.to(tl.int64) * num_chunks + chunk
     ACC = STATE_C.dtype.element_ty
-    stores_gates = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
-    offs_key = key_start + tl.arange(0, BLOCK_D)
 
-    state = tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC)
-    norm = tl.zeros((BLOCK_D,), dtype=ACC)
+    steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
+    cum, key_log = gate_scan(IGATE, FGATE, positions, valid, stride_in, stride_fn)
+    local_max, local_argmax = chunk_key_max(key_log, steps)
+    if key_start == 0:
+        rows = batch_head.to(tl.int64) * seq_len + steps
+        run_max, run_argmax = running_key_max(key_log, steps)
+        tl.store(CUM + rows, cum, mask=valid)
+        tl.store(ROW_LOG + rows, run_max, mask=valid)  # the scan adds the earlier chunks
+        tl.store(ARGMAX + rows, run_argmax, mask=valid)
+        tl.store(CHUNK_LOCAL + 2 * chunk_index, local_max)
+        tl.store(CHUNK_LOCAL + 2 * chunk_index + 1, tl.min(cum, 0))  # b at the last step: cum does not increase
+        tl.store(CHUNK_ARGMAX + chunk_index, local_argmax)  # the scan replaces it by the argmax of m
+    if chunk < num_chunks - 1:  # nothing reads the state after the last chunk
+        k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, BLOCK_D)
+        weighted_k = k.to(ACC) * tl.exp((key_log - local_max).to(ACC))[:, None]
+        state_c = STATE_C + state_offset(batch_head, chunk, num_chunks, HEAD_DIM)
+        for value_start in range(0, HEAD_DIM, BLOCK_D):
+            v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
+            summary = state_dot(tl.trans(weighted_k), v.to(ACC), tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC))
+            ptrs, mask = state_block_ptrs(state_c, key_start, value_start, HEAD_DIM, BLOCK_D)
+            tl.store(ptrs, summary, mask=mask)
+        offs_key = key_start + tl.arange(0, BLOCK_D)
+        tl.store(STATE_N + chunk_index * HEAD_DIM + offs_key, tl.sum(weighted_k, 0), mask=offs_key < HEAD_DIM)
+
+
+@triton.jit
+def rescaled_state(state, summary, prev_max, local_max, end_row_log):
+    """C_c = exp(m_{c-1} - mu_e) C_{c-1} + exp(L_c - mu_e) S_c, both weights <= 1 (the first 0 in the first chunk,
+    whose C_{c-1} is the initial 0)."""
+    ACC = state.dtype
+    return state * tl.exp((prev_max - end_row_log).to(ACC)) + summary * tl.exp((local_max - end_row_log).to(ACC))
+
+
+@jit_kernel
+def mlstm_chunk_state_scan_kernel(ROW_LOG, ARGMAX, STATE_C, STATE_N, CHUNK_LOCAL, CHUNK_MAX, CHUNK_ARGMAX,
+                                  seq_len, num_chunks, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                                  BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    """Launch 2 for one tile of BLOCK_E elements of the matrix states of one head, walking the chunks in order and
+    replacing each summary by the state; the program after the last tile takes the normaliser states, m and its
+    argmax at the chunk ends and the per-step row stabiliser instead. See the module docstring."""
+    tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    chunk_ends = batch_head.to(tl.int64) * num_chunks
+    if tile < (HEAD_DIM * HEAD_DIM + BLOCK_E - 1) // BLOCK_E:
+        offs = tile * BLOCK_E + tl.arange(0, BLOCK_E)
+        scan_matrix_states(STATE_C + state_offset(batch_head, 0, num_chunks, HEAD_DIM) + offs,
+                           offs < HEAD_DIM * HEAD_DIM, CHUNK_LOCAL + 2 * chunk_ends, num_chunks, HEAD_DIM, STAGES)
+    else:
+        rows = batch_head.to(tl.int64) * seq_len
+        scan_gates(ROW_LOG + rows, ARGMAX + rows, STATE_N + chunk_ends * HEAD_DIM, CHUNK_LOCAL + 2 * chunk_ends,
+                   CHUNK_MAX + chunk_ends, CHUNK_ARGMAX + chunk_ends, seq_len, num_chunks, HEAD_DIM, CHUNK,
+                   BLOCK_N, STAGES)
+
+
+@triton.jit
+def scan_matrix_states(states, in_state, CHUNK_LOCAL, num_chunks, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr):
+    """One tile of the matrix states (pointers ``states`` into the first chunk's) after every chunk but the last,
+    in place over the summaries."""
+    state = tl.zeros(states.shape, dtype=states.dtype.element_ty)
+    prev_max = tl.full([], float('-inf'), tl.float64)
+    for chunk in tl.range(0, num_chunks - 1, num_stages=STAGES):  # nothing reads the state after the last chunk
+        local_max = tl.load(CHUNK_LOCAL + 2 * chunk)
+        end_max, _, end_row_log = chunk_end(local_max, 0, tl.load(CHUNK_LOCAL + 2 * chunk + 1), prev_max, 0)
+        ptrs = states + chunk * HEAD_DIM * HEAD_DIM
+        state = rescaled_state(state, tl.load(ptrs, mask=in_state, other=0.0), prev_max, local_max, end_row_log)
+        tl.store(ptrs, state, mask=in_state)
+        prev_max = end_max
+
+
+@triton.jit
+def scan_gates(ROW_LOG, ARGMAX, STATE_N, CHUNK_LOCAL, CHUNK_MAX, CHUNK_ARGMAX, seq_len, num_chunks,
+               HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    """m and its argmax at every chunk end and the per-step row stabiliser and argmax (in place over the in-chunk
+    running max), and the normaliser states in place over their summaries, for one head."""
+    offs_key = tl.arange(0, BLOCK_N)
+    norm = tl.zeros((BLOCK_N,), dtype=STATE_N.dtype.element_ty)
     prev_max = tl.full([], float('-inf'), tl.float64)
     prev_argmax = tl.full([], 0, tl.int32)
-    for chunk in range(0, num_chunks):
-        steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-        cum, key_log = gate_scan(IGATE, FGATE, positions, valid, stride_in, stride_fn)
-        if stores_gates:
-            row_log, argmax = row_stabiliser(key_log, steps, prev_max, prev_argmax)
-            tl.store(CUM + steps, cum, mask=valid)
-            tl.store(ROW_LOG + steps, row_log, mask=valid)
-            tl.store(ARGMAX + steps, argmax, mask=valid)
-        end_max, end_argmax, end_row_log = chunk_end(cum, key_log, steps, prev_max, prev_argmax)
-        carry = tl.exp((prev_max - end_row_log).to(ACC))
-        k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, BLOCK_D)
-        v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
-        weighted_k = k.to(ACC) * tl.exp((key_log - end_row_log).to(ACC))[:, None]
-        state = state_dot(tl.trans(weighted_k), v.to(ACC), state * carry)
-        norm = norm * carry + tl.sum(weighted_k, 0)
-
-        has_reader = chunk < num_chunks - 1  # nothing reads the state after the last chunk
-        ptrs, mask = state_block_ptrs(STATE_C + chunk * HEAD_DIM * HEAD_DIM, key_start, value_start, HEAD_DIM,
-                                      BLOCK_D)
-        tl.store(ptrs, state, mask=mask & has_reader)
-        tl.store(STATE_N + chunk * HEAD_DIM + offs_key, norm,
-                 mask=(offs_key < HEAD_DIM) & (value_start == 0) & has_reader)
-        tl.store(CHUNK_MAX + chunk, end_max, mask=stores_gates)
-        tl.store(CHUNK_ARGMAX + chunk, end_argmax, mask=stores_gates)
+    for chunk in tl.range(0, num_chunks, num_stages=STAGES):
+        local_max = tl.load(CHUNK_LOCAL + 2 * chunk)
+        end_max, end_argmax, end_row_log = chunk_end(local_max, tl.load(CHUNK_ARGMAX + chunk),
+                                                     tl.load(CHUNK_LOCAL + 2 * chunk + 1), prev_max, prev_argmax)
+        steps = chunk * CHUNK + tl.arange(0, CHUNK)
+        valid = steps < seq_len
+        row_log, argmax = row_stabiliser(tl.load(ROW_LOG + steps, mask=valid, other=float('-inf')),
+                                         tl.load(ARGMAX + steps, mask=valid, other=0), prev_max, prev_argmax)
+        tl.store(ROW_LOG + steps, row_log, mask=valid)
+        tl.store(ARGMAX + steps, argmax, mask=valid)
+        has_reader = (offs_key < HEAD_DIM) & (chunk < num_chunks - 1)
+        norms = STATE_N + chunk * HEAD_DIM + offs_key
+        norm = rescaled_state(norm, tl.load(norms, mask=has_reader, other=0.0), prev_max, local_max, end_row_log)
+        tl.store(norms, norm, mask=has_reader)
+        tl.store(CHUNK_MAX + chunk, end_max)
+        tl.store(CHUNK_ARGMAX + chunk, end_argmax)
         prev_max = end_max
         prev_argmax = end_argmax
 
@@ -148,8 +225,9 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STA
 
 
 def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dict) -> Dict[str, Tensor]:
-    """One launch: the matrix and normaliser states after every chunk, m and its argmax at every chunk end, and per
-    step the local cumsum of the log forget gates, the row log stabiliser and the argmax (scans.py)."""
+    """Launches 1 and 2: the matrix and normaliser states after every chunk but the last, m and its argmax at every
+    chunk end, and per step the local cumsum of the log forget gates, the row log stabiliser and the argmax
+    (scans.py)."""
     batch, heads, n, head_dim = k.shape
     num_chunks = triton.cdiv(n, config['CHUNK'])
     acc_dtype = torch.promote_types(k.dtype, torch.float32)
@@ -162,11 +240,16 @@ def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dic
         state_n=torch.empty(heads_total, num_chunks, head_dim, dtype=acc_dtype, device=k.device),
         chunk_max=torch.empty(heads_total, num_chunks, dtype=torch.float64, device=k.device),
         chunk_argmax=torch.empty(heads_total, num_chunks, dtype=torch.int32, device=k.device))
-    blocks = triton.cdiv(head_dim, config['BLOCK_D'])
-    mlstm_chunk_state_kernel[(blocks, blocks, heads_total)](
-        k, v, igate, fgate, out['cum'], out['row_log'], out['argmax'], out['state_c'], out['state_n'],
-        out['chunk_max'], out['chunk_argmax'], *token_strides(k), *token_strides(v), *token_strides(igate),
-        *token_strides(fgate), n, heads, num_chunks, **{**config, **STATE_LAUNCH})
+    chunk_local = torch.empty(heads_total, num_chunks, 2, dtype=torch.float64, device=k.device)  # L_c and b_e
+    mlstm_chunk_summary_kernel[(num_chunks, triton.cdiv(head_dim, config['BLOCK_D']), heads_total)](
+        k, v, igate, fgate, out['cum'], out['row_log'], out['argmax'], out['state_c'], out['state_n'], chunk_local,
+        out['chunk_argmax'], *token_strides(k), *token_strides(v), *token_strides(igate), *token_strides(fgate), n,
+        heads, num_chunks, **{**config, **SUMMARY_LAUNCH})
+    scan_block = state_scan_block(head_dim, interpreted=not _cuda_configs())
+    mlstm_chunk_state_scan_kernel[(triton.cdiv(head_dim * head_dim, scan_block) + 1, heads_total)](
+        out['row_log'], out['argmax'], out['state_c'], out['state_n'], chunk_local, out['chunk_max'],
+        out['chunk_argmax'], n, num_chunks, HEAD_DIM=head_dim, CHUNK=config['CHUNK'], BLOCK_E=scan_block,
+        BLOCK_N=triton.next_power_of_2(head_dim), STAGES=SCAN_STAGES, **SCAN_LAUNCH)
     return out
 
 

@@ -30,8 +30,9 @@ def cuda_allowed() -> bool:
 
 
 def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -> dict:
-    """Compile-time parameters and warps of the per-chunk kernels of one call (the state kernels: STATE_LAUNCH); the
-    CUDA head-dim blocks also under the interpreter inside ``fused.cuda_launch_configs()``, for the tests.
+    """Compile-time parameters and warps of the per-chunk kernels of one call (warps of the summaries and scans:
+    forward.py's SUMMARY_LAUNCH, SCAN_LAUNCH); the CUDA head-dim blocks also under the interpreter inside
+    ``fused.cuda_launch_configs()``, for the tests.
 
     The ptxas report (sm_90, Triton 3.8) for the ViL head dims at chunk 64: no spills in half precision except about
     60 bytes in the dk/dv kernel, about 120 bytes there in float32; chunk 128 spills kilobytes

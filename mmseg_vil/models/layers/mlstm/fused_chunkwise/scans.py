@@ -15,9 +15,15 @@ So the states need no running rescaling, and the stabiliser is the parallel form
 
 with m_{c-1} = m at the end of the previous chunk (-inf before the first). In those terms the in-chunk decay is
 exp(u_s - mu_t), the key weight into the chunk's state exp(u_s - mu_e), the previous state's weight for query t
-exp(m_{c-1} - mu_t), and the chunk end value m_c = b_e + mu_e. Only m_c (and its argmax) crosses chunks: a max-plus
-recurrence that the state kernels, which walk the chunks in order anyway, carry along. The gate scans run in
-float64 (differences of large local sums keep their digits); every product then happens in the accumulation dtype.
+exp(m_{c-1} - mu_t), and the chunk end value m_c = b_e + mu_e. Only m_c (and its argmax) crosses chunks, through the
+max-plus recurrence
+
+    mu_e = max(m_{c-1}, L_c),   m_c = b_e + mu_e,   L_c = max_s u_s (the chunk's own max),
+
+so everything else of a chunk is computed in parallel over chunks relative to L_c (the running max of u within the
+chunk, the summary sum_s exp(u_s - L_c) k_s v_s^T), and the scan over chunks only rescales by exp(m_{c-1} - mu_e)
+and exp(L_c - mu_e), both <= 1. The gate scans run in float64 (differences of large local sums keep their digits);
+every product then happens in the accumulation dtype.
 """
 import triton
 import triton.language as tl
@@ -31,7 +37,8 @@ def gate_scan(IGATE, FGATE, positions, valid, stride_i, stride_f):
 
     logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)) is evaluated in the gates' dtype (float32 at least; float64 maths
     functions are slow and take many registers), with log1p corrected for the rounding of 1 + x, so that forget gates
-    near 1 keep their relative accuracy. The cumsum and u are float64. Only the state kernel runs this; it stores b.
+    near 1 keep their relative accuracy. The cumsum and u are float64. Only the chunk summary kernel runs this; it
+    stores b.
     """
     igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0)
     fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0)
@@ -47,30 +54,41 @@ def gate_scan(IGATE, FGATE, positions, valid, stride_i, stride_f):
 
 
 @triton.jit
-def row_stabiliser(key_log, steps, prev_max, prev_argmax):
-    """mu_t = max(prev_max, max_{s<=t} u_s) per step and the argmax s*_t (a step index; ties to the later step, so
-    the previous chunk end's argmax ``prev_argmax`` only where its m is strictly larger). One scan per chunk, in the
-    state kernel; the other kernels read the results."""
-    run_max, run_argmax = tl.associative_scan((key_log, steps), 0, _later_max)
+def chunk_key_max(key_log, steps):
+    """The chunk's own max L of u and its argmax (a step index; ties to the later step): reductions, no scan."""
+    local_max = tl.max(key_log, 0)
+    return local_max, tl.max(tl.where(key_log == local_max, steps, -1), 0)
+
+
+@triton.jit
+def running_key_max(key_log, steps):
+    """max_{s<=t} u_s within the chunk and its argmax (ties to the later step): the part of the row stabiliser that
+    does not depend on earlier chunks. Its last entries are ``chunk_key_max``."""
+    return tl.associative_scan((key_log, steps), 0, _later_max)
+
+
+@triton.jit
+def row_stabiliser(run_max, run_argmax, prev_max, prev_argmax):
+    """mu_t = max(prev_max, max_{s<=t} u_s) per step and the argmax s*_t from ``running_key_max``: the previous chunk
+    end's argmax ``prev_argmax`` only where its m is strictly larger (ties to the later step)."""
     from_state = prev_max > run_max
     return tl.where(from_state, prev_max, run_max), tl.where(from_state, prev_argmax, run_argmax)
 
 
 @triton.jit
-def chunk_end(cum, key_log, steps, prev_max, prev_argmax):
-    """m, its argmax and mu at the chunk's last step from the previous chunk end's m and argmax: reductions only,
-    no scan (ties to the later step, as in ``row_stabiliser``)."""
-    chunk_max = tl.max(key_log, 0)
-    chunk_argmax = tl.max(tl.where(key_log == chunk_max, steps, -1), 0)
-    in_chunk = chunk_max >= prev_max
-    end_row_log = tl.where(in_chunk, chunk_max, prev_max)
-    return tl.min(cum, 0) + end_row_log, tl.where(in_chunk, chunk_argmax, prev_argmax), end_row_log
+def chunk_end(local_max, local_argmax, end_cum, prev_max, prev_argmax):
+    """m, its argmax and mu at the chunk's last step from the previous chunk end's m and argmax, the chunk's own max
+    L of u with its argmax (``chunk_key_max``) and its local cumsum b_e at the last step: one step of the max-plus
+    recurrence (ties to the later step, as in ``row_stabiliser``)."""
+    in_chunk = local_max >= prev_max
+    end_row_log = tl.where(in_chunk, local_max, prev_max)
+    return end_cum + end_row_log, tl.where(in_chunk, local_argmax, prev_argmax), end_row_log
 
 
 @triton.jit
 def chunk_stabiliser(IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, steps, positions, valid, stride_i,
                      CHUNK: tl.constexpr):
-    """Everything a chunk program needs of the gates, from the per-step values the state kernel stored: the local
+    """Everything a chunk program needs of the gates, from the per-step values the state kernels stored: the local
     cumsum b, the key log weights u, the row log stabiliser mu (+inf past the end, so that no decay there is
     positive), the argmax s*, whether s* lies before the chunk, and m at the previous chunk's end (-inf before the
     first)."""

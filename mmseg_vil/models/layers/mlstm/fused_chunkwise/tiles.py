@@ -49,6 +49,15 @@ def head_dim_block(head_dim: int, dtype: torch.dtype, interpreted: bool = False)
     return min(32, max(16, triton.next_power_of_2(head_dim)))
 
 
+def state_scan_block(head_dim: int, interpreted: bool = False) -> int:
+    """Matrix state elements per program of the scan over chunks (forward.py): 512 on CUDA, 4 float32 (one 16-byte
+    vector) per thread of 4 warps, so that a head's DH x DH state spreads over many programs; under the interpreter
+    as large as possible (up to 16384: DH 384 still walks several tiles)."""
+    if interpreted:
+        return min(16384, triton.next_power_of_2(head_dim * head_dim))
+    return 512
+
+
 def token_strides(x: Tensor) -> Tuple[int, int, int]:
     """(batch, head, step) strides of a head-major ``(B, NH, N[, DH])`` tensor, the order the kernels take them in."""
     return x.stride(0), x.stride(1), x.stride(2)
