@@ -83,6 +83,20 @@ def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, CUM, ROW_LOG, ARGMAX, ROW_SUM
     tl.store(STATE_GRAD_M + chunk_ends + chunk, tl.sum(tl.where(valid & from_state, grad_m, 0.0), 0))
 
 
+@triton.jit
+def query_rows(IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, ROW_SHIFT, chunk, chunk_ends, steps_offset,
+               seq_len, stride_in, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """What a chunk's queries need in the backward: their steps, mask and positions, the key log weights u, the row
+    log stabiliser mu, m at the previous chunk's end, and 1/d_t and beta_t from the prep launch."""
+    steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
+    _, key_log, row_log, _, _, prev_max = chunk_stabiliser(
+        IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
+        steps, positions, valid, stride_in, CHUNK)
+    rows = steps_offset + steps
+    return (steps, valid, positions, key_log, row_log, prev_max, tl.load(INV_DIVISOR + rows, mask=valid, other=0.0),
+            tl.load(ROW_SHIFT + rows, mask=valid, other=0.0))
+
+
 @jit_kernel
 def mlstm_chunk_grad_summary_kernel(Q, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, ROW_SHIFT,
                                     GRAD_STATE_C, GRAD_STATE_N, stride_qb, stride_qh, stride_qn,
@@ -103,13 +117,9 @@ def mlstm_chunk_grad_summary_kernel(Q, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUN
     steps_offset = batch_head.to(tl.int64) * seq_len
     ACC = GRAD_STATE_C.dtype.element_ty
 
-    steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-    _, _, row_log, _, _, prev_max = chunk_stabiliser(
-        IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
-        steps, positions, valid, stride_in, CHUNK)
-    rows = steps_offset + steps
-    inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
-    shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
+    steps, valid, positions, _, row_log, prev_max, inv_divisor, shift = query_rows(
+        IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, ROW_SHIFT, chunk, chunk_ends, steps_offset, seq_len,
+        stride_in, CHUNK, REVERSE)
     q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
     weighted_q = q.to(ACC) * tl.exp((prev_max - row_log).to(ACC))[:, None]
     grad_state_c = GRAD_STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
@@ -193,13 +203,10 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
     ACC = STATE_C.dtype.element_ty
     IN = Q.dtype.element_ty
 
-    steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-    _, key_log, row_log, _, _, prev_max = chunk_stabiliser(
-        IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
-        steps, positions, valid, stride_in, CHUNK)
+    steps, valid, positions, key_log, row_log, prev_max, inv_divisor, shift = query_rows(
+        IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, ROW_SHIFT, chunk, chunk_ends, steps_offset, seq_len,
+        stride_in, CHUNK, REVERSE)
     rows = steps_offset + steps
-    inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
-    shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
     state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
 
     grad_scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
