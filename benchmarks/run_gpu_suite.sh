@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md, on one card, one process per part.
 # Usage on the lent machine: bash benchmarks/run_gpu_suite.sh OUT_DIR [PART...]
-#   tests     the kernel tests on CUDA (mixer kernels, mLSTM backends, whole-backbone agreement)
+#   tests     the mixer and norm kernel tests on CUDA (also through the chunkwise cell: its CUDA switch set), all of
+#             them (no -x), failures summarised (-rf), the full output in tests.txt; about 7 minutes
+#   celltests the same for the mLSTM cell: fused_chunkwise's kernel tests, the backends, whole-backbone agreement
 #   backbone  ViL-T/S vs DeiT-T/S backbone training step, eager and CUDA graphs, 224/512/1024/2048
 #   quick     the same for ViL-T vs DeiT-T at 224/512/1024 only
 #   rest      what backbone adds to quick: ViL-S vs DeiT-S at 224/512/1024, all four at 2048
@@ -23,7 +25,7 @@
 set -u
 out=${1:-work_dirs/gpu_suite}
 shift
-parts=${*:-tests backbone cell profile train}
+parts=${*:-tests celltests backbone cell profile train}
 mkdir -p "$out"
 source benchmarks/gpu_setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$out/log.txt"
@@ -32,8 +34,10 @@ bench="python3 tools/benchmark.py --modes train --iters 5 --warmup 2 --repeats 3
 for part in $parts; do
   echo "=== $part $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
   case $part in
-    tests) timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests/test_norm_ops.py tests/test_mixer_ops.py tests/test_vil_mixer.py \
-             tests/test_mlstm_backends.py -k "not interpreter" 2>&1 | tail -15 | tee -a "$out/log.txt" ;;
+    tests|celltests) files="tests/test_norm_ops.py tests/test_mixer_ops.py tests/test_vil_mixer.py"
+             [ "$part" = celltests ] && files="tests/test_mlstm_fused_chunkwise.py tests/test_mlstm_backends.py"
+             MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 540 python3 -m pytest -q -rf -p no:cacheprovider $files \
+             -k "not interpreter" 2>&1 | tee "$out/$part.txt" | grep -v "^\s*$" | tail -25 | tee -a "$out/log.txt" ;;
     quick) timeout 300 $bench --models vil-t deit-t --sizes 224 512 1024 --batch 224=64 512=32 1024=8 \
              --out-dir "$out/quick" 2>&1 | grep -v -i warn | tail -30 | tee -a "$out/log.txt" ;;
     rest) timeout 300 $bench --models vil-s deit-s --sizes 224 512 1024 --batch 224=64 512=32 1024=8 \
