@@ -315,8 +315,8 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
                              KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
     """Launch 1 of the backward (module docstring): grad_pre, and the partial sums of the conv bias and q/k weight
-    and bias gradients. PARTIAL: one row per program, ``[conv weight | conv bias | qkv weight | qkv bias]`` (launch 2
-    writes the other columns). The gradients of q and k are GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
+    and bias gradients. PARTIAL: one row per program (``_walk_setup``), of which launches 2 and 3 write the other
+    columns. The gradients of q and k are GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
     groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, NUM_GATES, BLOCK_G)
     x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X: rows of x_row elements
     n_tokens = height * width

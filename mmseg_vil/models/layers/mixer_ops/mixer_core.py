@@ -46,12 +46,11 @@ def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bi
     x_mlstm, z = xz.chunk(2, dim=-1)
     x_conv, qkv, gates = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias,
                                              gate_weight, gate_bias, reverse)
-    igate, fgate = gates.chunk(2, dim=1)
+    q_k_v, igate_fgate = _split_heads(qkv, heads), gates.chunk(2, dim=1)
     if chunk_size:
-        h, *stats = chunkwise_mlstm.forward_kernels(*_split_heads(qkv, heads), igate, fgate, MLSTM_EPS, chunk_size,
-                                                    reverse)
+        h, *stats = chunkwise_mlstm.forward_kernels(*q_k_v, *igate_fgate, MLSTM_EPS, chunk_size, reverse)
     else:
-        h, *stats = fused_mlstm.fused_forward(*_split_heads(qkv, heads), igate, fgate, MLSTM_EPS, reverse)
+        h, *stats = fused_mlstm.fused_forward(*q_k_v, *igate_fgate, MLSTM_EPS, reverse)
     out = triton_ops.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, norm_eps)
     return [F.linear(out, down_weight.to(out.dtype), down_bias.to(out.dtype)), h, gates, *stats]
 
@@ -99,14 +98,14 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
     # The cell's gradients go straight into one q | k | v buffer and one gate buffer; the conv backward adds the gates'
     # share to the q | k | v gradient as it reads it.
     grad_qkv, grad_gates = torch.empty_like(qkv), torch.empty_like(gates)
+    q_k_v, igate_fgate = _split_heads(qkv, heads), gates.chunk(2, dim=1)
     grad_q_k_v = [t.unflatten(-1, (heads, -1)) for t in grad_qkv.chunk(3, dim=-1)]
     if chunk_size:
-        chunkwise_mlstm.backward_kernels_into(grad_h, *_split_heads(qkv, heads), *gates.chunk(2, dim=1), h, *stats,
-                                              MLSTM_EPS, chunk_size, reverse, *grad_q_k_v,
-                                              *(g.transpose(1, 2) for g in grad_gates.chunk(2, dim=1)))
+        chunkwise_mlstm.backward_kernels_into(grad_h, *q_k_v, *igate_fgate, h, *stats, MLSTM_EPS, chunk_size, reverse,
+                                              *grad_q_k_v, *(g.transpose(1, 2) for g in grad_gates.chunk(2, dim=1)))
     else:
-        fused_mlstm.backward_into(grad_h, *_split_heads(qkv, heads), h, *gates.chunk(2, dim=1), stats, MLSTM_EPS,
-                                  reverse, *grad_q_k_v, *grad_gates.chunk(2, dim=1))
+        fused_mlstm.backward_into(grad_h, *q_k_v, h, *igate_fgate, stats, MLSTM_EPS, reverse, *grad_q_k_v,
+                                  *grad_gates.chunk(2, dim=1))
     triton_ops.conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x_mlstm, qkv, height, width, conv_weight,
                                       conv_bias, qkv_weight, gate_weight, reverse, grad_x_mlstm, conv_part)
     return [grad_xz, flat]

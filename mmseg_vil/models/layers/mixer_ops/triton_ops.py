@@ -162,6 +162,7 @@ def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Te
     conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
         grad_pre, x, conv_weight, qkv_weight, gate_weight, grad_qkv, grad_gates, grad_x, partial, height, width,
         chans, x_row, *grad_gates.stride(), **gates, **gather_config)
+    # launch 1's tiles and warps (its grid, its partial rows), but not its register cap: launch 3 is a small kernel
     conv_kernels.conv_qkv_gate_grad_kernel[grid](
         qkv, grad_gates, partial, height, width, chans, *grad_gates.stride(), NUM_GATES=len(gate_weight), KSIZE=ksize,
         **{k: v for k, v in config.items() if k != 'maxnreg'})

@@ -47,8 +47,7 @@ def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -
 def _forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, chunk_size: int,
              reverse: bool) -> List[Tensor]:
     """``[h (B, N, NH, DH), row sums (B*NH, N)]``."""
-    return list(_forward_kernels.forward(q, k, v, igate, fgate, eps,
-                                         _config(q.shape[-1], chunk_size, reverse, q.dtype)))
+    return list(forward_kernels(q, k, v, igate, fgate, eps, chunk_size, reverse))
 
 
 @_forward.register_fake
