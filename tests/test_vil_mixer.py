@@ -77,3 +77,28 @@ def test_reverse_equals_flipped_sequence(backend):
     for grad, expected_grad in zip(torch.autograd.grad(ours, inputs, grad_out),
                                    torch.autograd.grad(expected, inputs, grad_out)):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize('options', [
+    {}, dict(conv_kind='causal1d', conv_kernel_size=4, proj_bias=False, norm_bias=False)])
+@pytest.mark.parametrize('reverse', [False, True])
+@pytest.mark.parametrize('grid', [(9, 9), (16, 8)], ids=['padded', 'whole-chunks'])
+def test_mixer_inference_path_equals_official_flip_formulation(reverse, grid, options, monkeypatch):
+    """Without autograd on the CPU the chunkwise backend runs the mixer's inference path (q/k/v written into the
+    cell's chunk layout, h token-major): the official function. 81 steps in chunks of 16 (padded) or 128 in 8."""
+    import mmseg_vil.models.layers.mlstm.chunkwise_inference as inference
+    import mmseg_vil.models.layers.vil_block as vil_block
+    monkeypatch.setattr(vil_block, 'CHUNK_SIZE', 16)
+    ran = []
+    cell = inference.cell
+    monkeypatch.setattr(inference, 'cell', lambda *args: ran.append(cell(*args)) or ran[-1])
+    torch.manual_seed(0)
+    mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend='chunkwise', **options).double()
+    for param in mixer.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
+    with torch.no_grad():
+        ours = mixer(x, grid)
+        expected = official_mixer(mixer, x, grid)
+    assert ran == [True]
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)

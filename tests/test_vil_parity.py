@@ -75,6 +75,12 @@ def test_official_parity(tmp_path, path, name, layout):
     check_official_parity(tmp_path, path, name, layout)
 
 
+@pytest.mark.parametrize('path,name', CASES)
+def test_official_parity_with_chunkwise_inference_path(tmp_path, path, name):
+    """The chunkwise backend without autograd on the CPU runs the mixer's inference path (vil_block.MLSTMMixer)."""
+    check_official_parity(tmp_path, path, name, 'ours', mlstm_backend='chunkwise')
+
+
 def check_official_parity(tmp_path: Path, path: Path, name: str, layout: str, mlstm_backend: str = 'parallel',
                           device: str = 'cpu') -> None:
     """The case's outputs from its checkpoint in ``layout``, with the given mLSTM backend (the Triton backends run

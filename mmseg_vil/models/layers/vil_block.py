@@ -16,7 +16,8 @@ from .linear import linear
 from .mixer_ops import (conv_qkv, gated_output, mixer_core, mixer_core_chunk_size, reads_strided_halves,
                         use_mixer_core)
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
-from .mlstm import mlstm, resolve_backend
+from .mlstm import chunkwise_inference, mlstm, resolve_backend
+from .mlstm.chunkwise import CHUNK_SIZE
 from .norm_ops import compute_dtype, layer_norm
 
 
@@ -154,12 +155,24 @@ class MLSTMMixer(nn.Module):
                               gate_bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                               self.proj_down.weight, self.proj_down.bias, self.num_heads, self.outnorm.eps,
                               self.reverse, mixer_core_chunk_size(x_mlstm, backend))[0]
+        layout = None
+        if xz is None and backend == 'chunkwise' and chunkwise_inference.supports(x_mlstm, self.conv.weight, qkv_weight,
+                                                                                   gate_weight):
+            # the CPU inference path: q/k/v written into the cell's chunk layout, h token-major for the output norm
+            batch, n, _ = x_mlstm.shape
+            layout = chunkwise_inference.Layout(batch, self.num_heads, n, self.inner_dims // self.num_heads,
+                                                CHUNK_SIZE, self.reverse, x_mlstm.dtype, x_mlstm.device)
         x_conv, qkv, gates = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias,
-                                      gate_weight, gate_bias, self.num_heads, self.reverse, self.conv_kind)
+                                      gate_weight, gate_bias, self.num_heads, self.reverse, self.conv_kind,
+                                      None if layout is None else layout.real)
         igate, fgate = gates.chunk(2, dim=1)
-        h = mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse)
-        out = gated_output(h.transpose(1, 2), x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
-                           self.outnorm.eps)
+        if layout is None:
+            h = mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse).transpose(1, 2)
+        else:
+            h = x_mlstm.new_empty(batch, n, self.num_heads, self.inner_dims // self.num_heads)
+            if not chunkwise_inference.cell(*layout.qkv, igate, fgate, layout.length, self.reverse, h.transpose(1, 2)):
+                h.transpose(1, 2).copy_(mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse))
+        out = gated_output(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)
         return self.proj_down(out)
 
 

@@ -48,17 +48,19 @@ def mixer_core_chunk_size(x: Tensor, mlstm_backend: str) -> int:
 
 def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
              qkv_bias: Optional[Tensor], gate_weight: Tensor, gate_bias: Tensor, num_heads: int, reverse: bool,
-             conv_kind: str = '2d') -> Tuple[Tensor, Tensor, Tensor]:
+             conv_kind: str = '2d', out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(silu(conv(x)), qkv (3, B, NH, N, DH), gates (B, G, N))``: :func:`.reference.conv_qkv_heads` and
     :func:`.reference.folded_gate_preactivations`. The kernels (for the released models' options: 2d conv, biases) write
-    q/k/v token-major (``qkv`` is a view of that buffer) and the gates in float32 or above, in the same pass."""
+    q/k/v token-major (``qkv`` is a view of that buffer) and the gates in float32 or above, in the same pass.
+    ``out``: the reference's q/k/v buffer (:func:`.reference.conv_qkv_heads`); only where the kernels do not run
+    (:func:`reads_strided_halves` is false)."""
     if _use_kernels(x) and conv_kind == '2d' and conv_bias is not None and qkv_bias is not None:
         x_conv, qkv, gates = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
                                                  gate_bias, reverse)
         return x_conv, qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4), gates
     # The conv and the tile products read x channels-last: a strided x is copied once here, not inside each.
     x_conv, qkv = reference.conv_qkv_heads(x.contiguous(), grid, conv_weight, conv_bias, qkv_weight, qkv_bias,
-                                           num_heads, reverse, conv_kind)
+                                           num_heads, reverse, conv_kind, out)
     if reference.counting_flops():  # the official operation count
         return x_conv, qkv, reference.gate_preactivations(qkv, gate_weight, gate_bias)
     return x_conv, qkv, reference.folded_gate_preactivations(x_conv, x, qkv_weight, qkv_bias, gate_weight, gate_bias)

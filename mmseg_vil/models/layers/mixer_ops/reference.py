@@ -165,12 +165,14 @@ def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: O
 
 def conv_qkv_heads(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor],
                    qkv_weight: Tensor, qkv_bias: Optional[Tensor], num_heads: int, reverse: bool,
-                   conv_kind: str = '2d') -> Tuple[Tensor, Tensor]:
+                   conv_kind: str = '2d', out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """:func:`conv_qkv` with q, k, v in the mLSTM's head layout, ``qkv (3, B, NH, N, DH)`` contiguous: the CPU path
-    (one copy of the projections' output fewer than token-major q/k/v, which the cell copies again)."""
+    (one copy of the projections' output fewer than token-major q/k/v, which the cell copies again). ``out``: a
+    buffer of that shape to write them into instead (the last dim contiguous, e.g. the real steps of the chunkwise
+    cell's padded layout)."""
     x_conv = conv_silu(x, grid, conv_weight, conv_bias, reverse, conv_kind)
     batch, n, inner = x.shape
-    qkv = x.new_empty(3, batch, num_heads, n, inner // num_heads)
+    qkv = x.new_empty(3, batch, num_heads, n, inner // num_heads) if out is None else out
     biases = (None, None) if qkv_bias is None else (qkv_bias[:2], qkv_bias[2:])
     block_diagonal_heads(x_conv, qkv_weight[:2], biases[0], num_heads, qkv[:2])
     block_diagonal_heads(x, qkv_weight[2:], biases[1], num_heads, qkv[2:])

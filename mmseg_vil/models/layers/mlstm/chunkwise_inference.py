@@ -1,0 +1,146 @@
+"""The chunkwise mLSTM without autograd on the CPU: the same function as :mod:`.chunkwise` in fewer passes over memory.
+
+On one CPU core the chunkwise cell's elementwise passes over its ``(chunks, L, L)`` and ``(chunks, L, DH)``
+intermediates cost about as much as its matmuls. Without autograd most of them can go, because the in-chunk decay
+factorises. With ``key_log[s] = i_s - F_s`` (:mod:`.chunkwise`) and ``stab_t`` the stabiliser of query ``t``, a score
+is ``q_t.k_s exp(key_log[s] - stab_t) / sqrt(DH)``. Taken relative to one reference ``ref_j`` per chunk instead of
+``stab_t`` per query, it is ``r_t (q_t . wk_s)``, with ``wk_s = k_s exp(key_log[s] - ref_j) / sqrt(DH)`` (the keys
+weighted once, for the chunk's state summary too) and ``r_t = exp(ref_j - stab_t)`` a factor per query row. The
+state the chunk reads is taken relative to ``ref_j`` as well, so it carries the same row factor, and so does the
+normaliser's row sum: the matmuls sum up to ``r_t`` times
+
+    X_t = [q_t . wk_s]_{s visible} @ v + q_t @ C_j,    x_t = sum_s [q_t . wk_s]_{s visible} + q_t . n_j
+
+and ``h_t = X_t / (max(|x_t|, exp(-m_t) / r_t) + eps / r_t)``: one pass over X writes h (into any layout, e.g. the
+token-major one of the mixer's output norm). Per chunk that leaves one weighting of the keys, the causal mask, a row
+sum of the scores and five matmuls (``wk^T v``, ``k`` summed with the key weights, the states, ``q [wk; n]^T`` with
+``q . n`` as the scores' last column, ``scores v + q C``), against about ten elementwise passes more in the general
+form.
+
+``ref_j`` is the chunk's key max, lowered where that would put the first query's row (the smallest ``stab_t``) below
+``e^-row_range``, and raised to the state's max minus ``state_lead`` where the decayed state outweighs the chunk's keys
+by more (their scores, at most ``e^-state_lead`` of the state's terms, are then scaled down with it). So every row's
+largest term in X lies between ``e^-row_range`` and ``e^max(key_lead, state_lead)``, and the weights that
+:func:`.chunkwise._flush_tiny` zeroes are negligible beside it. Where a chunk's keys span more than ``row_range +
+key_lead`` (its key weights would exceed ``e^key_lead``), or from ``SCAN_MIN_CHUNKS`` chunks on, the call returns
+``False`` and :func:`.chunkwise.mlstm_chunkwise` runs its general form: the same function either way.
+"""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .chunkwise import SCAN_MIN_CHUNKS, _chunk_length, _flush_tiny, _running_max, _state_log_weights
+
+# Per dtype, natural-log ranges (row_range, key_lead, state_lead). _flush_tiny zeroes weights below sqrt(tiny): e^-43.7
+# in float32, so a row whose largest term is e^-20 loses at most e^-23.7 = 5e-11 of it (e^-54 in float64 at e^-300).
+# A state weight is a summary's weight over its keys' excess (at most e^key_lead): e^-43.7 / e^40 is still a normal
+# float32. States and rows stay below e^40 (float32) or e^300 (float64) times their summands.
+_RANGES = {torch.float32: (20.0, 40.0, 20.0), torch.float64: (300.0, 300.0, 300.0)}
+_LOG_FLUSH = {dtype: 0.5 * math.log(torch.finfo(dtype).tiny) for dtype in _RANGES}
+
+
+def supports(q: Tensor, *others: Tensor) -> bool:
+    """Whether :func:`cell` may run for cell inputs ``q`` and ``others``: float32/64 on the CPU, no autograd record,
+    not traced."""
+    return (q.device.type == 'cpu' and q.dtype in _RANGES
+            and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, *others)))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
+def chunk_steps(n: int, chunk_size: int) -> Tuple[int, int]:
+    """``(L, pad)``: the chunk length for ``n`` steps (as :mod:`.chunkwise` chooses it) and the padded steps."""
+    length = _chunk_length(n, chunk_size)
+    return length, -n % length
+
+
+class Layout:
+    """The padded buffer :func:`cell` reads, for producers that write q, k and v straight into it.
+
+    ``qkv (3, B, NH, steps, DH)`` holds q, k and v of ``steps``, a whole number of chunks of at most ``chunk_size``
+    (padding behind the last step, or in front of the first for ``reverse``, zero); ``real`` is the view of the
+    ``n`` real steps.
+    """
+
+    def __init__(self, batch: int, heads: int, n: int, head_dim: int, chunk_size: int, reverse: bool,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.length, self.pad = chunk_steps(n, chunk_size)
+        steps = n + self.pad
+        self.qkv = torch.empty(3, batch, heads, steps, head_dim, dtype=dtype, device=device)
+        if self.pad:
+            self.qkv[:, :, :, slice(0, self.pad) if reverse else slice(n, steps)] = 0
+        self.real = self.qkv[:, :, :, slice(self.pad, steps) if reverse else slice(0, n)]
+
+
+def cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool, out: Tensor,
+         eps: float = 1e-6) -> bool:
+    """The cell of ``(B, NH, steps, DH)`` contiguous ``q``, ``k``, ``v`` padded to whole chunks of ``length`` steps
+    (:class:`Layout`), gate pre-activations ``(B, NH, n)``, written into ``out (B, NH, n, DH)`` (any strides).
+    Returns ``False`` (``out`` untouched) where the general cell must run: rows whose range needs it (module
+    docstring), or from ``SCAN_MIN_CHUNKS`` chunks on (the decay matrix's cost grows with their square)."""
+    batch, heads, steps, head_dim = q.shape
+    n = igate.shape[-1]
+    pad = steps - n
+    sequences, num_chunks = batch * heads, steps // length
+    if num_chunks >= SCAN_MIN_CHUNKS:
+        return False
+    groups = sequences * num_chunks
+    row_range, key_lead, state_lead = _RANGES[q.dtype]
+    first, last = (-1, 0) if reverse else (0, -1)  # a chunk's first and last step in the cell's direction
+
+    def padded(gate: Tensor, value: float) -> Tensor:
+        gate = gate.to(q.dtype)
+        gate = F.pad(gate, (pad, 0) if reverse else (0, pad), value=value) if pad else gate
+        return gate.reshape(groups, length)
+
+    log_f = F.logsigmoid(padded(fgate, 0.0))
+    cum_f = log_f.flip(-1).cumsum(-1).flip(-1) if reverse else log_f.cumsum(-1)  # F_t
+    key_log = padded(igate, float('-inf')) - cum_f  # padded keys weigh nothing
+    key_running_max = _running_max(key_log, reverse, length)
+    key_max = key_running_max[:, last]
+    # the keys' reference: their max, or less where that would take the first query's row below e^-row_range
+    key_ref = torch.minimum(key_max, key_log[:, first] + row_range)
+    key_excess = key_max - key_ref  # the keys' weights reach e^key_excess
+    if bool(key_excess.amax() > key_lead):
+        return False
+    chunk_log_f = cum_f[:, last].view(sequences, num_chunks)
+    log_w = _state_log_weights(chunk_log_f, chunk_log_f + key_max.view(sequences, num_chunks), reverse)
+    state_max = log_w.amax(-1)
+    ref = torch.maximum(key_ref.view(sequences, num_chunks), state_max - state_lead)
+    stabiliser = torch.maximum(key_running_max, state_max.view(groups, 1))
+    lag = stabiliser - ref.view(groups, 1)  # -log r_t, in [-row_range, max(key_lead, state_lead)]
+
+    q, k, v = (x.view(groups, length, head_dim) for x in (q, k, v))
+    log_scale = -0.5 * math.log(head_dim)
+    key_weight = _flush_tiny(torch.exp(key_log - (key_ref - log_scale).unsqueeze(-1)))
+    # the weighted keys, and below them each chunk's state normaliser: q times it is q . n in the scores' last column
+    keys_and_n = q.new_empty(groups, length + 1, head_dim)
+    weighted_k = torch.mul(k, key_weight.unsqueeze(-1), out=keys_and_n[:, :length])
+    summaries = torch.bmm(weighted_k.transpose(1, 2), v)  # C of each chunk
+    summary_n = torch.bmm(key_weight.unsqueeze(1), k)  # n of each chunk, (groups, 1, DH)
+    # a summary's weight in a state relative to ref, its keys' weights taken back to their max; flushed where that
+    # weight is below _flush_tiny's threshold (the product's size, so no subnormal weight times a large summary)
+    log_w = log_w - ref.unsqueeze(-1)
+    state_weights = torch.exp(log_w - key_excess.view(sequences, 1, num_chunks))
+    state_weights.masked_fill_(log_w < _LOG_FLUSH[q.dtype], 0)
+    states = torch.bmm(state_weights, summaries.view(sequences, num_chunks, -1)).view_as(summaries)
+    torch.bmm(state_weights, summary_n.view(sequences, num_chunks, head_dim),
+              out=keys_and_n[:, length].view(sequences, num_chunks, head_dim))
+
+    scores_and_qn = torch.bmm(q, keys_and_n.transpose(1, 2))
+    scores = scores_and_qn[..., :length]
+    scores.triu_() if reverse else scores.tril_()
+    chunk_scale = key_ref - ref.view(groups)  # 0 unless the state outweighs the chunk's keys by the state lead
+    if bool(chunk_scale.amin() < 0):
+        scores.mul_(torch.exp(chunk_scale).view(groups, 1, 1))
+    row_sum = scores_and_qn.sum(-1)
+    mixed = torch.bmm(scores, v).baddbmm_(q, states)  # X: (groups, L, DH)
+
+    floor = torch.exp(-(cum_f + ref.view(groups, 1)))  # exp(-m_t) / r_t
+    denominator = torch.maximum(row_sum.abs_(), floor).add_(torch.exp(lag).mul_(eps))
+    real = slice(pad, steps) if reverse else slice(0, n)
+    factor = denominator.reciprocal_().view(batch, heads, steps, 1)[:, :, real]
+    torch.mul(mixed.view(batch, heads, steps, head_dim)[:, :, real], factor, out=out)
+    return True
