@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .linear import linear
 from .mixer_ops import (conv_qkv, gated_output, mixer_core, mixer_core_chunk_size, reads_strided_halves,
                         use_mixer_core)
-from .mixer_ops.reference import CONV_KINDS, block_diagonal
+from .mixer_ops.reference import CONV_KINDS, block_diagonal, gated_output_
 from .mlstm import chunkwise_inference, mlstm, resolve_backend
 from .mlstm.chunkwise import CHUNK_SIZE
 from .norm_ops import compute_dtype, layer_norm
@@ -172,6 +172,10 @@ class MLSTMMixer(nn.Module):
             h = x_mlstm.new_empty(batch, n, self.num_heads, self.inner_dims // self.num_heads)
             if not chunkwise_inference.cell(*layout.qkv, igate, fgate, layout.length, self.reverse, h.transpose(1, 2)):
                 h.transpose(1, 2).copy_(mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse))
+            # z is this path's own temporary (two products, not the halves of one): overwritten
+            out = gated_output_(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
+                                self.outnorm.eps)
+            return self.proj_down(out)
         out = gated_output(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)
         return self.proj_down(out)
 
@@ -189,4 +193,6 @@ class ViLBlock(nn.Module):
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         # the norm written in the dtype the up-projection runs in (no cast of its output under autocast)
         normed = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, compute_dtype(x))
-        return x + self.drop_path(self.mixer(normed, grid))
+        if torch.is_grad_enabled() or (self.training and self.drop_path.drop_prob > 0):
+            return x + self.drop_path(self.mixer(normed, grid))
+        return self.mixer(normed, grid).add_(x)  # inference: the mixer's output is a new tensor; no extra buffer

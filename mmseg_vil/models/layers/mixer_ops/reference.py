@@ -209,6 +209,18 @@ def folded_gate_preactivations(x_conv: Tensor, x: Tensor, qkv_weight: Tensor, qk
     return torch.baddbmm(gates, folded[2].expand(batch, -1, -1), x.transpose(1, 2))
 
 
+def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
+                  skip: Tensor, eps: float) -> Tensor:
+    """:func:`gated_output` without autograd, overwriting ``z`` (a temporary of the caller) and the norm's output: the
+    CPU inference path (no allocation but the norm's)."""
+    normed = F.layer_norm(h, h.shape[-1:], eps=eps).flatten(2)
+    if norm_bias is None:
+        normed.mul_(norm_weight)
+    else:
+        torch.addcmul(norm_bias, normed, norm_weight, out=normed)
+    return normed.addcmul_(skip, x_conv).mul_(F.silu(z, inplace=True))
+
+
 def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], skip: Tensor,
                  eps: float) -> Tensor:
     """``(LayerNorm_per_head(h) * w [+ b] + skip * x_conv) * silu(z)`` for ``h (B, N, NH, DH)``; ``(B, N, E)`` out."""
