@@ -118,13 +118,7 @@ def test_kernels_read_halves_of_the_up_projection_in_place():
     _check(ours, expected, (xz, h, *params, *norm), torch.float64, gen)
 
 
-@needs_kernels
-# h_scale 1e-2: heads with a variance near the norm's eps, where an eps rounded to float32 shows in float64 results
-@pytest.mark.parametrize('heads,head_dim,layout,dtype,h_scale',
-                         [(2, 8, 'heads_first', torch.float64, 1.0), (4, 12, 'tokens_first', torch.float64, 1e-2),
-                          (1, 96, 'heads_first', torch.float32, 1.0)], ids=lambda value: str(value))
-def test_gated_output_kernels_match_reference(heads, head_dim, layout, dtype, h_scale):
-    gen = torch.Generator().manual_seed(1)
+def _gated_output_inputs(heads, head_dim, layout, dtype, gen, h_scale=1.0):
     batch, n, chans = 2, 37, heads * head_dim
     if layout == 'heads_first':  # what the torch mLSTM backends return, seen as (B, N, NH, DH)
         h = _randn(batch, heads, n, head_dim, dtype=dtype, gen=gen).transpose(1, 2)
@@ -133,10 +127,43 @@ def test_gated_output_kernels_match_reference(heads, head_dim, layout, dtype, h_
     h = h * h_scale
     x_conv, z = _randn(batch, n, chans, dtype=dtype, gen=gen), _randn(batch, n, chans, dtype=dtype, gen=gen)
     weight, bias, skip = (_randn(chans, dtype=dtype, gen=gen) for _ in range(3))
-    inputs = (h, x_conv, z, weight, bias, skip)
+    return h, x_conv, z, weight, bias, skip
+
+
+@needs_kernels
+# h_scale 1e-2: heads with a variance near the norm's eps, where an eps rounded to float32 shows in float64 results.
+# Head dims (triton_ops._head_parts): 12, 48 and 96 as three tiles of 4, 16 and 32 dims, 8 and 64 as one, 40 as one
+# tile padded to 64 (masked).
+@pytest.mark.parametrize('heads,head_dim,layout,dtype,h_scale',
+                         [(2, 8, 'heads_first', torch.float64, 1.0), (4, 12, 'tokens_first', torch.float64, 1e-2),
+                          (1, 96, 'heads_first', torch.float32, 1.0), (2, 96, 'heads_first', torch.float64, 1.0),
+                          (3, 48, 'tokens_first', torch.float64, 1.0), (2, 64, 'tokens_first', torch.float64, 1.0),
+                          (2, 40, 'heads_first', torch.float64, 1.0)], ids=lambda value: str(value))
+def test_gated_output_kernels_match_reference(heads, head_dim, layout, dtype, h_scale):
+    gen = torch.Generator().manual_seed(1)
+    inputs = _gated_output_inputs(heads, head_dim, layout, dtype, gen, h_scale)
     ours = triton_ops.gated_output(*inputs, 1e-5)
     expected = reference.gated_output(*inputs, 1e-5)
     _check((ours,), (expected,), inputs, dtype, gen)
+
+
+@needs_kernels
+@pytest.mark.parametrize('head_dim,layout', [(96, 'heads_first'), (40, 'tokens_first')])
+def test_gated_output_backward_storing_the_output_kernels_match_reference(head_dim, layout):
+    """The backward that also stores the recomputed output (the mixer's, STORE_OUT): the reference's output, and
+    the gradients and parameter sums of the backward without it; three parts and one padded part, float64."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        inputs = _gated_output_inputs(2, head_dim, layout, torch.float64, gen)
+        h, x_conv, z = inputs[:3]
+        grad_out = torch.randn(x_conv.shape, generator=gen, dtype=torch.float64).to(KERNEL_DEVICE)
+        expected = triton_ops.gated_output_backward(grad_out, *inputs, 1e-5)
+        grad_h = torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=h.device)
+        grad_x_conv, grad_z, out = torch.empty_like(x_conv), torch.empty_like(z), torch.empty_like(x_conv)
+        params = triton_ops.gated_output_backward_into(grad_out, *inputs, 1e-5, grad_h, grad_x_conv, grad_z, out)
+    torch.testing.assert_close(out, reference.gated_output(*inputs, 1e-5), **TOLERANCES[torch.float64])
+    for ours, exp in zip([grad_h, grad_x_conv, grad_z, *params], expected):
+        torch.testing.assert_close(ours, exp, **TOLERANCES[torch.float64])
 
 
 @needs_kernels

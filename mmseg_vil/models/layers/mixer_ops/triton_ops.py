@@ -232,12 +232,23 @@ def _conv_qkv_grad(ctx, grad_x_conv, grad_qkv, grad_gates):
 conv_qkv.register_autograd(_conv_qkv_grad, setup_context=_conv_qkv_setup)
 
 
+def _head_parts(head_dim: int) -> Tuple[int, int]:
+    """``(BLOCK_D, PARTS)``: a head of 3 * 2^k dims (the ViL heads 96, 192, 384) as three tiles of 2^k, a power-of-two
+    head as one tile, any other head dim as one tile padded to the next power of two (masked)."""
+    if head_dim % 3 == 0 and triton.next_power_of_2(head_dim // 3) == head_dim // 3:
+        return head_dim // 3, 3
+    return triton.next_power_of_2(head_dim), 1
+
+
 def _gate_launch(h: Tensor) -> Tuple[tuple, dict]:
+    """Grid ``(token tiles, heads)`` and launch options: tiles of the most tokens (a power of two, at most 32) whose
+    head parts hold at most ``TILE_ELEMENTS`` elements."""
     batch, n, heads, head_dim = h.shape
-    block_d = triton.next_power_of_2(head_dim)
-    block_t = max(1, min(32, GATED_OUTPUT['TILE_ELEMENTS'] // block_d))
+    block_d, parts = _head_parts(head_dim)
+    tokens = max(1, GATED_OUTPUT['TILE_ELEMENTS'] // (block_d * parts))
+    block_t = min(32, 1 << (tokens.bit_length() - 1))
     grid = (triton.cdiv(batch * n, block_t), heads)
-    return grid, dict(BLOCK_T=block_t, BLOCK_D=block_d, ACC=_accumulator(h.dtype)[1],
+    return grid, dict(BLOCK_T=block_t, BLOCK_D=block_d, PARTS=parts, ACC=_accumulator(h.dtype)[1],
                       num_warps=GATED_OUTPUT['num_warps'])
 
 
