@@ -102,3 +102,20 @@ def test_mixer_inference_path_equals_official_flip_formulation(reverse, grid, op
         expected = official_mixer(mixer, x, grid)
     assert ran == [True]
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_block_inference_keeps_the_residual_stream_dtype_under_autocast():
+    """Without autograd the block adds the residual into the mixer's output in place, except where autocast gives a
+    16-bit mixer output: the stream stays float32 and equals the autograd path's."""
+    from mmseg_vil.models.layers.vil_block import ViLBlock
+    torch.manual_seed(0)
+    block = ViLBlock(16, reverse=False, num_heads=2).eval()
+    x = torch.randn(2, 16, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        expected = block(x, (4, 4))
+        with torch.no_grad():
+            ours = block(x, (4, 4))
+    assert ours.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(ours, expected.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, (4, 4)), x + block.mixer(block.norm(x), (4, 4)), rtol=1e-6, atol=1e-6)

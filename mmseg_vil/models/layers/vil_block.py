@@ -195,4 +195,7 @@ class ViLBlock(nn.Module):
         normed = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, compute_dtype(x))
         if torch.is_grad_enabled() or (self.training and self.drop_path.drop_prob > 0):
             return x + self.drop_path(self.mixer(normed, grid))
-        return self.mixer(normed, grid).add_(x)  # inference: the mixer's output is a new tensor; no extra buffer
+        out = self.mixer(normed, grid)
+        if out.dtype != x.dtype:  # autocast: a 16-bit mixer output, the residual stream stays in x's dtype
+            return x + out
+        return out.add_(x)  # inference: the mixer's output is a new tensor; no extra buffer
