@@ -90,22 +90,29 @@ def _resources(kernel):
 
 
 def _sweep(quick):
-    """Candidate configurations per tunable (name in triton_ops, list of dicts)."""
-    forward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w) for t, g, w in
-               itertools.product((8, 16, 32, 64), (8, 16, 32), (2, 4, 8))]
-    backward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, TILES=tiles // t, maxnreg=None) for t, g, w, tiles in
-                itertools.product((8, 16, 32), (8, 16), (4, 8), (64, 128))]
-    backward += [dict(BLOCK_T=t, BLOCK_G=16, num_warps=w, TILES=64 // t, maxnreg=regs) for t, w, regs in
-                 itertools.product((8, 16), (4, 8), (128, 168))]
+    """Candidate configurations per tunable (name in triton_ops, list of dicts), each table's current one included.
+    LOOP_TAPS: the conv taps unrolled (all loads issued up front, more registers) or as a loop (fewer registers, more
+    programs per SM); the forward with 4 warps or more (2 warps make its gate dots mma.sync, which spills)."""
+    loop = (False, True)
+    forward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, LOOP_TAPS=taps) for t, g, w, taps in
+               itertools.product((16, 32, 64, 128), (4, 8, 16), (4, 8), loop)]
+    backward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, TILES=tiles // t, maxnreg=None, LOOP_TAPS=taps)
+                for t, g, w, tiles, taps in itertools.product((8, 16, 32), (8, 16), (2, 4, 8), (64, 128), loop)]
+    backward += [dict(BLOCK_T=t, BLOCK_G=16, num_warps=w, TILES=64 // t, maxnreg=regs, LOOP_TAPS=False)
+                 for t, w, regs in itertools.product((8, 16), (4, 8), (128, 168))]
     input_grad = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w) for t, g, w in
                   itertools.product((2, 4, 8, 16), (8, 16), (2, 4, 8))]
     gated = [dict(TILE_ELEMENTS=e, num_warps=w) for e, w in itertools.product((512, 1024, 2048, 4096), (2, 4, 8))]
-    if quick:
-        forward = [c for c in forward if c['num_warps'] == 4 or c['BLOCK_T'] >= 32]
-        input_grad = [c for c in input_grad if c['num_warps'] == 4]
-    return [('CONV_FORWARD', 'conv_qkv', forward), ('CONV_BACKWARD', 'conv_qkv_backward', backward),
-            ('CONV_INPUT_GRAD', 'conv_qkv_backward', input_grad), ('GATED_OUTPUT', 'gated_output', gated),
-            ('GATED_OUTPUT', 'gated_output_backward', gated)]
+    if quick:  # what fits run_gpu_suite.sh's tune step
+        forward = [c for c in forward if c['BLOCK_T'] >= 64 and c['BLOCK_G'] in (4, 8)]
+        backward = [c for c in backward if c['BLOCK_T'] in (16, 32) and c['BLOCK_G'] == 8 and c['num_warps'] in (2, 4)
+                    and c['TILES'] * c['BLOCK_T'] == 128]
+        input_grad = [c for c in input_grad if c['num_warps'] in (2, 4) and c['BLOCK_T'] >= 8]
+    tunables = [('CONV_FORWARD', 'conv_qkv', forward), ('CONV_BACKWARD', 'conv_qkv_backward', backward),
+                ('CONV_INPUT_GRAD', 'conv_qkv_backward', input_grad), ('GATED_OUTPUT', 'gated_output', gated),
+                ('GATED_OUTPUT', 'gated_output_backward', gated)]
+    return [(name, op, candidates + [dict(getattr(triton_ops, name))] * (getattr(triton_ops, name) not in candidates))
+            for name, op, candidates in tunables]
 
 
 KERNELS = {'conv_qkv_forward_kernel': triton_ops.conv_kernels.conv_qkv_forward_kernel,

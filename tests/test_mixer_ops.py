@@ -80,12 +80,13 @@ def test_conv_qkv_kernels_match_reference(grid, chans, ksize, reverse, num_gates
 
 
 # Launch configurations other than the defaults (benchmarks/tune_mixer_kernels.py may pick them): larger and smaller
-# token tiles, several tiles per channel range, and the input-gradient launch with tiles larger than the backward's.
-OTHER_LAUNCHES = [dict(CONV_FORWARD=dict(BLOCK_T=32, BLOCK_G=4, num_warps=8),
-                       CONV_BACKWARD=dict(BLOCK_T=16, BLOCK_G=4, num_warps=8, TILES=2, maxnreg=128),
+# token tiles (the forward's across the two images' boundary), several tiles per channel range, the input-gradient
+# launch with tiles larger than the backward's, and the conv taps as a loop that is not unrolled (LOOP_TAPS).
+OTHER_LAUNCHES = [dict(CONV_FORWARD=dict(BLOCK_T=32, BLOCK_G=4, num_warps=8, LOOP_TAPS=True),
+                       CONV_BACKWARD=dict(BLOCK_T=16, BLOCK_G=4, num_warps=8, TILES=2, maxnreg=128, LOOP_TAPS=True),
                        CONV_INPUT_GRAD=dict(BLOCK_T=32, BLOCK_G=8, num_warps=4)),
-                  dict(CONV_FORWARD=dict(BLOCK_T=2, BLOCK_G=2, num_warps=2),
-                       CONV_BACKWARD=dict(BLOCK_T=4, BLOCK_G=2, num_warps=2, TILES=4, maxnreg=None),
+                  dict(CONV_FORWARD=dict(BLOCK_T=2, BLOCK_G=2, num_warps=2, LOOP_TAPS=False),
+                       CONV_BACKWARD=dict(BLOCK_T=4, BLOCK_G=2, num_warps=2, TILES=4, maxnreg=None, LOOP_TAPS=False),
                        CONV_INPUT_GRAD=dict(BLOCK_T=2, BLOCK_G=2, num_warps=2))]
 
 
@@ -309,15 +310,15 @@ def test_launch_configs_from_a_file_replace_the_tables_and_bad_files_are_refused
     for name in triton_ops.LAUNCH_TABLES:  # restored after the test
         monkeypatch.setattr(triton_ops, name, dict(getattr(triton_ops, name)))
     good = tmp_path / 'best.json'
-    good.write_text(json.dumps({'CONV_FORWARD': dict(BLOCK_T=32, BLOCK_G=8, num_warps=8)}))
+    good.write_text(json.dumps({'CONV_FORWARD': dict(BLOCK_T=32, BLOCK_G=8, num_warps=8, LOOP_TAPS=True)}))
     triton_ops.load_launch_configs(str(good))
-    assert triton_ops.CONV_FORWARD == dict(BLOCK_T=32, BLOCK_G=8, num_warps=8)
+    assert triton_ops.CONV_FORWARD == dict(BLOCK_T=32, BLOCK_G=8, num_warps=8, LOOP_TAPS=True)
     unknown = tmp_path / 'unknown.json'
     unknown.write_text(json.dumps({'CONV_SIDEWAYS': {}}))
     with pytest.raises(ValueError, match='unknown launch tables.*CONV_SIDEWAYS'):
         triton_ops.load_launch_configs(str(unknown))
     wrong_keys = tmp_path / 'wrong_keys.json'
-    wrong_keys.write_text(json.dumps({'CONV_FORWARD': dict(BLOCK_T=16, BLOCK_G=16, num_warps=4),
+    wrong_keys.write_text(json.dumps({'CONV_FORWARD': dict(BLOCK_T=16, BLOCK_G=16, num_warps=4, LOOP_TAPS=False),
                                       'GATED_OUTPUT': dict(TILE_ELEMENTS=512)}))
     with pytest.raises(ValueError, match='GATED_OUTPUT needs the keys'):
         triton_ops.load_launch_configs(str(wrong_keys))
@@ -339,7 +340,7 @@ def test_conv_qkv_gate_dots_in_16_bit(dtype, monkeypatch):
     q | k | v and the gate weights rounded to the data's dtype (the official model's numerics under autocast): the
     gates within float32 accuracy of that float64 product, the conv output and q | k | v within a unit in their last
     place of the float64 reference, the gradients within 16-bit accuracy."""
-    monkeypatch.setattr(triton_ops, 'CONV_FORWARD', dict(BLOCK_T=64, BLOCK_G=8, num_warps=4))
+    monkeypatch.setattr(triton_ops, 'CONV_FORWARD', dict(BLOCK_T=64, BLOCK_G=8, num_warps=4, LOOP_TAPS=False))
     gen = torch.Generator().manual_seed(3)
     grid, chans, num_gates = (9, 8), 64, 8  # 72 tokens: a partial second token tile; two channel tiles
     x = _randn(2, grid[0] * grid[1], chans, dtype=dtype, gen=gen)
@@ -376,7 +377,8 @@ def test_conv_qkv_gate_dots_and_fmas_agree(block_t, monkeypatch):
     params = [_randn(*shape, dtype=torch.float32, gen=gen) for shape in
               ((32, 1, 3, 3), (32,), (3, 8, 4, 4), (3, 32), (3, 96), (3,))]
     outputs = []
-    for config in (dict(BLOCK_T=block_t, BLOCK_G=8, num_warps=4), dict(BLOCK_T=8, BLOCK_G=8, num_warps=4)):
+    for config in (dict(BLOCK_T=block_t, BLOCK_G=8, num_warps=4, LOOP_TAPS=False),
+                   dict(BLOCK_T=8, BLOCK_G=8, num_warps=4, LOOP_TAPS=True)):
         monkeypatch.setattr(triton_ops, 'CONV_FORWARD', config)
         outputs.append(triton_ops.conv_qkv(x, 5, 7, *params, False))
     (x_conv, qkv, gates), (x_conv_fma, qkv_fma, gates_fma) = outputs

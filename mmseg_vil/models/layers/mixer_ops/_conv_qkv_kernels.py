@@ -1,12 +1,19 @@
 """Triton kernels of :func:`~.reference.conv_qkv`: depthwise conv + SiLU + block-diagonal q/k/v in one pass.
 
-A program owns a tile of tokens of one image and a range of channel groups (a group = the ``S = 4`` channels of one
-block of the block-diagonal projections). Every load and store is a ``(tokens, channels)`` tile with the channels
-contiguous, so global memory is read and written in whole vectors (the earlier per-channel tiles, four channels apart,
-made every access a 2-byte scalar). For a 4x4 product a tile is split in registers into the four ``(tokens, groups)``
+A program owns a tile of tokens and a range of channel groups (a group = the ``S = 4`` channels of one block of the
+block-diagonal projections); the forward's token tiles run over the batch's tokens flattened, image after image (no
+partly empty tile at each image's end: 196 tokens at 224 px filled two tiles of 128), the backward's walk one image.
+Every load and store is a ``(tokens, channels)`` tile with the channels contiguous, so global memory is read and
+written in whole vectors (the earlier per-channel tiles, four channels apart, made every access a 2-byte scalar). For
+a 4x4 product a tile is split in registers into the four ``(tokens, groups)``
 tiles of its groups' channels (``tl.split``; each thread holds runs of adjacent channels, so no data moves between
 threads), multiplied and added, and joined back. Tokens are row-major on the ``(height, width)`` grid; ``REVERSE``
-reads the conv kernel rotated by 180 degrees.
+reads the conv kernel rotated by 180 degrees. A conv tap is the tile's pointers plus one scalar, masked by its row and
+column compared with scalars. ``LOOP_TAPS`` (a launch-config choice of the forward and backward launch 1) runs the taps
+as a loop that is not unrolled: unrolled, ptxas issues every tap's loads up front and holds them (and the 9 weights of
+each of a thread's channels) in registers, e.g. 252 registers for the forward's tile of 128 tokens and 32 channels
+with 4 warps (sm_90, bfloat16; 8 warps per SM), 153 as a loop (12 warps per SM), 96 with 64 tokens; the same products
+are summed in the same order either way.
 
 The forward also writes each channel tile's share of the gate pre-activations (``gate_weight @ q | k | v``, a sum
 over all channels: the caller adds the shares), so that q | k | v are not read again for them. It projects, stores
@@ -41,18 +48,6 @@ def _grid_position(offs_t, width):
 
 
 @triton.jit
-def _tap(X, image, row, col, chan, tap_y, tap_x, height, width, chans, row_len, KSIZE: tl.constexpr,
-         ACC: tl.constexpr):
-    """``x`` (rows of ``row_len`` elements) at the tokens at ``(row, col)`` offset by tap ``(tap_y, tap_x)`` of a
-    KSIZE x KSIZE kernel (zero outside the image; ``row >= height``: a token past the image's last)."""
-    tap_row = row + (tap_y - KSIZE // 2)
-    tap_col = col + (tap_x - KSIZE // 2)
-    inside = (row < height) & (tap_row >= 0) & (tap_row < height) & (tap_col >= 0) & (tap_col < width)
-    ptrs = X + image + (tap_row * width + tap_col)[:, None] * row_len + chan[None, :]
-    return tl.load(ptrs, mask=inside[:, None] & (chan[None, :] < chans), other=0.0).to(ACC)
-
-
-@triton.jit
 def _kernel_index(tap_y, tap_x, KSIZE: tl.constexpr, REVERSE: tl.constexpr):
     if REVERSE:
         return (KSIZE - 1 - tap_y) * KSIZE + (KSIZE - 1 - tap_x)
@@ -67,28 +62,55 @@ def _conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE: tl.constexpr, REVERSE
 
 
 @triton.jit
-def _conv(X, CONV_W, CONV_B, image, offs_t, chan, height, width, chans, row_len, KSIZE: tl.constexpr,
-          REVERSE: tl.constexpr, ACC: tl.constexpr):
-    """Pre-activation of the depthwise conv on a ``(tokens, channels)`` tile."""
-    row, col = _grid_position(offs_t, width)
-    pre = tl.zeros((offs_t.shape[0], chan.shape[0]), dtype=ACC)
-    for tap_y in tl.static_range(KSIZE):
-        for tap_x in tl.static_range(KSIZE):
-            pre += (_conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE, REVERSE, ACC)
-                    * _tap(X, image, row, col, chan, tap_y, tap_x, height, width, chans, row_len, KSIZE, ACC))
+def _shifted(ptrs, row, col, valid, chan_ok, dy, dx, height, width, row_len, ACC: tl.constexpr):
+    """The tile at ``ptrs`` (tokens at ``(row, col)``, rows of ``row_len`` elements) shifted by ``(dy, dx)`` on the
+    grid: zero outside the image and for tokens not ``valid``. One scalar added to the tile's pointers, and row and
+    column compared with scalars."""
+    inside = valid & (row >= -dy) & (row < height - dy) & (col >= -dx) & (col < width - dx)
+    return tl.load(ptrs + (dy * width + dx) * row_len, mask=inside[:, None] & chan_ok[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
+def _conv_tap(ptrs, CONV_W, tap, row, col, valid, chan, chans, height, width, row_len, KSIZE: tl.constexpr,
+              REVERSE: tl.constexpr, ACC: tl.constexpr):
+    """Tap ``tap`` (``tap_y * KSIZE + tap_x``) of the depthwise conv: its weights times the shifted tile."""
+    tap_y, tap_x = tap // KSIZE, tap % KSIZE
+    return (_conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE, REVERSE, ACC)
+            * _shifted(ptrs, row, col, valid, chan < chans, tap_y - KSIZE // 2, tap_x - KSIZE // 2, height, width,
+                       row_len, ACC))
+
+
+@triton.jit
+def _conv(ptrs, CONV_W, CONV_B, row, col, valid, chan, height, width, chans, row_len, KSIZE: tl.constexpr,
+          REVERSE: tl.constexpr, ACC: tl.constexpr, LOOP_TAPS: tl.constexpr):
+    """Pre-activation of the depthwise conv on a ``(tokens, channels)`` tile of x at ``ptrs`` (tokens at ``(row,
+    col)`` of the grid; ``valid``: tokens that exist). ``LOOP_TAPS``: the taps as a loop that is not unrolled, so
+    that one tap's weights and x tile are live at a time (fewer registers, more programs per SM) instead of all
+    taps' loads issued up front; the same products summed in the same order either way."""
+    pre = tl.zeros((ptrs.shape[0], chan.shape[0]), dtype=ACC)
+    if LOOP_TAPS:
+        for tap in tl.range(0, KSIZE * KSIZE, loop_unroll_factor=1):
+            pre += _conv_tap(ptrs, CONV_W, tap, row, col, valid, chan, chans, height, width, row_len, KSIZE, REVERSE,
+                             ACC)
+    else:
+        for tap in tl.static_range(KSIZE * KSIZE):
+            pre += _conv_tap(ptrs, CONV_W, tap, row, col, valid, chan, chans, height, width, row_len, KSIZE, REVERSE,
+                             ACC)
     return pre + tl.load(CONV_B + chan, mask=chan < chans, other=0.0).to(ACC)[None, :]
 
 
 @triton.jit
-def _program_tile(height, width, chans, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    """This program's tokens, channel groups and their channels, the offset of its image and the mask of its
-    ``(tokens, channels)`` tile."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    chan = _tile_channels(BLOCK_G)
-    n_tokens = height * width
-    ok = (offs_t[:, None] < n_tokens) & (chan[None, :] < chans)
-    return offs_t, groups, groups < chans // GROUP, chan, tl.program_id(2).to(tl.int64) * n_tokens * chans, ok
+def _flat_tile(total, n_tokens, width, BLOCK_T: tl.constexpr):
+    """This program's token tile over the batch's tokens flattened (image after image; tiles do not stop at an
+    image's end, so no tile is partly empty but the last): the offset of its first token (int64, to be multiplied
+    by a row length), its tokens relative to that, their image, their grid row and column, and which exist."""
+    first = tl.program_id(0) * BLOCK_T
+    local = tl.arange(0, BLOCK_T)
+    token = first + local
+    image = token // n_tokens
+    in_image = token - image * n_tokens
+    row = in_image // width
+    return first.to(tl.int64), local, image, in_image, row, in_image - row * width, token < total
 
 
 @triton.jit
@@ -228,37 +250,45 @@ def _project_and_store(src, QKV_W, QKV_B, GATE_W, QKV, gates, which, image, offs
 
 @triton.jit
 def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_CONV, QKV, GATES, height, width, chans,
-                            x_row, KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr,
-                            ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Grid: (token tiles, channel tiles, batch). Writes silu(conv(x)), q | k | v, and this channel tile's share of
-    the gate pre-activations, ``GATES[channel tile, image, gate, token]`` (the caller sums the shares; tile 0 adds the
-    biases). ``NUM_GATES = 0``: no gates (the backward's recomputation).
+                            x_row, total, KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr,
+                            ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                            LOOP_TAPS: tl.constexpr):
+    """Grid: (token tiles of the ``total`` tokens of all images, flattened; channel tiles). Writes silu(conv(x)),
+    q | k | v, and this channel tile's share of the gate pre-activations, ``GATES[channel tile, image, gate, token]``
+    (the caller sums the shares; tile 0 adds the biases). ``NUM_GATES = 0``: no gates (the backward's
+    recomputation).
 
     One projection at a time, stored and its gate share added before the next (few live tiles); x is read again for v
     (from the cache) rather than kept live through the conv and q, k. Tiles of 64 tokens or more with 4 warps make the
     gate products warp-group MMAs (``wgmma``).
     """
-    offs_t, groups, group_ok, chan, image, ok = _program_tile(height, width, chans, BLOCK_T, BLOCK_G)
-    x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X: rows of x_row elements
-    pre = _conv(X, CONV_W, CONV_B, x_image, offs_t, chan, height, width, chans, x_row, KSIZE, REVERSE, ACC)
+    first, local, image, in_image, row, col, valid = _flat_tile(total, height * width, width, BLOCK_T)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    group_ok = groups < chans // GROUP
+    chan = _tile_channels(BLOCK_G)
+    ok = valid[:, None] & (chan[None, :] < chans)
+    x_ptrs = X + first * x_row + local[:, None] * x_row + chan[None, :]  # X: rows of x_row elements
+    pre = _conv(x_ptrs, CONV_W, CONV_B, row, col, valid, chan, height, width, chans, x_row, KSIZE, REVERSE, ACC,
+                LOOP_TAPS)
     act = pre * tl.sigmoid(pre)
-    tl.store(_tile_ptrs(X_CONV, image, offs_t, chan, chans, 0), act.to(X_CONV.dtype.element_ty), mask=ok)
+    start = first * chans  # of the tile's first token in X_CONV; 3 * start in QKV
+    tl.store(_tile_ptrs(X_CONV, start, local, chan, chans, 0), act.to(X_CONV.dtype.element_ty), mask=ok)
     gate = tl.arange(0, _gate_block(NUM_GATES))
     gates = tl.zeros((BLOCK_T, _gate_block(NUM_GATES)), dtype=ACC)
     if NUM_GATES > 0:  # channel tile 0 adds the biases
         gates += tl.load(GATE_B + gate, mask=(gate < NUM_GATES) & (tl.program_id(1) == 0), other=0.0).to(ACC)[None, :]
-    gates = _project_and_store(act, QKV_W, QKV_B, GATE_W, QKV, gates, 0, image, offs_t, groups, group_ok, chan,
+    gates = _project_and_store(act, QKV_W, QKV_B, GATE_W, QKV, gates, 0, start, local, groups, group_ok, chan,
                                chans, ok, NUM_GATES, ACC, BLOCK_T, BLOCK_G)
-    gates = _project_and_store(act, QKV_W, QKV_B, GATE_W, QKV, gates, 1, image, offs_t, groups, group_ok, chan,
+    gates = _project_and_store(act, QKV_W, QKV_B, GATE_W, QKV, gates, 1, start, local, groups, group_ok, chan,
                                chans, ok, NUM_GATES, ACC, BLOCK_T, BLOCK_G)
-    x = _load_tile(X, x_image, offs_t, chan, x_row, 0, ok, ACC)
-    gates = _project_and_store(x, QKV_W, QKV_B, GATE_W, QKV, gates, 2, image, offs_t, groups, group_ok, chan,
+    x = tl.load(x_ptrs, mask=ok, other=0.0).to(ACC)
+    gates = _project_and_store(x, QKV_W, QKV_B, GATE_W, QKV, gates, 2, start, local, groups, group_ok, chan,
                                chans, ok, NUM_GATES, ACC, BLOCK_T, BLOCK_G)  # v projects x
     if NUM_GATES > 0:
         n_tokens = height * width
-        share = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * NUM_GATES * n_tokens
-        tl.store(GATES + share + gate[None, :] * n_tokens + offs_t[:, None], gates,
-                 mask=(gate[None, :] < NUM_GATES) & (offs_t[:, None] < n_tokens))
+        share = tl.program_id(1).to(tl.int64) * NUM_GATES * total
+        tl.store(GATES + share + (image * (NUM_GATES * n_tokens) + in_image)[:, None] + gate[None, :] * n_tokens,
+                 gates, mask=(gate[None, :] < NUM_GATES) & valid[:, None])
 
 
 @triton.jit
@@ -313,7 +343,8 @@ def _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, which, image, offs_t, chan, chans, o
 def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD_QKV, GRAD_GATES, GRAD_PRE, PARTIAL,
                              height, width, chans, x_row, stride_gate_b, stride_gate_g, stride_gate_n,
                              KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
+                             BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr,
+                             LOOP_TAPS: tl.constexpr):
     """Launch 1 of the backward (module docstring): grad_pre, and the partial sums of the conv bias and q/k weight
     and bias gradients. PARTIAL: one row per program (``_walk_setup``), of which launches 2 and 3 write the other
     columns. The gradients of q and k are GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
@@ -331,7 +362,9 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
         dk = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 1, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
-        pre = _conv(X, CONV_W, CONV_B, x_image, offs_t, chan, height, width, chans, x_row, KSIZE, REVERSE, ACC)
+        row, col = _grid_position(offs_t, width)
+        pre = _conv(X + x_image + offs_t[:, None] * x_row + chan[None, :], CONV_W, CONV_B, row, col, offs_t < n_tokens,
+                    chan, height, width, chans, x_row, KSIZE, REVERSE, ACC, LOOP_TAPS)
         sig = tl.sigmoid(pre)
         act = pre * sig
         grad_act = (_load_tile(GRAD_X_CONV, image, offs_t, chan, chans, 0, ok, ACC)
@@ -357,11 +390,11 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
 
 
 @triton.jit
-def _grad_pre_at(GRAD_PRE, image, row, col, chan, tap_y, tap_x, height, width, chans, KSIZE: tl.constexpr,
+def _grad_pre_at(ptrs, row, col, valid, chan_ok, tap_y, tap_x, height, width, chans, KSIZE: tl.constexpr,
                  ACC: tl.constexpr):
-    """``dpre[s - d]`` for tap ``(tap_y, tap_x)`` with offset ``d``: the tap rotated by 180 degrees."""
-    return _tap(GRAD_PRE, image, row, col, chan, KSIZE - 1 - tap_y, KSIZE - 1 - tap_x, height, width, chans, chans,
-                KSIZE, ACC)
+    """``dpre[s - d]`` (the tile of GRAD_PRE at ``ptrs``) for tap ``(tap_y, tap_x)`` with offset ``d``: the tap
+    rotated by 180 degrees."""
+    return _shifted(ptrs, row, col, valid, chan_ok, KSIZE // 2 - tap_y, KSIZE // 2 - tap_x, height, width, chans, ACC)
 
 
 @triton.jit
@@ -391,9 +424,12 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
     zero = tl.zeros((BLOCK_T, BLOCK_G * GROUP), dtype=ACC)
     bias_v, wv0, wv1, wv2, wv3 = zero, zero, zero, zero, zero
     tap_sums = (zero,) * (KSIZE * KSIZE)  # entry tap_y * KSIZE + tap_x
+    chan_ok = chan < chans
     for tile in range(first_tile, end_tile):
         offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
         row, col = _grid_position(offs_t, width)
+        valid = offs_t < n_tokens
+        grad_pre_ptrs = _tile_ptrs(GRAD_PRE, image, offs_t, chan, chans, 0)
         x = _load_tile(X, x_image, offs_t, chan, x_row, 0, ok, ACC)
         dv = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 2, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
@@ -402,12 +438,11 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
         grad = _block_diagonal_tile(dv, QKV_W, 2, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC)
         for tap_y in tl.static_range(KSIZE):
             for tap_x in tl.static_range(KSIZE):
-                grad_pre = _grad_pre_at(GRAD_PRE, image, row, col, chan, tap_y, tap_x, height, width, chans, KSIZE,
-                                        ACC)
+                grad_pre = _grad_pre_at(grad_pre_ptrs, row, col, valid, chan_ok, tap_y, tap_x, height, width, chans,
+                                        KSIZE, ACC)
                 grad += _conv_weight(CONV_W, chan, chans, tap_y, tap_x, KSIZE, REVERSE, ACC) * grad_pre
                 tap_sums = _add_at(tap_sums, tap_y * KSIZE + tap_x, x * grad_pre)
         tl.store(_tile_ptrs(GRAD_X, x_image, offs_t, chan, x_row, 0), grad.to(GRAD_X.dtype.element_ty), mask=ok)
-    chan_ok = chan < chans
     for tap_y in tl.static_range(KSIZE):
         for tap_x in tl.static_range(KSIZE):
             tl.store(PARTIAL + part_row + chan * (KSIZE * KSIZE) + _kernel_index(tap_y, tap_x, KSIZE, REVERSE),

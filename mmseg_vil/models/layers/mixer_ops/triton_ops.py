@@ -27,12 +27,16 @@ GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k
 # Forward: 4 warps, since its gate products are tl.dot, a warp-group MMA (wgmma) for tiles of 64 tokens and more with
 # 4 warps; with 2 warps they are mma.sync whose operand layout Triton carries back into the conv (255 registers and
 # spills, 115 us at 224). 128 tokens per tile: 46.8 us at 224 on an H100 (Triton 3.6; 58 us before the gate products
-# were tl.dot, 2026-12-06).
-CONV_FORWARD = dict(BLOCK_T=128, BLOCK_G=8, num_warps=4)
+# were tl.dot, 2026-12-06). Its token tiles run over all images' tokens (no partly empty tile per image: 98 instead
+# of 128 tiles of 128 at 224 px batch 64). LOOP_TAPS (forward and launch 1): the conv taps as a loop that is not
+# unrolled, one tap's loads live at a time instead of all issued up front: ptxas (sm_90, bfloat16, with gates) 153
+# instead of 252 registers here, 96 instead of 140 with 64 tokens per tile (64 instead of 140 without gates, the
+# backward's recomputation); launch 1 168 instead of 255 (its conv weights reloaded per token tile). Not timed yet.
+CONV_FORWARD = dict(BLOCK_T=128, BLOCK_G=8, num_warps=4, LOOP_TAPS=False)
 # maxnreg: a register cap for ptxas (None: its choice; caps of 128 or 168 spilled and ran slower). 2 warps since
 # launch 1 no longer reads v's gradient (launch 2 sums v's weight gradient): 77 instead of 85 us with 4 warps at 224
 # on an H100 (Triton 3.6, 2026-12-06; 105 us before), no spills.
-CONV_BACKWARD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=2, TILES=8, maxnreg=None)
+CONV_BACKWARD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=2, TILES=8, maxnreg=None, LOOP_TAPS=False)
 # TILES: the same tokens per program as CONV_BACKWARD. 2 warps: 97 instead of 102 us with 4 at 224 (with v's weight
 # gradient, 89 us before it moved here), timed when the conv weight gradient took a second walk per tap. The single
 # walk is not timed yet; its per-tap register tiles take ptxas (sm_90, bfloat16) to 255 registers at 2 warps (12 bytes
@@ -112,14 +116,16 @@ def conv_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias:
     gate weights)."""
     x, x_row = _rows(x)
     x_conv, qkv = x.new_empty(x.shape), x.new_empty(*x.shape[:2], 3 * x.shape[2])
-    grid, config = _conv_launch(x, CONV_FORWARD)
+    (_, channel_tiles, batch), config = _conv_launch(x, CONV_FORWARD)
+    grid = (triton.cdiv(batch * x.shape[1], config['BLOCK_T']), channel_tiles)  # tiles of the images' tokens in a row
     num_gates = _num_gates(gate_weight)
     # (channel tiles, B, G, N): each channel tile's share of the gates
-    shares = x.new_empty(grid[1], len(x), num_gates, x.shape[1], dtype=_accumulator(x.dtype)[0])
+    shares = x.new_empty(channel_tiles, len(x), num_gates, x.shape[1], dtype=_accumulator(x.dtype)[0])
     conv_kernels.conv_qkv_forward_kernel[grid](
         x, conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(), qkv_bias.contiguous(),
         None if gate_weight is None else gate_weight.contiguous(), gate_bias, x_conv, qkv, shares, height, width,
-        x.shape[2], x_row, KSIZE=conv_weight.shape[-1], REVERSE=reverse, NUM_GATES=num_gates, **config)
+        x.shape[2], x_row, batch * x.shape[1], KSIZE=conv_weight.shape[-1], REVERSE=reverse, NUM_GATES=num_gates,
+        **config)
     return x_conv, qkv, shares.sum(0)
 
 
@@ -165,7 +171,7 @@ def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Te
     # launch 1's tiles and warps (its grid, its partial rows), but not its register cap: launch 3 is a small kernel
     conv_kernels.conv_qkv_gate_grad_kernel[grid](
         qkv, grad_gates, partial, height, width, chans, *grad_gates.stride(), NUM_GATES=len(gate_weight), KSIZE=ksize,
-        **{k: v for k, v in config.items() if k != 'maxnreg'})
+        **{k: v for k, v in config.items() if k not in ('maxnreg', 'LOOP_TAPS')})
     torch.sum(partial, 0, out=flat)
     return views
 
