@@ -105,8 +105,8 @@ def _sweep(quick):
     gated = [dict(TILE_ELEMENTS=e, num_warps=w) for e, w in itertools.product((512, 1024, 2048, 4096), (2, 4, 8))]
     if quick:  # what fits run_gpu_suite.sh's tune step
         forward = [c for c in forward if c['BLOCK_T'] >= 64 and c['BLOCK_G'] in (4, 8)]
-        backward = [c for c in backward if c['BLOCK_T'] in (16, 32) and c['BLOCK_G'] == 8 and c['num_warps'] in (2, 4)
-                    and c['TILES'] * c['BLOCK_T'] == 128]
+        backward = [c for c in backward if c['BLOCK_G'] == 8 and c['TILES'] * c['BLOCK_T'] == 128 and
+                    (c['BLOCK_T'], c['num_warps']) in ((16, 2), (16, 4), (32, 4))]  # 32 with 2 warps spills
         input_grad = [c for c in input_grad if c['num_warps'] in (2, 4) and c['BLOCK_T'] >= 8]
     tunables = [('CONV_FORWARD', 'conv_qkv', forward), ('CONV_BACKWARD', 'conv_qkv_backward', backward),
                 ('CONV_INPUT_GRAD', 'conv_qkv_backward', input_grad), ('GATED_OUTPUT', 'gated_output', gated),
