@@ -13,9 +13,9 @@ from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
 from .linear import linear
-from .mixer_ops import (conv_qkv, gated_output, mixer_core, mixer_core_chunk_size, reads_strided_halves,
-                        use_mixer_core)
-from .mixer_ops.reference import CONV_KINDS, block_diagonal, gated_output_
+from .mixer_ops import (conv_qkv, gated_output, gated_output_, mixer_core, mixer_core_chunk_size,
+                        reads_strided_halves, use_mixer_core)
+from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import chunkwise_inference, mlstm, resolve_backend
 from .mlstm.chunkwise import CHUNK_SIZE
 from .norm_ops import compute_dtype, layer_norm

@@ -1,12 +1,13 @@
 """Fused stages of the ViL mixer around the mLSTM cell (see :mod:`.reference` for what they compute).
 
-On CUDA (or under ``TRITON_INTERPRET=1``) they run as our Triton kernels; elsewhere, and for options the kernels do
-not cover, as the PyTorch reference.
+On CUDA (or under ``TRITON_INTERPRET=1``) they run as our Triton kernels; on the CPU without autograd as our C++ kernels
+where they build (:mod:`..cpu_kernels`); elsewhere, and for options the kernels do not cover, as the PyTorch reference.
 """
 from typing import Optional, Tuple
 
 from torch import Tensor
 
+from .. import cpu_kernels
 from . import reference
 
 try:
@@ -58,6 +59,10 @@ def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: O
         x_conv, qkv, gates = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
                                                  gate_bias, reverse)
         return x_conv, qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4), gates
+    if conv_kind == '2d' and cpu_kernels.usable(x, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
+                                                gate_bias):
+        return cpu_kernels.conv_qkv_gates(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
+                                          gate_bias, num_heads, reverse, out)
     # The conv and the tile products read x channels-last: a strided x is copied once here, not inside each.
     x_conv, qkv = reference.conv_qkv_heads(x.contiguous(), grid, conv_weight, conv_bias, qkv_weight, qkv_bias,
                                            num_heads, reverse, conv_kind, out)
@@ -74,5 +79,13 @@ def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm
     return reference.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, eps)
 
 
-__all__ = ['conv_qkv', 'gated_output', 'mixer_core', 'mixer_core_chunk_size', 'reads_strided_halves',
+def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
+                  skip: Tensor, eps: float) -> Tensor:
+    """See :func:`.reference.gated_output_` (the CPU inference path, overwriting ``z``): the C++ kernel where usable."""
+    if z.is_contiguous() and cpu_kernels.usable(h, x_conv, z, norm_weight, norm_bias, skip):
+        return cpu_kernels.gated_output_(h, x_conv, z, norm_weight, norm_bias, skip, eps)
+    return reference.gated_output_(h, x_conv, z, norm_weight, norm_bias, skip, eps)
+
+
+__all__ = ['conv_qkv', 'gated_output', 'gated_output_', 'mixer_core', 'mixer_core_chunk_size', 'reads_strided_halves',
            'use_mixer_core']

@@ -1,0 +1,137 @@
+# Copyright (c) mmseg-vil contributors. Licensed under the Apache License, Version 2.0.
+"""Optional C++ kernels for the mixer's CPU inference path: fused elementwise stages (``mixer_kernels.cpp``).
+
+Eager PyTorch runs the mixer's elementwise stages as about ten full passes over the tokens per block; these kernels
+do them in two: the depthwise conv, its bias and SiLU with the block-diagonal q/k/v products and their biases (q/k/v
+written straight into the chunkwise cell's layout), and the gated output (per-head LayerNorm, affine, learnable skip,
+SiLU output gate). Same functions as :mod:`..mixer_ops.reference`, in float32 or float64.
+
+Built just in time on first use with :func:`torch.utils.cpp_extension.load` (ninja and a C++ compiler; a few seconds)
+and cached in the torch extensions directory (``TORCH_EXTENSIONS_DIR``); the build's name carries a hash of the
+sources, so an edited source builds anew. Used only where :func:`usable` holds: on the CPU, float32/float64, no
+autograd record, not traced, compiled or exported, no dispatch mode active. Where the build fails (no compiler) one
+warning says so and the PyTorch path runs. ``MMSEG_VIL_CPU_EXTENSION=0`` turns the kernels off.
+"""
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..mixer_ops.reference import fold_gate_weights
+
+ENV_SWITCH = 'MMSEG_VIL_CPU_EXTENSION'
+SOURCES = ('mixer_kernels.cpp', 'mixer_kernels_body.h')
+DTYPES = (torch.float32, torch.float64)
+_DIRECTORY = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_state = {'ops': None, 'tried': False}
+
+
+def enabled() -> bool:
+    """Whether the switch allows the kernels (anything but ``0``, ``false``, ``off``, ``no``; on by default)."""
+    return os.environ.get(ENV_SWITCH, '1').strip().lower() not in ('0', 'false', 'off', 'no')
+
+
+def build_name() -> str:
+    """The extension's name: a hash of its sources, so that an edited source (the header too) builds anew."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((_DIRECTORY / name).read_bytes())
+    return f'mmseg_vil_cpu_{digest.hexdigest()[:12]}'
+
+
+def _build():
+    # quiet: the module logs "No CUDA runtime is found" on import where CUDA_HOME exists without a GPU (a CPU build)
+    logger = logging.getLogger('torch.utils.cpp_extension')
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    path = os.environ.get('PATH', '')
+    if shutil.which('ninja') is None:  # torch runs `ninja` from PATH: the pip package's, where not activated
+        try:
+            import ninja
+            os.environ['PATH'] = os.pathsep.join([ninja.BIN_DIR, path])
+        except ImportError:
+            pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            cpp_extension.load(name=build_name(), sources=[str(_DIRECTORY / SOURCES[0])],
+                               extra_include_paths=[str(_DIRECTORY)], extra_cflags=['-O3', '-fopenmp'],
+                               extra_ldflags=['-fopenmp'], is_python_module=False, verbose=False)
+    finally:
+        os.environ['PATH'] = path
+    return torch.ops.mmseg_vil_cpu
+
+
+def ops():
+    """The kernels' ops (``torch.ops.mmseg_vil_cpu``), built on the first call; ``None`` where switched off or where
+    the build failed (warned once)."""
+    if not enabled():
+        return None
+    if not _state['tried']:
+        with _lock:
+            if not _state['tried']:
+                try:
+                    _state['ops'] = _build()
+                except Exception as error:  # noqa: BLE001 (no compiler, no ninja, a failed compile: all fall back)
+                    warnings.warn(f'mmseg_vil: the C++ CPU kernels could not be built ({type(error).__name__}: '
+                                  f'{str(error).strip()[-500:]}); the mixer runs its PyTorch path. Set {ENV_SWITCH}=0 '
+                                  'to skip the build.', RuntimeWarning, stacklevel=2)
+                _state['tried'] = True
+    return _state['ops']
+
+
+def usable(*tensors: Optional[Tensor]) -> bool:
+    """Whether the kernels may run on ``tensors`` (``None`` skipped): plain CPU tensors of one float32/float64 dtype,
+    no autograd record, eager (not traced, compiled or exported, no dispatch mode), switched on and built."""
+    tensors = [t for t in tensors if t is not None]
+    if not tensors or not enabled():
+        return False
+    dtype = tensors[0].dtype
+    if dtype not in DTYPES or any(type(t) not in (Tensor, torch.nn.Parameter) or t.device.type != 'cpu'
+                                  or t.dtype != dtype for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch._C._len_torch_dispatch_stack() > 0):
+        return False
+    return ops() is not None
+
+
+def conv_qkv_gates(x: Tensor, grid, conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
+                   qkv_bias: Optional[Tensor], gate_weight: Tensor, gate_bias: Tensor, num_heads: int, reverse: bool,
+                   out: Optional[Tensor] = None):
+    """:func:`..mixer_ops.reference.conv_qkv_heads` for the 2-D conv and
+    :func:`..mixer_ops.reference.folded_gate_preactivations` in one pass over the tokens (check :func:`usable` first):
+    ``(x_conv (B, N, E), qkv (3, B, NH, N, DH), gates (B, G, N))``, q/k/v written into ``out`` if given."""
+    x = x.contiguous()
+    batch, n, inner = x.shape
+    x_conv = torch.empty_like(x)
+    qkv = x.new_empty(3, batch, num_heads, n, inner // num_heads) if out is None else out
+    gate_a, gate_b, gate_c = (w.contiguous() for w in fold_gate_weights(qkv_weight, qkv_bias, gate_weight, gate_bias))
+    gates = x.new_empty(batch, len(gate_c), n)
+    ops().conv_qkv(x, grid[0], grid[1], conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(),
+                   None if qkv_bias is None else qkv_bias.contiguous(), reverse, gate_a, gate_b, gate_c, x_conv, qkv,
+                   gates)
+    return x_conv, qkv, gates
+
+
+def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
+                  skip: Tensor, eps: float) -> Tensor:
+    """:func:`..mixer_ops.reference.gated_output_` in one pass (check :func:`usable` first): written into ``z``
+    (contiguous), which is returned as ``(B, N, E)``."""
+    ops().gated_output_(h.contiguous(), x_conv.contiguous(), z, norm_weight.contiguous(),
+                        None if norm_bias is None else norm_bias.contiguous(), skip.contiguous(), eps)
+    return z

@@ -1,0 +1,222 @@
+// Copyright (c) mmseg-vil contributors. Licensed under the Apache License, Version 2.0.
+//
+// Fused elementwise stages of the ViL mixer's CPU inference path (see mmseg_vil/models/layers/mixer_ops/reference.py
+// for the functions they compute, and cpu_kernels/__init__.py for when they run). No autograd, float32 and float64.
+//
+// Built for the baseline instruction set of the compiler (plain -O3, auto-vectorised loops), and on x86-64 once more
+// for AVX2 + FMA, chosen at run time: the build runs on any CPU of the architecture.
+//
+// Callers allocate every output; the ops return nothing (registered without pybind11, which keeps the build short).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace mmseg_vil_cpu {
+
+// Strides of a q/k/v buffer (3, B, NH, steps, DH) with contiguous heads (stride 1 along DH).
+struct QkvStrides {
+  int64_t projection, batch, head, step;
+};
+
+template <typename T>
+struct ConvQkvArgs {
+  const T* x;             // (B, H * W, E)
+  int64_t height, width, inner, kernel, block, head_dim;
+  const T* taps;          // (K * K, E): the conv kernel tap-major, rotated by 180 degrees for reverse blocks
+  const T* conv_bias;     // (E,), zeros where the conv has none
+  const T* qkv_weight_t;  // (3, S, E): [p][i][c] = qkv_weight[p][c / S][c % S][i]
+  const T* qkv_bias;      // (3, E), zeros where there are none
+  T* x_conv;              // (B, H * W, E)
+  T* qkv;                 // (3, B, NH, H * W, DH) with strides
+  QkvStrides strides;
+  const T* gate_a;        // (G, E): gates = gate_a x_conv + gate_b x + gate_c
+  const T* gate_b;        // (G, E)
+  const T* gate_c;        // (G,)
+  int64_t num_gates;
+  T* gates;               // (B, G, H * W)
+};
+
+template <typename T>
+struct GatedOutputArgs {
+  const T* h;  // (tokens, NH, DH)
+  const T* x_conv;
+  T* z;  // (tokens, NH * DH)
+  const T* norm_weight;
+  const T* norm_bias;  // zeros where the norm has none
+  const T* skip;
+  int64_t heads, head_dim;
+  T eps;
+};
+
+}  // namespace mmseg_vil_cpu
+
+// The kernels, once per instruction set (mixer_kernels_body.h reads KERNEL_NAMESPACE).
+#define KERNEL_NAMESPACE baseline
+#include "mixer_kernels_body.h"
+#undef KERNEL_NAMESPACE
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MMSEG_VIL_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define KERNEL_NAMESPACE avx2
+#include "mixer_kernels_body.h"
+#undef KERNEL_NAMESPACE
+#pragma GCC pop_options
+#endif
+
+namespace mmseg_vil_cpu {
+namespace {
+
+bool use_avx2() {
+#ifdef MMSEG_VIL_HAVE_AVX2
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+}
+
+std::string instruction_set() { return use_avx2() ? "avx2" : "baseline"; }
+
+// Grain of the parallel loops in multiply-adds: one thread below about 32k of them.
+constexpr int64_t kGrainWork = 1 << 15;
+
+// silu(conv(x) + conv_bias) of tokens x (B, H * W, E) on the grid (H, W) into x_conv (B, H * W, E), the
+// block-diagonal q, k (of x_conv) and v (of x) projections plus biases into qkv (3, B, NH, H * W, E / NH), and the
+// gate pre-activations gate_a x_conv + gate_b x + gate_c (the gate weights folded into the projections') into
+// gates (B, G, H * W).
+void conv_qkv(const at::Tensor& x, int64_t height, int64_t width, const at::Tensor& conv_weight,
+              const std::optional<at::Tensor>& conv_bias, const at::Tensor& qkv_weight,
+              const std::optional<at::Tensor>& qkv_bias, bool reverse, const at::Tensor& gate_a,
+              const at::Tensor& gate_b, const at::Tensor& gate_c, const at::Tensor& x_conv, const at::Tensor& qkv,
+              const at::Tensor& gates) {
+  for (const auto* t : {&x, &conv_weight, &qkv_weight, &gate_a, &gate_b, &gate_c, &x_conv, &qkv, &gates})
+    check_cpu(*t, "every tensor");
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.size(1) == height * width, "x: (B, H * W, E) contiguous");
+  const int64_t batch = x.size(0), inner = x.size(2);
+  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == inner && conv_weight.size(1) == 1 &&
+                  conv_weight.size(2) == conv_weight.size(3) && conv_weight.size(2) % 2 == 1 &&
+                  conv_weight.is_contiguous(),
+              "conv_weight: (E, 1, K, K) contiguous, K odd");
+  TORCH_CHECK(qkv_weight.dim() == 4 && qkv_weight.size(0) == 3 && qkv_weight.size(1) * qkv_weight.size(2) == inner &&
+                  qkv_weight.size(2) == qkv_weight.size(3) && qkv_weight.is_contiguous(),
+              "qkv_weight: (3, E / S, S, S) contiguous");
+  TORCH_CHECK(x_conv.sizes() == x.sizes() && x_conv.is_contiguous(), "x_conv: like x, contiguous");
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(0) == 3 && qkv.size(1) == batch && qkv.size(3) == height * width &&
+                  qkv.size(2) * qkv.size(4) == inner && qkv.stride(4) == 1,
+              "qkv: (3, B, NH, N, DH), DH contiguous");
+  const int64_t block = qkv_weight.size(2), head_dim = qkv.size(4);
+  TORCH_CHECK(head_dim % block == 0, "a q/k/v block must not straddle two heads");
+  const int64_t num_gates = gate_c.numel();
+  TORCH_CHECK(gate_a.dim() == 2 && gate_a.size(0) == num_gates && gate_a.size(1) == inner && gate_a.is_contiguous() &&
+                  gate_b.sizes() == gate_a.sizes() && gate_b.is_contiguous() && gate_c.is_contiguous(),
+              "gate_a, gate_b: (G, E) contiguous, gate_c: (G,)");
+  TORCH_CHECK(gates.dim() == 3 && gates.size(0) == batch && gates.size(1) == num_gates &&
+                  gates.size(2) == height * width && gates.is_contiguous(),
+              "gates: (B, G, H * W) contiguous");
+  for (const auto* t : {&conv_weight, &qkv_weight, &gate_a, &gate_b, &gate_c, &x_conv, &qkv, &gates})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "every tensor in x's dtype");
+  if (conv_bias) {
+    check_cpu(*conv_bias, "conv_bias");
+    TORCH_CHECK(conv_bias->numel() == inner && conv_bias->is_contiguous() &&
+                    conv_bias->scalar_type() == x.scalar_type(), "conv_bias: (E,) contiguous");
+  }
+  if (qkv_bias) {
+    check_cpu(*qkv_bias, "qkv_bias");
+    TORCH_CHECK(qkv_bias->numel() == 3 * inner && qkv_bias->is_contiguous() &&
+                    qkv_bias->scalar_type() == x.scalar_type(), "qkv_bias: (3, E) contiguous");
+  }
+  const QkvStrides strides{qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3)};
+  const int64_t kernel = conv_weight.size(2), taps_count = kernel * kernel;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_qkv", [&] {
+    using T = scalar_t;
+    const T* cw = conv_weight.data_ptr<T>();
+    std::vector<T> taps(taps_count * inner), biases(4 * inner, T(0)), qkv_weight_t(3 * inner * block);
+    for (int64_t c = 0; c < inner; ++c)
+      for (int64_t tap = 0; tap < taps_count; ++tap)
+        taps[tap * inner + c] = cw[c * taps_count + (reverse ? taps_count - 1 - tap : tap)];
+    if (conv_bias) std::copy_n(conv_bias->data_ptr<T>(), inner, biases.data());
+    if (qkv_bias) std::copy_n(qkv_bias->data_ptr<T>(), 3 * inner, biases.data() + inner);
+    const T* qw = qkv_weight.data_ptr<T>();
+    for (int64_t p = 0; p < 3; ++p)
+      for (int64_t i = 0; i < block; ++i)
+        for (int64_t c = 0; c < inner; ++c)
+          qkv_weight_t[(p * block + i) * inner + c] = qw[(p * inner + c) * block + i];
+    const ConvQkvArgs<T> args{x.data_ptr<T>(), height, width, inner, kernel, block, head_dim, taps.data(),
+                              biases.data(), qkv_weight_t.data(), biases.data() + inner, x_conv.data_ptr<T>(),
+                              qkv.data_ptr<T>(), strides, gate_a.data_ptr<T>(), gate_b.data_ptr<T>(),
+                              gate_c.data_ptr<T>(), num_gates, gates.data_ptr<T>()};
+    auto rows = use_avx2() ?
+#ifdef MMSEG_VIL_HAVE_AVX2
+                           &avx2::conv_qkv_rows<T> :
+#endif
+                           &baseline::conv_qkv_rows<T>;
+    const int64_t row_work = width * inner * (taps_count + 3 * block + 2 * num_gates);
+    at::parallel_for(0, batch * height, std::max<int64_t>(1, kGrainWork / row_work),
+                     [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+  });
+}
+
+// z = (LayerNorm_per_head(h) * norm_weight [+ norm_bias] + skip * x_conv) * silu(z) for h (B, N, NH, DH) and
+// x_conv, z (B, N, NH * DH), all contiguous.
+void gated_output_(const at::Tensor& h, const at::Tensor& x_conv, const at::Tensor& z, const at::Tensor& norm_weight,
+                   const std::optional<at::Tensor>& norm_bias, const at::Tensor& skip, double eps) {
+  for (const auto* t : {&h, &x_conv, &z, &norm_weight, &skip}) {
+    check_cpu(*t, "every tensor");
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == h.scalar_type(), "contiguous tensors of h's dtype");
+  }
+  TORCH_CHECK(h.dim() == 4, "h: (B, N, NH, DH)");
+  const int64_t heads = h.size(2), head_dim = h.size(3), inner = heads * head_dim;
+  const int64_t tokens = h.numel() / inner;
+  TORCH_CHECK(x_conv.numel() == tokens * inner && z.numel() == tokens * inner && x_conv.size(-1) == inner &&
+                  z.size(-1) == inner && norm_weight.numel() == inner && skip.numel() == inner,
+              "x_conv, z: (B, N, E); norm_weight, skip: (E,)");
+  if (norm_bias) {
+    check_cpu(*norm_bias, "norm_bias");
+    TORCH_CHECK(norm_bias->numel() == inner && norm_bias->is_contiguous() &&
+                    norm_bias->scalar_type() == h.scalar_type(), "norm_bias: (E,) contiguous");
+  }
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gated_output_", [&] {
+    using T = scalar_t;
+    std::vector<T> zeros(norm_bias ? 0 : inner, T(0));
+    const GatedOutputArgs<T> args{h.data_ptr<T>(), x_conv.data_ptr<T>(), z.data_ptr<T>(), norm_weight.data_ptr<T>(),
+                                  norm_bias ? norm_bias->data_ptr<T>() : zeros.data(), skip.data_ptr<T>(), heads,
+                                  head_dim, static_cast<T>(eps)};
+    auto run = use_avx2() ?
+#ifdef MMSEG_VIL_HAVE_AVX2
+                          &avx2::gated_output_tokens<T> :
+#endif
+                          &baseline::gated_output_tokens<T>;
+    at::parallel_for(0, tokens, std::max<int64_t>(1, kGrainWork / (4 * inner)),
+                     [&](int64_t begin, int64_t end) { run(args, begin, end); });
+  });
+}
+
+}  // namespace
+}  // namespace mmseg_vil_cpu
+
+TORCH_LIBRARY(mmseg_vil_cpu, m) {
+  m.def("instruction_set() -> str", &mmseg_vil_cpu::instruction_set);
+  m.def(
+      "conv_qkv(Tensor x, int height, int width, Tensor conv_weight, Tensor? conv_bias, Tensor qkv_weight, "
+      "Tensor? qkv_bias, bool reverse, Tensor gate_a, Tensor gate_b, Tensor gate_c, Tensor(a!) x_conv, "
+      "Tensor(b!) qkv, Tensor(c!) gates) -> ()",
+      &mmseg_vil_cpu::conv_qkv);
+  m.def(
+      "gated_output_(Tensor h, Tensor x_conv, Tensor(a!) z, Tensor norm_weight, Tensor? norm_bias, Tensor skip, "
+      "float eps) -> ()",
+      &mmseg_vil_cpu::gated_output_);
+}

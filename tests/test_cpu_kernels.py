@@ -1,0 +1,169 @@
+"""The optional C++ kernels of the mixer's CPU inference path (``mmseg_vil/models/layers/cpu_kernels``): the functions
+of the PyTorch reference in float64 and float32, and a safe fallback where they are switched off or cannot be built.
+
+The kernels are built once per session (and cached on disk by torch); every test that needs them skips where no
+compiler is found.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmseg_vil.models.layers import cpu_kernels
+from mmseg_vil.models.layers.mixer_ops import reference
+from mmseg_vil.models.layers.mlstm import chunkwise_inference
+from mmseg_vil.models.layers.vil_block import MLSTMMixer
+
+TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=2e-5)}
+
+
+@pytest.fixture(scope='session')
+def kernels():
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ops = cpu_kernels.ops() if cpu_kernels.enabled() else None
+    if ops is None:
+        pytest.skip('the C++ CPU kernels are switched off or could not be built (no compiler?)')
+    return ops
+
+
+def _conv_qkv_inputs(batch, grid, inner, kernel, block, gates, dtype, biases=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    return (randn(batch, math.prod(grid), inner), randn(inner, 1, kernel, kernel), randn(inner) if biases else None,
+            randn(3, inner // block, block, block) / block, randn(3, inner) if biases else None,
+            randn(gates, 3 * inner) / inner, randn(gates))
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+@pytest.mark.parametrize('batch,grid,inner,heads,kernel,block,biases', [
+    (1, (8, 8), 32, 4, 3, 4, True),
+    (2, (5, 7), 24, 2, 3, 4, True),  # odd grid, batch 2
+    (1, (1, 9), 16, 4, 3, 4, False),  # one row, no biases
+    (2, (6, 1), 24, 3, 3, 2, True),  # one column, blocks of 2 (the generic product)
+    (1, (6, 5), 36, 2, 5, 3, True),  # 5 x 5 kernel (tap by tap), blocks of 3, head dim 18
+])
+def test_conv_qkv_gates_equal_the_reference(kernels, batch, grid, inner, heads, kernel, block, biases, reverse,
+                                            dtype):
+    x, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias = _conv_qkv_inputs(
+        batch, grid, inner, kernel, block, 2 * heads, dtype, biases)
+    x_conv, qkv = reference.conv_qkv_heads(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, heads, reverse)
+    gates = reference.folded_gate_preactivations(x_conv, x, qkv_weight, qkv_bias, gate_weight, gate_bias)
+    ours = cpu_kernels.conv_qkv_gates(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias,
+                                      heads, reverse)
+    for actual, expected in zip(ours, (x_conv, qkv, gates)):
+        torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_conv_qkv_gates_write_into_the_cells_padded_layout(kernels, reverse):
+    """q/k/v go straight into the real steps of the chunkwise cell's padded layout; its padding stays zero."""
+    grid, heads, inner = (7, 9), 4, 32
+    x, *weights = _conv_qkv_inputs(2, grid, inner, 3, 4, 2 * heads, torch.float64, seed=1)
+    layout = chunkwise_inference.Layout(2, heads, math.prod(grid), inner // heads, 16, reverse, torch.float64, 'cpu')
+    assert layout.pad
+    conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias = weights
+    _, qkv = reference.conv_qkv_heads(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, heads, reverse)
+    cpu_kernels.conv_qkv_gates(x, grid, *weights, heads, reverse, out=layout.real)
+    torch.testing.assert_close(layout.real, qkv, rtol=1e-12, atol=1e-12)
+    padding = layout.qkv[:, :, :, :layout.pad] if reverse else layout.qkv[:, :, :, math.prod(grid):]
+    assert padding.abs().max() == 0
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('heads,head_dim,norm_bias', [(4, 8, True), (2, 5, False), (3, 96, True)])
+def test_gated_output_equals_the_reference(kernels, heads, head_dim, norm_bias, dtype):
+    generator = torch.Generator().manual_seed(2)
+    inner = heads * head_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    h, x_conv, z = randn(2, 13, heads, head_dim) * 3 + 1, randn(2, 13, inner), randn(2, 13, inner) * 4
+    norm_weight, skip = randn(inner), randn(inner)
+    bias = randn(inner) if norm_bias else None
+    expected = reference.gated_output(h, x_conv, z, norm_weight, bias, skip, 1e-5)
+    out = z.clone()
+    assert cpu_kernels.gated_output_(h, x_conv, out, norm_weight, bias, skip, 1e-5) is out
+    torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_silu_at_the_ends_of_the_exponentials_range(kernels, dtype):
+    """The kernels' own exponential: silu of large, tiny and extreme arguments as torch's, NaN kept (through the gated
+    output with a zero norm part: h constant, so LayerNorm gives 0, bias 0, skip 1, x_conv 1: out = silu(z))."""
+    z = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 3.0, -3.0, 20.0, -20.0, 80.0, -80.0, 87.5, -87.5, 88.7,
+                      -88.7, 100.0, -100.0, 700.0, -700.0, 720.0, -720.0, 1e30, -1e30, math.inf, -math.inf,
+                      math.nan, 1.0], dtype=dtype)
+    z = z.view(1, -1, 1).expand(-1, -1, 4).contiguous()
+    h, x_conv = torch.ones(1, z.shape[1], 1, 4, dtype=dtype), torch.ones_like(z)
+    ones, zeros = torch.ones(4, dtype=dtype), torch.zeros(4, dtype=dtype)
+    out = cpu_kernels.gated_output_(h, x_conv, z.clone(), ones, zeros, ones, 1e-5)
+    torch.testing.assert_close(out, F.silu(z), rtol=4 * torch.finfo(dtype).eps, atol=1e-35, equal_nan=True)
+
+
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_mixer_with_the_kernels_equals_the_pytorch_path(kernels, reverse, monkeypatch):
+    """The mixer's CPU inference path, float64, batch 2, an odd grid: the same with the kernels as without."""
+    calls = []
+    for name in ('conv_qkv_gates', 'gated_output_'):
+        function = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *args, _f=function, _n=name, **kw: calls.append(_n) or _f(*args,
+                                                                                                            **kw))
+    torch.manual_seed(0)
+    mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend='chunkwise').double()
+    for param in mixer.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    x, grid = torch.randn(2, 35, 16, dtype=torch.float64), (5, 7)
+    with torch.no_grad():
+        ours = mixer(x, grid)
+        assert calls == ['conv_qkv_gates', 'gated_output_']
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
+        expected = mixer(x, grid)
+    assert calls == ['conv_qkv_gates', 'gated_output_']
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_not_used_with_autograd_or_other_dtypes_or_devices(kernels):
+    weight = torch.randn(4, requires_grad=True)
+    x = torch.randn(2, 4)
+    assert cpu_kernels.usable(x, weight.detach())
+    assert not cpu_kernels.usable(x, weight)  # an autograd record is wanted
+    with torch.no_grad():
+        assert cpu_kernels.usable(x, weight)
+        assert not cpu_kernels.usable(x.bfloat16(), weight.bfloat16())
+        assert not cpu_kernels.usable(x, weight.double())  # mixed dtypes
+        assert not cpu_kernels.usable(x.to('meta'), weight)
+        with reference.FlopCounterMode(display=False):  # a dispatch mode watches
+            assert not cpu_kernels.usable(x, weight)
+
+
+@pytest.mark.parametrize('value', ['0', 'false', 'OFF'])
+def test_switched_off_by_the_environment(value, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, value)
+    assert not cpu_kernels.enabled()
+    assert cpu_kernels.ops() is None
+    assert not cpu_kernels.usable(torch.randn(3))
+
+
+def test_a_failed_build_warns_once_and_the_pytorch_path_runs(monkeypatch):
+    def fail():
+        raise RuntimeError('no compiler here')
+
+    monkeypatch.setattr(cpu_kernels, '_state', {'ops': None, 'tried': False})
+    monkeypatch.setattr(cpu_kernels, '_build', fail)
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    with pytest.warns(RuntimeWarning, match='no compiler here'):
+        assert cpu_kernels.ops() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert not cpu_kernels.usable(torch.randn(3))
+        mixer = MLSTMMixer(16, num_heads=2, mlstm_backend='chunkwise').eval()
+        with torch.no_grad():
+            assert mixer(torch.randn(1, 12, 16), (3, 4)).shape == (1, 12, 16)
