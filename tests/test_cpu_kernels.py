@@ -95,6 +95,25 @@ def test_gated_output_equals_the_reference(kernels, heads, head_dim, norm_bias, 
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_gated_output_scales_a_strided_h_as_it_reads_it(kernels, dtype):
+    """h as the chunkwise cell leaves it, head-major ``(B, NH, steps, DH)`` with padding, read as ``(B, N, NH, DH)``
+    with its rows' factors: the reference of ``h * factor`` token-major."""
+    generator = torch.Generator().manual_seed(3)
+    batch, n, heads, head_dim, pad = 2, 11, 3, 8, 5
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    mixed, factor = randn(batch, heads, n + pad, head_dim), randn(batch, heads, n + pad, 1).exp()
+    h, h_scale = mixed[:, :, pad:].transpose(1, 2), factor[:, :, pad:].transpose(1, 2)
+    x_conv, z, norm_weight, norm_bias, skip = randn(batch, n, heads * head_dim), randn(batch, n, heads * head_dim), \
+        randn(heads * head_dim), randn(heads * head_dim), randn(heads * head_dim)
+    expected = reference.gated_output((h * h_scale).contiguous(), x_conv, z, norm_weight, norm_bias, skip, 1e-5)
+    out = cpu_kernels.gated_output_(h, x_conv, z.clone(), norm_weight, norm_bias, skip, 1e-5, h_scale)
+    torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 def test_silu_at_the_ends_of_the_exponentials_range(kernels, dtype):
     """The kernels' own exponential: silu of large, tiny and extreme arguments as torch's, NaN kept (through the gated
     output with a zero norm part: h constant, so LayerNorm gives 0, bias 0, skip 1, x_conv 1: out = silu(z))."""

@@ -90,8 +90,14 @@ def test_mixer_inference_path_equals_official_flip_formulation(reverse, grid, op
     import mmseg_vil.models.layers.vil_block as vil_block
     monkeypatch.setattr(vil_block, 'CHUNK_SIZE', 16)
     ran = []
-    cell = inference.cell
-    monkeypatch.setattr(inference, 'cell', lambda *args: ran.append(cell(*args)) or ran[-1])
+    cell = inference.cell_unscaled
+
+    def spy(*args):
+        result = cell(*args)
+        ran.append(result is not None)  # the factorised form ran
+        return result
+
+    monkeypatch.setattr(inference, 'cell_unscaled', spy)
     torch.manual_seed(0)
     mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend='chunkwise', **options).double()
     for param in mixer.parameters():

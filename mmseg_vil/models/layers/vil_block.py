@@ -169,12 +169,16 @@ class MLSTMMixer(nn.Module):
         if layout is None:
             h = mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse).transpose(1, 2)
         else:
-            h = x_mlstm.new_empty(batch, n, self.num_heads, self.inner_dims // self.num_heads)
-            if not chunkwise_inference.cell(*layout.qkv, igate, fgate, layout.length, self.reverse, h.transpose(1, 2)):
+            # the cell's output unscaled, its rows' factors applied by the output norm as it reads them
+            h_scale = chunkwise_inference.cell_unscaled(*layout.qkv, igate, fgate, layout.length, self.reverse)
+            if h_scale is None:
+                h = x_mlstm.new_empty(batch, n, self.num_heads, self.inner_dims // self.num_heads)
                 h.transpose(1, 2).copy_(mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse))
+            else:
+                h, h_scale = (t.transpose(1, 2) for t in h_scale)
             # z is this path's own temporary (two products, not the halves of one): overwritten
             out = gated_output_(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
-                                self.outnorm.eps)
+                                self.outnorm.eps, h_scale)
             return self.proj_down(out)
         out = gated_output(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)
         return self.proj_down(out)

@@ -129,9 +129,10 @@ def conv_qkv_gates(x: Tensor, grid, conv_weight: Tensor, conv_bias: Optional[Ten
 
 
 def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
-                  skip: Tensor, eps: float) -> Tensor:
-    """:func:`..mixer_ops.reference.gated_output_` in one pass (check :func:`usable` first): written into ``z``
-    (contiguous), which is returned as ``(B, N, E)``."""
-    ops().gated_output_(h.contiguous(), x_conv.contiguous(), z, norm_weight.contiguous(),
-                        None if norm_bias is None else norm_bias.contiguous(), skip.contiguous(), eps)
+                  skip: Tensor, eps: float, h_scale: Optional[Tensor] = None) -> Tensor:
+    """:func:`..mixer_ops.reference.gated_output_` in one pass (check :func:`usable` first) of ``h (B, N, NH, DH)``
+    (any strides) times ``h_scale (B, N, NH, 1)`` if given: written into ``z`` (contiguous), which is returned."""
+    ops().gated_output_(h if h.stride(-1) == 1 else h.contiguous(), h_scale, x_conv.contiguous(), z,
+                        norm_weight.contiguous(), None if norm_bias is None else norm_bias.contiguous(),
+                        skip.contiguous(), eps)
     return z

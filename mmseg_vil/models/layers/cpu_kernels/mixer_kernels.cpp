@@ -46,9 +46,13 @@ struct ConvQkvArgs {
 
 template <typename T>
 struct GatedOutputArgs {
-  const T* h;  // (tokens, NH, DH)
-  const T* x_conv;
-  T* z;  // (tokens, NH * DH)
+  const T* h;  // (B, N, NH, DH), strides h_strides along B, N, NH
+  int64_t h_strides[3];
+  const T* scale;  // (B, N, NH) with strides scale_strides, or null
+  int64_t scale_strides[3];
+  int64_t tokens;  // N
+  const T* x_conv;  // (B, N, NH * DH)
+  T* z;             // (B, N, NH * DH)
   const T* norm_weight;
   const T* norm_bias;  // zeros where the norm has none
   const T* skip;
@@ -170,20 +174,29 @@ void conv_qkv(const at::Tensor& x, int64_t height, int64_t width, const at::Tens
   });
 }
 
-// z = (LayerNorm_per_head(h) * norm_weight [+ norm_bias] + skip * x_conv) * silu(z) for h (B, N, NH, DH) and
-// x_conv, z (B, N, NH * DH), all contiguous.
-void gated_output_(const at::Tensor& h, const at::Tensor& x_conv, const at::Tensor& z, const at::Tensor& norm_weight,
-                   const std::optional<at::Tensor>& norm_bias, const at::Tensor& skip, double eps) {
+// z = (LayerNorm_per_head(h * h_scale) * norm_weight [+ norm_bias] + skip * x_conv) * silu(z) for h (B, N, NH, DH)
+// (any strides but along DH), h_scale (B, N, NH, 1) or none (any strides), x_conv, z (B, N, NH * DH) contiguous.
+void gated_output_(const at::Tensor& h, const std::optional<at::Tensor>& h_scale, const at::Tensor& x_conv,
+                   const at::Tensor& z, const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
+                   const at::Tensor& skip, double eps) {
   for (const auto* t : {&h, &x_conv, &z, &norm_weight, &skip}) {
     check_cpu(*t, "every tensor");
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == h.scalar_type(), "contiguous tensors of h's dtype");
+    TORCH_CHECK(t->scalar_type() == h.scalar_type(), "every tensor of h's dtype");
   }
-  TORCH_CHECK(h.dim() == 4, "h: (B, N, NH, DH)");
-  const int64_t heads = h.size(2), head_dim = h.size(3), inner = heads * head_dim;
-  const int64_t tokens = h.numel() / inner;
-  TORCH_CHECK(x_conv.numel() == tokens * inner && z.numel() == tokens * inner && x_conv.size(-1) == inner &&
-                  z.size(-1) == inner && norm_weight.numel() == inner && skip.numel() == inner,
+  for (const auto* t : {&x_conv, &z, &norm_weight, &skip}) TORCH_CHECK(t->is_contiguous(), "contiguous tensors");
+  TORCH_CHECK(h.dim() == 4 && h.stride(3) == 1, "h: (B, N, NH, DH), DH contiguous");
+  const int64_t batch = h.size(0), tokens = h.size(1), heads = h.size(2), head_dim = h.size(3);
+  const int64_t inner = heads * head_dim;
+  TORCH_CHECK(x_conv.numel() == batch * tokens * inner && z.numel() == batch * tokens * inner &&
+                  x_conv.size(-1) == inner && z.size(-1) == inner && norm_weight.numel() == inner &&
+                  skip.numel() == inner,
               "x_conv, z: (B, N, E); norm_weight, skip: (E,)");
+  if (h_scale) {
+    check_cpu(*h_scale, "h_scale");
+    TORCH_CHECK(h_scale->dim() == 4 && h_scale->size(0) == batch && h_scale->size(1) == tokens &&
+                    h_scale->size(2) == heads && h_scale->size(3) == 1 && h_scale->scalar_type() == h.scalar_type(),
+                "h_scale: (B, N, NH, 1) of h's dtype");
+  }
   if (norm_bias) {
     check_cpu(*norm_bias, "norm_bias");
     TORCH_CHECK(norm_bias->numel() == inner && norm_bias->is_contiguous() &&
@@ -192,15 +205,26 @@ void gated_output_(const at::Tensor& h, const at::Tensor& x_conv, const at::Tens
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gated_output_", [&] {
     using T = scalar_t;
     std::vector<T> zeros(norm_bias ? 0 : inner, T(0));
-    const GatedOutputArgs<T> args{h.data_ptr<T>(), x_conv.data_ptr<T>(), z.data_ptr<T>(), norm_weight.data_ptr<T>(),
-                                  norm_bias ? norm_bias->data_ptr<T>() : zeros.data(), skip.data_ptr<T>(), heads,
-                                  head_dim, static_cast<T>(eps)};
+    const GatedOutputArgs<T> args{h.data_ptr<T>(),
+                                  {h.stride(0), h.stride(1), h.stride(2)},
+                                  h_scale ? h_scale->data_ptr<T>() : nullptr,
+                                  {h_scale ? h_scale->stride(0) : 0, h_scale ? h_scale->stride(1) : 0,
+                                   h_scale ? h_scale->stride(2) : 0},
+                                  tokens,
+                                  x_conv.data_ptr<T>(),
+                                  z.data_ptr<T>(),
+                                  norm_weight.data_ptr<T>(),
+                                  norm_bias ? norm_bias->data_ptr<T>() : zeros.data(),
+                                  skip.data_ptr<T>(),
+                                  heads,
+                                  head_dim,
+                                  static_cast<T>(eps)};
     auto run = use_avx2() ?
 #ifdef MMSEG_VIL_HAVE_AVX2
                           &avx2::gated_output_tokens<T> :
 #endif
                           &baseline::gated_output_tokens<T>;
-    at::parallel_for(0, tokens, std::max<int64_t>(1, kGrainWork / (4 * inner)),
+    at::parallel_for(0, batch * tokens, std::max<int64_t>(1, kGrainWork / (4 * inner)),
                      [&](int64_t begin, int64_t end) { run(args, begin, end); });
   });
 }
@@ -216,7 +240,7 @@ TORCH_LIBRARY(mmseg_vil_cpu, m) {
       "Tensor(b!) qkv, Tensor(c!) gates) -> ()",
       &mmseg_vil_cpu::conv_qkv);
   m.def(
-      "gated_output_(Tensor h, Tensor x_conv, Tensor(a!) z, Tensor norm_weight, Tensor? norm_bias, Tensor skip, "
-      "float eps) -> ()",
+      "gated_output_(Tensor h, Tensor? h_scale, Tensor x_conv, Tensor(a!) z, Tensor norm_weight, Tensor? norm_bias, "
+      "Tensor skip, float eps) -> ()",
       &mmseg_vil_cpu::gated_output_);
 }

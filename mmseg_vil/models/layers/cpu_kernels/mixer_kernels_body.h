@@ -216,17 +216,25 @@ void conv_qkv_rows(const ConvQkvArgs<T>& a, int64_t row_begin, int64_t row_end) 
   }
 }
 
-// Tokens [begin, end): z = (LayerNorm_per_head(h) * w + b + skip * x_conv) * silu(z).
+// Tokens [begin, end) of the B * N: z = (LayerNorm_per_head(h) * w + b + skip * x_conv) * silu(z), with h's rows
+// times their scale first where there is one.
 template <typename T>
 void gated_output_tokens(const GatedOutputArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t DH = a.head_dim, E = a.heads * DH;
   const T inv_dh = T(1) / T(DH);
+  std::vector<T> scaled(a.scale ? DH : 0);
   for (int64_t t = begin; t < end; ++t) {
+    const int64_t b = t / a.tokens, n = t % a.tokens;
     const T* xc = a.x_conv + t * E;
     T* z = a.z + t * E;
     silu_row(z, z, E);
     for (int64_t hd = 0; hd < a.heads; ++hd) {
-      const T* hv = a.h + t * E + hd * DH;
+      const T* hv = a.h + b * a.h_strides[0] + n * a.h_strides[1] + hd * a.h_strides[2];
+      if (a.scale) {
+        const T factor = a.scale[b * a.scale_strides[0] + n * a.scale_strides[1] + hd * a.scale_strides[2]];
+        for (int64_t d = 0; d < DH; ++d) scaled[d] = hv[d] * factor;
+        hv = scaled.data();
+      }
       T sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t d = 0; d < DH; ++d) sum += hv[d];

@@ -5,6 +5,7 @@ where they build (:mod:`..cpu_kernels`); elsewhere, and for options the kernels 
 """
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from .. import cpu_kernels
@@ -80,10 +81,14 @@ def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm
 
 
 def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
-                  skip: Tensor, eps: float) -> Tensor:
-    """See :func:`.reference.gated_output_` (the CPU inference path, overwriting ``z``): the C++ kernel where usable."""
-    if z.is_contiguous() and cpu_kernels.usable(h, x_conv, z, norm_weight, norm_bias, skip):
-        return cpu_kernels.gated_output_(h, x_conv, z, norm_weight, norm_bias, skip, eps)
+                  skip: Tensor, eps: float, h_scale: Optional[Tensor] = None) -> Tensor:
+    """See :func:`.reference.gated_output_` (the CPU inference path, overwriting ``z``), of ``h (B, N, NH, DH)`` (any
+    strides) times ``h_scale (B, N, NH, 1)`` if given: the C++ kernel where usable (it scales h's rows as it reads
+    them)."""
+    if z.is_contiguous() and cpu_kernels.usable(h, h_scale, x_conv, z, norm_weight, norm_bias, skip):
+        return cpu_kernels.gated_output_(h, x_conv, z, norm_weight, norm_bias, skip, eps, h_scale)
+    if h_scale is not None:  # h token-major for the norm (as the cell writes it where it scales the rows itself)
+        h = torch.mul(h, h_scale, out=h.new_empty(h.shape))
     return reference.gated_output_(h, x_conv, z, norm_weight, norm_bias, skip, eps)
 
 

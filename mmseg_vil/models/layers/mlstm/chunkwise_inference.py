@@ -26,7 +26,7 @@ key_lead`` (its key weights would exceed ``e^key_lead``), or from ``SCAN_MIN_CHU
 ``False`` and :func:`.chunkwise.mlstm_chunkwise` runs its general form: the same function either way.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -80,12 +80,24 @@ def cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: 
     (:class:`Layout`), gate pre-activations ``(B, NH, n)``, written into ``out (B, NH, n, DH)`` (any strides).
     Returns ``False`` (``out`` untouched) where the general cell must run: rows whose range needs it (module
     docstring), or from ``SCAN_MIN_CHUNKS`` chunks on (the decay matrix's cost grows with their square)."""
+    unscaled = cell_unscaled(q, k, v, igate, fgate, length, reverse, eps)
+    if unscaled is None:
+        return False
+    torch.mul(*unscaled, out=out)
+    return True
+
+
+def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool,
+                  eps: float = 1e-6) -> Optional[Tuple[Tensor, Tensor]]:
+    """:func:`cell` as ``(X, factor)``: ``h = X * factor`` with ``X (B, NH, n, DH)`` and ``factor (B, NH, n, 1)``
+    views of the cell's buffers (for a consumer that scales the rows as it reads them); ``None`` where the general
+    cell must run."""
     batch, heads, steps, head_dim = q.shape
     n = igate.shape[-1]
     pad = steps - n
     sequences, num_chunks = batch * heads, steps // length
     if num_chunks >= SCAN_MIN_CHUNKS:
-        return False
+        return None
     groups = sequences * num_chunks
     row_range, key_lead, state_lead = _RANGES[q.dtype]
     first, last = (-1, 0) if reverse else (0, -1)  # a chunk's first and last step in the cell's direction
@@ -104,7 +116,7 @@ def cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: 
     key_ref = torch.minimum(key_max, key_log[:, first] + row_range)
     key_excess = key_max - key_ref  # the keys' weights reach e^key_excess
     if bool(key_excess.amax() > key_lead):
-        return False
+        return None
     chunk_log_f = cum_f[:, last].view(sequences, num_chunks)
     log_w = _state_log_weights(chunk_log_f, chunk_log_f + key_max.view(sequences, num_chunks), reverse)
     state_max = log_w.amax(-1)
@@ -142,5 +154,4 @@ def cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: 
     denominator = torch.maximum(row_sum.abs_(), floor).add_(torch.exp(lag).mul_(eps))
     real = slice(pad, steps) if reverse else slice(0, n)
     factor = denominator.reciprocal_().view(batch, heads, steps, 1)[:, :, real]
-    torch.mul(mixed.view(batch, heads, steps, head_dim)[:, :, real], factor, out=out)
-    return True
+    return mixed.view(batch, heads, steps, head_dim)[:, :, real], factor
