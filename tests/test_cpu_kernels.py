@@ -149,6 +149,47 @@ def test_mixer_with_the_kernels_equals_the_pytorch_path(kernels, reverse, monkey
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_state_scan_is_the_decay_matrix_product(kernels, reverse):
+    """The states' recurrence sums what the cell's ``state_weights @ summaries`` sums (weights as the cell derives
+    them from chunks' forget gates, key maxima and references), into a strided output as the normaliser's."""
+    from mmseg_vil.models.layers.mlstm.chunkwise import _state_log_weights
+    from mmseg_vil.models.layers.mlstm.chunkwise_inference import _state_recurrence
+    generator = torch.Generator().manual_seed(4)
+    sequences, chunks, width = 3, 9, 20
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    chunk_log_f, key_max, ref = -randn(sequences, chunks).abs() * 2, randn(sequences, chunks), randn(sequences, chunks)
+    key_excess = randn(sequences, chunks).abs()
+    log_w = _state_log_weights(chunk_log_f, chunk_log_f + key_max, reverse) - ref.unsqueeze(-1)
+    state_weights = torch.exp(log_w - key_excess.unsqueeze(1))
+    summaries = randn(sequences, chunks, width)
+    out = torch.full((sequences, chunks, width + 3), math.nan, dtype=torch.float64)[..., :width]
+    kernels.state_scan_(summaries, *_state_recurrence(state_weights, chunk_log_f, ref, reverse, -1e9), reverse, out)
+    torch.testing.assert_close(out, state_weights @ summaries, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_many_chunks_run_the_factorised_cell_with_the_scan(kernels, reverse):
+    """With the state recurrence the factorised cell has no chunk limit: 100 chunks, the parallel cell's result."""
+    from test_mlstm_backends import CHUNKWISE_FLOAT64_TOLERANCE, directed_reference, make_inputs
+
+    import mmseg_vil.models.layers.mlstm.chunkwise_inference as inference
+    n = 398
+    inputs = make_inputs(n, 8, torch.float64, seed=5)[:5]
+    layout = inference.Layout(2, 2, n, 8, 4, reverse, torch.float64, 'cpu')
+    assert layout.qkv.shape[3] // layout.length >= inference.SCAN_MIN_CHUNKS
+    for buffer, x in zip(layout.real, inputs[:3]):
+        buffer.copy_(x)
+    out = torch.empty(2, 2, n, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert inference.cell(*layout.qkv, *inputs[3:], layout.length, reverse, out)
+    expected = directed_reference(inputs, reverse)
+    assert ((out - expected).abs().max() / expected.abs().max()).item() <= CHUNKWISE_FLOAT64_TOLERANCE
+
+
 def test_not_used_with_autograd_or_other_dtypes_or_devices(kernels):
     weight = torch.randn(4, requires_grad=True)
     x = torch.randn(2, 4)

@@ -97,7 +97,9 @@ def test_state_outweighing_the_chunks_keys_scales_their_scores(dtype, reverse, m
     assert _error(actual, directed_reference(inputs, reverse)) <= tolerance
 
 
-def test_many_chunks_run_the_general_cell(branches):
+def test_many_chunks_run_the_general_cell(branches, monkeypatch):
+    """Without the C++ kernels (whose state recurrence has no such limit, tests/test_cpu_kernels.py)."""
+    monkeypatch.setenv('MMSEG_VIL_CPU_EXTENSION', '0')
     inputs = make_inputs(100 * 4, 8, torch.float64, seed=11, batch=1, heads=1)[:5]
     with torch.no_grad():
         actual = mlstm_chunkwise(*inputs, chunk_size=4)

@@ -24,8 +24,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..mixer_ops.reference import fold_gate_weights
-
 ENV_SWITCH = 'MMSEG_VIL_CPU_EXTENSION'
 SOURCES = ('mixer_kernels.cpp', 'mixer_kernels_body.h')
 DTYPES = (torch.float32, torch.float64)
@@ -116,6 +114,7 @@ def conv_qkv_gates(x: Tensor, grid, conv_weight: Tensor, conv_bias: Optional[Ten
     """:func:`..mixer_ops.reference.conv_qkv_heads` for the 2-D conv and
     :func:`..mixer_ops.reference.folded_gate_preactivations` in one pass over the tokens (check :func:`usable` first):
     ``(x_conv (B, N, E), qkv (3, B, NH, N, DH), gates (B, G, N))``, q/k/v written into ``out`` if given."""
+    from ..mixer_ops.reference import fold_gate_weights  # (here: mixer_ops imports this module)
     x = x.contiguous()
     batch, n, inner = x.shape
     x_conv = torch.empty_like(x)

@@ -19,6 +19,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 namespace mmseg_vil_cpu {
 
 // Strides of a q/k/v buffer (3, B, NH, steps, DH) with contiguous heads (stride 1 along DH).
@@ -60,6 +64,17 @@ struct GatedOutputArgs {
   T eps;
 };
 
+template <typename T>
+struct StateScanArgs {
+  const T* summaries;  // (S, J, D)
+  const T* decay;      // (S, J)
+  const T* weight;     // (S, J)
+  T* out;              // (S, J, D), strides out_strides along S, J
+  int64_t out_strides[2];
+  int64_t chunks, width, tile;
+  bool reverse;
+};
+
 }  // namespace mmseg_vil_cpu
 
 // The kernels, once per instruction set (mixer_kernels_body.h reads KERNEL_NAMESPACE).
@@ -92,6 +107,18 @@ bool use_avx2() {
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
 }
+
+// Flush-to-zero and denormals-are-zero for the scope (x86-64; elsewhere nothing), the thread's setting restored after.
+class FlushSubnormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
 
 std::string instruction_set() { return use_avx2() ? "avx2" : "baseline"; }
 
@@ -229,6 +256,41 @@ void gated_output_(const at::Tensor& h, const std::optional<at::Tensor>& h_scale
   });
 }
 
+// The chunkwise cell's states by their recurrence: out[s, j] = decay[s, j] out[s, j - 1] + weight[s, j] summaries[s,
+// j - 1], out[s, 0] = 0 (reverse: out[s, J - 1] = 0 and j + 1 for j - 1), for summaries (S, J, D) contiguous, decay
+// and weight (S, J) contiguous, out (S, J, D) contiguous along D. Subnormal numbers are flushed to zero meanwhile (on
+// x86-64; their arithmetic is many times slower, and the cell drops weights that small anyway).
+void state_scan_(const at::Tensor& summaries, const at::Tensor& decay, const at::Tensor& weight, bool reverse,
+                 const at::Tensor& out) {
+  for (const auto* t : {&summaries, &decay, &weight, &out}) {
+    check_cpu(*t, "every tensor");
+    TORCH_CHECK(t->scalar_type() == summaries.scalar_type(), "every tensor of the summaries' dtype");
+  }
+  TORCH_CHECK(summaries.dim() == 3 && summaries.is_contiguous(), "summaries: (S, J, D) contiguous");
+  const int64_t sequences = summaries.size(0), chunks = summaries.size(1), width = summaries.size(2);
+  TORCH_CHECK(decay.dim() == 2 && decay.size(0) == sequences && decay.size(1) == chunks && decay.is_contiguous() &&
+                  weight.sizes() == decay.sizes() && weight.is_contiguous(),
+              "decay, weight: (S, J) contiguous");
+  TORCH_CHECK(out.sizes() == summaries.sizes() && out.stride(2) == 1, "out: (S, J, D), D contiguous");
+  if (sequences == 0 || chunks == 0 || width == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(summaries.scalar_type(), "state_scan_", [&] {
+    using T = scalar_t;
+    const int64_t tile = std::min<int64_t>(width, 1024);
+    const StateScanArgs<T> args{summaries.data_ptr<T>(), decay.data_ptr<T>(), weight.data_ptr<T>(), out.data_ptr<T>(),
+                                {out.stride(0), out.stride(1)}, chunks, width, tile, reverse};
+    auto run = use_avx2() ?
+#ifdef MMSEG_VIL_HAVE_AVX2
+                          &avx2::state_scan_tiles<T> :
+#endif
+                          &baseline::state_scan_tiles<T>;
+    const int64_t items = sequences * ((width + tile - 1) / tile);
+    at::parallel_for(0, items, std::max<int64_t>(1, kGrainWork / (chunks * tile)), [&](int64_t begin, int64_t end) {
+      FlushSubnormals flush;
+      run(args, begin, end);
+    });
+  });
+}
+
 }  // namespace
 }  // namespace mmseg_vil_cpu
 
@@ -239,6 +301,8 @@ TORCH_LIBRARY(mmseg_vil_cpu, m) {
       "Tensor? qkv_bias, bool reverse, Tensor gate_a, Tensor gate_b, Tensor gate_c, Tensor(a!) x_conv, "
       "Tensor(b!) qkv, Tensor(c!) gates) -> ()",
       &mmseg_vil_cpu::conv_qkv);
+  m.def("state_scan_(Tensor summaries, Tensor decay, Tensor weight, bool reverse, Tensor(a!) out) -> ()",
+        &mmseg_vil_cpu::state_scan_);
   m.def(
       "gated_output_(Tensor h, Tensor? h_scale, Tensor x_conv, Tensor(a!) z, Tensor norm_weight, Tensor? norm_bias, "
       "Tensor skip, float eps) -> ()",

@@ -253,5 +253,29 @@ void gated_output_tokens(const GatedOutputArgs<T>& a, int64_t begin, int64_t end
   }
 }
 
+// Work items [begin, end) of sequences x column tiles: the chunk states' recurrence out[j] = decay[j] out[j - 1] +
+// weight[j] summaries[j - 1] from out[0] = 0 (reverse: from the last chunk, j + 1 for j - 1).
+template <typename T>
+void state_scan_tiles(const StateScanArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t J = a.chunks, D = a.width, tiles = (D + a.tile - 1) / a.tile;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t s = item / tiles, c0 = (item % tiles) * a.tile, len = std::min(a.tile, D - c0);
+    const T* decay = a.decay + s * J;
+    const T* weight = a.weight + s * J;
+    const int64_t first = a.reverse ? J - 1 : 0, step = a.reverse ? -1 : 1;
+    T* out = a.out + s * a.out_strides[0] + c0;
+    T* zero = out + first * a.out_strides[1];
+    for (int64_t c = 0; c < len; ++c) zero[c] = T(0);
+    for (int64_t k = 1; k < J; ++k) {
+      const int64_t j = first + k * step, previous = j - step;
+      T* __restrict dst = out + j * a.out_strides[1];
+      const T* last = out + previous * a.out_strides[1];
+      const T* summary = a.summaries + (s * J + previous) * D + c0;
+      const T d = decay[j], w = weight[j];
+      for (int64_t c = 0; c < len; ++c) dst[c] = d * last[c] + w * summary[c];
+    }
+  }
+}
+
 }  // namespace KERNEL_NAMESPACE
 }  // namespace mmseg_vil_cpu

@@ -24,6 +24,10 @@ largest term in X lies between ``e^-row_range`` and ``e^max(key_lead, state_lead
 :func:`.chunkwise._flush_tiny` zeroes are negligible beside it. Where a chunk's keys span more than ``row_range +
 key_lead`` (its key weights would exceed ``e^key_lead``), or from ``SCAN_MIN_CHUNKS`` chunks on, the call returns
 ``False`` and :func:`.chunkwise.mlstm_chunkwise` runs its general form: the same function either way.
+
+Where the C++ kernels run (:mod:`..cpu_kernels`), the states are their recurrence chunk by chunk instead of the
+decay matrix's product (:func:`_state_recurrence`; linear in the chunks, so no ``SCAN_MIN_CHUNKS`` limit), and the
+mixer's output norm applies the rows' factors as it reads X (:func:`cell_unscaled`).
 """
 import math
 from typing import Optional, Tuple
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import cpu_kernels
 from .chunkwise import SCAN_MIN_CHUNKS, _chunk_length, _flush_tiny, _running_max, _state_log_weights
 
 # Per dtype, natural-log ranges (row_range, key_lead, state_lead). _flush_tiny zeroes weights below sqrt(tiny): e^-43.7
@@ -74,12 +79,30 @@ class Layout:
         self.real = self.qkv[:, :, :, slice(self.pad, steps) if reverse else slice(0, n)]
 
 
+def _state_recurrence(state_weights: Tensor, chunk_log_f: Tensor, ref: Tensor, reverse: bool,
+                      log_flush: float) -> Tuple[Tensor, Tensor]:
+    """``(decay, weight)`` of the states' recurrence ``S_j = decay_j S_{j-1} + weight_j C_{j-1}`` (reverse: ``j + 1``
+    for ``j - 1``), each ``(sequences, chunks)``: the same sums as ``state_weights @ C``. A summary's log-weight in
+    state ``j`` (relative to ``ref_j``) is the one in state ``j - 1`` plus the forget gates of chunk ``j - 1`` and
+    ``ref_{j-1} - ref_j``: that is the decay. ``weight_j`` is ``state_weights[j, j - 1]``. Decays below
+    ``e^log_flush`` (``_LOG_FLUSH - state_lead``) are 0: they carry no summary weighing ``e^_LOG_FLUSH`` or more, which
+    ``state_weights`` drops too."""
+    if reverse:
+        weight = F.pad(state_weights.diagonal(offset=1, dim1=1, dim2=2), (0, 1))
+        log_decay = F.pad(chunk_log_f[:, 1:] + ref[:, 1:] - ref[:, :-1], (0, 1), value=-math.inf)
+    else:
+        weight = F.pad(state_weights.diagonal(offset=-1, dim1=1, dim2=2), (1, 0))
+        log_decay = F.pad(chunk_log_f[:, :-1] + ref[:, :-1] - ref[:, 1:], (1, 0), value=-math.inf)
+    return torch.exp(log_decay.masked_fill_(log_decay < log_flush, -math.inf)), weight.contiguous()
+
+
 def cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool, out: Tensor,
          eps: float = 1e-6) -> bool:
     """The cell of ``(B, NH, steps, DH)`` contiguous ``q``, ``k``, ``v`` padded to whole chunks of ``length`` steps
     (:class:`Layout`), gate pre-activations ``(B, NH, n)``, written into ``out (B, NH, n, DH)`` (any strides).
     Returns ``False`` (``out`` untouched) where the general cell must run: rows whose range needs it (module
-    docstring), or from ``SCAN_MIN_CHUNKS`` chunks on (the decay matrix's cost grows with their square)."""
+    docstring), or from ``SCAN_MIN_CHUNKS`` chunks on where the C++ kernels do not run (the decay matrix's cost grows
+    with their square; the kernels' recurrence does not)."""
     unscaled = cell_unscaled(q, k, v, igate, fgate, length, reverse, eps)
     if unscaled is None:
         return False
@@ -96,7 +119,8 @@ def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
     n = igate.shape[-1]
     pad = steps - n
     sequences, num_chunks = batch * heads, steps // length
-    if num_chunks >= SCAN_MIN_CHUNKS:
+    scan = cpu_kernels.usable(q)  # the C++ kernels' state recurrence, linear in the chunks
+    if num_chunks >= SCAN_MIN_CHUNKS and not scan:
         return None
     groups = sequences * num_chunks
     row_range, key_lead, state_lead = _RANGES[q.dtype]
@@ -137,9 +161,16 @@ def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
     log_w = log_w - ref.unsqueeze(-1)
     state_weights = torch.exp(log_w - key_excess.view(sequences, 1, num_chunks))
     state_weights.masked_fill_(log_w < _LOG_FLUSH[q.dtype], 0)
-    states = torch.bmm(state_weights, summaries.view(sequences, num_chunks, -1)).view_as(summaries)
-    torch.bmm(state_weights, summary_n.view(sequences, num_chunks, head_dim),
-              out=keys_and_n[:, length].view(sequences, num_chunks, head_dim))
+    n_states = keys_and_n[:, length].view(sequences, num_chunks, head_dim)
+    if scan:  # the states chunk by chunk (linear in the chunks, not quadratic)
+        states = torch.empty_like(summaries)
+        scan = _state_recurrence(state_weights, chunk_log_f, ref, reverse, _LOG_FLUSH[q.dtype] - state_lead)
+        cpu_kernels.ops().state_scan_(summaries.view(sequences, num_chunks, -1), *scan, reverse,
+                                      states.view(sequences, num_chunks, -1))
+        cpu_kernels.ops().state_scan_(summary_n.view(sequences, num_chunks, head_dim), *scan, reverse, n_states)
+    else:
+        states = torch.bmm(state_weights, summaries.view(sequences, num_chunks, -1)).view_as(summaries)
+        torch.bmm(state_weights, summary_n.view(sequences, num_chunks, head_dim), out=n_states)
 
     scores_and_qn = torch.bmm(q, keys_and_n.transpose(1, 2))
     scores = scores_and_qn[..., :length]
