@@ -29,6 +29,18 @@ def kernels():
     return ops
 
 
+@pytest.fixture(params=['baseline', 'avx2', 'best'])
+def isa(request, kernels, monkeypatch):
+    """Each instruction set the kernels are built for (x86-64 with GCC; elsewhere all are the baseline), capped by
+    MMSEG_VIL_CPU_ISA."""
+    if request.param == 'best':
+        monkeypatch.delenv('MMSEG_VIL_CPU_ISA', raising=False)
+    else:
+        monkeypatch.setenv('MMSEG_VIL_CPU_ISA', request.param)
+    assert request.param != 'baseline' or kernels.instruction_set() == 'baseline'
+    return kernels.instruction_set()
+
+
 def _conv_qkv_inputs(batch, grid, inner, kernel, block, gates, dtype, biases=True, seed=0):
     generator = torch.Generator().manual_seed(seed)
 
@@ -49,7 +61,7 @@ def _conv_qkv_inputs(batch, grid, inner, kernel, block, gates, dtype, biases=Tru
     (2, (6, 1), 24, 3, 3, 2, True),  # one column, blocks of 2 (the generic product)
     (1, (6, 5), 36, 2, 5, 3, True),  # 5 x 5 kernel (tap by tap), blocks of 3, head dim 18
 ])
-def test_conv_qkv_gates_equal_the_reference(kernels, batch, grid, inner, heads, kernel, block, biases, reverse,
+def test_conv_qkv_gates_equal_the_reference(kernels, isa, batch, grid, inner, heads, kernel, block, biases, reverse,
                                             dtype):
     x, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias = _conv_qkv_inputs(
         batch, grid, inner, kernel, block, 2 * heads, dtype, biases)
@@ -78,7 +90,7 @@ def test_conv_qkv_gates_write_into_the_cells_padded_layout(kernels, reverse):
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 @pytest.mark.parametrize('heads,head_dim,norm_bias', [(4, 8, True), (2, 5, False), (3, 96, True)])
-def test_gated_output_equals_the_reference(kernels, heads, head_dim, norm_bias, dtype):
+def test_gated_output_equals_the_reference(kernels, isa, heads, head_dim, norm_bias, dtype):
     generator = torch.Generator().manual_seed(2)
     inner = heads * head_dim
 
@@ -95,7 +107,7 @@ def test_gated_output_equals_the_reference(kernels, heads, head_dim, norm_bias, 
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
-def test_gated_output_scales_a_strided_h_as_it_reads_it(kernels, dtype):
+def test_gated_output_scales_a_strided_h_as_it_reads_it(kernels, isa, dtype):
     """h as the chunkwise cell leaves it, head-major ``(B, NH, steps, DH)`` with padding, read as ``(B, N, NH, DH)``
     with its rows' factors: the reference of ``h * factor`` token-major."""
     generator = torch.Generator().manual_seed(3)
@@ -114,7 +126,7 @@ def test_gated_output_scales_a_strided_h_as_it_reads_it(kernels, dtype):
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
-def test_silu_at_the_ends_of_the_exponentials_range(kernels, dtype):
+def test_silu_at_the_ends_of_the_exponentials_range(kernels, isa, dtype):
     """The kernels' own exponential: silu of large, tiny and extreme arguments as torch's, NaN kept (through the gated
     output with a zero norm part: h constant, so LayerNorm gives 0, bias 0, skip 1, x_conv 1: out = silu(z))."""
     z = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 3.0, -3.0, 20.0, -20.0, 80.0, -80.0, 87.5, -87.5, 88.7,
@@ -150,7 +162,7 @@ def test_mixer_with_the_kernels_equals_the_pytorch_path(kernels, reverse, monkey
 
 
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
-def test_state_scan_is_the_decay_matrix_product(kernels, reverse):
+def test_state_scan_is_the_decay_matrix_product(kernels, isa, reverse):
     """The states' recurrence sums what the cell's ``state_weights @ summaries`` sums (weights as the cell derives
     them from chunks' forget gates, key maxima and references), into a strided output as the normaliser's."""
     from mmseg_vil.models.layers.mlstm.chunkwise import _state_log_weights

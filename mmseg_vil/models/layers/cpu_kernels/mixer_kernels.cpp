@@ -3,8 +3,9 @@
 // Fused elementwise stages of the ViL mixer's CPU inference path (see mmseg_vil/models/layers/mixer_ops/reference.py
 // for the functions they compute, and cpu_kernels/__init__.py for when they run). No autograd, float32 and float64.
 //
-// Built for the baseline instruction set of the compiler (plain -O3, auto-vectorised loops), and on x86-64 once more
-// for AVX2 + FMA, chosen at run time: the build runs on any CPU of the architecture.
+// Built for the baseline instruction set of the compiler (plain -O3, auto-vectorised loops), and with GCC on x86-64
+// twice more, for AVX2 + FMA and for AVX-512, chosen at run time (MMSEG_VIL_CPU_ISA=baseline|avx2 caps the choice):
+// the build runs on any CPU of the architecture.
 //
 // Callers allocate every output; the ops return nothing (registered without pybind11, which keeps the build short).
 #include <ATen/Dispatch.h>
@@ -16,7 +17,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -82,11 +85,17 @@ struct StateScanArgs {
 #include "mixer_kernels_body.h"
 #undef KERNEL_NAMESPACE
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // GCC's target pragmas
 #define MMSEG_VIL_HAVE_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define KERNEL_NAMESPACE avx2
+#include "mixer_kernels_body.h"
+#undef KERNEL_NAMESPACE
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+#define KERNEL_NAMESPACE avx512
 #include "mixer_kernels_body.h"
 #undef KERNEL_NAMESPACE
 #pragma GCC pop_options
@@ -95,14 +104,37 @@ struct StateScanArgs {
 namespace mmseg_vil_cpu {
 namespace {
 
-bool use_avx2() {
+// The instruction set the kernels run with: 0 baseline, 1 AVX2 + FMA, 2 AVX-512 (F, VL, BW, DQ): the CPU's best,
+// capped by MMSEG_VIL_CPU_ISA=baseline|avx2 where set (tests, comparisons; read at each call).
+int isa_level() {
 #ifdef MMSEG_VIL_HAVE_AVX2
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const int supported = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return 2;
+    return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
+  }();
+  const char* cap = std::getenv("MMSEG_VIL_CPU_ISA");
+  if (cap && std::strcmp(cap, "baseline") == 0) return 0;
+  if (cap && std::strcmp(cap, "avx2") == 0) return std::min(supported, 1);
   return supported;
 #else
-  return false;
+  return 0;
 #endif
 }
+
+// The kernel function of the instruction set: pick(baseline::f<T>, avx2::f<T>, avx512::f<T>).
+template <typename F>
+F pick(F baseline_version, F avx2_version, F avx512_version) {
+  const int level = isa_level();
+  return level == 2 ? avx512_version : level == 1 ? avx2_version : baseline_version;
+}
+
+#ifdef MMSEG_VIL_HAVE_AVX2
+#define KERNEL_VERSIONS(name) &baseline::name, &avx2::name, &avx512::name
+#else
+#define KERNEL_VERSIONS(name) &baseline::name, &baseline::name, &baseline::name
+#endif
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
@@ -120,7 +152,10 @@ class FlushSubnormals {
 #endif
 };
 
-std::string instruction_set() { return use_avx2() ? "avx2" : "baseline"; }
+std::string instruction_set() {
+  const int level = isa_level();
+  return level == 2 ? "avx512" : level == 1 ? "avx2" : "baseline";
+}
 
 // Grain of the parallel loops in multiply-adds: one thread below about 32k of them.
 constexpr int64_t kGrainWork = 1 << 15;
@@ -190,11 +225,7 @@ void conv_qkv(const at::Tensor& x, int64_t height, int64_t width, const at::Tens
                               biases.data(), qkv_weight_t.data(), biases.data() + inner, x_conv.data_ptr<T>(),
                               qkv.data_ptr<T>(), strides, gate_a.data_ptr<T>(), gate_b.data_ptr<T>(),
                               gate_c.data_ptr<T>(), num_gates, gates.data_ptr<T>()};
-    auto rows = use_avx2() ?
-#ifdef MMSEG_VIL_HAVE_AVX2
-                           &avx2::conv_qkv_rows<T> :
-#endif
-                           &baseline::conv_qkv_rows<T>;
+    auto rows = pick(KERNEL_VERSIONS(conv_qkv_rows<T>));
     const int64_t row_work = width * inner * (taps_count + 3 * block + 2 * num_gates);
     at::parallel_for(0, batch * height, std::max<int64_t>(1, kGrainWork / row_work),
                      [&](int64_t begin, int64_t end) { rows(args, begin, end); });
@@ -246,11 +277,7 @@ void gated_output_(const at::Tensor& h, const std::optional<at::Tensor>& h_scale
                                   heads,
                                   head_dim,
                                   static_cast<T>(eps)};
-    auto run = use_avx2() ?
-#ifdef MMSEG_VIL_HAVE_AVX2
-                          &avx2::gated_output_tokens<T> :
-#endif
-                          &baseline::gated_output_tokens<T>;
+    auto run = pick(KERNEL_VERSIONS(gated_output_tokens<T>));
     at::parallel_for(0, batch * tokens, std::max<int64_t>(1, kGrainWork / (4 * inner)),
                      [&](int64_t begin, int64_t end) { run(args, begin, end); });
   });
@@ -278,11 +305,7 @@ void state_scan_(const at::Tensor& summaries, const at::Tensor& decay, const at:
     const int64_t tile = std::min<int64_t>(width, 1024);
     const StateScanArgs<T> args{summaries.data_ptr<T>(), decay.data_ptr<T>(), weight.data_ptr<T>(), out.data_ptr<T>(),
                                 {out.stride(0), out.stride(1)}, chunks, width, tile, reverse};
-    auto run = use_avx2() ?
-#ifdef MMSEG_VIL_HAVE_AVX2
-                          &avx2::state_scan_tiles<T> :
-#endif
-                          &baseline::state_scan_tiles<T>;
+    auto run = pick(KERNEL_VERSIONS(state_scan_tiles<T>));
     const int64_t items = sequences * ((width + tile - 1) / tile);
     at::parallel_for(0, items, std::max<int64_t>(1, kGrainWork / (chunks * tile)), [&](int64_t begin, int64_t end) {
       FlushSubnormals flush;
