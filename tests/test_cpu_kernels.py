@@ -71,6 +71,12 @@ def test_conv_qkv_gates_equal_the_reference(kernels, isa, batch, grid, inner, he
                                       heads, reverse)
     for actual, expected in zip(ours, (x_conv, qkv, gates)):
         torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
+    # x's bias left to the kernel (the up-projection's): the function of x + x_bias, the zero padding included
+    x_bias = torch.randn(inner, dtype=dtype, generator=torch.Generator().manual_seed(9))
+    ours = cpu_kernels.conv_qkv_gates(x - x_bias, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
+                                      gate_bias, heads, reverse, x_bias=x_bias)
+    for actual, expected in zip(ours, (x_conv, qkv, gates)):
+        torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
@@ -103,6 +109,9 @@ def test_gated_output_equals_the_reference(kernels, isa, heads, head_dim, norm_b
     expected = reference.gated_output(h, x_conv, z, norm_weight, bias, skip, 1e-5)
     out = z.clone()
     assert cpu_kernels.gated_output_(h, x_conv, out, norm_weight, bias, skip, 1e-5) is out
+    torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
+    z_bias = randn(inner)  # z's bias left to the kernel (the up-projection's)
+    out = cpu_kernels.gated_output_(h, x_conv, z - z_bias, norm_weight, bias, skip, 1e-5, z_bias=z_bias)
     torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
 
 
@@ -139,25 +148,29 @@ def test_silu_at_the_ends_of_the_exponentials_range(kernels, isa, dtype):
     torch.testing.assert_close(out, F.silu(z), rtol=4 * torch.finfo(dtype).eps, atol=1e-35, equal_nan=True)
 
 
+@pytest.mark.parametrize('backend', ['chunkwise', 'parallel'])
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
-def test_mixer_with_the_kernels_equals_the_pytorch_path(kernels, reverse, monkeypatch):
-    """The mixer's CPU inference path, float64, batch 2, an odd grid: the same with the kernels as without."""
+def test_mixer_with_the_kernels_equals_the_pytorch_path(kernels, reverse, backend, monkeypatch):
+    """The mixer without autograd on the CPU, float64, batch 2, an odd grid: the same with the kernels as without
+    (the chunkwise backend: the inference path with the gated output in place; the up-projection's biases are left
+    to the kernels either way)."""
     calls = []
     for name in ('conv_qkv_gates', 'gated_output_'):
         function = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *args, _f=function, _n=name, **kw: calls.append(_n) or _f(*args,
                                                                                                             **kw))
     torch.manual_seed(0)
-    mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend='chunkwise').double()
+    mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend=backend).double()
     for param in mixer.parameters():
         torch.nn.init.normal_(param, std=0.5)
     x, grid = torch.randn(2, 35, 16, dtype=torch.float64), (5, 7)
     with torch.no_grad():
         ours = mixer(x, grid)
-        assert calls == ['conv_qkv_gates', 'gated_output_']
+        ran = ['conv_qkv_gates', 'gated_output_'] if backend == 'chunkwise' else ['conv_qkv_gates']
+        assert calls == ran
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
         expected = mixer(x, grid)
-    assert calls == ['conv_qkv_gates', 'gated_output_']
+    assert calls == ran
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
 

@@ -13,8 +13,8 @@ from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
 from .linear import linear
-from .mixer_ops import (conv_qkv, gated_output, gated_output_, mixer_core, mixer_core_chunk_size,
-                        reads_strided_halves, use_mixer_core)
+from .mixer_ops import (conv_qkv, defers_input_biases, gated_output, gated_output_, mixer_core,
+                        mixer_core_chunk_size, reads_strided_halves, use_mixer_core)
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import chunkwise_inference, mlstm, resolve_backend
 from .mlstm.chunkwise import CHUNK_SIZE
@@ -142,7 +142,13 @@ class MLSTMMixer(nn.Module):
         else:  # two products, each contiguous for the reference's channels-last conv and tile products
             xz = None
             up_biases = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
-            x_mlstm, z = (F.linear(x, weight, bias) for weight, bias in zip(self.proj_up.weight.chunk(2), up_biases))
+            # the C++ kernels add the biases as they read the products (no pass of F.linear's over them)
+            deferred = up_biases[0] is not None and defers_input_biases(
+                x, self.conv_kind, self.proj_up.weight, self.proj_up.bias, self.conv.weight, self.outnorm.weight)
+            x_mlstm, z = (F.linear(x, weight, None if deferred else bias)
+                          for weight, bias in zip(self.proj_up.weight.chunk(2), up_biases))
+            if not deferred:
+                up_biases = (None, None)
         qkv_weight = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         qkv_bias = (None if self.q_proj.bias is None else
                     torch.stack([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
@@ -164,7 +170,7 @@ class MLSTMMixer(nn.Module):
                                                 CHUNK_SIZE, self.reverse, x_mlstm.dtype, x_mlstm.device)
         x_conv, qkv, gates = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias,
                                       gate_weight, gate_bias, self.num_heads, self.reverse, self.conv_kind,
-                                      None if layout is None else layout.real)
+                                      None if layout is None else layout.real, up_biases[0])
         igate, fgate = gates.chunk(2, dim=1)
         if layout is None:
             h = mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse).transpose(1, 2)
@@ -178,8 +184,10 @@ class MLSTMMixer(nn.Module):
                 h, h_scale = (t.transpose(1, 2) for t in h_scale)
             # z is this path's own temporary (two products, not the halves of one): overwritten
             out = gated_output_(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
-                                self.outnorm.eps, h_scale)
+                                self.outnorm.eps, h_scale, up_biases[1])
             return self.proj_down(out)
+        if up_biases[1] is not None:
+            z = z + up_biases[1]
         out = gated_output(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)
         return self.proj_down(out)
 

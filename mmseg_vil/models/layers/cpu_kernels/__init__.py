@@ -110,10 +110,11 @@ def usable(*tensors: Optional[Tensor]) -> bool:
 
 def conv_qkv_gates(x: Tensor, grid, conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
                    qkv_bias: Optional[Tensor], gate_weight: Tensor, gate_bias: Tensor, num_heads: int, reverse: bool,
-                   out: Optional[Tensor] = None):
+                   out: Optional[Tensor] = None, x_bias: Optional[Tensor] = None):
     """:func:`..mixer_ops.reference.conv_qkv_heads` for the 2-D conv and
     :func:`..mixer_ops.reference.folded_gate_preactivations` in one pass over the tokens (check :func:`usable` first):
-    ``(x_conv (B, N, E), qkv (3, B, NH, N, DH), gates (B, G, N))``, q/k/v written into ``out`` if given."""
+    ``(x_conv (B, N, E), qkv (3, B, NH, N, DH), gates (B, G, N))``, q/k/v written into ``out`` if given. ``x_bias``:
+    a bias of ``x`` not yet added (the up-projection's), which the pass adds (the conv's input is ``x + x_bias``)."""
     from ..mixer_ops.reference import fold_gate_weights  # (here: mixer_ops imports this module)
     x = x.contiguous()
     batch, n, inner = x.shape
@@ -121,17 +122,18 @@ def conv_qkv_gates(x: Tensor, grid, conv_weight: Tensor, conv_bias: Optional[Ten
     qkv = x.new_empty(3, batch, num_heads, n, inner // num_heads) if out is None else out
     gate_a, gate_b, gate_c = (w.contiguous() for w in fold_gate_weights(qkv_weight, qkv_bias, gate_weight, gate_bias))
     gates = x.new_empty(batch, len(gate_c), n)
-    ops().conv_qkv(x, grid[0], grid[1], conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(),
+    ops().conv_qkv(x, None if x_bias is None else x_bias.contiguous(), grid[0], grid[1], conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(),
                    None if qkv_bias is None else qkv_bias.contiguous(), reverse, gate_a, gate_b, gate_c, x_conv, qkv,
                    gates)
     return x_conv, qkv, gates
 
 
 def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
-                  skip: Tensor, eps: float, h_scale: Optional[Tensor] = None) -> Tensor:
+                  skip: Tensor, eps: float, h_scale: Optional[Tensor] = None, z_bias: Optional[Tensor] = None) -> Tensor:
     """:func:`..mixer_ops.reference.gated_output_` in one pass (check :func:`usable` first) of ``h (B, N, NH, DH)``
-    (any strides) times ``h_scale (B, N, NH, 1)`` if given: written into ``z`` (contiguous), which is returned."""
+    (any strides) times ``h_scale (B, N, NH, 1)`` if given: written into ``z`` (contiguous), which is returned.
+    ``z_bias``: a bias of ``z`` not yet added (the up-projection's), which the pass adds."""
     ops().gated_output_(h if h.stride(-1) == 1 else h.contiguous(), h_scale, x_conv.contiguous(), z,
-                        norm_weight.contiguous(), None if norm_bias is None else norm_bias.contiguous(),
+                        None if z_bias is None else z_bias.contiguous(), norm_weight.contiguous(), None if norm_bias is None else norm_bias.contiguous(),
                         skip.contiguous(), eps)
     return z

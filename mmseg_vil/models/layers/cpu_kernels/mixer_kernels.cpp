@@ -39,6 +39,7 @@ struct ConvQkvArgs {
   int64_t height, width, inner, kernel, block, head_dim;
   const T* taps;          // (K * K, E): the conv kernel tap-major, rotated by 180 degrees for reverse blocks
   const T* conv_bias;     // (E,), zeros where the conv has none
+  const T* padding;       // (E,): the conv's padding in x's terms (-x_bias where x's bias is still to add, else 0)
   const T* qkv_weight_t;  // (3, S, E): [p][i][c] = qkv_weight[p][c / S][c % S][i]
   const T* qkv_bias;      // (3, E), zeros where there are none
   T* x_conv;              // (B, H * W, E)
@@ -62,6 +63,7 @@ struct GatedOutputArgs {
   T* z;             // (B, N, NH * DH)
   const T* norm_weight;
   const T* norm_bias;  // zeros where the norm has none
+  const T* z_bias;     // (NH * DH) added to z first, or null
   const T* skip;
   int64_t heads, head_dim;
   T eps;
@@ -163,8 +165,10 @@ constexpr int64_t kGrainWork = 1 << 15;
 // silu(conv(x) + conv_bias) of tokens x (B, H * W, E) on the grid (H, W) into x_conv (B, H * W, E), the
 // block-diagonal q, k (of x_conv) and v (of x) projections plus biases into qkv (3, B, NH, H * W, E / NH), and the
 // gate pre-activations gate_a x_conv + gate_b x + gate_c (the gate weights folded into the projections') into
-// gates (B, G, H * W).
-void conv_qkv(const at::Tensor& x, int64_t height, int64_t width, const at::Tensor& conv_weight,
+// gates (B, G, H * W). x_bias: x's bias (E,) not yet added (the up-projection's): x + x_bias is convolved (padded
+// with zeros), projected and gated, without a pass that adds it: the zero padding is -x_bias in x's terms, and the
+// bias's share of the conv, of v and of the gates goes into their biases.
+void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int64_t height, int64_t width, const at::Tensor& conv_weight,
               const std::optional<at::Tensor>& conv_bias, const at::Tensor& qkv_weight,
               const std::optional<at::Tensor>& qkv_bias, bool reverse, const at::Tensor& gate_a,
               const at::Tensor& gate_b, const at::Tensor& gate_c, const at::Tensor& x_conv, const at::Tensor& qkv,
@@ -205,6 +209,11 @@ void conv_qkv(const at::Tensor& x, int64_t height, int64_t width, const at::Tens
     TORCH_CHECK(qkv_bias->numel() == 3 * inner && qkv_bias->is_contiguous() &&
                     qkv_bias->scalar_type() == x.scalar_type(), "qkv_bias: (3, E) contiguous");
   }
+  if (x_bias) {
+    check_cpu(*x_bias, "x_bias");
+    TORCH_CHECK(x_bias->numel() == inner && x_bias->is_contiguous() && x_bias->scalar_type() == x.scalar_type(),
+                "x_bias: (E,) contiguous");
+  }
   const QkvStrides strides{qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3)};
   const int64_t kernel = conv_weight.size(2), taps_count = kernel * kernel;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_qkv", [&] {
@@ -221,10 +230,23 @@ void conv_qkv(const at::Tensor& x, int64_t height, int64_t width, const at::Tens
       for (int64_t i = 0; i < block; ++i)
         for (int64_t c = 0; c < inner; ++c)
           qkv_weight_t[(p * block + i) * inner + c] = qw[(p * inner + c) * block + i];
+    std::vector<T> padding(inner, T(0)), gate_bias(gate_c.data_ptr<T>(), gate_c.data_ptr<T>() + num_gates);
+    if (x_bias) {
+      const T* xb = x_bias->data_ptr<T>();
+      const T* gb = gate_b.data_ptr<T>();
+      for (int64_t c = 0; c < inner; ++c) {
+        padding[c] = -xb[c];
+        for (int64_t tap = 0; tap < taps_count; ++tap) biases[c] += taps[tap * inner + c] * xb[c];  // the conv's
+        for (int64_t i = 0; i < block; ++i)  // v's
+          biases[3 * inner + c] += qkv_weight_t[(2 * block + i) * inner + c] * xb[c - c % block + i];
+      }
+      for (int64_t g = 0; g < num_gates; ++g)
+        for (int64_t c = 0; c < inner; ++c) gate_bias[g] += gb[g * inner + c] * xb[c];
+    }
     const ConvQkvArgs<T> args{x.data_ptr<T>(), height, width, inner, kernel, block, head_dim, taps.data(),
-                              biases.data(), qkv_weight_t.data(), biases.data() + inner, x_conv.data_ptr<T>(),
-                              qkv.data_ptr<T>(), strides, gate_a.data_ptr<T>(), gate_b.data_ptr<T>(),
-                              gate_c.data_ptr<T>(), num_gates, gates.data_ptr<T>()};
+                              biases.data(), padding.data(), qkv_weight_t.data(), biases.data() + inner,
+                              x_conv.data_ptr<T>(), qkv.data_ptr<T>(), strides, gate_a.data_ptr<T>(),
+                              gate_b.data_ptr<T>(), gate_bias.data(), num_gates, gates.data_ptr<T>()};
     auto rows = pick(KERNEL_VERSIONS(conv_qkv_rows<T>));
     const int64_t row_work = width * inner * (taps_count + 3 * block + 2 * num_gates);
     at::parallel_for(0, batch * height, std::max<int64_t>(1, kGrainWork / row_work),
@@ -232,11 +254,12 @@ void conv_qkv(const at::Tensor& x, int64_t height, int64_t width, const at::Tens
   });
 }
 
-// z = (LayerNorm_per_head(h * h_scale) * norm_weight [+ norm_bias] + skip * x_conv) * silu(z) for h (B, N, NH, DH)
-// (any strides but along DH), h_scale (B, N, NH, 1) or none (any strides), x_conv, z (B, N, NH * DH) contiguous.
+// z = (LayerNorm_per_head(h * h_scale) * norm_weight [+ norm_bias] + skip * x_conv) * silu(z [+ z_bias]) for
+// h (B, N, NH, DH) (any strides but along DH), h_scale (B, N, NH, 1) or none (any strides), x_conv, z (B, N, NH * DH)
+// contiguous; z_bias: z's bias (NH * DH,) not yet added (the up-projection's).
 void gated_output_(const at::Tensor& h, const std::optional<at::Tensor>& h_scale, const at::Tensor& x_conv,
-                   const at::Tensor& z, const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
-                   const at::Tensor& skip, double eps) {
+                   const at::Tensor& z, const std::optional<at::Tensor>& z_bias, const at::Tensor& norm_weight,
+                   const std::optional<at::Tensor>& norm_bias, const at::Tensor& skip, double eps) {
   for (const auto* t : {&h, &x_conv, &z, &norm_weight, &skip}) {
     check_cpu(*t, "every tensor");
     TORCH_CHECK(t->scalar_type() == h.scalar_type(), "every tensor of h's dtype");
@@ -255,11 +278,12 @@ void gated_output_(const at::Tensor& h, const std::optional<at::Tensor>& h_scale
                     h_scale->size(2) == heads && h_scale->size(3) == 1 && h_scale->scalar_type() == h.scalar_type(),
                 "h_scale: (B, N, NH, 1) of h's dtype");
   }
-  if (norm_bias) {
-    check_cpu(*norm_bias, "norm_bias");
-    TORCH_CHECK(norm_bias->numel() == inner && norm_bias->is_contiguous() &&
-                    norm_bias->scalar_type() == h.scalar_type(), "norm_bias: (E,) contiguous");
-  }
+  for (const auto* bias : {&norm_bias, &z_bias})
+    if (*bias) {
+      check_cpu(**bias, "biases");
+      TORCH_CHECK((*bias)->numel() == inner && (*bias)->is_contiguous() &&
+                      (*bias)->scalar_type() == h.scalar_type(), "norm_bias, z_bias: (E,) contiguous");
+    }
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gated_output_", [&] {
     using T = scalar_t;
     std::vector<T> zeros(norm_bias ? 0 : inner, T(0));
@@ -273,6 +297,7 @@ void gated_output_(const at::Tensor& h, const std::optional<at::Tensor>& h_scale
                                   z.data_ptr<T>(),
                                   norm_weight.data_ptr<T>(),
                                   norm_bias ? norm_bias->data_ptr<T>() : zeros.data(),
+                                  z_bias ? z_bias->data_ptr<T>() : nullptr,
                                   skip.data_ptr<T>(),
                                   heads,
                                   head_dim,
@@ -320,14 +345,14 @@ void state_scan_(const at::Tensor& summaries, const at::Tensor& decay, const at:
 TORCH_LIBRARY(mmseg_vil_cpu, m) {
   m.def("instruction_set() -> str", &mmseg_vil_cpu::instruction_set);
   m.def(
-      "conv_qkv(Tensor x, int height, int width, Tensor conv_weight, Tensor? conv_bias, Tensor qkv_weight, "
-      "Tensor? qkv_bias, bool reverse, Tensor gate_a, Tensor gate_b, Tensor gate_c, Tensor(a!) x_conv, "
-      "Tensor(b!) qkv, Tensor(c!) gates) -> ()",
+      "conv_qkv(Tensor x, Tensor? x_bias, int height, int width, Tensor conv_weight, Tensor? conv_bias, "
+      "Tensor qkv_weight, Tensor? qkv_bias, bool reverse, Tensor gate_a, Tensor gate_b, Tensor gate_c, "
+      "Tensor(a!) x_conv, Tensor(b!) qkv, Tensor(c!) gates) -> ()",
       &mmseg_vil_cpu::conv_qkv);
   m.def("state_scan_(Tensor summaries, Tensor decay, Tensor weight, bool reverse, Tensor(a!) out) -> ()",
         &mmseg_vil_cpu::state_scan_);
   m.def(
-      "gated_output_(Tensor h, Tensor? h_scale, Tensor x_conv, Tensor(a!) z, Tensor norm_weight, Tensor? norm_bias, "
-      "Tensor skip, float eps) -> ()",
+      "gated_output_(Tensor h, Tensor? h_scale, Tensor x_conv, Tensor(a!) z, Tensor? z_bias, Tensor norm_weight, "
+      "Tensor? norm_bias, Tensor skip, float eps) -> ()",
       &mmseg_vil_cpu::gated_output_);
 }

@@ -186,9 +186,9 @@ template <typename T>
 void conv_qkv_rows(const ConvQkvArgs<T>& a, int64_t row_begin, int64_t row_end) {
   const int64_t E = a.inner, K = a.kernel, pad = K / 2, W = a.width, H = a.height, S = a.block;
   const int64_t heads = E / a.head_dim;
-  std::vector<T> buffers(2 * E, T(0));  // the conv's output, and the zero padding
-  T* acc = buffers.data();
-  const T* zeros = acc + E;
+  std::vector<T> buffer(E);  // the conv's output
+  T* acc = buffer.data();
+  const T* padding = a.padding;
   std::vector<const T*> src(K * K);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / H, y = row % H;
@@ -197,7 +197,7 @@ void conv_qkv_rows(const ConvQkvArgs<T>& a, int64_t row_begin, int64_t row_end) 
       for (int64_t i = 0; i < K; ++i)
         for (int64_t j = 0; j < K; ++j) {
           const int64_t yy = y + i - pad, xj = xx + j - pad;
-          src[i * K + j] = (yy < 0 || yy >= H || xj < 0 || xj >= W) ? zeros : a.x + ((b * H + yy) * W + xj) * E;
+          src[i * K + j] = (yy < 0 || yy >= H || xj < 0 || xj >= W) ? padding : a.x + ((b * H + yy) * W + xj) * E;
         }
       conv_taps(src.data(), a.taps, a.conv_bias, K * K, E, acc);
       T* xc = a.x_conv + token * E;
@@ -217,7 +217,7 @@ void conv_qkv_rows(const ConvQkvArgs<T>& a, int64_t row_begin, int64_t row_end) 
 }
 
 // Tokens [begin, end) of the B * N: z = (LayerNorm_per_head(h) * w + b + skip * x_conv) * silu(z), with h's rows
-// times their scale first where there is one.
+// times their scale first where there is one, z plus its bias first where there is one.
 template <typename T>
 void gated_output_tokens(const GatedOutputArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t DH = a.head_dim, E = a.heads * DH;
@@ -227,6 +227,8 @@ void gated_output_tokens(const GatedOutputArgs<T>& a, int64_t begin, int64_t end
     const int64_t b = t / a.tokens, n = t % a.tokens;
     const T* xc = a.x_conv + t * E;
     T* z = a.z + t * E;
+    if (a.z_bias)
+      for (int64_t c = 0; c < E; ++c) z[c] += a.z_bias[c];
     silu_row(z, z, E);
     for (int64_t hd = 0; hd < a.heads; ++hd) {
       const T* hv = a.h + b * a.h_strides[0] + n * a.h_strides[1] + hd * a.h_strides[2];

@@ -48,22 +48,33 @@ def mixer_core_chunk_size(x: Tensor, mlstm_backend: str) -> int:
     return chunkwise_mlstm.DEFAULT_CHUNK_SIZE
 
 
+def defers_input_biases(x: Tensor, conv_kind: str, *weights: Optional[Tensor]) -> bool:
+    """Whether :func:`conv_qkv` and :func:`gated_output_` for activations like ``x`` (and these weights) run as the C++
+    kernels, which add the up-projection's biases as they read its output (``input_bias``, ``z_bias``): then the
+    up-projection can leave them out (a bias in ``F.linear`` is a pass over its output)."""
+    return conv_kind == '2d' and cpu_kernels.usable(x, *weights)
+
+
 def conv_qkv(x: Tensor, grid: Tuple[int, int], conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
              qkv_bias: Optional[Tensor], gate_weight: Tensor, gate_bias: Tensor, num_heads: int, reverse: bool,
-             conv_kind: str = '2d', out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+             conv_kind: str = '2d', out: Optional[Tensor] = None,
+             input_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(silu(conv(x)), qkv (3, B, NH, N, DH), gates (B, G, N))``: :func:`.reference.conv_qkv_heads` and
     :func:`.reference.folded_gate_preactivations`. The kernels (for the released models' options: 2d conv, biases) write
     q/k/v token-major (``qkv`` is a view of that buffer) and the gates in float32 or above, in the same pass.
     ``out``: the reference's q/k/v buffer (:func:`.reference.conv_qkv_heads`); only where the kernels do not run
-    (:func:`reads_strided_halves` is false)."""
+    (:func:`reads_strided_halves` is false). ``input_bias``: a bias of ``x`` not yet added (see
+    :func:`defers_input_biases`); the function is that of ``x + input_bias``."""
     if _use_kernels(x) and conv_kind == '2d' and conv_bias is not None and qkv_bias is not None:
         x_conv, qkv, gates = triton_ops.conv_qkv(x, *grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
                                                  gate_bias, reverse)
         return x_conv, qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4), gates
-    if conv_kind == '2d' and cpu_kernels.usable(x, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
-                                                gate_bias):
+    if conv_kind == '2d' and cpu_kernels.usable(x, input_bias, conv_weight, conv_bias, qkv_weight, qkv_bias,
+                                                gate_weight, gate_bias):
         return cpu_kernels.conv_qkv_gates(x, grid, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight,
-                                          gate_bias, num_heads, reverse, out)
+                                          gate_bias, num_heads, reverse, out, input_bias)
+    if input_bias is not None:
+        x = x + input_bias
     # The conv and the tile products read x channels-last: a strided x is copied once here, not inside each.
     x_conv, qkv = reference.conv_qkv_heads(x.contiguous(), grid, conv_weight, conv_bias, qkv_weight, qkv_bias,
                                            num_heads, reverse, conv_kind, out)
@@ -81,16 +92,19 @@ def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm
 
 
 def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
-                  skip: Tensor, eps: float, h_scale: Optional[Tensor] = None) -> Tensor:
+                  skip: Tensor, eps: float, h_scale: Optional[Tensor] = None, z_bias: Optional[Tensor] = None) -> Tensor:
     """See :func:`.reference.gated_output_` (the CPU inference path, overwriting ``z``), of ``h (B, N, NH, DH)`` (any
-    strides) times ``h_scale (B, N, NH, 1)`` if given: the C++ kernel where usable (it scales h's rows as it reads
+    strides) times ``h_scale (B, N, NH, 1)`` if given, and of ``z + z_bias`` (a bias not yet added, see
+    :func:`defers_input_biases`): the C++ kernel where usable (it scales h's rows and adds z's bias as it reads
     them)."""
-    if z.is_contiguous() and cpu_kernels.usable(h, h_scale, x_conv, z, norm_weight, norm_bias, skip):
-        return cpu_kernels.gated_output_(h, x_conv, z, norm_weight, norm_bias, skip, eps, h_scale)
+    if z.is_contiguous() and cpu_kernels.usable(h, h_scale, x_conv, z, z_bias, norm_weight, norm_bias, skip):
+        return cpu_kernels.gated_output_(h, x_conv, z, norm_weight, norm_bias, skip, eps, h_scale, z_bias)
+    if z_bias is not None:
+        z.add_(z_bias)
     if h_scale is not None:  # h token-major for the norm (as the cell writes it where it scales the rows itself)
         h = torch.mul(h, h_scale, out=h.new_empty(h.shape))
     return reference.gated_output_(h, x_conv, z, norm_weight, norm_bias, skip, eps)
 
 
-__all__ = ['conv_qkv', 'gated_output', 'gated_output_', 'mixer_core', 'mixer_core_chunk_size', 'reads_strided_halves',
-           'use_mixer_core']
+__all__ = ['conv_qkv', 'defers_input_biases', 'gated_output', 'gated_output_', 'mixer_core', 'mixer_core_chunk_size',
+           'reads_strided_halves', 'use_mixer_core']
