@@ -4,6 +4,11 @@ loads, shared memory, SASS instructions and how many global loads and stores are
 errors, spills and scalar memory access show up here first.
 
     python benchmarks/kernel_resources.py [--arch 90] [--dtype bfloat16] [--batch 64] [--grid 14 14] [--dims 192]
+        [--tokens N] [--cell fused|fused_chunkwise] [--chunk 64] [--cell-only]
+
+``--cell fused_chunkwise`` reports the chunkwise Triton cell's launches (linear in the tokens, e.g. ``--tokens 16384
+--batch 2`` for ViL-T at 2048 px) in place of the quadratic ``fused`` ones; ``--cell-only`` leaves out the block's
+other kernels. The chunkwise launch options read from the environment (fused_chunkwise/op.py) apply here too.
 
 The wrappers run on ``meta`` tensors (shapes only); each kernel launch is caught and compiled ahead of time with the
 launch's real arguments: the same constexprs, and what Triton's launcher specialises (integers equal to 1, integers
@@ -11,6 +16,7 @@ divisible by 16; pointers are taken as 16-byte aligned). Needs the CUDA toolchai
 """
 import argparse
 import io
+import math
 import os
 import re
 import subprocess
@@ -27,6 +33,7 @@ from triton.runtime.jit import JITFunction
 
 from mmseg_vil.models.layers.mixer_ops import triton_ops
 from mmseg_vil.models.layers.mlstm import fused
+from mmseg_vil.models.layers.mlstm.fused_chunkwise import op as chunkwise_op
 
 _TYPES = {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float32: 'fp32', torch.float64: 'fp64',
           torch.int32: 'i32', torch.int64: 'i64', torch.bool: 'i1'}
@@ -71,7 +78,7 @@ def _compile(fn: JITFunction, signature: dict, constexprs: dict, attrs: dict, op
     return kernel, log.getvalue()
 
 
-def _report(fn: JITFunction, args: tuple, kwargs: dict, arch: int) -> str:
+def _report(fn: JITFunction, args: tuple, kwargs: dict, arch: int, grid: tuple = ()) -> str:
     signature, constexprs, attrs, options = _signature(fn, args, kwargs)
     kernel, log = _compile(fn, signature, constexprs, attrs, options, arch)
     with tempfile.NamedTemporaryFile(suffix='.cubin') as cubin:
@@ -89,11 +96,24 @@ def _report(fn: JITFunction, args: tuple, kwargs: dict, arch: int) -> str:
     vector_stores, stores = (len(re.findall(pattern, ptx)) for pattern in (r'st\.global\S*\.v\d', r'st\.global'))
     blocks = {key: value for key, value in constexprs.items() if key.startswith('BLOCK') or key == 'TILES'}
     instructions = len(re.findall(r'^ +/\*[0-9a-f]{4,}\*/', sass, re.M))
+    warps = options.get('num_warps', 4)
+    shared = kernel.metadata.shared  # Triton's dynamic shared memory (cuobjdump's SHARED is the static part only)
+    resident = _programs_per_sm(int(resources.get('REG', 0)), warps, shared)
     return (f'{fn.__name__:34s} regs {resources.get("REG", "?"):>3s}  spill {spill:4d} B  '
             f'stack {resources.get("STACK", "?"):>4s} B  local stores/loads {local_stores}/{local_loads}  '
-            f'shared {resources.get("SHARED", "?"):>5s} B  sass {instructions:5d}'
+            f'shared {resources.get("SHARED", "?"):>5s}+{shared:<6d}B  sass {instructions:5d}'
             f'  vector loads {vector_loads}/{loads}  stores {vector_stores}/{stores}  {blocks} warps '
-            f'{options.get("num_warps", 4)}')
+            f'{warps}  programs/SM {resident}' + (f'  grid {tuple(grid)}' if grid else ''))
+
+
+def _programs_per_sm(regs: int, warps: int, shared: int) -> int:
+    """Programs resident per SM of an H100/H200 (sm_90: 64K registers allocated per warp in units of 256, 64
+    warps, 32 blocks, 227 KiB of shared memory plus 1 KiB reserved per block): the occupancy limit of one launch."""
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    limits = [65536 // (regs_per_warp * warps), 64 // warps, 32]
+    if shared:
+        limits.append(233472 // (shared + 1024))
+    return min(limits)
 
 
 @contextmanager
@@ -102,7 +122,7 @@ def _compile_launches(arch: int, lines: List[str]) -> Iterator[None]:
     launch = JITFunction.run
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
-        lines.append(_report(self, args, kwargs, arch))
+        lines.append(_report(self, args, kwargs, arch, grid if isinstance(grid, tuple) else ()))
 
     JITFunction.run = compile_instead
     try:
@@ -111,8 +131,12 @@ def _compile_launches(arch: int, lines: List[str]) -> Iterator[None]:
         JITFunction.run = launch
 
 
-def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: int, heads: int = 4) -> List[str]:
-    """Reports of every kernel launch of one ViL block's forward and backward (the released models' options)."""
+def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: int, heads: int = 4,
+                  cell: str = 'fused', chunk: int = 64, cell_only: bool = False) -> List[str]:
+    """Reports of every kernel launch of one ViL block's forward and backward (the released models' options), with
+    the cell's launches those of ``cell``: 'fused' (quadratic tiles) or 'fused_chunkwise' (chunks of ``chunk``
+    steps, as the mixer runs them: q, k, v head views of one projection, gradients into one buffer); ``cell_only``:
+    the cell's launches alone."""
     inner, n = 2 * dims, grid[0] * grid[1]
 
     def empty(*shape, dtype=dtype):
@@ -126,6 +150,9 @@ def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: 
     norm = [empty(inner, dtype=torch.float32) for _ in range(3)]
     lines: List[str] = []
     with _compile_launches(arch, lines):
+        if cell_only:
+            cell_kernels(cell, chunk, batch, n, inner, heads, dtype)
+            return lines
         gate_weight, gate_bias = empty(2 * heads, 3 * inner, dtype=torch.float32), empty(2 * heads, dtype=torch.float32)
         x_mlstm, z = empty(batch, n, 2 * inner).chunk(2, dim=-1)  # as mixer_core reads them: halves of one output
         triton_ops.conv_qkv._init_fn(x_mlstm, *grid, conv_weight, conv_bias, qkv_weight, biases, gate_weight,
@@ -136,10 +163,29 @@ def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: 
         h = heads_view.transpose(1, 2)
         triton_ops.gated_output._init_fn(h, x, z, *norm, 1e-5)
         triton_ops.gated_output_backward_into(x, h, x, z, *norm, 1e-5, h, x, z, x)
-        stats = fused.fused_forward._init_fn(heads_view, heads_view, heads_view, *gates, 1e-6, False)
-        fused.fused_backward._init_fn(x.view(batch, n, heads, -1), heads_view, heads_view, heads_view,
-                                       stats[0], *gates, *stats[1:], 1e-6, False)
+        cell_kernels(cell, chunk, batch, n, inner, heads, dtype)
     return lines
+
+
+def cell_kernels(cell: str, chunk: int, batch: int, n: int, inner: int, heads: int, dtype: torch.dtype) -> None:
+    """Launch the cell's forward and backward on ``meta`` tensors laid out as the mixer's (mixer_core.py)."""
+    def empty(*shape, dtype=dtype):
+        return torch.empty(*shape, dtype=dtype, device='meta')
+
+    qkv = empty(batch, n, 3 * inner)
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    gates = empty(batch, 2 * heads, n).chunk(2, dim=1)
+    if cell == 'fused':
+        x = empty(batch, n, inner)
+        stats = fused.fused_forward._init_fn(q, k, v, *gates, 1e-6, False)
+        fused.fused_backward._init_fn(x.view(batch, n, heads, -1), q, k, v, stats[0], *gates, *stats[1:], 1e-6,
+                                       False)
+        return
+    h, row_sum = chunkwise_op.forward_kernels(q, k, v, *gates, 1e-6, chunk, False)
+    grad_qkv, grad_gates = torch.empty_like(qkv), empty(batch, 2 * heads, n)
+    chunkwise_op.backward_kernels_into(torch.empty_like(h), q, k, v, *gates, h, row_sum, 1e-6, chunk, False,
+                                       *(t.unflatten(-1, (heads, -1)) for t in grad_qkv.chunk(3, dim=-1)),
+                                       *(g.transpose(1, 2) for g in grad_gates.chunk(2, dim=1)))
 
 
 def main() -> None:
@@ -149,10 +195,21 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=64)
     parser.add_argument('--grid', type=int, nargs=2, default=(14, 14), help='token grid (224 px, patch 16: 14 14)')
     parser.add_argument('--dims', type=int, default=192, help='embedding width (ViL-T 192, ViL-S 384, ViL-B 768)')
+    parser.add_argument('--tokens', type=int, help='tokens instead of --grid: a square grid if N is a square, else '
+                        '1 x N (ViL-T at 2048 px: 16384)')
+    parser.add_argument('--cell', default='fused', choices=['fused', 'fused_chunkwise'],
+                        help="the mLSTM cell's kernels: quadratic tiles or chunkwise")
+    parser.add_argument('--chunk', type=int, default=64, help='steps per chunk of --cell fused_chunkwise')
+    parser.add_argument('--cell-only', action='store_true', help="only the cell's launches")
     args = parser.parse_args()
-    print(f'triton {triton.__version__}, sm_{args.arch}, {args.dtype}, batch {args.batch}, grid {args.grid}, '
-          f'dims {args.dims}')
-    for line in block_kernels(args.arch, getattr(torch, args.dtype), args.batch, tuple(args.grid), args.dims):
+    grid = tuple(args.grid)
+    if args.tokens:
+        side = math.isqrt(args.tokens)
+        grid = (side, side) if side * side == args.tokens else (1, args.tokens)
+    print(f'triton {triton.__version__}, sm_{args.arch}, {args.dtype}, batch {args.batch}, grid {grid}, '
+          f'dims {args.dims}, cell {args.cell}' + (f' chunk {args.chunk}' if args.cell == 'fused_chunkwise' else ''))
+    for line in block_kernels(args.arch, getattr(torch, args.dtype), args.batch, grid, args.dims, cell=args.cell,
+                              chunk=args.chunk, cell_only=args.cell_only):
         print(line)
 
 
