@@ -196,6 +196,23 @@ def test_state_scan_is_the_decay_matrix_product(kernels, isa, reverse):
     torch.testing.assert_close(out, state_weights @ summaries, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_mask_scores_is_mask_scale_and_row_sum(kernels, isa, reverse, dtype):
+    generator = torch.Generator().manual_seed(6)
+    groups, length = 5, 7
+    scores = torch.randn(groups, length, length + 1, generator=generator, dtype=dtype)
+    scale = torch.rand(groups, generator=generator, dtype=dtype)
+    expected = scores.clone()
+    visible = expected[..., :length]
+    visible.triu_() if reverse else visible.tril_()
+    visible.mul_(scale.view(groups, 1, 1))
+    row_sum = torch.empty(groups, length, dtype=dtype)
+    kernels.mask_scores_(scores, scale, reverse, row_sum)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+    torch.testing.assert_close(row_sum, expected.sum(-1), **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
 def test_many_chunks_run_the_factorised_cell_with_the_scan(kernels, reverse):
     """With the state recurrence the factorised cell has no chunk limit: 100 chunks, the parallel cell's result."""

@@ -80,6 +80,15 @@ struct StateScanArgs {
   bool reverse;
 };
 
+template <typename T>
+struct MaskScoresArgs {
+  T* scores;        // (G, L, L + 1)
+  const T* scale;   // (G,)
+  T* row_sum;       // (G, L)
+  int64_t length;
+  bool reverse;
+};
+
 }  // namespace mmseg_vil_cpu
 
 // The kernels, once per instruction set (mixer_kernels_body.h reads KERNEL_NAMESPACE).
@@ -339,6 +348,25 @@ void state_scan_(const at::Tensor& summaries, const at::Tensor& decay, const at:
   });
 }
 
+// The chunkwise cell's scores (G, L, L + 1) (q . n in the last column), contiguous, in place: masked causally
+// (anti-causally for reverse), the visible scores times scale (G,); the rows' sums into row_sum (G, L) contiguous.
+void mask_scores_(const at::Tensor& scores, const at::Tensor& scale, bool reverse, const at::Tensor& row_sum) {
+  for (const auto* t : {&scores, &scale, &row_sum}) {
+    check_cpu(*t, "every tensor");
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == scores.scalar_type(), "contiguous tensors of one dtype");
+  }
+  TORCH_CHECK(scores.dim() == 3 && scores.size(2) == scores.size(1) + 1, "scores: (G, L, L + 1)");
+  const int64_t groups = scores.size(0), length = scores.size(1);
+  TORCH_CHECK(scale.numel() == groups && row_sum.numel() == groups * length, "scale: (G,), row_sum: (G, L)");
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mask_scores_", [&] {
+    using T = scalar_t;
+    const MaskScoresArgs<T> args{scores.data_ptr<T>(), scale.data_ptr<T>(), row_sum.data_ptr<T>(), length, reverse};
+    auto run = pick(KERNEL_VERSIONS(mask_scores_groups<T>));
+    at::parallel_for(0, groups, std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, length * length)),
+                     [&](int64_t begin, int64_t end) { run(args, begin, end); });
+  });
+}
+
 }  // namespace
 }  // namespace mmseg_vil_cpu
 
@@ -349,6 +377,8 @@ TORCH_LIBRARY(mmseg_vil_cpu, m) {
       "Tensor qkv_weight, Tensor? qkv_bias, bool reverse, Tensor gate_a, Tensor gate_b, Tensor gate_c, "
       "Tensor(a!) x_conv, Tensor(b!) qkv, Tensor(c!) gates) -> ()",
       &mmseg_vil_cpu::conv_qkv);
+  m.def("mask_scores_(Tensor(a!) scores, Tensor scale, bool reverse, Tensor(b!) row_sum) -> ()",
+        &mmseg_vil_cpu::mask_scores_);
   m.def("state_scan_(Tensor summaries, Tensor decay, Tensor weight, bool reverse, Tensor(a!) out) -> ()",
         &mmseg_vil_cpu::state_scan_);
   m.def(

@@ -279,5 +279,35 @@ void state_scan_tiles(const StateScanArgs<T>& a, int64_t begin, int64_t end) {
   }
 }
 
+// Groups [begin, end) of the chunkwise cell's scores (G, L, L + 1), q . n in the last column: each chunk's scores
+// masked causally (anti-causally for reverse) and times the chunk's scale, the rows' sums (the q . n column
+// included) into row_sum (G, L).
+template <typename T>
+void mask_scores_groups(const MaskScoresArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t L = a.length, width = L + 1;
+  for (int64_t g = begin; g < end; ++g) {
+    const T scale = a.scale[g];
+    for (int64_t t = 0; t < L; ++t) {
+      T* row = a.scores + (g * L + t) * width;
+      // visible keys: s <= t (causal) or s >= t (reverse)
+      const int64_t lo = a.reverse ? t : 0, hi = a.reverse ? L : t + 1;
+      for (int64_t s = 0; s < lo; ++s) row[s] = T(0);
+      for (int64_t s = hi; s < L; ++s) row[s] = T(0);
+      T sum = 0;
+      if (scale != T(1)) {  // (mostly 1: the visible scores are then only read)
+#pragma omp simd reduction(+ : sum)
+        for (int64_t s = lo; s < hi; ++s) {
+          row[s] *= scale;
+          sum += row[s];
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t s = lo; s < hi; ++s) sum += row[s];
+      }
+      a.row_sum[g * L + t] = sum + row[L];
+    }
+  }
+}
+
 }  // namespace KERNEL_NAMESPACE
 }  // namespace mmseg_vil_cpu

@@ -119,7 +119,7 @@ def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
     n = igate.shape[-1]
     pad = steps - n
     sequences, num_chunks = batch * heads, steps // length
-    scan = cpu_kernels.usable(q)  # the C++ kernels' state recurrence, linear in the chunks
+    scan = cpu_kernels.usable(q)  # the C++ kernels: the states' recurrence (linear in the chunks), the scores' pass
     if num_chunks >= SCAN_MIN_CHUNKS and not scan:
         return None
     groups = sequences * num_chunks
@@ -174,11 +174,15 @@ def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
 
     scores_and_qn = torch.bmm(q, keys_and_n.transpose(1, 2))
     scores = scores_and_qn[..., :length]
-    scores.triu_() if reverse else scores.tril_()
     chunk_scale = key_ref - ref.view(groups)  # 0 unless the state outweighs the chunk's keys by the state lead
-    if bool(chunk_scale.amin() < 0):
-        scores.mul_(torch.exp(chunk_scale).view(groups, 1, 1))
-    row_sum = scores_and_qn.sum(-1)
+    if scan:  # mask, scale and row sums in one pass
+        row_sum = q.new_empty(groups, length)
+        cpu_kernels.ops().mask_scores_(scores_and_qn, torch.exp(chunk_scale), reverse, row_sum)
+    else:
+        scores.triu_() if reverse else scores.tril_()
+        if bool(chunk_scale.amin() < 0):
+            scores.mul_(torch.exp(chunk_scale).view(groups, 1, 1))
+        row_sum = scores_and_qn.sum(-1)
     mixed = torch.bmm(scores, v).baddbmm_(q, states)  # X: (groups, L, DH)
 
     floor = torch.exp(-(cum_f + ref.view(groups, 1)))  # exp(-m_t) / r_t
