@@ -213,6 +213,19 @@ def test_mask_scores_is_mask_scale_and_row_sum(kernels, isa, reverse, dtype):
     torch.testing.assert_close(row_sum, expected.sum(-1), **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_weight_keys_and_their_sums(kernels, isa, dtype):
+    generator = torch.Generator().manual_seed(7)
+    k = torch.randn(5, 7, 12, generator=generator, dtype=dtype)
+    w = torch.rand(5, 7, generator=generator, dtype=dtype)
+    keys_and_n = torch.full((5, 8, 12), math.nan, dtype=dtype)
+    sums = torch.empty(5, 1, 12, dtype=dtype)
+    kernels.weight_keys_(k, w, keys_and_n[:, :7], sums)
+    torch.testing.assert_close(keys_and_n[:, :7], k * w.unsqueeze(-1), rtol=0, atol=0)
+    torch.testing.assert_close(sums, torch.bmm(w.unsqueeze(1), k), **TOLERANCES[dtype])
+    assert keys_and_n[:, 7].isnan().all()
+
+
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
 def test_many_chunks_run_the_factorised_cell_with_the_scan(kernels, reverse):
     """With the state recurrence the factorised cell has no chunk limit: 100 chunks, the parallel cell's result."""

@@ -89,6 +89,16 @@ struct MaskScoresArgs {
   bool reverse;
 };
 
+template <typename T>
+struct WeightKeysArgs {
+  const T* k;  // (G, L, DH)
+  const T* w;  // (G, L)
+  T* out;      // (G, L, DH), strides out_strides along G, L
+  int64_t out_strides[2];
+  T* sums;     // (G, DH)
+  int64_t length, head_dim;
+};
+
 }  // namespace mmseg_vil_cpu
 
 // The kernels, once per instruction set (mixer_kernels_body.h reads KERNEL_NAMESPACE).
@@ -367,6 +377,28 @@ void mask_scores_(const at::Tensor& scores, const at::Tensor& scale, bool revers
   });
 }
 
+// The chunkwise cell's weighted keys out = k * w (k (G, L, DH) contiguous, w (G, L) contiguous, out (G, L, DH)
+// contiguous along DH) and their sums over each chunk, sums (G, DH) contiguous.
+void weight_keys_(const at::Tensor& k, const at::Tensor& w, const at::Tensor& out, const at::Tensor& sums) {
+  for (const auto* t : {&k, &w, &out, &sums}) {
+    check_cpu(*t, "every tensor");
+    TORCH_CHECK(t->scalar_type() == k.scalar_type(), "tensors of one dtype");
+  }
+  TORCH_CHECK(k.dim() == 3 && k.is_contiguous() && w.is_contiguous() && sums.is_contiguous(), "contiguous k, w, sums");
+  const int64_t groups = k.size(0), length = k.size(1), head_dim = k.size(2);
+  TORCH_CHECK(w.numel() == groups * length && sums.numel() == groups * head_dim && out.sizes() == k.sizes() &&
+                  out.stride(2) == 1,
+              "w: (G, L), sums: (G, DH), out: (G, L, DH) contiguous along DH");
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "weight_keys_", [&] {
+    using T = scalar_t;
+    const WeightKeysArgs<T> args{k.data_ptr<T>(), w.data_ptr<T>(), out.data_ptr<T>(), {out.stride(0), out.stride(1)},
+                                 sums.data_ptr<T>(), length, head_dim};
+    auto run = pick(KERNEL_VERSIONS(weight_keys_groups<T>));
+    at::parallel_for(0, groups, std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, length * head_dim)),
+                     [&](int64_t begin, int64_t end) { run(args, begin, end); });
+  });
+}
+
 }  // namespace
 }  // namespace mmseg_vil_cpu
 
@@ -379,6 +411,7 @@ TORCH_LIBRARY(mmseg_vil_cpu, m) {
       &mmseg_vil_cpu::conv_qkv);
   m.def("mask_scores_(Tensor(a!) scores, Tensor scale, bool reverse, Tensor(b!) row_sum) -> ()",
         &mmseg_vil_cpu::mask_scores_);
+  m.def("weight_keys_(Tensor k, Tensor w, Tensor(a!) out, Tensor(b!) sums) -> ()", &mmseg_vil_cpu::weight_keys_);
   m.def("state_scan_(Tensor summaries, Tensor decay, Tensor weight, bool reverse, Tensor(a!) out) -> ()",
         &mmseg_vil_cpu::state_scan_);
   m.def(

@@ -309,5 +309,25 @@ void mask_scores_groups(const MaskScoresArgs<T>& a, int64_t begin, int64_t end) 
   }
 }
 
+// Groups [begin, end) of the chunkwise cell's keys: out[g, t] = k[g, t] * w[g, t] and sums[g] = sum_t out[g, t]
+// (the chunk's normaliser summary).
+template <typename T>
+void weight_keys_groups(const WeightKeysArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t L = a.length, D = a.head_dim;
+  for (int64_t g = begin; g < end; ++g) {
+    T* __restrict sums = a.sums + g * D;
+    for (int64_t d = 0; d < D; ++d) sums[d] = T(0);
+    for (int64_t t = 0; t < L; ++t) {
+      const T* key = a.k + (g * L + t) * D;
+      T* __restrict out = a.out + g * a.out_strides[0] + t * a.out_strides[1];
+      const T w = a.w[g * L + t];
+      for (int64_t d = 0; d < D; ++d) {
+        out[d] = key[d] * w;
+        sums[d] += out[d];
+      }
+    }
+  }
+}
+
 }  // namespace KERNEL_NAMESPACE
 }  // namespace mmseg_vil_cpu

@@ -153,9 +153,13 @@ def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
     key_weight = _flush_tiny(torch.exp(key_log - (key_ref - log_scale).unsqueeze(-1)))
     # the weighted keys, and below them each chunk's state normaliser: q times it is q . n in the scores' last column
     keys_and_n = q.new_empty(groups, length + 1, head_dim)
-    weighted_k = torch.mul(k, key_weight.unsqueeze(-1), out=keys_and_n[:, :length])
+    if scan:  # the weighting and n of each chunk (the weighted keys' sum) in one pass
+        weighted_k, summary_n = keys_and_n[:, :length], q.new_empty(groups, 1, head_dim)
+        cpu_kernels.ops().weight_keys_(k, key_weight, weighted_k, summary_n)
+    else:
+        weighted_k = torch.mul(k, key_weight.unsqueeze(-1), out=keys_and_n[:, :length])
+        summary_n = torch.bmm(key_weight.unsqueeze(1), k)  # n of each chunk, (groups, 1, DH)
     summaries = torch.bmm(weighted_k.transpose(1, 2), v)  # C of each chunk
-    summary_n = torch.bmm(key_weight.unsqueeze(1), k)  # n of each chunk, (groups, 1, DH)
     # a summary's weight in a state relative to ref, its keys' weights taken back to their max; flushed where that
     # weight is below _flush_tiny's threshold (the product's size, so no subnormal weight times a large summary)
     log_w = log_w - ref.unsqueeze(-1)
