@@ -264,6 +264,43 @@ def test_kernel_cuda_tiles_match_reference(n, head_dim, dtype, chunk_size, rever
         assert_matches_reference(n, head_dim, dtype, chunk_size, reverse)
 
 
+def chunkwise_outputs(n, head_dim, dtype, chunk_size, reverse):
+    """Output and the five gradients of the kernels with the GPU's tiles."""
+    inputs, grad_h, _, _ = reference_case(n, head_dim, dtype, reverse)
+    inputs = [x.to(FUSED_DEVICE, dtype).requires_grad_() for x in inputs]
+    with fused.cuda_launch_configs():
+        h = mlstm_fused_chunkwise(*inputs, reverse=reverse, chunk_size=chunk_size)
+        return [h.detach(), *torch.autograd.grad(h, inputs, grad_h.to(FUSED_DEVICE, dtype))]
+
+
+# Launch options (op.LAUNCH_ENV) that keep every sum in its order, each against the defaults: dk and dv of a chunk in
+# one program instead of two; other warps and pipeline stages (ignored by the interpreter; compiled on CUDA).
+SAME_ORDER_LAUNCHES = ['grad_key:SPLIT_DK_DV=0', 'grad_key:SPLIT_DK_DV=1,num_warps=4;output+grad_query:num_stages=3']
+
+
+@needs_kernels
+@pytest.mark.parametrize('spec', SAME_ORDER_LAUNCHES)
+@pytest.mark.parametrize('n,head_dim,dtype,chunk_size,reverse', [(40, 96, BF16, 16, False), (70, 48, F32, 16, True)])
+def test_kernel_launch_options_keep_results(spec, n, head_dim, dtype, chunk_size, reverse, monkeypatch):
+    """Bit for bit the defaults' output and gradients, with the GPU's tiles."""
+    expected = chunkwise_outputs(n, head_dim, dtype, chunk_size, reverse)
+    monkeypatch.setenv(op.LAUNCH_ENV, spec)
+    actual = chunkwise_outputs(n, head_dim, dtype, chunk_size, reverse)
+    for name, a, e in zip(('h', 'dq', 'dk', 'dv', 'digate', 'dfgate'), actual, expected):
+        assert torch.equal(a, e), name
+
+
+@pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')
+def test_launch_overrides_parse():
+    assert op.launch_overrides('grad_key:SPLIT_DK_DV=1,num_warps=4; output+grad_query:BLOCK_D=16;') == {
+        'grad_key': {'SPLIT_DK_DV': 1, 'num_warps': 4}, 'output': {'BLOCK_D': 16}, 'grad_query': {'BLOCK_D': 16}}
+    assert op.launch_overrides('') == {}
+    with pytest.raises(ValueError, match='unknown kernel'):
+        op.launch_overrides('grad_keys:num_warps=4')
+    with pytest.raises(ValueError, match='kernel:NAME=INT'):
+        op.launch_overrides('grad_key:num_warps=four')
+
+
 @pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')
 def test_head_dim_blocks_fit_tl_dot():
     """Every head dim walks power-of-two blocks of 16 to 128, on CUDA and under the interpreter: tl.dot on the GPU's

@@ -27,7 +27,10 @@ Launches:
    dlog f_r = sum_{t >= r} (row - column sum) = in-chunk reverse cumsum + the crossing sum of launch 3 + the
    m-gradients of later rows whose argmax lies at or before this chunk. The argmax targets of later chunks are
    looked up in the per-chunk arrays of launches 1 and 2, so nothing is scattered with atomics and the result is
-   deterministic. dfgate = dlog f * sigmoid(-fgate).
+   deterministic. dfgate = dlog f * sigmoid(-fgate). dv and dk (with the gates) are two programs per chunk
+   (SPLIT_DK_DV, grid axis 2; the same operations in the same order as one program doing both): each holds one
+   (CHUNK, CHUNK) tile, about 120 registers instead of 190 at 8 warps (ptxas, sm_90, bf16, DH=96, chunk 64), so two
+   programs fit an SM where one did, and there are twice as many.
 Splitting dq from dk/dv keeps each kernel's live tiles few enough to stay in registers.
 """
 from typing import List, Optional, Sequence
@@ -40,7 +43,7 @@ from torch import Tensor
 from ..fused import _cuda_configs
 from .forward import SCAN_LAUNCH, SCAN_STAGES, SUMMARY_LAUNCH, chunk_states
 from .scans import causal_decay, chunk_stabiliser
-from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
+from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, load_state_block, load_state_vector, load_tokens,
                     state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens, token_major_buffer,
                     token_major_strides, token_strides)
 
@@ -249,10 +252,12 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
                                 stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
                                 seq_len, num_heads, num_chunks, scale, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, NUM_CROSSING: tl.constexpr,
-                                BLOCK_CROSSING: tl.constexpr,
+                                BLOCK_CROSSING: tl.constexpr, SPLIT_DK_DV: tl.constexpr,
                                 REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
-    """dk, dv and the gate gradients of one chunk of one head (launch 5). Tiles are key-major (rows s, columns t),
-    so the sums over queries need no transposed tiles."""
+    """dk, dv and the gate gradients of one chunk of one head (launch 5). dv first, then dk and the gates, so that
+    one (CHUNK, CHUNK) tile is live at a time; with SPLIT_DK_DV the two halves are programs of their own (grid axis
+    2: 0 dv, 1 dk and the gates) that run side by side. Tiles are key-major (rows s, columns t), so the sums over
+    queries need no transposed tiles."""
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
     Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
@@ -269,38 +274,70 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
     steps_offset = batch_head.to(tl.int64) * seq_len
     grad_state_c = GRAD_STATE_C + state_offset(batch_head, chunk, num_chunks, HEAD_DIM)
     grad_state_n = GRAD_STATE_N + (chunk_ends + chunk) * HEAD_DIM
-    ACC = GRAD_STATE_C.dtype.element_ty
-    IN = Q.dtype.element_ty
     has_next = chunk < num_chunks - 1
 
+    # Later queries come through the reverse state after this chunk (none after the last: a loop bound, not a
+    # branch). Each half reads the chunk's gate values itself, so that none stay live through the other.
+    state_end = tl.where(has_next, HEAD_DIM, 0)
+    if SPLIT_DK_DV:
+        if tl.program_id(2) == 0:
+            chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV,
+                              chunk, chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn,
+                              stride_gn, stride_in, stride_on, HEAD_DIM, CHUNK, BLOCK_D, REVERSE, DOT_PRECISION,
+                              DOT_IN_FLOAT32)
+        else:
+            chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
+                            INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n,
+                            CROSSING, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends, steps_offset, seq_len,
+                            state_end, has_next, scale, stride_qn, stride_kn, stride_vn, stride_gn, stride_in,
+                            stride_fn, stride_on, stride_dn, HEAD_DIM, CHUNK, BLOCK_D, BLOCK_CHUNKS, NUM_CROSSING,
+                            BLOCK_CROSSING, REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
+    else:
+        chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV,
+                          chunk, chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn,
+                          stride_gn, stride_in, stride_on, HEAD_DIM, CHUNK, BLOCK_D, REVERSE, DOT_PRECISION,
+                          DOT_IN_FLOAT32)
+        chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
+                        INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n,
+                        CROSSING, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends, steps_offset, seq_len,
+                        state_end, has_next, scale, stride_qn, stride_kn, stride_vn, stride_gn, stride_in,
+                        stride_fn, stride_on, stride_dn, HEAD_DIM, CHUNK, BLOCK_D, BLOCK_CHUNKS, NUM_CROSSING,
+                        BLOCK_CROSSING, REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
+
+
+@triton.jit
+def key_chunk(IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, scale,
+              ACC: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """What a chunk's keys need in the backward: their steps, mask, positions and rows of the per-step buffers, the
+    gate values of ``chunk_stabiliser`` and the keys' weights in the chunk's state (times sc; 0 past the end)."""
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
     _, key_log, row_log, argmax, from_state, _ = chunk_stabiliser(
         IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
         steps, positions, valid, stride_in, CHUNK)
     end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
-    key_weight = tl.exp((key_log - end_row_log).to(ACC)) * scale  # weight in this chunk's state; 0 past the end
-    rows = steps_offset + steps
-    inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
-    shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
+    key_weight = tl.exp((key_log - end_row_log).to(ACC)) * scale
+    return steps, valid, positions, steps_offset + steps, key_log, row_log, argmax, from_state, key_weight
 
+
+@triton.jit
+def chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV, chunk,
+                      chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn, stride_gn, stride_in,
+                      stride_on, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                      REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """dv of one chunk's keys: sc sum_t (q_t.k_s) W[t,s] g_t / d_t over the chunk's queries, plus the keys
+    (pre-scaled by their state weight) times the reverse state after the chunk."""
+    ACC = grad_state_c.dtype.element_ty
+    IN = Q.dtype.element_ty
+    steps, valid, positions, rows, key_log, row_log, _, _, key_weight = key_chunk(
+        IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, scale, ACC,
+        CHUNK, REVERSE)
+    inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
     scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
-    grad_scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
         k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
-        v = load_tokens(V, positions, valid, d_start, stride_vn, HEAD_DIM, BLOCK_D)
-        grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
         scores = dot(k, tl.trans(q), scores, DOT_PRECISION, DOT_IN_FLOAT32)
-        grad_scores = dot(v, tl.trans((grad_h.to(ACC) * inv_divisor[:, None]).to(IN)), grad_scores, DOT_PRECISION,
-                          DOT_IN_FLOAT32)
-    decay = causal_decay(key_log, row_log, steps, True, ACC) * scale
-    weights = (scores * decay).to(IN)
-    grad_weights = ((grad_scores + shift[None, :]) * decay).to(IN)
-
-    # Later queries through the reverse state after this chunk (none after the last: a loop bound, not a branch),
-    # keys pre-scaled by their weight in it.
-    state_end = tl.where(has_next, HEAD_DIM, 0)
-    column_total = tl.zeros((CHUNK,), dtype=ACC)
+    weights = (scores * (causal_decay(key_log, row_log, steps, True, ACC) * scale)).to(IN)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
         dv = dot(weights, (grad_h.to(ACC) * inv_divisor[:, None]).to(IN), tl.zeros((CHUNK, BLOCK_D), dtype=ACC),
@@ -311,6 +348,35 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
             dv = dot((k.to(ACC) * key_weight[:, None]).to(IN), state.to(IN), dv, DOT_PRECISION, DOT_IN_FLOAT32)
         store_tokens(DV, dv, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
 
+
+@triton.jit
+def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR,
+                    ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n, CROSSING, DK, DIGATE,
+                    DFGATE, chunk, num_chunks, chunk_ends, steps_offset, seq_len, state_end, has_next, scale,
+                    stride_qn, stride_kn, stride_vn, stride_gn, stride_in, stride_fn, stride_on, stride_dn,
+                    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+                    NUM_CROSSING: tl.constexpr, BLOCK_CROSSING: tl.constexpr, REVERSE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """dk of one chunk's keys: sc sum_t G[t,s] W[t,s] q_t over the chunk's queries, plus the values and the shift
+    (pre-scaled by the keys' state weight) through the reverse states after the chunk; then the gate gradients from
+    the column sums k_s.dk_s (``chunk_gate_grads``)."""
+    ACC = grad_state_c.dtype.element_ty
+    IN = Q.dtype.element_ty
+    steps, valid, positions, rows, key_log, row_log, argmax, from_state, key_weight = key_chunk(
+        IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, scale, ACC,
+        CHUNK, REVERSE)
+    inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
+    shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
+    grad_scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
+        v = load_tokens(V, positions, valid, d_start, stride_vn, HEAD_DIM, BLOCK_D)
+        grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
+        grad_scores = dot(v, tl.trans((grad_h.to(ACC) * inv_divisor[:, None]).to(IN)), grad_scores, DOT_PRECISION,
+                          DOT_IN_FLOAT32)
+    grad_weights = ((grad_scores + shift[None, :]) * (causal_decay(key_log, row_log, steps, True, ACC) * scale)
+                    ).to(IN)
+    column_total = tl.zeros((CHUNK,), dtype=ACC)
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
         q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
         dk = dot(grad_weights, q, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
         for value_start in range(0, state_end, BLOCK_D):
@@ -323,7 +389,19 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
         k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
         column_total += tl.sum(k.to(ACC) * dk, 1)
         store_tokens(DK, dk, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
+    chunk_gate_grads(column_total, FGATE, CHUNK_ARGMAX, GRAD_M, ROW_TOTAL, STATE_GRAD_M, CROSSING, DIGATE, DFGATE,
+                     chunk, num_chunks, chunk_ends, steps, valid, positions, rows, argmax, from_state, has_next,
+                     scale, stride_fn, stride_dn, CHUNK, BLOCK_CHUNKS, NUM_CROSSING, BLOCK_CROSSING)
 
+
+@triton.jit
+def chunk_gate_grads(column_total, FGATE, CHUNK_ARGMAX, GRAD_M, ROW_TOTAL, STATE_GRAD_M, CROSSING, DIGATE, DFGATE,
+                     chunk, num_chunks, chunk_ends, steps, valid, positions, rows, argmax, from_state, has_next,
+                     scale, stride_fn, stride_dn, CHUNK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+                     NUM_CROSSING: tl.constexpr, BLOCK_CROSSING: tl.constexpr):
+    """The gate gradients of one chunk from the column sums k_s.dk_s: di = column total, dlog f = reverse cumsum of
+    (row - column totals) + the crossing sum; see the module docstring."""
+    ACC = column_total.dtype
     # m_t = logD[t, s*_t]: gm_t also belongs to column s*_t, here if s*_t is in this chunk ...
     grad_m = tl.load(GRAD_M + rows, mask=valid, other=0.0)
     in_chunk = valid & (from_state == 0)
@@ -367,7 +445,6 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     steps = (gates['cum'], gates['row_log'], gates['argmax'])  # per-step gate values of scans.py
     state_c, state_n, chunk_max = gates['state_c'], gates['state_n'], gates['chunk_max']
     num_chunks = chunk_max.shape[1]
-    blocks = triton.cdiv(head_dim, config['BLOCK_D'])
     grid = (num_chunks, batch * heads)
     token_args = (*token_strides(q), *token_strides(k), *token_strides(v), *token_major_strides(grad_h),
                   *token_strides(igate))
@@ -375,6 +452,7 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     inv_divisor, row_shift, grad_m, row_total = (torch.empty_like(row_sum) for _ in range(4))
     state_grad_m = torch.empty(batch * heads, num_chunks, dtype=row_sum.dtype, device=q.device)
     prep_config = {key: config[key] for key in ('HEAD_DIM', 'CHUNK', 'BLOCK_D', 'REVERSE', 'num_warps')}
+    prep_config.update(config.get('overrides', {}).get('grad_prep', {}))
     mlstm_chunk_grad_prep_kernel[grid](
         grad_h, h, igate, *steps, row_sum, chunk_max, inv_divisor, row_shift, grad_m, state_grad_m,
         *token_major_strides(grad_h), *token_major_strides(h), *token_strides(igate), n, heads, num_chunks, eps,
@@ -385,10 +463,10 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     scan_tiles = triton.cdiv(head_dim * head_dim, scan_block) + 1  # and the normaliser's
     crossing = torch.empty(batch * heads, num_chunks, scan_tiles, dtype=state_c.dtype, device=q.device)
     if num_chunks > 1:  # else no boundary has a reverse state
-        mlstm_chunk_grad_summary_kernel[(num_chunks - 1, blocks, batch * heads)](
+        summary = launch_options(config, 'grad_summary', **SUMMARY_LAUNCH)
+        mlstm_chunk_grad_summary_kernel[(num_chunks - 1, triton.cdiv(head_dim, summary['BLOCK_D']), batch * heads)](
             q, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_state_c, grad_state_n,
-            *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads, num_chunks,
-            **{**config, **SUMMARY_LAUNCH})
+            *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads, num_chunks, **summary)
         mlstm_chunk_grad_state_scan_kernel[(scan_tiles, batch * heads)](
             gates['row_log'], chunk_max, state_c, state_n, grad_state_c, grad_state_n, crossing, n, num_chunks,
             HEAD_DIM=head_dim, CHUNK=config['CHUNK'], BLOCK_E=scan_block, BLOCK_N=triton.next_power_of_2(head_dim),
@@ -402,10 +480,11 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
                          f'{d_igate.stride()}, {d_fgate.stride()} differ')
     mlstm_chunk_grad_query_kernel[grid](
         q, k, v, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_m, state_c, state_n, dq, row_total,
-        *token_args, *token_major_strides(dq), n, heads, num_chunks, scale, **config)
-    mlstm_chunk_grad_key_kernel[grid](
+        *token_args, *token_major_strides(dq), n, heads, num_chunks, scale, **launch_options(config, 'grad_query'))
+    key_options = launch_options(config, 'grad_key', SPLIT_DK_DV=True)
+    mlstm_chunk_grad_key_kernel[(*grid, 2 if key_options['SPLIT_DK_DV'] else 1)](
         q, k, v, grad_h, igate, fgate, *steps, chunk_max, gates['chunk_argmax'], inv_divisor, row_shift, grad_m,
         row_total, state_grad_m, grad_state_c, grad_state_n, crossing, dk, dv, d_igate, d_fgate, *token_args,
         *token_strides(fgate), *token_major_strides(dk), *token_major_strides(d_igate), n, heads, num_chunks, scale,
-        BLOCK_CHUNKS=64, NUM_CROSSING=scan_tiles, BLOCK_CROSSING=triton.next_power_of_2(scan_tiles), **config)
+        BLOCK_CHUNKS=64, NUM_CROSSING=scan_tiles, BLOCK_CROSSING=triton.next_power_of_2(scan_tiles), **key_options)
     return [dq, dk, dv, d_igate, d_fgate]

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..fused import _cuda_configs
 from .scans import (causal_decay, chunk_end, chunk_key_max, chunk_stabiliser, gate_scan, row_stabiliser,
                     running_key_max)
-from .tiles import (chunk_steps, dot, head_offset, jit_kernel, load_state_block, load_state_vector, load_tokens,
+from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, load_state_block, load_state_vector, load_tokens,
                     state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens, token_major_buffer,
                     token_major_strides, token_strides)
 
@@ -241,10 +241,11 @@ def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dic
         chunk_max=torch.empty(heads_total, num_chunks, dtype=torch.float64, device=k.device),
         chunk_argmax=torch.empty(heads_total, num_chunks, dtype=torch.int32, device=k.device))
     chunk_local = torch.empty(heads_total, num_chunks, 2, dtype=torch.float64, device=k.device)  # L_c and b_e
-    mlstm_chunk_summary_kernel[(num_chunks, triton.cdiv(head_dim, config['BLOCK_D']), heads_total)](
+    summary = launch_options(config, 'summary', **SUMMARY_LAUNCH)
+    mlstm_chunk_summary_kernel[(num_chunks, triton.cdiv(head_dim, summary['BLOCK_D']), heads_total)](
         k, v, igate, fgate, out['cum'], out['row_log'], out['argmax'], out['state_c'], out['state_n'], chunk_local,
         out['chunk_argmax'], *token_strides(k), *token_strides(v), *token_strides(igate), *token_strides(fgate), n,
-        heads, num_chunks, **{**config, **SUMMARY_LAUNCH})
+        heads, num_chunks, **summary)
     scan_block = state_scan_block(head_dim, interpreted=not _cuda_configs())
     mlstm_chunk_state_scan_kernel[(triton.cdiv(head_dim * head_dim, scan_block) + 1, heads_total)](
         out['row_log'], out['argmax'], out['state_c'], out['state_n'], chunk_local, out['chunk_max'],
@@ -264,5 +265,6 @@ def forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: 
     mlstm_chunk_output_kernel[(num_chunks, batch * heads)](
         q, k, v, igate, gates['cum'], gates['row_log'], gates['argmax'], gates['state_c'], gates['state_n'],
         gates['chunk_max'], h, row_sum, *token_strides(q), *token_strides(k), *token_strides(v),
-        *token_strides(igate), *token_major_strides(h), n, heads, num_chunks, 1 / head_dim ** 0.5, eps, **config)
+        *token_strides(igate), *token_major_strides(h), n, heads, num_chunks, 1 / head_dim ** 0.5, eps,
+        **launch_options(config, 'output'))
     return h, row_sum

@@ -5,7 +5,7 @@ re-traces our kernels. A custom op must return fresh tensors, so the ops return 
 buffers and the Python wrappers turn them into the ``(B, NH, N, DH)`` views the callers expect.
 """
 import os
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,6 +22,14 @@ MAX_CHUNK_SIZE = 128  # a chunk's (CHUNK, CHUNK) tiles live in registers
 # 1 lifts the refusal for that run, e.g. of tests/test_mlstm_fused_chunkwise.py on the GPU (the kernel tests then run
 # on CUDA); benchmarks/mlstm_kernel_check.py needs no variable: it calls mlstm_fused_chunkwise_kernels.
 CUDA_OVERRIDE_ENV = 'MMSEG_VIL_FUSED_CHUNKWISE_CUDA'
+# Launch options per kernel, for timing alternatives on a GPU without editing code (benchmarks/mlstm_kernel_check.py
+# --chunkwise-sweep): groups ``kernel[+kernel...]:NAME=VALUE[,NAME=VALUE...]`` joined by ``;``, e.g.
+# ``grad_key:SPLIT_DK_DV=1,num_warps=4;output+grad_query:num_stages=3``. Kernels: LAUNCH_KERNELS; names: the
+# kernel's constexprs (BLOCK_D, and SPLIT_DK_DV of grad_key) and num_warps / num_stages; integer values. Read at every
+# call; compile-time parameters, so results stay those of the kernels' tests as long as these do not change the
+# summation order (BLOCK_D does, within the tests' tolerances).
+LAUNCH_ENV = 'MMSEG_VIL_CHUNKWISE_LAUNCH'
+LAUNCH_KERNELS = ('summary', 'output', 'grad_prep', 'grad_summary', 'grad_query', 'grad_key')
 
 
 def cuda_allowed() -> bool:
@@ -40,7 +48,26 @@ def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -
     """
     block_d = head_dim_block(head_dim, dtype, interpreted=not _cuda_configs())
     return dict(HEAD_DIM=head_dim, CHUNK=chunk_size, BLOCK_D=block_d, REVERSE=reverse,
-                num_warps=8 if chunk_size >= 64 else 4, num_stages=2, **_dot_options(dtype))
+                num_warps=8 if chunk_size >= 64 else 4, num_stages=2, **_dot_options(dtype),
+                overrides=launch_overrides())
+
+
+def launch_overrides(spec: Optional[str] = None) -> Dict[str, Dict[str, int]]:
+    """``{kernel: {name: value}}`` from ``spec`` (the format of LAUNCH_ENV), by default that variable's value."""
+    spec = os.environ.get(LAUNCH_ENV, '') if spec is None else spec
+    overrides: Dict[str, Dict[str, int]] = {}
+    for group in filter(None, (part.strip() for part in spec.split(';'))):
+        kernels, _, settings = group.partition(':')
+        try:
+            values = {name.strip(): int(value) for name, value in
+                      (item.split('=') for item in settings.split(',') if item.strip())}
+        except ValueError:
+            raise ValueError(f'{LAUNCH_ENV}: {group!r} is not kernel:NAME=INT[,NAME=INT...]') from None
+        for kernel in kernels.split('+'):
+            if kernel.strip() not in LAUNCH_KERNELS:
+                raise ValueError(f'{LAUNCH_ENV}: unknown kernel {kernel!r} in {group!r}; kernels: {LAUNCH_KERNELS}')
+            overrides.setdefault(kernel.strip(), {}).update(values)
+    return overrides
 
 
 @torch.library.custom_op('mmseg_vil::mlstm_fused_chunkwise_forward', mutates_args=())

@@ -49,6 +49,16 @@ def head_dim_block(head_dim: int, dtype: torch.dtype, interpreted: bool = False)
     return min(32, max(16, triton.next_power_of_2(head_dim)))
 
 
+def launch_options(config: dict, kernel: str, **defaults) -> dict:
+    """Compile-time parameters and launch options of one kernel of a call: the call's shared ``config``
+    (op._config), then the kernel's own ``defaults`` (e.g. forward.SUMMARY_LAUNCH), then the call's overrides for
+    that kernel (``config['overrides'][kernel]``, op.LAUNCH_ENV) on top."""
+    options = {key: value for key, value in config.items() if key != 'overrides'}
+    options.update(defaults)
+    options.update(config.get('overrides', {}).get(kernel, {}))
+    return options
+
+
 def state_scan_block(head_dim: int, interpreted: bool = False) -> int:
     """Matrix state elements per program of the scan over chunks (forward.py): 512 on CUDA, 4 float32 (one 16-byte
     vector) per thread of 4 warps, so that a head's DH x DH state spreads over many programs; under the interpreter
