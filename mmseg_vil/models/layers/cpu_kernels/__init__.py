@@ -93,6 +93,9 @@ def ops():
 def usable(*tensors: Optional[Tensor]) -> bool:
     """Whether the kernels may run on ``tensors`` (``None`` skipped): plain CPU tensors of one float32/float64 dtype,
     no autograd record, eager (not traced, compiled or exported, no dispatch mode), switched on and built."""
+    if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch._C._len_torch_dispatch_stack() > 0):  # first: a tracer sees nothing of the rest
+        return False
     tensors = [t for t in tensors if t is not None]
     if not tensors or not enabled():
         return False
@@ -101,9 +104,6 @@ def usable(*tensors: Optional[Tensor]) -> bool:
                                   or t.dtype != dtype for t in tensors):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch._C._len_torch_dispatch_stack() > 0):
         return False
     return ops() is not None
 
