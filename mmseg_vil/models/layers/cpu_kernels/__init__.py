@@ -115,16 +115,14 @@ def conv_qkv_gates(x: Tensor, grid, conv_weight: Tensor, conv_bias: Optional[Ten
     :func:`..mixer_ops.reference.folded_gate_preactivations` in one pass over the tokens (check :func:`usable` first):
     ``(x_conv (B, N, E), qkv (3, B, NH, N, DH), gates (B, G, N))``, q/k/v written into ``out`` if given. ``x_bias``:
     a bias of ``x`` not yet added (the up-projection's), which the pass adds (the conv's input is ``x + x_bias``)."""
-    from ..mixer_ops.reference import fold_gate_weights  # (here: mixer_ops imports this module)
     x = x.contiguous()
     batch, n, inner = x.shape
     x_conv = torch.empty_like(x)
     qkv = x.new_empty(3, batch, num_heads, n, inner // num_heads) if out is None else out
-    gate_a, gate_b, gate_c = (w.contiguous() for w in fold_gate_weights(qkv_weight, qkv_bias, gate_weight, gate_bias))
-    gates = x.new_empty(batch, len(gate_c), n)
+    gates = x.new_empty(batch, len(gate_bias), n)
     ops().conv_qkv(x, None if x_bias is None else x_bias.contiguous(), grid[0], grid[1], conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(),
-                   None if qkv_bias is None else qkv_bias.contiguous(), reverse, gate_a, gate_b, gate_c, x_conv, qkv,
-                   gates)
+                   None if qkv_bias is None else qkv_bias.contiguous(), reverse, gate_weight.contiguous(),
+                   gate_bias.contiguous(), x_conv, qkv, gates)
     return x_conv, qkv, gates
 
 

@@ -183,16 +183,15 @@ constexpr int64_t kGrainWork = 1 << 15;
 
 // silu(conv(x) + conv_bias) of tokens x (B, H * W, E) on the grid (H, W) into x_conv (B, H * W, E), the
 // block-diagonal q, k (of x_conv) and v (of x) projections plus biases into qkv (3, B, NH, H * W, E / NH), and the
-// gate pre-activations gate_a x_conv + gate_b x + gate_c (the gate weights folded into the projections') into
-// gates (B, G, H * W). x_bias: x's bias (E,) not yet added (the up-projection's): x + x_bias is convolved (padded
+// gate pre-activations gate_weight (G, 3 E) @ [q; k; v] + gate_bias into gates (B, G, H * W), computed as
+// A x_conv + B x + c with the gate weights folded into the projections' (reference.fold_gate_weights). x_bias: x's bias (E,) not yet added (the up-projection's): x + x_bias is convolved (padded
 // with zeros), projected and gated, without a pass that adds it: the zero padding is -x_bias in x's terms, and the
 // bias's share of the conv, of v and of the gates goes into their biases.
 void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int64_t height, int64_t width, const at::Tensor& conv_weight,
               const std::optional<at::Tensor>& conv_bias, const at::Tensor& qkv_weight,
-              const std::optional<at::Tensor>& qkv_bias, bool reverse, const at::Tensor& gate_a,
-              const at::Tensor& gate_b, const at::Tensor& gate_c, const at::Tensor& x_conv, const at::Tensor& qkv,
-              const at::Tensor& gates) {
-  for (const auto* t : {&x, &conv_weight, &qkv_weight, &gate_a, &gate_b, &gate_c, &x_conv, &qkv, &gates})
+              const std::optional<at::Tensor>& qkv_bias, bool reverse, const at::Tensor& gate_weight,
+              const at::Tensor& gate_bias, const at::Tensor& x_conv, const at::Tensor& qkv, const at::Tensor& gates) {
+  for (const auto* t : {&x, &conv_weight, &qkv_weight, &gate_weight, &gate_bias, &x_conv, &qkv, &gates})
     check_cpu(*t, "every tensor");
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.size(1) == height * width, "x: (B, H * W, E) contiguous");
   const int64_t batch = x.size(0), inner = x.size(2);
@@ -209,14 +208,14 @@ void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int6
               "qkv: (3, B, NH, N, DH), DH contiguous");
   const int64_t block = qkv_weight.size(2), head_dim = qkv.size(4);
   TORCH_CHECK(head_dim % block == 0, "a q/k/v block must not straddle two heads");
-  const int64_t num_gates = gate_c.numel();
-  TORCH_CHECK(gate_a.dim() == 2 && gate_a.size(0) == num_gates && gate_a.size(1) == inner && gate_a.is_contiguous() &&
-                  gate_b.sizes() == gate_a.sizes() && gate_b.is_contiguous() && gate_c.is_contiguous(),
-              "gate_a, gate_b: (G, E) contiguous, gate_c: (G,)");
+  const int64_t num_gates = gate_bias.numel();
+  TORCH_CHECK(gate_weight.dim() == 2 && gate_weight.size(0) == num_gates && gate_weight.size(1) == 3 * inner &&
+                  gate_weight.is_contiguous() && gate_bias.is_contiguous(),
+              "gate_weight: (G, 3 E) contiguous, gate_bias: (G,) contiguous");
   TORCH_CHECK(gates.dim() == 3 && gates.size(0) == batch && gates.size(1) == num_gates &&
                   gates.size(2) == height * width && gates.is_contiguous(),
               "gates: (B, G, H * W) contiguous");
-  for (const auto* t : {&conv_weight, &qkv_weight, &gate_a, &gate_b, &gate_c, &x_conv, &qkv, &gates})
+  for (const auto* t : {&conv_weight, &qkv_weight, &gate_weight, &gate_bias, &x_conv, &qkv, &gates})
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "every tensor in x's dtype");
   if (conv_bias) {
     check_cpu(*conv_bias, "conv_bias");
@@ -249,10 +248,25 @@ void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int6
       for (int64_t i = 0; i < block; ++i)
         for (int64_t c = 0; c < inner; ++c)
           qkv_weight_t[(p * block + i) * inner + c] = qw[(p * inner + c) * block + i];
-    std::vector<T> padding(inner, T(0)), gate_bias(gate_c.data_ptr<T>(), gate_c.data_ptr<T>() + num_gates);
+    // the gates folded into the projections: gates = A x_conv + B x + c, A from q's and k's blocks, B from v's,
+    // c = gate_bias + gate_weight @ qkv_bias
+    const T* gw = gate_weight.data_ptr<T>();
+    std::vector<T> gate_a(num_gates * inner, T(0)), gate_b(num_gates * inner, T(0)),
+        gate_c(gate_bias.data_ptr<T>(), gate_bias.data_ptr<T>() + num_gates);
+    for (int64_t g = 0; g < num_gates; ++g)
+      for (int64_t p = 0; p < 3; ++p) {
+        const T* row = gw + (g * 3 + p) * inner;
+        T* folded = (p < 2 ? gate_a.data() : gate_b.data()) + g * inner;
+        for (int64_t c = 0; c < inner; ++c)  // input channel c of block c / S
+          for (int64_t o = 0; o < block; ++o)
+            folded[c] += row[c - c % block + o] * qw[(p * inner + c - c % block + o) * block + c % block];
+        if (qkv_bias)
+          for (int64_t c = 0; c < inner; ++c) gate_c[g] += row[c] * qkv_bias->data_ptr<T>()[p * inner + c];
+      }
+    std::vector<T> padding(inner, T(0));
     if (x_bias) {
       const T* xb = x_bias->data_ptr<T>();
-      const T* gb = gate_b.data_ptr<T>();
+      const T* gb = gate_b.data();
       for (int64_t c = 0; c < inner; ++c) {
         padding[c] = -xb[c];
         for (int64_t tap = 0; tap < taps_count; ++tap) biases[c] += taps[tap * inner + c] * xb[c];  // the conv's
@@ -260,12 +274,12 @@ void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int6
           biases[3 * inner + c] += qkv_weight_t[(2 * block + i) * inner + c] * xb[c - c % block + i];
       }
       for (int64_t g = 0; g < num_gates; ++g)
-        for (int64_t c = 0; c < inner; ++c) gate_bias[g] += gb[g * inner + c] * xb[c];
+        for (int64_t c = 0; c < inner; ++c) gate_c[g] += gb[g * inner + c] * xb[c];
     }
     const ConvQkvArgs<T> args{x.data_ptr<T>(), height, width, inner, kernel, block, head_dim, taps.data(),
                               biases.data(), padding.data(), qkv_weight_t.data(), biases.data() + inner,
-                              x_conv.data_ptr<T>(), qkv.data_ptr<T>(), strides, gate_a.data_ptr<T>(),
-                              gate_b.data_ptr<T>(), gate_bias.data(), num_gates, gates.data_ptr<T>()};
+                              x_conv.data_ptr<T>(), qkv.data_ptr<T>(), strides, gate_a.data(), gate_b.data(),
+                              gate_c.data(), num_gates, gates.data_ptr<T>()};
     auto rows = pick(KERNEL_VERSIONS(conv_qkv_rows<T>));
     const int64_t row_work = width * inner * (taps_count + 3 * block + 2 * num_gates);
     at::parallel_for(0, batch * height, std::max<int64_t>(1, kGrainWork / row_work),
@@ -406,8 +420,8 @@ TORCH_LIBRARY(mmseg_vil_cpu, m) {
   m.def("instruction_set() -> str", &mmseg_vil_cpu::instruction_set);
   m.def(
       "conv_qkv(Tensor x, Tensor? x_bias, int height, int width, Tensor conv_weight, Tensor? conv_bias, "
-      "Tensor qkv_weight, Tensor? qkv_bias, bool reverse, Tensor gate_a, Tensor gate_b, Tensor gate_c, "
-      "Tensor(a!) x_conv, Tensor(b!) qkv, Tensor(c!) gates) -> ()",
+      "Tensor qkv_weight, Tensor? qkv_bias, bool reverse, Tensor gate_weight, Tensor gate_bias, Tensor(a!) x_conv, "
+      "Tensor(b!) qkv, Tensor(c!) gates) -> ()",
       &mmseg_vil_cpu::conv_qkv);
   m.def("mask_scores_(Tensor(a!) scores, Tensor scale, bool reverse, Tensor(b!) row_sum) -> ()",
         &mmseg_vil_cpu::mask_scores_);

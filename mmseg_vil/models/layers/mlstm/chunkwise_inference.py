@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import cpu_kernels
-from .chunkwise import SCAN_MIN_CHUNKS, _chunk_length, _flush_tiny, _running_max, _state_log_weights
+from .chunkwise import SCAN_MIN_CHUNKS, _chunk_length, _flush_tiny, _state_log_weights
 
 # Per dtype, natural-log ranges (row_range, key_lead, state_lead). _flush_tiny zeroes weights below sqrt(tiny): e^-43.7
 # in float32, so a row whose largest term is e^-20 loses at most e^-23.7 = 5e-11 of it (e^-54 in float64 at e^-300).
@@ -134,7 +134,8 @@ def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
     log_f = F.logsigmoid(padded(fgate, 0.0))
     cum_f = log_f.flip(-1).cumsum(-1).flip(-1) if reverse else log_f.cumsum(-1)  # F_t
     key_log = padded(igate, float('-inf')) - cum_f  # padded keys weigh nothing
-    key_running_max = _running_max(key_log, reverse, length)
+    # one op, where _running_max takes 3 log2(L) (its shifted maxima have an ONNX form; this eager cell needs none)
+    key_running_max = key_log.flip(-1).cummax(-1).values.flip(-1) if reverse else key_log.cummax(-1).values
     key_max = key_running_max[:, last]
     # the keys' reference: their max, or less where that would take the first query's row below e^-row_range
     key_ref = torch.minimum(key_max, key_log[:, first] + row_range)
