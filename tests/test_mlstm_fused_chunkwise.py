@@ -290,6 +290,24 @@ def test_kernel_launch_options_keep_results(spec, n, head_dim, dtype, chunk_size
         assert torch.equal(a, e), name
 
 
+# Launch options that change the blocks of some sums: the state products' contraction as one tile of the whole head
+# (padded to a power of two and loaded once per program) or as blocks of 64 (a whole and a masked one at DH=96), and
+# narrower head-dim blocks.
+OTHER_ORDER_LAUNCHES = ['output+grad_query+grad_key:STATE_BLOCK=128', 'output+grad_query+grad_key:STATE_BLOCK=64',
+                        'output+grad_query+grad_key+summary+grad_summary:BLOCK_D=16;grad_key:SPLIT_DK_DV=0']
+
+
+@needs_kernels
+@pytest.mark.parametrize('spec', OTHER_ORDER_LAUNCHES)
+@pytest.mark.parametrize('n,head_dim,dtype,chunk_size,reverse', [(40, 96, BF16, 16, False), (70, 48, F32, 16, True)])
+def test_kernel_launch_options_match_reference(spec, n, head_dim, dtype, chunk_size, reverse, monkeypatch):
+    """Exact within the tolerances, with the GPU's tiles otherwise."""
+    reference_case(n, head_dim, dtype, reverse)
+    monkeypatch.setenv(op.LAUNCH_ENV, spec)
+    with fused.cuda_launch_configs():
+        assert_matches_reference(n, head_dim, dtype, chunk_size, reverse)
+
+
 @pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')
 def test_launch_overrides_parse():
     assert op.launch_overrides('grad_key:SPLIT_DK_DV=1,num_warps=4; output+grad_query:BLOCK_D=16;') == {

@@ -43,9 +43,9 @@ from torch import Tensor
 from ..fused import _cuda_configs
 from .forward import SCAN_LAUNCH, SCAN_STAGES, SUMMARY_LAUNCH, chunk_states
 from .scans import causal_decay, chunk_stabiliser
-from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, load_state_block, load_state_vector, load_tokens,
-                    state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens, token_major_buffer,
-                    token_major_strides, token_strides)
+from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, load_state_tile, load_state_vector,
+                    load_tokens, state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens,
+                    token_major_buffer, token_major_strides, token_strides)
 
 
 @jit_kernel
@@ -189,8 +189,10 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
                                   stride_gb, stride_gh, stride_gn, stride_ib, stride_ih, stride_in,
                                   stride_ob, stride_oh, stride_on, seq_len, num_heads, num_chunks, scale,
                                   HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
-    """dq of one chunk of one head and its rows' sums of dL/dlogD, q_t.dq_t + gm_t (launch 4)."""
+                                  STATE_BLOCK: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                  DOT_IN_FLOAT32: tl.constexpr):
+    """dq of one chunk of one head and its rows' sums of dL/dlogD, q_t.dq_t + gm_t (launch 4). STATE_BLOCK: the
+    value block of the state product (tiles.py)."""
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
     Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
@@ -226,13 +228,17 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
     has_state = chunk > 0
     state_end = tl.where(has_state, HEAD_DIM, 0)
     row_total = tl.load(GRAD_M + rows, mask=valid, other=0.0)
+    if STATE_BLOCK >= HEAD_DIM:  # one value block: weighted once for all key blocks
+        weighted_grad = (load_tokens(GRAD_H, positions, valid, 0, stride_gn, HEAD_DIM, STATE_BLOCK).to(ACC)
+                         * (inv_divisor * state_weight)[:, None]).to(IN)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
         dq = dot(grad_weights, k, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
-        for value_start in range(0, state_end, BLOCK_D):
-            grad_h = load_tokens(GRAD_H, positions, valid, value_start, stride_gn, HEAD_DIM, BLOCK_D)
-            weighted_grad = (grad_h.to(ACC) * (inv_divisor * state_weight)[:, None]).to(IN)
-            state = load_state_block(prev_state_c, d_start, value_start, HEAD_DIM, BLOCK_D)
+        for value_start in range(0, state_end, STATE_BLOCK):
+            if STATE_BLOCK < HEAD_DIM:
+                grad_h = load_tokens(GRAD_H, positions, valid, value_start, stride_gn, HEAD_DIM, STATE_BLOCK)
+                weighted_grad = (grad_h.to(ACC) * (inv_divisor * state_weight)[:, None]).to(IN)
+            state = load_state_tile(prev_state_c, d_start, value_start, HEAD_DIM, BLOCK_D, STATE_BLOCK)
             dq = dot(weighted_grad, tl.trans(state.to(IN)), dq, DOT_PRECISION, DOT_IN_FLOAT32)
         norm = load_state_vector(prev_state_n, d_start, has_state, HEAD_DIM, BLOCK_D)
         dq += (shift * state_weight)[:, None] * norm[None, :]
@@ -252,7 +258,7 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
                                 stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
                                 seq_len, num_heads, num_chunks, scale, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, NUM_CROSSING: tl.constexpr,
-                                BLOCK_CROSSING: tl.constexpr, SPLIT_DK_DV: tl.constexpr,
+                                BLOCK_CROSSING: tl.constexpr, SPLIT_DK_DV: tl.constexpr, STATE_BLOCK: tl.constexpr,
                                 REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """dk, dv and the gate gradients of one chunk of one head (launch 5). dv first, then dk and the gates, so that
     one (CHUNK, CHUNK) tile is live at a time; with SPLIT_DK_DV the two halves are programs of their own (grid axis
@@ -283,26 +289,26 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
         if tl.program_id(2) == 0:
             chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV,
                               chunk, chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn,
-                              stride_gn, stride_in, stride_on, HEAD_DIM, CHUNK, BLOCK_D, REVERSE, DOT_PRECISION,
-                              DOT_IN_FLOAT32)
+                              stride_gn, stride_in, stride_on, HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, REVERSE,
+                              DOT_PRECISION, DOT_IN_FLOAT32)
         else:
             chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
                             INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n,
                             CROSSING, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends, steps_offset, seq_len,
                             state_end, has_next, scale, stride_qn, stride_kn, stride_vn, stride_gn, stride_in,
-                            stride_fn, stride_on, stride_dn, HEAD_DIM, CHUNK, BLOCK_D, BLOCK_CHUNKS, NUM_CROSSING,
-                            BLOCK_CROSSING, REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
+                            stride_fn, stride_on, stride_dn, HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, BLOCK_CHUNKS,
+                            NUM_CROSSING, BLOCK_CROSSING, REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
     else:
         chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV,
                           chunk, chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn,
-                          stride_gn, stride_in, stride_on, HEAD_DIM, CHUNK, BLOCK_D, REVERSE, DOT_PRECISION,
-                          DOT_IN_FLOAT32)
+                          stride_gn, stride_in, stride_on, HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, REVERSE,
+                          DOT_PRECISION, DOT_IN_FLOAT32)
         chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
                         INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n,
                         CROSSING, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends, steps_offset, seq_len,
                         state_end, has_next, scale, stride_qn, stride_kn, stride_vn, stride_gn, stride_in,
-                        stride_fn, stride_on, stride_dn, HEAD_DIM, CHUNK, BLOCK_D, BLOCK_CHUNKS, NUM_CROSSING,
-                        BLOCK_CROSSING, REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
+                        stride_fn, stride_on, stride_dn, HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, BLOCK_CHUNKS,
+                        NUM_CROSSING, BLOCK_CROSSING, REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
 
 
 @triton.jit
@@ -323,7 +329,8 @@ def key_chunk(IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_o
 def chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV, chunk,
                       chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn, stride_gn, stride_in,
                       stride_on, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                      REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+                      STATE_BLOCK: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      DOT_IN_FLOAT32: tl.constexpr):
     """dv of one chunk's keys: sc sum_t (q_t.k_s) W[t,s] g_t / d_t over the chunk's queries, plus the keys
     (pre-scaled by their state weight) times the reverse state after the chunk."""
     ACC = grad_state_c.dtype.element_ty
@@ -338,14 +345,19 @@ def chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_
         k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
         scores = dot(k, tl.trans(q), scores, DOT_PRECISION, DOT_IN_FLOAT32)
     weights = (scores * (causal_decay(key_log, row_log, steps, True, ACC) * scale)).to(IN)
+    if STATE_BLOCK >= HEAD_DIM:  # one key block: weighted once for all value blocks
+        weighted_k = (load_tokens(K, positions, valid, 0, stride_kn, HEAD_DIM, STATE_BLOCK).to(ACC)
+                      * key_weight[:, None]).to(IN)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
         dv = dot(weights, (grad_h.to(ACC) * inv_divisor[:, None]).to(IN), tl.zeros((CHUNK, BLOCK_D), dtype=ACC),
                  DOT_PRECISION, DOT_IN_FLOAT32)
-        for key_start in range(0, state_end, BLOCK_D):
-            k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, BLOCK_D)
-            state = load_state_block(grad_state_c, key_start, d_start, HEAD_DIM, BLOCK_D)
-            dv = dot((k.to(ACC) * key_weight[:, None]).to(IN), state.to(IN), dv, DOT_PRECISION, DOT_IN_FLOAT32)
+        for key_start in range(0, state_end, STATE_BLOCK):
+            if STATE_BLOCK < HEAD_DIM:
+                k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, STATE_BLOCK)
+                weighted_k = (k.to(ACC) * key_weight[:, None]).to(IN)
+            state = load_state_tile(grad_state_c, key_start, d_start, HEAD_DIM, STATE_BLOCK, BLOCK_D)
+            dv = dot(weighted_k, state.to(IN), dv, DOT_PRECISION, DOT_IN_FLOAT32)
         store_tokens(DV, dv, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
 
 
@@ -354,9 +366,9 @@ def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_M
                     ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n, CROSSING, DK, DIGATE,
                     DFGATE, chunk, num_chunks, chunk_ends, steps_offset, seq_len, state_end, has_next, scale,
                     stride_qn, stride_kn, stride_vn, stride_gn, stride_in, stride_fn, stride_on, stride_dn,
-                    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
-                    NUM_CROSSING: tl.constexpr, BLOCK_CROSSING: tl.constexpr, REVERSE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, STATE_BLOCK: tl.constexpr,
+                    BLOCK_CHUNKS: tl.constexpr, NUM_CROSSING: tl.constexpr, BLOCK_CROSSING: tl.constexpr,
+                    REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """dk of one chunk's keys: sc sum_t G[t,s] W[t,s] q_t over the chunk's queries, plus the values and the shift
     (pre-scaled by the keys' state weight) through the reverse states after the chunk; then the gate gradients from
     the column sums k_s.dk_s (``chunk_gate_grads``)."""
@@ -376,14 +388,18 @@ def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_M
     grad_weights = ((grad_scores + shift[None, :]) * (causal_decay(key_log, row_log, steps, True, ACC) * scale)
                     ).to(IN)
     column_total = tl.zeros((CHUNK,), dtype=ACC)
+    if STATE_BLOCK >= HEAD_DIM:  # one value block: weighted once for all key blocks
+        weighted_v = (load_tokens(V, positions, valid, 0, stride_vn, HEAD_DIM, STATE_BLOCK).to(ACC)
+                      * key_weight[:, None]).to(IN)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
         dk = dot(grad_weights, q, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
-        for value_start in range(0, state_end, BLOCK_D):
-            v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
-            state = load_state_block(grad_state_c, d_start, value_start, HEAD_DIM, BLOCK_D)
-            dk = dot((v.to(ACC) * key_weight[:, None]).to(IN), tl.trans(state.to(IN)), dk, DOT_PRECISION,
-                     DOT_IN_FLOAT32)
+        for value_start in range(0, state_end, STATE_BLOCK):
+            if STATE_BLOCK < HEAD_DIM:
+                v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, STATE_BLOCK)
+                weighted_v = (v.to(ACC) * key_weight[:, None]).to(IN)
+            state = load_state_tile(grad_state_c, d_start, value_start, HEAD_DIM, BLOCK_D, STATE_BLOCK)
+            dk = dot(weighted_v, tl.trans(state.to(IN)), dk, DOT_PRECISION, DOT_IN_FLOAT32)
         grad_norm = load_state_vector(grad_state_n, d_start, has_next, HEAD_DIM, BLOCK_D)
         dk += key_weight[:, None] * grad_norm[None, :]
         k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
@@ -480,8 +496,9 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
                          f'{d_igate.stride()}, {d_fgate.stride()} differ')
     mlstm_chunk_grad_query_kernel[grid](
         q, k, v, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_m, state_c, state_n, dq, row_total,
-        *token_args, *token_major_strides(dq), n, heads, num_chunks, scale, **launch_options(config, 'grad_query'))
-    key_options = launch_options(config, 'grad_key', SPLIT_DK_DV=True)
+        *token_args, *token_major_strides(dq), n, heads, num_chunks, scale,
+        **launch_options(config, 'grad_query', STATE_BLOCK=config['BLOCK_D']))
+    key_options = launch_options(config, 'grad_key', SPLIT_DK_DV=True, STATE_BLOCK=config['BLOCK_D'])
     mlstm_chunk_grad_key_kernel[(*grid, 2 if key_options['SPLIT_DK_DV'] else 1)](
         q, k, v, grad_h, igate, fgate, *steps, chunk_max, gates['chunk_argmax'], inv_divisor, row_shift, grad_m,
         row_total, state_grad_m, grad_state_c, grad_state_n, crossing, dk, dv, d_igate, d_fgate, *token_args,

@@ -33,9 +33,9 @@ from torch import Tensor
 from ..fused import _cuda_configs
 from .scans import (causal_decay, chunk_end, chunk_key_max, chunk_stabiliser, gate_scan, row_stabiliser,
                     running_key_max)
-from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, load_state_block, load_state_vector, load_tokens,
-                    state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens, token_major_buffer,
-                    token_major_strides, token_strides)
+from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, load_state_tile, load_state_vector,
+                    load_tokens, state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens,
+                    token_major_buffer, token_major_strides, token_strides)
 
 
 # A summary program is short and latency-bound: it takes ~134 registers at 4 or 8 warps (ptxas, sm_90, bf16), so 8
@@ -172,9 +172,10 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STA
                               stride_vb, stride_vh, stride_vn, stride_ib, stride_ih, stride_in,
                               stride_hb, stride_hh, stride_hn,
                               seq_len, num_heads, num_chunks, scale, eps, HEAD_DIM: tl.constexpr,
-                              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, REVERSE: tl.constexpr,
-                              DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
-    """h of one chunk of one head (all head-dim blocks) and its row sums; see the module docstring."""
+                              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, STATE_BLOCK: tl.constexpr,
+                              REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """h of one chunk of one head (all head-dim blocks) and its row sums; see the module docstring. STATE_BLOCK: the
+    key block of the state product (tiles.py)."""
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
     Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
@@ -212,14 +213,18 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STA
     # Earlier keys come through the previous chunk's state (none before the first chunk: a loop bound, not a
     # branch, so the accumulator keeps one register layout), with the queries pre-scaled by its weight.
     state_end = tl.where(has_state, HEAD_DIM, 0)
+    if STATE_BLOCK >= HEAD_DIM:  # one key block: weighted once for all value blocks
+        weighted_q = (load_tokens(Q, positions, valid, 0, stride_qn, HEAD_DIM, STATE_BLOCK).to(ACC)
+                      * state_weight[:, None]).to(Q.dtype.element_ty)
     for value_start in range(0, HEAD_DIM, BLOCK_D):
         v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
         acc = dot(weights, v, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
-        for key_start in range(0, state_end, BLOCK_D):
-            q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
-            weighted_q = (q.to(ACC) * state_weight[:, None]).to(q.dtype)
-            state = load_state_block(prev_state_c, key_start, value_start, HEAD_DIM, BLOCK_D)
-            acc = dot(weighted_q, state.to(q.dtype), acc, DOT_PRECISION, DOT_IN_FLOAT32)
+        for key_start in range(0, state_end, STATE_BLOCK):
+            if STATE_BLOCK < HEAD_DIM:
+                q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, STATE_BLOCK)
+                weighted_q = (q.to(ACC) * state_weight[:, None]).to(q.dtype)
+            state = load_state_tile(prev_state_c, key_start, value_start, HEAD_DIM, STATE_BLOCK, BLOCK_D)
+            acc = dot(weighted_q, state.to(Q.dtype.element_ty), acc, DOT_PRECISION, DOT_IN_FLOAT32)
         store_tokens(H, acc / divisor[:, None], positions, valid, value_start, stride_hn, HEAD_DIM, BLOCK_D)
     tl.store(ROW_SUM + steps_offset + steps, row_sum, mask=valid)
 
@@ -266,5 +271,5 @@ def forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: 
         q, k, v, igate, gates['cum'], gates['row_log'], gates['argmax'], gates['state_c'], gates['state_n'],
         gates['chunk_max'], h, row_sum, *token_strides(q), *token_strides(k), *token_strides(v),
         *token_strides(igate), *token_major_strides(h), n, heads, num_chunks, 1 / head_dim ** 0.5, eps,
-        **launch_options(config, 'output'))
+        **launch_options(config, 'output', STATE_BLOCK=config['BLOCK_D']))
     return h, row_sum

@@ -8,6 +8,13 @@ to contiguous ``(B, N, NH, DH)`` buffers and the gate gradients to ``(B, N, NH)`
 
 The head dim is walked in blocks of BLOCK_D that divide it (the ViL head dims 96/192/384 are 3/6/12 x 32 in half
 precision), so they need no padding to powers of two; other head dims get masked blocks.
+
+The products with a matrix state (the output's and dq's with the previous chunk's state, dk's and dv's with the
+reverse state after the chunk) contract over the head dim in blocks of STATE_BLOCK (a power of two, BLOCK_D by
+default). Where STATE_BLOCK >= HEAD_DIM (one block, masked to the head dim) the weighted token operand of that product
+is built once per program instead of once per output block: fewer loads and conversions, for a wider operand and
+state tile. On the GPU the sums keep their order (tensor-core dots accumulate K in steps of 16, and the padding adds
+zeros); under the interpreter the rounding of the blocks' sums differs.
 """
 import inspect
 import re
@@ -145,16 +152,22 @@ def state_offset(batch_head, chunk, num_chunks, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def state_block_ptrs(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pointers and mask of the ``(BLOCK_D, BLOCK_D)`` block at (row_start, col_start) of a matrix state."""
-    rows = row_start + tl.arange(0, BLOCK_D)
-    cols = col_start + tl.arange(0, BLOCK_D)
+def state_tile_ptrs(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Pointers and mask of the ``(ROWS, COLS)`` tile at (row_start, col_start) of a matrix state."""
+    rows = row_start + tl.arange(0, ROWS)
+    cols = col_start + tl.arange(0, COLS)
     return ptr + rows[:, None] * HEAD_DIM + cols[None, :], (rows[:, None] < HEAD_DIM) & (cols[None, :] < HEAD_DIM)
 
 
 @triton.jit
-def load_state_block(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    ptrs, mask = state_block_ptrs(ptr, row_start, col_start, HEAD_DIM, BLOCK_D)
+def state_block_ptrs(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers and mask of the ``(BLOCK_D, BLOCK_D)`` block at (row_start, col_start) of a matrix state."""
+    return state_tile_ptrs(ptr, row_start, col_start, HEAD_DIM, BLOCK_D, BLOCK_D)
+
+
+@triton.jit
+def load_state_tile(ptr, row_start, col_start, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    ptrs, mask = state_tile_ptrs(ptr, row_start, col_start, HEAD_DIM, ROWS, COLS)
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
