@@ -13,6 +13,10 @@
    table at the end. fused_chunkwise (refused on CUDA until validated here) runs in child processes, one per case.
 4. ``--sweep``: CUDA-graph forward+backward time of candidate tile configurations per head dim.
 5. ``--vil-shapes`` (alone): forward and forward+backward of the fused backend at ViL's training shapes.
+6. ``--chunkwise-sweep`` (alone): launch options of the chunkwise kernels (fused_chunkwise/op.py's
+   MMSEG_VIL_CHUNKWISE_LAUNCH; CHUNKWISE_LAUNCHES, or ``--launch SPEC`` repeated), each in its own process: its worst
+   error at N=4096, CUDA-graph forward and forward+backward ms at SWEEP_SHAPES against SDPA, and each kernel's GPU
+   time per forward+backward at the first shape (torch profiler).
 
 Usage, from the repo root on a CUDA machine: ``python benchmarks/mlstm_kernel_check.py --out DIR [--sweep]``;
 ``--quick`` runs a subset of 1 and only 3 in bfloat16 (a few minutes, most of it compiling kernels).
@@ -365,6 +369,89 @@ def vil_shapes(out_lines):
         out_lines.append(f'B={batch:2d} N={n:4d} DH={head_dim}: {forward_ms:.4f} / {total_ms:.4f}')
 
 
+SWEEP_SHAPES = [('ViL-T 2048px B=2 N=16384', 2, 4, 16384, 96), ('B=1 N=4096', 1, 4, 4096, 96)]  # name, B, NH, N, DH
+# Launch options of the chunkwise kernels (op.LAUNCH_ENV), '' = the defaults. Warps, stages and SPLIT_DK_DV keep the
+# results bit for bit; STATE_BLOCK and BLOCK_D reorder some sums (within the tests' tolerances). The ptxas figures
+# (benchmarks/kernel_resources.py --cell fused_chunkwise --tokens 16384 --batch 2 --cell-only) say which fit 2
+# programs per SM.
+CHUNKWISE_LAUNCHES = [
+    '', 'grad_key:SPLIT_DK_DV=0', 'grad_key:num_stages=3', 'grad_key:STATE_BLOCK=128,num_stages=1',
+    'output+grad_query:STATE_BLOCK=128', 'output+grad_query:num_stages=3', 'output:BLOCK_D=16',
+]
+
+
+def kernel_times(op, batch, heads, n, head_dim, dtype, iterations=5):
+    """{kernel name: GPU us per forward+backward} from the torch profiler (kernels of several launches summed)."""
+    inputs = [x.requires_grad_() for x in make_inputs(batch, heads, n, head_dim, dtype)]
+    grad_h = torch.randn(batch, heads, n, head_dim, device='cuda', dtype=dtype)
+    for _ in range(2):
+        torch.autograd.grad(op(*inputs), inputs, grad_h)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            torch.autograd.grad(op(*inputs), inputs, grad_h)
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, 'device_time_total', None) or getattr(event, 'cuda_time_total', 0)
+        if total and event.key.startswith('mlstm_chunk'):
+            times[event.key] = total / iterations
+    return times
+
+
+def child_sweep():
+    """One launch option (from the environment): error, CUDA-graph times and per-kernel times."""
+    op, dtype = mlstm_fused_chunkwise_kernels, torch.bfloat16
+    result = {'worst_error': max(relative_errors(4096, 96, dtype, op).values())}
+    for name, batch, heads, n, head_dim in SWEEP_SHAPES:
+        inputs = make_inputs(batch, heads, n, head_dim, dtype)
+
+        def forward():
+            with torch.no_grad():
+                op(*inputs)
+
+        result[name] = (do_bench_cudagraph(forward, rep=100, return_mode='median'),
+                        time_backend(op, batch, heads, n, head_dim, dtype, graph_only=True))
+    result['kernels_us'] = kernel_times(op, *SWEEP_SHAPES[0][1:], dtype)
+    print('RESULT ' + json.dumps(result), flush=True)
+
+
+def chunkwise_sweep(out_lines, launches):
+    """CUDA-graph forward / forward+backward ms of the chunkwise kernels per launch option, against SDPA."""
+    dtype = torch.bfloat16
+    out_lines.append('## chunkwise launch options (MMSEG_VIL_CHUNKWISE_LAUNCH), bf16: CUDA-graph forward / '
+                     'forward+backward ms, and / SDPA')
+    sdpa_ms = {}
+    for name, batch, heads, n, head_dim in SWEEP_SHAPES:
+        inputs = make_inputs(batch, heads, n, head_dim, dtype)
+
+        def forward():
+            with torch.no_grad():
+                sdpa(*inputs)
+
+        sdpa_ms[name] = (do_bench_cudagraph(forward, rep=100, return_mode='median'),
+                         time_backend(sdpa, batch, heads, n, head_dim, dtype, graph_only=True))
+        out_lines.append(f'SDPA causal {name}: {sdpa_ms[name][0]:.3f} / {sdpa_ms[name][1]:.3f}')
+    kernel_lines = []
+    for spec in launches:
+        child_results, failure = run_child(('sweep',), env={'MMSEG_VIL_CHUNKWISE_LAUNCH': spec})
+        label = spec or '(defaults)'
+        if not child_results:
+            out_lines.append(f'{label}: FAILED {failure}')
+            continue
+        result = child_results[0]
+        row = f'{label:45s} err {result["worst_error"]:.1e}'
+        for name, *_ in SWEEP_SHAPES:
+            fwd, total = result[name]
+            ratios = f'{fwd / sdpa_ms[name][0]:.2f}x / {total / sdpa_ms[name][1]:.2f}x'
+            row += f' | {name}: {fwd:.3f} / {total:.3f} ({ratios})'
+        out_lines.append(row)
+        kernel_lines.append(f'{label}: ' + ', '.join(f'{kernel[len("mlstm_chunk_"):]} {us:.0f}'
+                                                      for kernel, us in sorted(result['kernels_us'].items())))
+    out_lines.append(f'## GPU us per forward+backward per kernel (mlstm_chunk_*), {SWEEP_SHAPES[0][0]}')
+    out_lines.extend(kernel_lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default='.', help='folder for mlstm_kernel_check.{txt,json}')
@@ -373,10 +460,15 @@ def main():
                         help='only a few fused_chunkwise checks and the bfloat16 CUDA-graph table (minutes)')
     parser.add_argument('--vil-shapes', action='store_true',
                         help='only the fused backend at ViL training shapes (seconds; for A/B runs of two trees)')
+    parser.add_argument('--chunkwise-sweep', action='store_true',
+                        help='only the launch options of the chunkwise kernels (minutes; one process each)')
+    parser.add_argument('--launch', action='append',
+                        help='with --chunkwise-sweep: a MMSEG_VIL_CHUNKWISE_LAUNCH value to time instead of the '
+                        "built-in list (repeat; '' for the defaults)")
     parser.add_argument('--child', nargs='+', help=argparse.SUPPRESS)  # one fused_chunkwise case, run by the parent
     args = parser.parse_args()
     if args.child:
-        {'check': child_check, 'graph': child_graph}[args.child[0]](*args.child[1:])
+        {'check': child_check, 'graph': child_graph, 'sweep': child_sweep}[args.child[0]](*args.child[1:])
         return
 
     start = time.time()
@@ -385,6 +477,10 @@ def main():
     results, summary = [], []
     if args.vil_shapes:
         vil_shapes(out_lines)
+        print('\n'.join(out_lines))
+        return
+    if args.chunkwise_sweep:
+        chunkwise_sweep(out_lines, args.launch if args.launch is not None else CHUNKWISE_LAUNCHES)
         print('\n'.join(out_lines))
         return
     if not args.quick:
