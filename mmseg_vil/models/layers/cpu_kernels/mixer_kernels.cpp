@@ -257,11 +257,19 @@ void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int6
       for (int64_t p = 0; p < 3; ++p) {
         const T* row = gw + (g * 3 + p) * inner;
         T* folded = (p < 2 ? gate_a.data() : gate_b.data()) + g * inner;
-        for (int64_t c = 0; c < inner; ++c)  // input channel c of block c / S
-          for (int64_t o = 0; o < block; ++o)
-            folded[c] += row[c - c % block + o] * qw[(p * inner + c - c % block + o) * block + c % block];
-        if (qkv_bias)
-          for (int64_t c = 0; c < inner; ++c) gate_c[g] += row[c] * qkv_bias->data_ptr<T>()[p * inner + c];
+        const T* w = qw + p * inner * block;  // (E / S, S_out, S_in) blocks of projection p
+        for (int64_t c0 = 0; c0 < inner; c0 += block)  // the block of channels c0 .. c0 + S - 1
+          for (int64_t o = 0; o < block; ++o) {
+            const T weight = row[c0 + o];
+            const T* w_o = w + (c0 + o) * block;
+            for (int64_t i = 0; i < block; ++i) folded[c0 + i] += weight * w_o[i];
+          }
+        if (qkv_bias) {
+          const T* bias = qkv_bias->data_ptr<T>() + p * inner;
+          T sum = 0;
+          for (int64_t c = 0; c < inner; ++c) sum += row[c] * bias[c];
+          gate_c[g] += sum;
+        }
       }
     std::vector<T> padding(inner, T(0));
     if (x_bias) {
