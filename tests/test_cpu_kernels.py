@@ -245,6 +245,41 @@ def test_many_chunks_run_the_factorised_cell_with_the_scan(kernels, reverse):
     assert ((out - expected).abs().max() / expected.abs().max()).item() <= CHUNKWISE_FLOAT64_TOLERANCE
 
 
+def test_threads_split_the_work_without_changing_the_result(kernels):
+    """The kernels' parallel loops split rows, tokens, chunk groups and column tiles: 2 threads give 1 thread's
+    bits."""
+    generator = torch.Generator().manual_seed(8)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    grid, heads, inner = (40, 37), 4, 64
+    conv_inputs = _conv_qkv_inputs(2, grid, inner, 3, 4, 2 * heads, torch.float32, seed=8)
+    h, z = randn(2, math.prod(grid), heads, inner // heads), randn(2, math.prod(grid), inner)
+    norm = randn(inner), randn(inner), randn(inner)
+    summaries, decay, weight = randn(8, 30, 300), torch.rand(8, 30, generator=generator), randn(8, 30)
+    scores, scale, keys, key_weight = randn(300, 32, 33), torch.rand(300, generator=generator), randn(300, 32, 16), \
+        torch.rand(300, 32, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            x_conv, qkv, gates = cpu_kernels.conv_qkv_gates(conv_inputs[0], grid, *conv_inputs[1:], heads, True)
+            out = cpu_kernels.gated_output_(h, x_conv, z.clone(), *norm, 1e-5)
+            states = torch.empty_like(summaries)
+            kernels.state_scan_(summaries, decay, weight, False, states)
+            masked, row_sum = scores.clone(), torch.empty(300, 32)
+            kernels.mask_scores_(masked, scale, True, row_sum)
+            weighted, sums = torch.empty_like(keys), torch.empty(300, 16)
+            kernels.weight_keys_(keys, key_weight, weighted, sums)
+            results.append((x_conv, qkv, gates, out, states, masked, row_sum, weighted, sums))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        torch.testing.assert_close(two, one, rtol=0, atol=0)
+
+
 def test_not_used_with_autograd_or_other_dtypes_or_devices(kernels):
     weight = torch.randn(4, requires_grad=True)
     x = torch.randn(2, 4)
