@@ -590,3 +590,28 @@ def test_backbone_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(out, expected)
     for grad, param in zip(grads, model.parameters()):
         torch.testing.assert_close(grad, param.grad)
+
+
+@pytest.mark.skipif('fused' not in MLSTM_BACKENDS, reason='needs Triton')
+@pytest.mark.parametrize('switch', ['1', None])
+def test_auto_picks_the_chunkwise_kernels_for_long_half_precision_sequences_on_cuda(switch, monkeypatch):
+    """On CUDA, 'auto' runs the chunkwise Triton cell from FUSED_CHUNKWISE_MIN_LEN steps in 16-bit (where that cell
+    takes CUDA tensors), the quadratic one below and in float32; elsewhere the torch backends."""
+    from types import SimpleNamespace
+    from mmseg_vil.models.layers.mlstm import FUSED_CHUNKWISE_MIN_LEN, resolve_backend
+    from mmseg_vil.models.layers.mlstm.fused_chunkwise.op import CUDA_OVERRIDE_ENV
+    if switch is None:
+        monkeypatch.delenv(CUDA_OVERRIDE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(CUDA_OVERRIDE_ENV, switch)
+
+    def cell_input(n, dtype=torch.bfloat16, cuda=True):
+        return SimpleNamespace(shape=(2, 4, n, 96), dtype=dtype, is_cuda=cuda)
+
+    long_cell = 'fused_chunkwise' if switch else 'fused'
+    assert resolve_backend('auto', cell_input(FUSED_CHUNKWISE_MIN_LEN)) == long_cell
+    assert resolve_backend('auto', cell_input(4 * FUSED_CHUNKWISE_MIN_LEN, torch.float16)) == long_cell
+    assert resolve_backend('auto', cell_input(FUSED_CHUNKWISE_MIN_LEN - 1)) == 'fused'
+    assert resolve_backend('auto', cell_input(FUSED_CHUNKWISE_MIN_LEN, torch.float32)) == 'fused'
+    assert resolve_backend('auto', cell_input(FUSED_CHUNKWISE_MIN_LEN, torch.float32, cuda=False)) == 'chunkwise'
+    assert resolve_backend('fused', cell_input(4 * FUSED_CHUNKWISE_MIN_LEN)) == 'fused'
