@@ -1,16 +1,27 @@
 # Copyright (c) mmseg-vil contributors. Licensed under the Apache License, Version 2.0.
-"""Optional C++ kernels for the mixer's CPU inference path: fused elementwise stages (``mixer_kernels.cpp``).
+"""Optional C++ kernels for the mixer's CPU inference path (``mixer_kernels.cpp``, ``torch.ops.mmseg_vil_cpu``).
 
 Eager PyTorch runs the mixer's elementwise stages as about ten full passes over the tokens per block; these kernels
-do them in two: the depthwise conv, its bias and SiLU with the block-diagonal q/k/v products and their biases (q/k/v
-written straight into the chunkwise cell's layout), and the gated output (per-head LayerNorm, affine, learnable skip,
-SiLU output gate). Same functions as :mod:`..mixer_ops.reference`, in float32 or float64.
+do them in two, in float32 or float64, the same functions as :mod:`..mixer_ops.reference`:
 
-Built just in time on first use with :func:`torch.utils.cpp_extension.load` (ninja and a C++ compiler; a few seconds)
-and cached in the torch extensions directory (``TORCH_EXTENSIONS_DIR``); the build's name carries a hash of the
-sources, so an edited source builds anew. Used only where :func:`usable` holds: on the CPU, float32/float64, no
-autograd record, not traced, compiled or exported, no dispatch mode active. Where the build fails (no compiler) one
-warning says so and the PyTorch path runs. ``MMSEG_VIL_CPU_EXTENSION=0`` turns the kernels off.
+* ``conv_qkv``: the depthwise conv (kernel rotated for reverse blocks), its bias and SiLU, the block-diagonal q/k/v
+  products and their biases (q/k/v written straight into the chunkwise cell's padded layout), and the gate
+  pre-activations (the gate weights folded into the projections', as :func:`..mixer_ops.reference.
+  fold_gate_weights`), with the up-projection's bias added as the pass reads its output;
+* ``gated_output_``: per-head LayerNorm of the cell's output (its rows scaled as they are read), affine, learnable
+  skip, SiLU output gate of z (plus its bias), in place on z;
+
+and three passes of the chunkwise cell (:mod:`..mlstm.chunkwise_inference`): the states' recurrence chunk by chunk
+(``state_scan_``, instead of the decay matrix's product), the key weighting with the chunks' normaliser sums
+(``weight_keys_``), and the scores' mask, scale and row sums (``mask_scores_``).
+
+Built just in time on first use with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; about 10 s on
+two cores) and cached in the torch extensions directory (``TORCH_EXTENSIONS_DIR``); the build's name carries a hash
+of the sources, so an edited source builds anew. With GCC on x86-64 the loops are compiled for the baseline, AVX2 and
+AVX-512 and chosen at run time (``MMSEG_VIL_CPU_ISA=baseline|avx2`` caps the choice). Used only where :func:`usable`
+holds: on the CPU, float32/float64, no autograd record, not traced, compiled or exported, no dispatch mode active.
+Where the build fails (no compiler) one warning says so and the PyTorch path runs. ``MMSEG_VIL_CPU_EXTENSION=0``
+turns the kernels off.
 """
 import hashlib
 import logging
@@ -108,6 +119,10 @@ def usable(*tensors: Optional[Tensor]) -> bool:
     return ops() is not None
 
 
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
 def conv_qkv_gates(x: Tensor, grid, conv_weight: Tensor, conv_bias: Optional[Tensor], qkv_weight: Tensor,
                    qkv_bias: Optional[Tensor], gate_weight: Tensor, gate_bias: Tensor, num_heads: int, reverse: bool,
                    out: Optional[Tensor] = None, x_bias: Optional[Tensor] = None):
@@ -120,18 +135,18 @@ def conv_qkv_gates(x: Tensor, grid, conv_weight: Tensor, conv_bias: Optional[Ten
     x_conv = torch.empty_like(x)
     qkv = x.new_empty(3, batch, num_heads, n, inner // num_heads) if out is None else out
     gates = x.new_empty(batch, len(gate_bias), n)
-    ops().conv_qkv(x, None if x_bias is None else x_bias.contiguous(), grid[0], grid[1], conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(),
-                   None if qkv_bias is None else qkv_bias.contiguous(), reverse, gate_weight.contiguous(),
+    ops().conv_qkv(x, _contiguous(x_bias), grid[0], grid[1], conv_weight.contiguous(), _contiguous(conv_bias),
+                   qkv_weight.contiguous(), _contiguous(qkv_bias), reverse, gate_weight.contiguous(),
                    gate_bias.contiguous(), x_conv, qkv, gates)
     return x_conv, qkv, gates
 
 
 def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
-                  skip: Tensor, eps: float, h_scale: Optional[Tensor] = None, z_bias: Optional[Tensor] = None) -> Tensor:
+                  skip: Tensor, eps: float, h_scale: Optional[Tensor] = None,
+                  z_bias: Optional[Tensor] = None) -> Tensor:
     """:func:`..mixer_ops.reference.gated_output_` in one pass (check :func:`usable` first) of ``h (B, N, NH, DH)``
     (any strides) times ``h_scale (B, N, NH, 1)`` if given: written into ``z`` (contiguous), which is returned.
     ``z_bias``: a bias of ``z`` not yet added (the up-projection's), which the pass adds."""
     ops().gated_output_(h if h.stride(-1) == 1 else h.contiguous(), h_scale, x_conv.contiguous(), z,
-                        None if z_bias is None else z_bias.contiguous(), norm_weight.contiguous(), None if norm_bias is None else norm_bias.contiguous(),
-                        skip.contiguous(), eps)
+                        _contiguous(z_bias), norm_weight.contiguous(), _contiguous(norm_bias), skip.contiguous(), eps)
     return z

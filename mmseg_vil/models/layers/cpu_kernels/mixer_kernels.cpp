@@ -184,10 +184,12 @@ constexpr int64_t kGrainWork = 1 << 15;
 // silu(conv(x) + conv_bias) of tokens x (B, H * W, E) on the grid (H, W) into x_conv (B, H * W, E), the
 // block-diagonal q, k (of x_conv) and v (of x) projections plus biases into qkv (3, B, NH, H * W, E / NH), and the
 // gate pre-activations gate_weight (G, 3 E) @ [q; k; v] + gate_bias into gates (B, G, H * W), computed as
-// A x_conv + B x + c with the gate weights folded into the projections' (reference.fold_gate_weights). x_bias: x's bias (E,) not yet added (the up-projection's): x + x_bias is convolved (padded
-// with zeros), projected and gated, without a pass that adds it: the zero padding is -x_bias in x's terms, and the
-// bias's share of the conv, of v and of the gates goes into their biases.
-void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int64_t height, int64_t width, const at::Tensor& conv_weight,
+// A x_conv + B x + c with the gate weights folded into the projections' (reference.fold_gate_weights).
+// x_bias: x's bias (E,) not yet added (the up-projection's): x + x_bias is convolved (padded with zeros), projected
+// and gated, without a pass that adds it: the zero padding is -x_bias in x's terms, and the bias's share of the conv,
+// of v and of the gates goes into their biases.
+void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int64_t height, int64_t width,
+              const at::Tensor& conv_weight,
               const std::optional<at::Tensor>& conv_bias, const at::Tensor& qkv_weight,
               const std::optional<at::Tensor>& qkv_bias, bool reverse, const at::Tensor& gate_weight,
               const at::Tensor& gate_bias, const at::Tensor& x_conv, const at::Tensor& qkv, const at::Tensor& gates) {

@@ -92,7 +92,8 @@ def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm
 
 
 def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],
-                  skip: Tensor, eps: float, h_scale: Optional[Tensor] = None, z_bias: Optional[Tensor] = None) -> Tensor:
+                  skip: Tensor, eps: float, h_scale: Optional[Tensor] = None,
+                  z_bias: Optional[Tensor] = None) -> Tensor:
     """See :func:`.reference.gated_output_` (the CPU inference path, overwriting ``z``), of ``h (B, N, NH, DH)`` (any
     strides) times ``h_scale (B, N, NH, 1)`` if given, and of ``z + z_bias`` (a bias not yet added, see
     :func:`defers_input_biases`): the C++ kernel where usable (it scales h's rows and adds z's bias as it reads
