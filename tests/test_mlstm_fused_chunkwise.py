@@ -291,10 +291,12 @@ def test_kernel_launch_options_keep_results(spec, n, head_dim, dtype, chunk_size
 
 
 # Launch options that change the blocks of some sums: the state products' contraction as one tile of the whole head
-# (padded to a power of two and loaded once per program) or as blocks of 64 (a whole and a masked one at DH=96), and
-# narrower head-dim blocks.
+# (padded to a power of two and loaded once per program) or as blocks of 64 (a whole and a masked one at DH=96),
+# narrower head-dim blocks; dq in the grad-key kernel (from the transposed weighted gradient scores), in the dk
+# program or in the one program of a chunk.
 OTHER_ORDER_LAUNCHES = ['output+grad_query+grad_key:STATE_BLOCK=128', 'output+grad_query+grad_key:STATE_BLOCK=64',
-                        'output+grad_query+grad_key+summary+grad_summary:BLOCK_D=16;grad_key:SPLIT_DK_DV=0']
+                        'output+grad_query+grad_key+summary+grad_summary:BLOCK_D=16;grad_key:SPLIT_DK_DV=0',
+                        'grad_key:WITH_DQ=1', 'grad_key:WITH_DQ=1,SPLIT_DK_DV=0,STATE_BLOCK=128']
 
 
 @needs_kernels

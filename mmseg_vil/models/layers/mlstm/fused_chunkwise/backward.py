@@ -30,7 +30,10 @@ Launches:
    deterministic. dfgate = dlog f * sigmoid(-fgate). dv and dk (with the gates) are two programs per chunk
    (SPLIT_DK_DV, grid axis 2; the same operations in the same order as one program doing both): each holds one
    (CHUNK, CHUNK) tile, about 120 registers instead of 190 at 8 warps (ptxas, sm_90, bf16, DH=96, chunk 64), so two
-   programs fit an SM where one did, and there are twice as many.
+   programs fit an SM where one did, and there are twice as many. With WITH_DQ (a launch option, op.LAUNCH_ENV) the
+   dk program also computes dq from the same weighted gradient scores (transposed: launch 4's scores without
+   launch 4's loads and products) and takes the row sums from there; launch 4 is then skipped. 128 registers at 8
+   warps with num_stages=1 (197 with 2).
 Splitting dq from dk/dv keeps each kernel's live tiles few enough to stay in registers.
 """
 from typing import List, Optional, Sequence
@@ -203,8 +206,6 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
     DQ += head_offset(batch_head, num_heads, stride_ob, stride_oh)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
     steps_offset = batch_head.to(tl.int64) * seq_len
-    prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
-    prev_state_n = STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM
     ACC = STATE_C.dtype.element_ty
     IN = Q.dtype.element_ty
 
@@ -212,7 +213,6 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
         IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, ROW_SHIFT, chunk, chunk_ends, steps_offset, seq_len,
         stride_in, CHUNK, REVERSE)
     rows = steps_offset + steps
-    state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
 
     grad_scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
@@ -223,6 +223,27 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
     grad_weights = ((grad_scores + shift[:, None]) * causal_decay(key_log, row_log, steps, False, ACC)
                     * scale).to(IN)
 
+    row_total = chunk_grad_queries(grad_weights, Q, K, GRAD_H, GRAD_M, STATE_C, STATE_N, DQ, chunk, chunk_ends,
+                                   batch_head, num_chunks, positions, valid, rows, row_log, prev_max, inv_divisor,
+                                   shift, scale, stride_qn, stride_kn, stride_gn, stride_on, HEAD_DIM, CHUNK, BLOCK_D,
+                                   STATE_BLOCK, DOT_PRECISION, DOT_IN_FLOAT32)
+    tl.store(ROW_TOTAL + rows, row_total, mask=valid)
+
+
+
+@triton.jit
+def chunk_grad_queries(grad_weights, Q, K, GRAD_H, GRAD_M, STATE_C, STATE_N, DQ, chunk, chunk_ends, batch_head,
+                       num_chunks, positions, valid, rows, row_log, prev_max, inv_divisor, shift, scale, stride_qn,
+                       stride_kn, stride_gn, stride_on, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK_D: tl.constexpr, STATE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       DOT_IN_FLOAT32: tl.constexpr):
+    """dq of one chunk's queries from their weighted gradient scores ``grad_weights`` (rows t, columns s: sc G W),
+    plus the earlier keys through the previous chunk's state; returns the rows' sums of dL/dlogD, q_t.dq_t + gm_t."""
+    ACC = STATE_C.dtype.element_ty
+    IN = Q.dtype.element_ty
+    prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
+    prev_state_n = STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM
+    state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
     # Earlier keys through the previous chunk's state (a loop bound, not a branch: see the forward's output kernel),
     # rows pre-scaled by its weight.
     has_state = chunk > 0
@@ -245,25 +266,28 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
         q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
         row_total += tl.sum(q.to(ACC) * dq, 1)
         store_tokens(DQ, dq, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
-    tl.store(ROW_TOTAL + rows, row_total, mask=valid)
+    return row_total
 
 
 @jit_kernel
 def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
                                 INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, GRAD_STATE_C, GRAD_STATE_N,
-                                CROSSING,
+                                CROSSING, STATE_C, STATE_N, DQ,
                                 DK, DV, DIGATE, DFGATE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                                 stride_kn, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
                                 stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
+                                stride_pb, stride_ph, stride_pn,
                                 stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
                                 seq_len, num_heads, num_chunks, scale, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, NUM_CROSSING: tl.constexpr,
                                 BLOCK_CROSSING: tl.constexpr, SPLIT_DK_DV: tl.constexpr, STATE_BLOCK: tl.constexpr,
+                                WITH_DQ: tl.constexpr,
                                 REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """dk, dv and the gate gradients of one chunk of one head (launch 5). dv first, then dk and the gates, so that
     one (CHUNK, CHUNK) tile is live at a time; with SPLIT_DK_DV the two halves are programs of their own (grid axis
     2: 0 dv, 1 dk and the gates) that run side by side. Tiles are key-major (rows s, columns t), so the sums over
-    queries need no transposed tiles."""
+    queries need no transposed tiles. WITH_DQ: dq too (with dk, from the same weighted gradient scores, transposed)
+    instead of the grad-query kernel (launch 4), and the gates from its row sums without a round trip."""
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
     Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
@@ -274,6 +298,7 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
     FGATE += head_offset(batch_head, num_heads, stride_fb, stride_fh)
     DK += head_offset(batch_head, num_heads, stride_ob, stride_oh)
     DV += head_offset(batch_head, num_heads, stride_ob, stride_oh)
+    DQ += head_offset(batch_head, num_heads, stride_pb, stride_ph)
     DIGATE += head_offset(batch_head, num_heads, stride_db, stride_dh)
     DFGATE += head_offset(batch_head, num_heads, stride_db, stride_dh)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
@@ -294,10 +319,11 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
         else:
             chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
                             INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n,
-                            CROSSING, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends, steps_offset, seq_len,
-                            state_end, has_next, scale, stride_qn, stride_kn, stride_vn, stride_gn, stride_in,
-                            stride_fn, stride_on, stride_dn, HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, BLOCK_CHUNKS,
-                            NUM_CROSSING, BLOCK_CROSSING, REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
+                            CROSSING, STATE_C, STATE_N, DQ, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends,
+                            steps_offset, batch_head, seq_len, state_end, has_next, scale, stride_qn, stride_kn,
+                            stride_vn, stride_gn, stride_in, stride_fn, stride_pn, stride_on, stride_dn, HEAD_DIM,
+                            CHUNK, BLOCK_D, STATE_BLOCK, BLOCK_CHUNKS, NUM_CROSSING, BLOCK_CROSSING, WITH_DQ,
+                            REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
     else:
         chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV,
                           chunk, chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn,
@@ -305,24 +331,27 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
                           DOT_PRECISION, DOT_IN_FLOAT32)
         chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
                         INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n,
-                        CROSSING, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends, steps_offset, seq_len,
-                        state_end, has_next, scale, stride_qn, stride_kn, stride_vn, stride_gn, stride_in,
-                        stride_fn, stride_on, stride_dn, HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, BLOCK_CHUNKS,
-                        NUM_CROSSING, BLOCK_CROSSING, REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
+                        CROSSING, STATE_C, STATE_N, DQ, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends,
+                        steps_offset, batch_head, seq_len, state_end, has_next, scale, stride_qn, stride_kn,
+                        stride_vn, stride_gn, stride_in, stride_fn, stride_pn, stride_on, stride_dn, HEAD_DIM,
+                        CHUNK, BLOCK_D, STATE_BLOCK, BLOCK_CHUNKS, NUM_CROSSING, BLOCK_CROSSING, WITH_DQ,
+                        REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
 
 
 @triton.jit
 def key_chunk(IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, scale,
               ACC: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
     """What a chunk's keys need in the backward: their steps, mask, positions and rows of the per-step buffers, the
-    gate values of ``chunk_stabiliser`` and the keys' weights in the chunk's state (times sc; 0 past the end)."""
+    gate values of ``chunk_stabiliser`` and the keys' weights in the chunk's state (times sc; 0 past the end), and m at
+    the previous chunk's end."""
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
-    _, key_log, row_log, argmax, from_state, _ = chunk_stabiliser(
+    _, key_log, row_log, argmax, from_state, prev_max = chunk_stabiliser(
         IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
         steps, positions, valid, stride_in, CHUNK)
     end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
     key_weight = tl.exp((key_log - end_row_log).to(ACC)) * scale
-    return steps, valid, positions, steps_offset + steps, key_log, row_log, argmax, from_state, key_weight
+    return (steps, valid, positions, steps_offset + steps, key_log, row_log, argmax, from_state, key_weight,
+            prev_max)
 
 
 @triton.jit
@@ -335,7 +364,7 @@ def chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_
     (pre-scaled by their state weight) times the reverse state after the chunk."""
     ACC = grad_state_c.dtype.element_ty
     IN = Q.dtype.element_ty
-    steps, valid, positions, rows, key_log, row_log, _, _, key_weight = key_chunk(
+    steps, valid, positions, rows, key_log, row_log, _, _, key_weight, _ = key_chunk(
         IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, scale, ACC,
         CHUNK, REVERSE)
     inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
@@ -363,18 +392,19 @@ def chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_
 
 @triton.jit
 def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR,
-                    ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n, CROSSING, DK, DIGATE,
-                    DFGATE, chunk, num_chunks, chunk_ends, steps_offset, seq_len, state_end, has_next, scale,
-                    stride_qn, stride_kn, stride_vn, stride_gn, stride_in, stride_fn, stride_on, stride_dn,
-                    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, STATE_BLOCK: tl.constexpr,
-                    BLOCK_CHUNKS: tl.constexpr, NUM_CROSSING: tl.constexpr, BLOCK_CROSSING: tl.constexpr,
+                    ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n, CROSSING, STATE_C, STATE_N,
+                    DQ, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends, steps_offset, batch_head, seq_len,
+                    state_end, has_next, scale, stride_qn, stride_kn, stride_vn, stride_gn, stride_in, stride_fn,
+                    stride_pn, stride_on, stride_dn, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                    BLOCK_D: tl.constexpr, STATE_BLOCK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+                    NUM_CROSSING: tl.constexpr, BLOCK_CROSSING: tl.constexpr, WITH_DQ: tl.constexpr,
                     REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """dk of one chunk's keys: sc sum_t G[t,s] W[t,s] q_t over the chunk's queries, plus the values and the shift
     (pre-scaled by the keys' state weight) through the reverse states after the chunk; then the gate gradients from
     the column sums k_s.dk_s (``chunk_gate_grads``)."""
     ACC = grad_state_c.dtype.element_ty
     IN = Q.dtype.element_ty
-    steps, valid, positions, rows, key_log, row_log, argmax, from_state, key_weight = key_chunk(
+    steps, valid, positions, rows, key_log, row_log, argmax, from_state, key_weight, prev_max = key_chunk(
         IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, scale, ACC,
         CHUNK, REVERSE)
     inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
@@ -405,18 +435,25 @@ def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_M
         k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
         column_total += tl.sum(k.to(ACC) * dk, 1)
         store_tokens(DK, dk, positions, valid, d_start, stride_on, HEAD_DIM, BLOCK_D)
-    chunk_gate_grads(column_total, FGATE, CHUNK_ARGMAX, GRAD_M, ROW_TOTAL, STATE_GRAD_M, CROSSING, DIGATE, DFGATE,
+    if WITH_DQ:
+        row_total = chunk_grad_queries(tl.trans(grad_weights), Q, K, GRAD_H, GRAD_M, STATE_C, STATE_N, DQ, chunk,
+                                       chunk_ends, batch_head, num_chunks, positions, valid, rows, row_log, prev_max,
+                                       inv_divisor, shift, scale, stride_qn, stride_kn, stride_gn, stride_pn,
+                                       HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, DOT_PRECISION, DOT_IN_FLOAT32)
+    else:
+        row_total = tl.load(ROW_TOTAL + rows, mask=valid, other=0.0)
+    chunk_gate_grads(column_total, row_total, FGATE, CHUNK_ARGMAX, GRAD_M, STATE_GRAD_M, CROSSING, DIGATE, DFGATE,
                      chunk, num_chunks, chunk_ends, steps, valid, positions, rows, argmax, from_state, has_next,
                      scale, stride_fn, stride_dn, CHUNK, BLOCK_CHUNKS, NUM_CROSSING, BLOCK_CROSSING)
 
 
 @triton.jit
-def chunk_gate_grads(column_total, FGATE, CHUNK_ARGMAX, GRAD_M, ROW_TOTAL, STATE_GRAD_M, CROSSING, DIGATE, DFGATE,
+def chunk_gate_grads(column_total, row_total, FGATE, CHUNK_ARGMAX, GRAD_M, STATE_GRAD_M, CROSSING, DIGATE, DFGATE,
                      chunk, num_chunks, chunk_ends, steps, valid, positions, rows, argmax, from_state, has_next,
                      scale, stride_fn, stride_dn, CHUNK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
                      NUM_CROSSING: tl.constexpr, BLOCK_CROSSING: tl.constexpr):
-    """The gate gradients of one chunk from the column sums k_s.dk_s: di = column total, dlog f = reverse cumsum of
-    (row - column totals) + the crossing sum; see the module docstring."""
+    """The gate gradients of one chunk from the column sums k_s.dk_s and the row sums q_t.dq_t + gm_t: di = column
+    total, dlog f = reverse cumsum of (row - column totals) + the crossing sum; see the module docstring."""
     ACC = column_total.dtype
     # m_t = logD[t, s*_t]: gm_t also belongs to column s*_t, here if s*_t is in this chunk ...
     grad_m = tl.load(GRAD_M + rows, mask=valid, other=0.0)
@@ -437,7 +474,6 @@ def chunk_gate_grads(column_total, FGATE, CHUNK_ARGMAX, GRAD_M, ROW_TOTAL, STATE
         partials = tl.load(CROSSING + (chunk_ends + chunk) * NUM_CROSSING + offs, mask=offs < NUM_CROSSING,
                            other=0.0)
         crossing += tl.sum(partials, 0) * scale
-    row_total = tl.load(ROW_TOTAL + rows, mask=valid, other=0.0)
     grad_log_f = tl.cumsum(tl.where(valid, row_total - column_total, 0.0), 0, reverse=True) + crossing
     fgate = tl.load(FGATE + positions * stride_fn, mask=valid, other=0.0)
     if fgate.dtype != tl.float64:
@@ -494,14 +530,16 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     if dk.stride() != dv.stride() or d_igate.stride() != d_fgate.stride():  # the key kernel takes one set of each
         raise ValueError(f'dk, dv strides {dk.stride()}, {dv.stride()} or d_igate, d_fgate strides '
                          f'{d_igate.stride()}, {d_fgate.stride()} differ')
-    mlstm_chunk_grad_query_kernel[grid](
-        q, k, v, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_m, state_c, state_n, dq, row_total,
-        *token_args, *token_major_strides(dq), n, heads, num_chunks, scale,
-        **launch_options(config, 'grad_query', STATE_BLOCK=config['BLOCK_D']))
-    key_options = launch_options(config, 'grad_key', SPLIT_DK_DV=True, STATE_BLOCK=config['BLOCK_D'])
+    key_options = launch_options(config, 'grad_key', SPLIT_DK_DV=True, STATE_BLOCK=config['BLOCK_D'], WITH_DQ=False)
+    if not key_options['WITH_DQ']:
+        mlstm_chunk_grad_query_kernel[grid](
+            q, k, v, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_m, state_c, state_n, dq,
+            row_total, *token_args, *token_major_strides(dq), n, heads, num_chunks, scale,
+            **launch_options(config, 'grad_query', STATE_BLOCK=config['BLOCK_D']))
     mlstm_chunk_grad_key_kernel[(*grid, 2 if key_options['SPLIT_DK_DV'] else 1)](
         q, k, v, grad_h, igate, fgate, *steps, chunk_max, gates['chunk_argmax'], inv_divisor, row_shift, grad_m,
-        row_total, state_grad_m, grad_state_c, grad_state_n, crossing, dk, dv, d_igate, d_fgate, *token_args,
-        *token_strides(fgate), *token_major_strides(dk), *token_major_strides(d_igate), n, heads, num_chunks, scale,
+        row_total, state_grad_m, grad_state_c, grad_state_n, crossing, state_c, state_n, dq, dk, dv, d_igate,
+        d_fgate, *token_args, *token_strides(fgate), *token_major_strides(dq), *token_major_strides(dk),
+        *token_major_strides(d_igate), n, heads, num_chunks, scale,
         BLOCK_CHUNKS=64, NUM_CROSSING=scan_tiles, BLOCK_CROSSING=triton.next_power_of_2(scan_tiles), **key_options)
     return [dq, dk, dv, d_igate, d_fgate]
