@@ -47,7 +47,7 @@ from ..fused import _cuda_configs
 from .forward import SCAN_LAUNCH, SCAN_STAGES, SUMMARY_LAUNCH, chunk_states
 from .scans import causal_decay, chunk_stabiliser
 from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, load_state_tile, load_state_vector,
-                    load_tokens, state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens,
+                    load_tokens, one_trip, state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens,
                     token_major_buffer, token_major_strides, token_strides)
 
 
@@ -254,7 +254,9 @@ def chunk_grad_queries(grad_weights, Q, K, GRAD_H, GRAD_M, STATE_C, STATE_N, DQ,
                          * (inv_divisor * state_weight)[:, None]).to(IN)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
-        dq = dot(grad_weights, k, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
+        dq = tl.zeros((CHUNK, BLOCK_D), dtype=ACC)
+        for once in range(0, one_trip(num_chunks)):  # a chained dot (tiles.one_trip)
+            dq = dot(grad_weights, k, dq, DOT_PRECISION, DOT_IN_FLOAT32)
         for value_start in range(0, state_end, STATE_BLOCK):
             if STATE_BLOCK < HEAD_DIM:
                 grad_h = load_tokens(GRAD_H, positions, valid, value_start, stride_gn, HEAD_DIM, STATE_BLOCK)
@@ -379,8 +381,9 @@ def chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_
                       * key_weight[:, None]).to(IN)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
-        dv = dot(weights, (grad_h.to(ACC) * inv_divisor[:, None]).to(IN), tl.zeros((CHUNK, BLOCK_D), dtype=ACC),
-                 DOT_PRECISION, DOT_IN_FLOAT32)
+        dv = tl.zeros((CHUNK, BLOCK_D), dtype=ACC)
+        for once in range(0, one_trip(seq_len)):  # a chained dot (tiles.one_trip)
+            dv = dot(weights, (grad_h.to(ACC) * inv_divisor[:, None]).to(IN), dv, DOT_PRECISION, DOT_IN_FLOAT32)
         for key_start in range(0, state_end, STATE_BLOCK):
             if STATE_BLOCK < HEAD_DIM:
                 k = load_tokens(K, positions, valid, key_start, stride_kn, HEAD_DIM, STATE_BLOCK)
@@ -423,7 +426,9 @@ def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_M
                       * key_weight[:, None]).to(IN)
     for d_start in range(0, HEAD_DIM, BLOCK_D):
         q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
-        dk = dot(grad_weights, q, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
+        dk = tl.zeros((CHUNK, BLOCK_D), dtype=ACC)
+        for once in range(0, one_trip(seq_len)):  # a chained dot (tiles.one_trip)
+            dk = dot(grad_weights, q, dk, DOT_PRECISION, DOT_IN_FLOAT32)
         for value_start in range(0, state_end, STATE_BLOCK):
             if STATE_BLOCK < HEAD_DIM:
                 v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, STATE_BLOCK)

@@ -34,7 +34,7 @@ from ..fused import _cuda_configs
 from .scans import (causal_decay, chunk_end, chunk_key_max, chunk_stabiliser, gate_scan, row_stabiliser,
                     running_key_max)
 from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, load_state_tile, load_state_vector,
-                    load_tokens, state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens,
+                    load_tokens, one_trip, state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens,
                     token_major_buffer, token_major_strides, token_strides)
 
 
@@ -218,7 +218,9 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STA
                       * state_weight[:, None]).to(Q.dtype.element_ty)
     for value_start in range(0, HEAD_DIM, BLOCK_D):
         v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
-        acc = dot(weights, v, tl.zeros((CHUNK, BLOCK_D), dtype=ACC), DOT_PRECISION, DOT_IN_FLOAT32)
+        acc = tl.zeros((CHUNK, BLOCK_D), dtype=ACC)
+        for once in range(0, one_trip(seq_len)):  # a chained dot (tiles.one_trip)
+            acc = dot(weights, v, acc, DOT_PRECISION, DOT_IN_FLOAT32)
         for key_start in range(0, state_end, STATE_BLOCK):
             if STATE_BLOCK < HEAD_DIM:
                 q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, STATE_BLOCK)

@@ -101,6 +101,17 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
 
 
 @triton.jit
+def one_trip(seq_len):
+    """1, as a value the compiler cannot fold (``seq_len`` >= 1, never specialised: ``jit_kernel``): the bound of a
+    loop of one iteration around a dot whose result later dots accumulate into. Triton's Hopper layout heuristic gives
+    a dot that feeds another dot (a "chained" dot, as in attention) all warps along the rows: at 8 warps and 64 rows
+    both warp groups then compute the same tile, twice the accumulator registers, and the accumulator changes layout
+    (through shared memory) for the next dot. The heuristic does not look past a loop's region, so in a loop the dot
+    splits its columns over the warp groups like the others; same operations, same results."""
+    return tl.minimum(seq_len, 1)
+
+
+@triton.jit
 def state_dot(a, b, acc):
     """``acc + a @ b`` for building a state from operands in the accumulation dtype: 3xTF32 for float32, close to
     float32 accuracy. Weighted operands rounded to half precision would cost digits that the gate gradient's inner
