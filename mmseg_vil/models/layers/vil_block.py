@@ -139,6 +139,7 @@ class MLSTMMixer(nn.Module):
         if reads_strided_halves(x):  # one product, its halves read in place
             xz = linear(x, self.proj_up.weight, self.proj_up.bias)
             x_mlstm, z = xz.chunk(2, dim=-1)
+            up_biases = (None, None)  # added by the product
         else:  # two products, each contiguous for the reference's channels-last conv and tile products
             xz = None
             up_biases = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
