@@ -31,8 +31,10 @@ GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k
 # of 128 tiles of 128 at 224 px batch 64). LOOP_TAPS (forward and launch 1): the conv taps as a loop that is not
 # unrolled, one tap's loads live at a time instead of all issued up front: ptxas (sm_90, bfloat16, with gates) 153
 # instead of 252 registers here, 96 instead of 140 with 64 tokens per tile (64 instead of 140 without gates, the
-# backward's recomputation); launch 1 168 instead of 255 (its conv weights reloaded per token tile). Not timed yet.
-CONV_FORWARD = dict(BLOCK_T=128, BLOCK_G=8, num_warps=4, LOOP_TAPS=False)
+# backward's recomputation); launch 1 168 instead of 255 (its conv weights reloaded per token tile). Timed on an H100
+# (benchmarks/tune_mixer_kernels.py, 224 px b64, 2026-12-07): the forward 44.3 us with LOOP_TAPS, 54.7 without (the
+# fastest of 16 candidates); launch 1 82.8 us without, 85.3 with.
+CONV_FORWARD = dict(BLOCK_T=128, BLOCK_G=8, num_warps=4, LOOP_TAPS=True)
 # maxnreg: a register cap for ptxas (None: its choice; caps of 128 or 168 spilled and ran slower). 2 warps since
 # launch 1 no longer reads v's gradient (launch 2 sums v's weight gradient): 77 instead of 85 us with 4 warps at 224
 # on an H100 (Triton 3.6, 2026-12-06; 105 us before), no spills.
@@ -40,8 +42,9 @@ CONV_BACKWARD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=2, TILES=8, maxnreg=None, 
 # TILES: the same tokens per program as CONV_BACKWARD. 2 warps: 97 instead of 102 us with 4 at 224 (with v's weight
 # gradient, 89 us before it moved here), timed when the conv weight gradient took a second walk per tap. The single
 # walk is not timed yet; its per-tap register tiles take ptxas (sm_90, bfloat16) to 255 registers at 2 warps (12 bytes
-# spilled outside the loop) and 128 at 4 warps, no spills.
-CONV_INPUT_GRAD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=2)
+# spilled outside the loop) and 128 at 4 warps, no spills. Single walk timed (H100, 224 px b64, 2026-12-07): 8 tokens
+# per tile 56.1 us, 16 tokens 61.5 us.
+CONV_INPUT_GRAD = dict(BLOCK_T=8, BLOCK_G=8, num_warps=2)
 # Gated output: elements of a program's (tokens, head dims) tile, warps, and the token tiles each backward program
 # walks.
 GATED_OUTPUT = dict(TILE_ELEMENTS=1024, num_warps=2)
