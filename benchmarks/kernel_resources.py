@@ -8,7 +8,8 @@ errors, spills and scalar memory access show up here first.
 
 ``--cell fused_chunkwise`` reports the chunkwise Triton cell's launches (linear in the tokens, e.g. ``--tokens 16384
 --batch 2`` for ViL-T at 2048 px) in place of the quadratic ``fused`` ones; ``--cell-only`` leaves out the block's
-other kernels. The chunkwise launch options read from the environment (fused_chunkwise/op.py) apply here too.
+other kernels. The chunkwise launch options read from the environment (fused_chunkwise/op.py, maxnreg included) apply
+here too.
 
 The wrappers run on ``meta`` tensors (shapes only); each kernel launch is caught and compiled ahead of time with the
 launch's real arguments: the same constexprs, and what Triton's launcher specialises (integers equal to 1, integers
@@ -62,7 +63,7 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict):
                 attrs[(index,)] = [['tt.divisibility', 16]]
         else:
             signature[name] = 'fp32'
-    options = {key: kwargs[key] for key in ('num_warps', 'num_stages') if key in kwargs}
+    options = {key: kwargs[key] for key in ('num_warps', 'num_stages', 'maxnreg') if key in kwargs}
     return signature, constexprs, attrs, options
 
 

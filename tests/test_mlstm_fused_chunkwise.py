@@ -274,8 +274,10 @@ def chunkwise_outputs(n, head_dim, dtype, chunk_size, reverse):
 
 
 # Launch options (op.LAUNCH_ENV) that keep every sum in its order, each against the defaults: dk and dv of a chunk in
-# one program instead of two; other warps and pipeline stages (ignored by the interpreter; compiled on CUDA).
-SAME_ORDER_LAUNCHES = ['grad_key:SPLIT_DK_DV=0', 'grad_key:SPLIT_DK_DV=1,num_warps=4;output+grad_query:num_stages=3']
+# one program instead of two; other warps, pipeline stages and register caps (ignored by the interpreter; compiled on
+# CUDA).
+SAME_ORDER_LAUNCHES = ['grad_key:SPLIT_DK_DV=0',
+                       'grad_key:SPLIT_DK_DV=1,num_warps=4;output+grad_query:num_stages=3,maxnreg=80']
 
 
 @needs_kernels
