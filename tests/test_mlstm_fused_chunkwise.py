@@ -56,7 +56,9 @@ def reference_case(n, head_dim, dtype, reverse=False, seed=0, gates='vil'):
     """Inputs (batch 1, 2 heads), output gradient, float64 reference output and gradients; ``reverse`` flips the
     token order around the reference, which is what the reversed cell must compute."""
     *inputs, grad_h = make_inputs(n, head_dim, dtype, seed, batch=1, heads=2)
-    if gates != 'vil':
+    if gates == 'held':
+        inputs[3], inputs[4] = (x.to(dtype).double() for x in held_gates(n, seed))
+    elif gates != 'vil':
         inputs[3], inputs[4] = (x.to(dtype).double() for x in extreme_gates(n, seed, quiet=gates == 'moving'))
     inputs = [x.requires_grad_() for x in inputs]
     if reverse:
@@ -79,6 +81,16 @@ def extreme_gates(n, seed, quiet=False):
         igate = torch.where(calm, igate.abs().neg(), igate)
         fgate = torch.where(calm, 20 + fgate / 30, fgate)
     return igate, fgate
+
+
+def held_gates(n, seed):
+    """Forget gates ~1 and input gates ~ -3 with spikes of 4 at step 5 and 6 at step 100 (per head): the argmax of m
+    stays at a spike for many chunks, so the rows of many later chunks send their m-gradient to one key."""
+    gen = torch.Generator().manual_seed(seed)
+    igate = torch.randn(1, 2, n, generator=gen, dtype=F64) - 3
+    igate[..., 5] = 4
+    igate[..., 100] = 6
+    return igate, 20 + torch.randn(1, 2, n, generator=gen, dtype=F64)
 
 
 def chunkwise_errors(n, head_dim, dtype, chunk_size, reverse=False, gates='vil'):
@@ -310,6 +322,18 @@ def test_kernel_launch_options_match_reference(spec, n, head_dim, dtype, chunk_s
     monkeypatch.setenv(op.LAUNCH_ENV, spec)
     with fused.cuda_launch_configs():
         assert_matches_reference(n, head_dim, dtype, chunk_size, reverse)
+
+
+@needs_kernels
+@pytest.mark.parametrize('dtype,gates', [(F64, 'held'), (F32, 'held'), (F64, 'moving')])
+def test_kernel_later_chunks_in_small_blocks(dtype, gates, monkeypatch):
+    """The grad-key kernel walks the later chunks' argmax targets in blocks of BLOCK_CHUNKS and stops after the first
+    block that reaches past its chunk: with blocks of 2 chunks, where m's argmax stays in one chunk for 6 later
+    chunks (several blocks, then later ones skipped), and where m carries over whole chunks and moves within them,
+    exact."""
+    reference_case(200, 8, dtype, gates=gates)
+    monkeypatch.setenv(op.LAUNCH_ENV, 'grad_key:BLOCK_CHUNKS=2')
+    assert_matches_reference(200, 8, dtype, 16, gates=gates)
 
 
 @pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')

@@ -467,13 +467,19 @@ def chunk_gate_grads(column_total, row_total, FGATE, CHUNK_ARGMAX, GRAD_M, STATE
     # ... or from the rows of later chunks whose argmax is a chunk end's (launch 2's per-chunk sums).
     last_step = chunk * CHUNK + CHUNK - 1
     crossing = tl.zeros((1,), dtype=ACC)
-    for later_start in range(chunk + 1, num_chunks, BLOCK_CHUNKS):
+    later_start = chunk + 1
+    more = later_start < num_chunks
+    while more:
         later = later_start + tl.arange(0, BLOCK_CHUNKS)
         exists = later < num_chunks
         later_grad_m = tl.load(STATE_GRAD_M + chunk_ends + later, mask=exists, other=0.0)
         target = tl.load(CHUNK_ARGMAX + chunk_ends + later - 1, mask=exists, other=-1)
         column_total += tl.sum(tl.where(target[None, :] == steps[:, None], later_grad_m[None, :], 0.0), 1)
         crossing += tl.sum(tl.where(target <= last_step, later_grad_m, 0.0), 0)
+        later_start += BLOCK_CHUNKS
+        # The targets do not decrease with the chunk (the argmax of the running max M only moves forward): past the
+        # first one beyond this chunk, later chunks add nothing here (the blocks they would add are all zeros).
+        more = (later_start < num_chunks) & (tl.max(tl.where(exists, target, -1), 0) <= last_step)
     if has_next:
         offs = tl.arange(0, BLOCK_CROSSING)
         partials = tl.load(CROSSING + (chunk_ends + chunk) * NUM_CROSSING + offs, mask=offs < NUM_CROSSING,
@@ -535,7 +541,8 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     if dk.stride() != dv.stride() or d_igate.stride() != d_fgate.stride():  # the key kernel takes one set of each
         raise ValueError(f'dk, dv strides {dk.stride()}, {dv.stride()} or d_igate, d_fgate strides '
                          f'{d_igate.stride()}, {d_fgate.stride()} differ')
-    key_options = launch_options(config, 'grad_key', SPLIT_DK_DV=True, STATE_BLOCK=config['BLOCK_D'], WITH_DQ=False)
+    key_options = launch_options(config, 'grad_key', SPLIT_DK_DV=True, STATE_BLOCK=config['BLOCK_D'], WITH_DQ=False,
+                                 BLOCK_CHUNKS=64)
     if not key_options['WITH_DQ']:
         mlstm_chunk_grad_query_kernel[grid](
             q, k, v, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_m, state_c, state_n, dq,
@@ -546,5 +553,5 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
         row_total, state_grad_m, grad_state_c, grad_state_n, crossing, state_c, state_n, dq, dk, dv, d_igate,
         d_fgate, *token_args, *token_strides(fgate), *token_major_strides(dq), *token_major_strides(dk),
         *token_major_strides(d_igate), n, heads, num_chunks, scale,
-        BLOCK_CHUNKS=64, NUM_CROSSING=scan_tiles, BLOCK_CROSSING=triton.next_power_of_2(scan_tiles), **key_options)
+        NUM_CROSSING=scan_tiles, BLOCK_CROSSING=triton.next_power_of_2(scan_tiles), **key_options)
     return [dq, dk, dv, d_igate, d_fgate]
