@@ -377,7 +377,8 @@ SWEEP_SHAPES = [('ViL-T 2048px B=2 N=16384', 2, 4, 16384, 96), ('B=1 N=4096', 1,
 CHUNKWISE_LAUNCHES = [
     '', 'grad_key:SPLIT_DK_DV=0', 'grad_key:num_stages=1', 'grad_key:WITH_DQ=1,num_stages=1',
     'grad_key:STATE_BLOCK=128,num_stages=1', 'grad_key:maxnreg=80', 'output+grad_query:STATE_BLOCK=128',
-    'output+grad_query:num_stages=3', 'output:maxnreg=80;grad_query:maxnreg=80,num_stages=3', 'output:BLOCK_D=16',
+    'output+grad_query:num_stages=3', 'output:maxnreg=80;grad_query:maxnreg=80,num_stages=3',
+    'output:BLOCK_D=16,maxnreg=80',
     'grad_key:SPLIT_DK_DV=0,maxnreg=128', 'grad_key:WITH_DQ=1',
 ]
 
