@@ -14,9 +14,9 @@
 4. ``--sweep``: CUDA-graph forward+backward time of candidate tile configurations per head dim.
 5. ``--vil-shapes`` (alone): forward and forward+backward of the fused backend at ViL's training shapes.
 6. ``--chunkwise-sweep`` (alone): launch options of the chunkwise kernels (fused_chunkwise/op.py's
-   MMSEG_VIL_CHUNKWISE_LAUNCH; CHUNKWISE_LAUNCHES, or ``--launch SPEC`` repeated), each in its own process: its worst
-   error at N=4096, CUDA-graph forward and forward+backward ms at SWEEP_SHAPES against SDPA, and each kernel's GPU
-   time per forward+backward at the first shape (torch profiler).
+   MMSEG_VIL_CHUNKWISE_LAUNCH; CHUNKWISE_LAUNCHES, or ``--launch SPEC`` repeated; at each ``--sweep-chunks`` size,
+   default 64), each in its own process: its worst error at N=4096, CUDA-graph forward and forward+backward ms at
+   SWEEP_SHAPES against SDPA, and each kernel's GPU time per forward+backward at the first shape (torch profiler).
 
 Usage, from the repo root on a CUDA machine: ``python benchmarks/mlstm_kernel_check.py --out DIR [--sweep]``;
 ``--quick`` runs a subset of 1 and only 3 in bfloat16 (a few minutes, most of it compiling kernels).
@@ -402,9 +402,9 @@ def kernel_times(op, batch, heads, n, head_dim, dtype, iterations=5):
     return times
 
 
-def child_sweep():
+def child_sweep(chunk_size='64'):
     """One launch option (from the environment): error, CUDA-graph times and per-kernel times."""
-    op, dtype = mlstm_fused_chunkwise_kernels, torch.bfloat16
+    op, dtype = functools.partial(mlstm_fused_chunkwise_kernels, chunk_size=int(chunk_size)), torch.bfloat16
     result = {'worst_error': max(relative_errors(4096, 96, dtype, op).values())}
     for name, batch, heads, n, head_dim in SWEEP_SHAPES:
         inputs = make_inputs(batch, heads, n, head_dim, dtype)
@@ -419,7 +419,7 @@ def child_sweep():
     print('RESULT ' + json.dumps(result), flush=True)
 
 
-def chunkwise_sweep(out_lines, launches):
+def chunkwise_sweep(out_lines, launches, chunk_sizes=(64,)):
     """CUDA-graph forward / forward+backward ms of the chunkwise kernels per launch option, against SDPA."""
     dtype = torch.bfloat16
     out_lines.append('## chunkwise launch options (MMSEG_VIL_CHUNKWISE_LAUNCH), bf16: CUDA-graph forward / '
@@ -436,9 +436,9 @@ def chunkwise_sweep(out_lines, launches):
                          time_backend(sdpa, batch, heads, n, head_dim, dtype, graph_only=True))
         out_lines.append(f'SDPA causal {name}: {sdpa_ms[name][0]:.3f} / {sdpa_ms[name][1]:.3f}')
     kernel_lines = []
-    for spec in launches:
-        child_results, failure = run_child(('sweep',), env={'MMSEG_VIL_CHUNKWISE_LAUNCH': spec})
-        label = spec or '(defaults)'
+    for chunk_size, spec in ((chunk_size, spec) for chunk_size in chunk_sizes for spec in launches):
+        child_results, failure = run_child(('sweep', chunk_size), env={'MMSEG_VIL_CHUNKWISE_LAUNCH': spec})
+        label = (spec or '(defaults)') + ('' if chunk_size == 64 else f' chunk {chunk_size}')
         if not child_results:
             out_lines.append(f'{label}: FAILED {failure}')
             continue
@@ -468,6 +468,8 @@ def main():
     parser.add_argument('--launch', action='append',
                         help='with --chunkwise-sweep: a MMSEG_VIL_CHUNKWISE_LAUNCH value to time instead of the '
                         "built-in list (repeat; '' for the defaults)")
+    parser.add_argument('--sweep-chunks', type=int, nargs='+', default=[64],
+                        help='with --chunkwise-sweep: chunk sizes to run each launch option at (default 64)')
     parser.add_argument('--child', nargs='+', help=argparse.SUPPRESS)  # one fused_chunkwise case, run by the parent
     args = parser.parse_args()
     if args.child:
@@ -483,7 +485,8 @@ def main():
         print('\n'.join(out_lines))
         return
     if args.chunkwise_sweep:
-        chunkwise_sweep(out_lines, args.launch if args.launch is not None else CHUNKWISE_LAUNCHES)
+        chunkwise_sweep(out_lines, args.launch if args.launch is not None else CHUNKWISE_LAUNCHES,
+                        args.sweep_chunks)
         print('\n'.join(out_lines))
         return
     if not args.quick:

@@ -44,9 +44,11 @@ def _config(head_dim: int, chunk_size: int, reverse: bool, dtype: torch.dtype) -
     forward.py's SUMMARY_LAUNCH, SCAN_LAUNCH); the CUDA head-dim blocks also under the interpreter inside
     ``fused.cuda_launch_configs()``, for the tests.
 
-    The ptxas report (sm_90, Triton 3.8) for the ViL head dims at chunk 64: no spills in half precision except about
-    60 bytes in the dk/dv kernel, about 120 bytes there in float32; chunk 128 spills kilobytes
-    (benchmarks/mlstm_kernel_check.py times chunk 32/64/128).
+    The ptxas report (benchmarks/kernel_resources.py --cell fused_chunkwise; sm_90, Triton 3.8, bf16) for the ViL
+    head dims: at chunk 64 and 8 warps no spills, about 110-120 registers in the output, grad-query and grad-key
+    kernels (two programs per SM; float32 140-240, one); at chunk 128 the grad-key kernel spills 120 bytes; at chunk 32
+    (4 warps) 70-93 registers, five to seven programs per SM (benchmarks/mlstm_kernel_check.py times chunk
+    32/64/128, and launch options: LAUNCH_ENV).
     """
     block_d = head_dim_block(head_dim, dtype, interpreted=not _cuda_configs())
     return dict(HEAD_DIM=head_dim, CHUNK=chunk_size, BLOCK_D=block_d, REVERSE=reverse,
