@@ -402,19 +402,24 @@ def kernel_times(op, batch, heads, n, head_dim, dtype, iterations=5):
     return times
 
 
+def graph_times(op, batch, heads, n, head_dim, dtype):
+    """CUDA-graph ms of ``op``'s forward (no autograd) and of its forward + backward, median."""
+    inputs = make_inputs(batch, heads, n, head_dim, dtype)
+
+    def forward():
+        with torch.no_grad():
+            op(*inputs)
+
+    return (do_bench_cudagraph(forward, rep=100, return_mode='median'),
+            time_backend(op, batch, heads, n, head_dim, dtype, graph_only=True))
+
+
 def child_sweep(chunk_size='64'):
     """One launch option (from the environment): error, CUDA-graph times and per-kernel times."""
     op, dtype = functools.partial(mlstm_fused_chunkwise_kernels, chunk_size=int(chunk_size)), torch.bfloat16
     result = {'worst_error': max(relative_errors(4096, 96, dtype, op).values())}
-    for name, batch, heads, n, head_dim in SWEEP_SHAPES:
-        inputs = make_inputs(batch, heads, n, head_dim, dtype)
-
-        def forward():
-            with torch.no_grad():
-                op(*inputs)
-
-        result[name] = (do_bench_cudagraph(forward, rep=100, return_mode='median'),
-                        time_backend(op, batch, heads, n, head_dim, dtype, graph_only=True))
+    for name, *shape in SWEEP_SHAPES:
+        result[name] = graph_times(op, *shape, dtype)
     result['kernels_us'] = kernel_times(op, *SWEEP_SHAPES[0][1:], dtype)
     print('RESULT ' + json.dumps(result), flush=True)
 
@@ -425,15 +430,8 @@ def chunkwise_sweep(out_lines, launches, chunk_sizes=(64,)):
     out_lines.append('## chunkwise launch options (MMSEG_VIL_CHUNKWISE_LAUNCH), bf16: CUDA-graph forward / '
                      'forward+backward ms, and / SDPA')
     sdpa_ms = {}
-    for name, batch, heads, n, head_dim in SWEEP_SHAPES:
-        inputs = make_inputs(batch, heads, n, head_dim, dtype)
-
-        def forward():
-            with torch.no_grad():
-                sdpa(*inputs)
-
-        sdpa_ms[name] = (do_bench_cudagraph(forward, rep=100, return_mode='median'),
-                         time_backend(sdpa, batch, heads, n, head_dim, dtype, graph_only=True))
+    for name, *shape in SWEEP_SHAPES:
+        sdpa_ms[name] = graph_times(sdpa, *shape, dtype)
         out_lines.append(f'SDPA causal {name}: {sdpa_ms[name][0]:.3f} / {sdpa_ms[name][1]:.3f}')
     kernel_lines = []
     for chunk_size, spec in ((chunk_size, spec) for chunk_size in chunk_sizes for spec in launches):

@@ -312,25 +312,16 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
     # Later queries come through the reverse state after this chunk (none after the last: a loop bound, not a
     # branch). Each half reads the chunk's gate values itself, so that none stay live through the other.
     state_end = tl.where(has_next, HEAD_DIM, 0)
+    values_here, keys_here = True, True  # one program does both, or (SPLIT_DK_DV) programs 0 and 1 of grid axis 2
     if SPLIT_DK_DV:
-        if tl.program_id(2) == 0:
-            chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV,
-                              chunk, chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn,
-                              stride_gn, stride_in, stride_on, HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, REVERSE,
-                              DOT_PRECISION, DOT_IN_FLOAT32)
-        else:
-            chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
-                            INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n,
-                            CROSSING, STATE_C, STATE_N, DQ, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends,
-                            steps_offset, batch_head, seq_len, state_end, has_next, scale, stride_qn, stride_kn,
-                            stride_vn, stride_gn, stride_in, stride_fn, stride_pn, stride_on, stride_dn, HEAD_DIM,
-                            CHUNK, BLOCK_D, STATE_BLOCK, BLOCK_CHUNKS, NUM_CROSSING, BLOCK_CROSSING, WITH_DQ,
-                            REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
-    else:
+        values_here = tl.program_id(2) == 0
+        keys_here = tl.program_id(2) == 1
+    if values_here:
         chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV,
                           chunk, chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn,
                           stride_gn, stride_in, stride_on, HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, REVERSE,
                           DOT_PRECISION, DOT_IN_FLOAT32)
+    if keys_here:
         chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
                         INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n,
                         CROSSING, STATE_C, STATE_N, DQ, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends,
