@@ -303,17 +303,23 @@ def graph_timing(out_lines, results, summary, dtype, quick):
     summary.extend(table)
 
 
-def profile_fused(out_lines, batch=64, heads=4, n=196, head_dim=96, dtype=torch.bfloat16):
-    """Where the fused forward+backward spends GPU time at the ViL-T 224px shape (kernels vs small torch ops)."""
+def profile_training(op, batch, heads, n, head_dim, dtype, warmup, iterations):
+    """The torch profiler (CUDA activity) over ``iterations`` forward+backward calls of ``op``, after ``warmup``."""
     inputs = [x.requires_grad_() for x in make_inputs(batch, heads, n, head_dim, dtype)]
     grad_h = torch.randn(batch, heads, n, head_dim, device='cuda', dtype=dtype)
-    for _ in range(3):
-        torch.autograd.grad(mlstm_fused(*inputs), inputs, grad_h)
+    for _ in range(warmup):
+        torch.autograd.grad(op(*inputs), inputs, grad_h)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            torch.autograd.grad(mlstm_fused(*inputs), inputs, grad_h)
+        for _ in range(iterations):
+            torch.autograd.grad(op(*inputs), inputs, grad_h)
         torch.cuda.synchronize()
+    return prof
+
+
+def profile_fused(out_lines, batch=64, heads=4, n=196, head_dim=96, dtype=torch.bfloat16):
+    """Where the fused forward+backward spends GPU time at the ViL-T 224px shape (kernels vs small torch ops)."""
+    prof = profile_training(mlstm_fused, batch, heads, n, head_dim, dtype, warmup=3, iterations=10)
     out_lines.append(f'## profile of 10 fused forward+backward, B={batch} NH={heads} N={n} DH={head_dim} {dtype}')
     out_lines.append(prof.key_averages().table(sort_by='cuda_time_total', row_limit=25, max_name_column_width=60))
 
@@ -385,15 +391,7 @@ CHUNKWISE_LAUNCHES = [
 
 def kernel_times(op, batch, heads, n, head_dim, dtype, iterations=5):
     """{kernel name: GPU us per forward+backward} from the torch profiler (kernels of several launches summed)."""
-    inputs = [x.requires_grad_() for x in make_inputs(batch, heads, n, head_dim, dtype)]
-    grad_h = torch.randn(batch, heads, n, head_dim, device='cuda', dtype=dtype)
-    for _ in range(2):
-        torch.autograd.grad(op(*inputs), inputs, grad_h)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(iterations):
-            torch.autograd.grad(op(*inputs), inputs, grad_h)
-        torch.cuda.synchronize()
+    prof = profile_training(op, batch, heads, n, head_dim, dtype, warmup=2, iterations=iterations)
     times = {}
     for event in prof.key_averages():
         total = getattr(event, 'device_time_total', None) or getattr(event, 'cuda_time_total', 0)
