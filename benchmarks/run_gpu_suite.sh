@@ -69,7 +69,8 @@ for part in $parts; do
              | grep -v -i warn | tail -80 | tee -a "$out/log.txt" ;;
     tuned) MMSEG_VIL_MIXER_LAUNCH_CONFIGS="$out/tune/best.json" timeout 200 $bench --models vil-t deit-t --sizes 224 512 \
              --batch 224=64 512=32 --out-dir "$out/tuned" 2>&1 | grep -v -i warn | tail -20 | tee -a "$out/log.txt" ;;
-    chunksweep) MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 540 python3 benchmarks/mlstm_kernel_check.py --chunkwise-sweep --launch '' --launch 'grad_key:SPLIT_DK_DV=0' --launch 'grad_key:WITH_DQ=1,num_stages=1' \
+    chunksweep) MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 540 python3 benchmarks/mlstm_kernel_check.py --chunkwise-sweep \
+             --launch '' --launch 'grad_key:SPLIT_DK_DV=0' --launch 'grad_key:WITH_DQ=1,num_stages=1' \
              --launch 'grad_key:STATE_BLOCK=128,num_stages=1' --launch 'output+grad_query:STATE_BLOCK=128' \
              --launch 'output:maxnreg=80;grad_query:maxnreg=80,num_stages=3' 2>&1 | tee "$out/chunksweep.txt" | tail -40 \
              | tee -a "$out/log.txt" ;;
