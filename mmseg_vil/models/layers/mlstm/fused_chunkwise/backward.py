@@ -190,7 +190,7 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
                                   GRAD_M, STATE_C, STATE_N, DQ, ROW_TOTAL, stride_qb, stride_qh, stride_qn,
                                   stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                                   stride_gb, stride_gh, stride_gn, stride_ib, stride_ih, stride_in,
-                                  stride_ob, stride_oh, stride_on, seq_len, num_heads, num_chunks, scale,
+                                  stride_ob, stride_oh, stride_on, seq_len, num_heads, num_chunks, SCALE: tl.constexpr,
                                   HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                                   STATE_BLOCK: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                   DOT_IN_FLOAT32: tl.constexpr):
@@ -221,11 +221,11 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
         grad_scores = dot((grad_h.to(ACC) * inv_divisor[:, None]).to(IN), tl.trans(v), grad_scores, DOT_PRECISION,
                           DOT_IN_FLOAT32)
     grad_weights = ((grad_scores + shift[:, None]) * causal_decay(key_log, row_log, steps, False, ACC)
-                    * scale).to(IN)
+                    * SCALE).to(IN)
 
     row_total = chunk_grad_queries(grad_weights, Q, K, GRAD_H, GRAD_M, STATE_C, STATE_N, DQ, chunk, chunk_ends,
                                    batch_head, num_chunks, positions, valid, rows, row_log, prev_max, inv_divisor,
-                                   shift, scale, stride_qn, stride_kn, stride_gn, stride_on, HEAD_DIM, CHUNK, BLOCK_D,
+                                   shift, SCALE, stride_qn, stride_kn, stride_gn, stride_on, HEAD_DIM, CHUNK, BLOCK_D,
                                    STATE_BLOCK, DOT_PRECISION, DOT_IN_FLOAT32)
     tl.store(ROW_TOTAL + rows, row_total, mask=valid)
 
@@ -233,8 +233,8 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
 
 @triton.jit
 def chunk_grad_queries(grad_weights, Q, K, GRAD_H, GRAD_M, STATE_C, STATE_N, DQ, chunk, chunk_ends, batch_head,
-                       num_chunks, positions, valid, rows, row_log, prev_max, inv_divisor, shift, scale, stride_qn,
-                       stride_kn, stride_gn, stride_on, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                       num_chunks, positions, valid, rows, row_log, prev_max, inv_divisor, shift, SCALE: tl.constexpr,
+                       stride_qn, stride_kn, stride_gn, stride_on, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
                        BLOCK_D: tl.constexpr, STATE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        DOT_IN_FLOAT32: tl.constexpr):
     """dq of one chunk's queries from their weighted gradient scores ``grad_weights`` (rows t, columns s: sc G W),
@@ -243,7 +243,7 @@ def chunk_grad_queries(grad_weights, Q, K, GRAD_H, GRAD_M, STATE_C, STATE_N, DQ,
     IN = Q.dtype.element_ty
     prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
     prev_state_n = STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM
-    state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
+    state_weight = tl.exp((prev_max - row_log).to(ACC)) * SCALE  # 0 in the first chunk
     # Earlier keys through the previous chunk's state (a loop bound, not a branch: see the forward's output kernel),
     # rows pre-scaled by its weight.
     has_state = chunk > 0
@@ -280,10 +280,10 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
                                 stride_ib, stride_ih, stride_in, stride_fb, stride_fh, stride_fn,
                                 stride_pb, stride_ph, stride_pn,
                                 stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
-                                seq_len, num_heads, num_chunks, scale, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-                                BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, NUM_CROSSING: tl.constexpr,
-                                BLOCK_CROSSING: tl.constexpr, SPLIT_DK_DV: tl.constexpr, STATE_BLOCK: tl.constexpr,
-                                WITH_DQ: tl.constexpr,
+                                seq_len, num_heads, num_chunks, SCALE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+                                NUM_CROSSING: tl.constexpr, BLOCK_CROSSING: tl.constexpr, SPLIT_DK_DV: tl.constexpr,
+                                STATE_BLOCK: tl.constexpr, WITH_DQ: tl.constexpr,
                                 REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """dk, dv and the gate gradients of one chunk of one head (launch 5). dv first, then dk and the gates, so that
     one (CHUNK, CHUNK) tile is live at a time; with SPLIT_DK_DV the two halves are programs of their own (grid axis
@@ -318,22 +318,22 @@ def mlstm_chunk_grad_key_kernel(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARG
         keys_here = tl.program_id(2) == 1
     if values_here:
         chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV,
-                          chunk, chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn,
+                          chunk, chunk_ends, steps_offset, seq_len, state_end, SCALE, stride_qn, stride_kn,
                           stride_gn, stride_in, stride_on, HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, REVERSE,
                           DOT_PRECISION, DOT_IN_FLOAT32)
     if keys_here:
         chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX,
                         INV_DIVISOR, ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n,
                         CROSSING, STATE_C, STATE_N, DQ, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends,
-                        steps_offset, batch_head, seq_len, state_end, has_next, scale, stride_qn, stride_kn,
+                        steps_offset, batch_head, seq_len, state_end, has_next, SCALE, stride_qn, stride_kn,
                         stride_vn, stride_gn, stride_in, stride_fn, stride_pn, stride_on, stride_dn, HEAD_DIM,
                         CHUNK, BLOCK_D, STATE_BLOCK, BLOCK_CHUNKS, NUM_CROSSING, BLOCK_CROSSING, WITH_DQ,
                         REVERSE, DOT_PRECISION, DOT_IN_FLOAT32)
 
 
 @triton.jit
-def key_chunk(IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, scale,
-              ACC: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+def key_chunk(IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in,
+              SCALE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
     """What a chunk's keys need in the backward: their steps, mask, positions and rows of the per-step buffers, the
     gate values of ``chunk_stabiliser`` and the keys' weights in the chunk's state (times sc; 0 past the end), and m at
     the previous chunk's end."""
@@ -342,23 +342,23 @@ def key_chunk(IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_o
         IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
         steps, positions, valid, stride_in, CHUNK)
     end_row_log = tl.max(tl.where(valid, row_log, float('-inf')), 0)
-    key_weight = tl.exp((key_log - end_row_log).to(ACC)) * scale
+    key_weight = tl.exp((key_log - end_row_log).to(ACC)) * SCALE
     return (steps, valid, positions, steps_offset + steps, key_log, row_log, argmax, from_state, key_weight,
             prev_max)
 
 
 @triton.jit
 def chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, grad_state_c, DV, chunk,
-                      chunk_ends, steps_offset, seq_len, state_end, scale, stride_qn, stride_kn, stride_gn, stride_in,
-                      stride_on, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                      STATE_BLOCK: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      DOT_IN_FLOAT32: tl.constexpr):
+                      chunk_ends, steps_offset, seq_len, state_end, SCALE: tl.constexpr, stride_qn, stride_kn,
+                      stride_gn, stride_in, stride_on, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK_D: tl.constexpr, STATE_BLOCK: tl.constexpr, REVERSE: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """dv of one chunk's keys: sc sum_t (q_t.k_s) W[t,s] g_t / d_t over the chunk's queries, plus the keys
     (pre-scaled by their state weight) times the reverse state after the chunk."""
     ACC = grad_state_c.dtype.element_ty
     IN = Q.dtype.element_ty
     steps, valid, positions, rows, key_log, row_log, _, _, key_weight, _ = key_chunk(
-        IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, scale, ACC,
+        IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, SCALE, ACC,
         CHUNK, REVERSE)
     inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
     scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
@@ -366,7 +366,7 @@ def chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_
         q = load_tokens(Q, positions, valid, d_start, stride_qn, HEAD_DIM, BLOCK_D)
         k = load_tokens(K, positions, valid, d_start, stride_kn, HEAD_DIM, BLOCK_D)
         scores = dot(k, tl.trans(q), scores, DOT_PRECISION, DOT_IN_FLOAT32)
-    weights = (scores * (causal_decay(key_log, row_log, steps, True, ACC) * scale)).to(IN)
+    weights = (scores * (causal_decay(key_log, row_log, steps, True, ACC) * SCALE)).to(IN)
     if STATE_BLOCK >= HEAD_DIM:  # one key block: weighted once for all value blocks
         weighted_k = (load_tokens(K, positions, valid, 0, stride_kn, HEAD_DIM, STATE_BLOCK).to(ACC)
                       * key_weight[:, None]).to(IN)
@@ -388,8 +388,8 @@ def chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_
 def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, CHUNK_ARGMAX, INV_DIVISOR,
                     ROW_SHIFT, GRAD_M, ROW_TOTAL, STATE_GRAD_M, grad_state_c, grad_state_n, CROSSING, STATE_C, STATE_N,
                     DQ, DK, DIGATE, DFGATE, chunk, num_chunks, chunk_ends, steps_offset, batch_head, seq_len,
-                    state_end, has_next, scale, stride_qn, stride_kn, stride_vn, stride_gn, stride_in, stride_fn,
-                    stride_pn, stride_on, stride_dn, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                    state_end, has_next, SCALE: tl.constexpr, stride_qn, stride_kn, stride_vn, stride_gn, stride_in,
+                    stride_fn, stride_pn, stride_on, stride_dn, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
                     BLOCK_D: tl.constexpr, STATE_BLOCK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
                     NUM_CROSSING: tl.constexpr, BLOCK_CROSSING: tl.constexpr, WITH_DQ: tl.constexpr,
                     REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
@@ -399,7 +399,7 @@ def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_M
     ACC = grad_state_c.dtype.element_ty
     IN = Q.dtype.element_ty
     steps, valid, positions, rows, key_log, row_log, argmax, from_state, key_weight, prev_max = key_chunk(
-        IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, scale, ACC,
+        IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, SCALE, ACC,
         CHUNK, REVERSE)
     inv_divisor = tl.load(INV_DIVISOR + rows, mask=valid, other=0.0)
     shift = tl.load(ROW_SHIFT + rows, mask=valid, other=0.0)
@@ -409,7 +409,7 @@ def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_M
         grad_h = load_tokens(GRAD_H, positions, valid, d_start, stride_gn, HEAD_DIM, BLOCK_D)
         grad_scores = dot(v, tl.trans((grad_h.to(ACC) * inv_divisor[:, None]).to(IN)), grad_scores, DOT_PRECISION,
                           DOT_IN_FLOAT32)
-    grad_weights = ((grad_scores + shift[None, :]) * (causal_decay(key_log, row_log, steps, True, ACC) * scale)
+    grad_weights = ((grad_scores + shift[None, :]) * (causal_decay(key_log, row_log, steps, True, ACC) * SCALE)
                     ).to(IN)
     column_total = tl.zeros((CHUNK,), dtype=ACC)
     if STATE_BLOCK >= HEAD_DIM:  # one value block: weighted once for all key blocks
@@ -434,19 +434,19 @@ def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_M
     if WITH_DQ:
         row_total = chunk_grad_queries(tl.trans(grad_weights), Q, K, GRAD_H, GRAD_M, STATE_C, STATE_N, DQ, chunk,
                                        chunk_ends, batch_head, num_chunks, positions, valid, rows, row_log, prev_max,
-                                       inv_divisor, shift, scale, stride_qn, stride_kn, stride_gn, stride_pn,
+                                       inv_divisor, shift, SCALE, stride_qn, stride_kn, stride_gn, stride_pn,
                                        HEAD_DIM, CHUNK, BLOCK_D, STATE_BLOCK, DOT_PRECISION, DOT_IN_FLOAT32)
     else:
         row_total = tl.load(ROW_TOTAL + rows, mask=valid, other=0.0)
     chunk_gate_grads(column_total, row_total, FGATE, CHUNK_ARGMAX, GRAD_M, STATE_GRAD_M, CROSSING, DIGATE, DFGATE,
                      chunk, num_chunks, chunk_ends, steps, valid, positions, rows, argmax, from_state, has_next,
-                     scale, stride_fn, stride_dn, CHUNK, BLOCK_CHUNKS, NUM_CROSSING, BLOCK_CROSSING)
+                     SCALE, stride_fn, stride_dn, CHUNK, BLOCK_CHUNKS, NUM_CROSSING, BLOCK_CROSSING)
 
 
 @triton.jit
 def chunk_gate_grads(column_total, row_total, FGATE, CHUNK_ARGMAX, GRAD_M, STATE_GRAD_M, CROSSING, DIGATE, DFGATE,
                      chunk, num_chunks, chunk_ends, steps, valid, positions, rows, argmax, from_state, has_next,
-                     scale, stride_fn, stride_dn, CHUNK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+                     SCALE: tl.constexpr, stride_fn, stride_dn, CHUNK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
                      NUM_CROSSING: tl.constexpr, BLOCK_CROSSING: tl.constexpr):
     """The gate gradients of one chunk from the column sums k_s.dk_s and the row sums q_t.dq_t + gm_t: di = column
     total, dlog f = reverse cumsum of (row - column totals) + the crossing sum; see the module docstring."""
@@ -475,7 +475,7 @@ def chunk_gate_grads(column_total, row_total, FGATE, CHUNK_ARGMAX, GRAD_M, STATE
         offs = tl.arange(0, BLOCK_CROSSING)
         partials = tl.load(CROSSING + (chunk_ends + chunk) * NUM_CROSSING + offs, mask=offs < NUM_CROSSING,
                            other=0.0)
-        crossing += tl.sum(partials, 0) * scale
+        crossing += tl.sum(partials, 0) * SCALE
     grad_log_f = tl.cumsum(tl.where(valid, row_total - column_total, 0.0), 0, reverse=True) + crossing
     fgate = tl.load(FGATE + positions * stride_fn, mask=valid, other=0.0)
     if fgate.dtype != tl.float64:

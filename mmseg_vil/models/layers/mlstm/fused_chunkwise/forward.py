@@ -171,11 +171,13 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STA
                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                               stride_vb, stride_vh, stride_vn, stride_ib, stride_ih, stride_in,
                               stride_hb, stride_hh, stride_hn,
-                              seq_len, num_heads, num_chunks, scale, eps, HEAD_DIM: tl.constexpr,
+                              seq_len, num_heads, num_chunks, SCALE: tl.constexpr, eps, HEAD_DIM: tl.constexpr,
                               CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, STATE_BLOCK: tl.constexpr,
                               REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """h of one chunk of one head (all head-dim blocks) and its row sums; see the module docstring. STATE_BLOCK: the
-    key block of the state product (tiles.py)."""
+    key block of the state product (tiles.py). SCALE = 1/sqrt(HEAD_DIM) is a compile-time constant here and in the
+    backward, so that it takes the dtype of the scores: a float argument is float32 on the GPU, which cost float64
+    runs seven digits (H100, 2026-12-07)."""
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
     Q += head_offset(batch_head, num_heads, stride_qb, stride_qh)
@@ -194,7 +196,7 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STA
         IGATE, CUM + steps_offset, ROW_LOG + steps_offset, ARGMAX + steps_offset, CHUNK_MAX + chunk_ends, chunk,
         steps, positions, valid, stride_in, CHUNK)
     decay = causal_decay(key_log, row_log, steps, False, ACC)
-    state_weight = tl.exp((prev_max - row_log).to(ACC)) * scale  # 0 in the first chunk
+    state_weight = tl.exp((prev_max - row_log).to(ACC)) * SCALE  # 0 in the first chunk
 
     has_state = chunk > 0
     scores = tl.zeros((CHUNK, CHUNK), dtype=ACC)
@@ -205,7 +207,7 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STA
         scores = dot(q, tl.trans(k), scores, DOT_PRECISION, DOT_IN_FLOAT32)
         norm = load_state_vector(prev_state_n, d_start, has_state, HEAD_DIM, BLOCK_D)
         query_dot_norm += tl.sum(q.to(ACC) * norm[None, :], 1)
-    weights = scores * scale * decay
+    weights = scores * SCALE * decay
     row_sum = tl.sum(weights, 1) + state_weight * query_dot_norm
     divisor = tl.maximum(tl.abs(row_sum), tl.exp((-(cum + row_log)).to(ACC))) + eps
     weights = weights.to(Q.dtype.element_ty)
