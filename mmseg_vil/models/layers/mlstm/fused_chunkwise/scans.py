@@ -35,22 +35,18 @@ from .._triton_kernels import _later_max
 def gate_scan(IGATE, FGATE, positions, valid, stride_i, stride_f):
     """Local cumsum b of logsigmoid(fgate) and the key log weights u = i - b (-inf past the end, so weight 0).
 
-    logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)) is evaluated in the gates' dtype (float32 at least; float64 maths
-    functions are slow and take many registers), with log1p corrected for the rounding of 1 + x, so that forget gates
-    near 1 keep their relative accuracy. The cumsum and u are float64. Only the chunk summary kernel runs this; it
-    stores b.
+    logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)), with log1p corrected for the rounding of 1 + x, in float64 like the
+    quadratic kernels' gate scan: the GPU's float32 exp and log are approximations whose errors the cumsum would add
+    up over the steps. The cumsum and u are float64. Only the chunk summary kernel runs this (a vector per chunk); it stores b.
     """
-    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0)
-    fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0)
-    if fgate.dtype != tl.float64:
-        igate = igate.to(tl.float32)
-        fgate = fgate.to(tl.float32)
+    igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0).to(tl.float64)
+    fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0).to(tl.float64)
     small = tl.exp(-tl.abs(fgate))
     shifted = 1.0 + small
     log1p = tl.log(shifted) - ((shifted - 1.0) - small) / shifted
     log_f = tl.where(valid, tl.minimum(fgate, 0.0) - log1p, 0.0)
-    cum = tl.cumsum(log_f.to(tl.float64), 0)
-    return cum, tl.where(valid, igate.to(tl.float64) - cum, float('-inf'))
+    cum = tl.cumsum(log_f, 0)
+    return cum, tl.where(valid, igate - cum, float('-inf'))
 
 
 @triton.jit
