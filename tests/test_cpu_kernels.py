@@ -174,61 +174,89 @@ def test_mixer_with_the_kernels_equals_the_pytorch_path(kernels, reverse, backen
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
-def test_state_scan_is_the_decay_matrix_product(kernels, isa, reverse):
-    """The states' recurrence sums what the cell's ``state_weights @ summaries`` sums (weights as the cell derives
-    them from chunks' forget gates, key maxima and references), into a strided output as the normaliser's."""
-    from mmseg_vil.models.layers.mlstm.chunkwise import _state_log_weights
-    from mmseg_vil.models.layers.mlstm.chunkwise_inference import _state_recurrence
-    generator = torch.Generator().manual_seed(4)
-    sequences, chunks, width = 3, 9, 20
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64)
-
-    chunk_log_f, key_max, ref = -randn(sequences, chunks).abs() * 2, randn(sequences, chunks), randn(sequences, chunks)
-    key_excess = randn(sequences, chunks).abs()
-    log_w = _state_log_weights(chunk_log_f, chunk_log_f + key_max, reverse) - ref.unsqueeze(-1)
-    state_weights = torch.exp(log_w - key_excess.unsqueeze(1))
-    summaries = randn(sequences, chunks, width)
-    out = torch.full((sequences, chunks, width + 3), math.nan, dtype=torch.float64)[..., :width]
-    kernels.state_scan_(summaries, *_state_recurrence(state_weights, chunk_log_f, ref, reverse, -1e9), reverse, out)
-    torch.testing.assert_close(out, state_weights @ summaries, rtol=1e-12, atol=1e-12)
+def _compiled_cell(q, k, v, igate, fgate, chunk_size, reverse, block=None):
+    """The C++ cell of q, k, v (B, NH, n, DH) written into its padded layout: (result, h (B, NH, n, DH) strided)."""
+    batch, heads, n, head_dim = q.shape
+    layout = chunkwise_inference.Layout(batch, heads, n, head_dim, chunk_size, reverse, q.dtype, 'cpu')
+    for buffer, x in zip(layout.real, (q, k, v)):
+        buffer.copy_(x)
+    out = torch.full((batch, n, heads, head_dim), math.nan, dtype=q.dtype).transpose(1, 2)
+    ranges = chunkwise_inference._RANGES[q.dtype]
+    ok = cpu_kernels.ops().cell_(*layout.qkv, igate.to(q.dtype), F.logsigmoid(fgate.to(q.dtype)), layout.length,
+                                 block or chunkwise_inference.SCORE_BLOCK_ROWS, reverse, 1e-6, *ranges,
+                                 chunkwise_inference._LOG_FLUSH[q.dtype], out)
+    return ok, out
 
 
-@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
-@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
-def test_mask_scores_is_mask_scale_and_row_sum(kernels, isa, reverse, dtype):
-    generator = torch.Generator().manual_seed(6)
-    groups, length = 5, 7
-    scores = torch.randn(groups, length, length + 1, generator=generator, dtype=dtype)
-    scale = torch.rand(groups, generator=generator, dtype=dtype)
-    expected = scores.clone()
-    visible = expected[..., :length]
-    visible.triu_() if reverse else visible.tril_()
-    visible.mul_(scale.view(groups, 1, 1))
-    row_sum = torch.empty(groups, length, dtype=dtype)
-    kernels.mask_scores_(scores, scale, reverse, row_sum)
-    torch.testing.assert_close(scores, expected, rtol=0, atol=0)
-    torch.testing.assert_close(row_sum, expected.sum(-1), **TOLERANCES[dtype])
-
-
-@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
-def test_weight_keys_and_their_sums(kernels, isa, dtype):
-    generator = torch.Generator().manual_seed(7)
-    k = torch.randn(5, 7, 12, generator=generator, dtype=dtype)
-    w = torch.rand(5, 7, generator=generator, dtype=dtype)
-    keys_and_n = torch.full((5, 8, 12), math.nan, dtype=dtype)
-    sums = torch.empty(5, 1, 12, dtype=dtype)
-    kernels.weight_keys_(k, w, keys_and_n[:, :7], sums)
-    torch.testing.assert_close(keys_and_n[:, :7], k * w.unsqueeze(-1), rtol=0, atol=0)
-    torch.testing.assert_close(sums, torch.bmm(w.unsqueeze(1), k), **TOLERANCES[dtype])
-    assert keys_and_n[:, 7].isnan().all()
+def _relative_error(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
-def test_many_chunks_run_the_factorised_cell_with_the_scan(kernels, reverse):
-    """With the state recurrence the factorised cell has no chunk limit: 100 chunks, the parallel cell's result."""
+@pytest.mark.parametrize('n,chunk_size,block', [
+    (1, 64, 32),  # one step
+    (15, 64, 32),  # one padded chunk
+    (200, 16, 8),  # padded, two blocks per chunk
+    (200, 37, 16),  # blocks of 16, 16 and 5 rows
+    (256, 64, 64),  # one block: the whole chunk's scores
+    (256, 32, 7),  # 7-row blocks
+])
+def test_cell_is_the_parallel_cell_in_float64(kernels, isa, n, chunk_size, block, reverse):
+    """The recurrent C++ cell: the official function, for every split of the chunks into score blocks and padding
+    (in front of the first chunk for reverse)."""
+    from test_mlstm_backends import CHUNKWISE_FLOAT64_TOLERANCE, directed_reference, make_inputs
+    inputs = make_inputs(n, 12, torch.float64, seed=7)[:5]
+    ok, out = _compiled_cell(*inputs, chunk_size, reverse, block)
+    assert ok
+    assert _relative_error(out, directed_reference(inputs, reverse)) <= CHUNKWISE_FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_cell_float32_with_vil_t_heads(kernels, isa, reverse):
+    from test_mlstm_backends import TOLERANCES as CELL_TOLERANCES
+    from test_mlstm_backends import directed_reference, make_inputs
+    inputs = make_inputs(1000, 96, torch.float32, seed=8, batch=1, heads=4)[:5]
+    ok, out = _compiled_cell(*(x.float() for x in inputs), 64, reverse)
+    assert ok and out.dtype == torch.float32
+    assert _relative_error(out, directed_reference(inputs, reverse)) <= CELL_TOLERANCES[torch.float32]
+
+
+def test_cell_reports_chunks_too_wide_for_its_ranges(kernels):
+    """A key outweighing its chunk's first one by e^700: False (the general cell runs, tests/
+    test_mlstm_chunkwise_inference.py)."""
+    from test_mlstm_backends import make_inputs
+    q, k, v, igate, fgate, _ = make_inputs(128, 12, torch.float64, seed=9)
+    igate[..., 100] += 700
+    assert not _compiled_cell(q, k, v, igate, fgate, 64, False)[0]
+
+
+def test_without_blas_the_cells_pytorch_form_runs(kernels, monkeypatch):
+    """Where PyTorch's library exports no BLAS the kernels still load; the cell then runs its PyTorch form."""
+    from test_mlstm_backends import CHUNKWISE_FLOAT64_TOLERANCE, directed_reference, make_inputs
+
+    class NoBlas:
+        def __getattr__(self, name):
+            if name == 'cell_':
+                raise AssertionError('the C++ cell ran')
+            return getattr(kernels, name)
+
+        def blas_found(self):
+            return False
+
+    inputs = make_inputs(200, 12, torch.float64, seed=3)[:5]
+    monkeypatch.setattr(cpu_kernels, 'ops', NoBlas)
+    out = torch.empty(2, 2, 200, 12, dtype=torch.float64)
+    layout = chunkwise_inference.Layout(2, 2, 200, 12, 64, False, torch.float64, 'cpu')
+    for buffer, x in zip(layout.real, inputs[:3]):
+        buffer.copy_(x)
+    with torch.no_grad():
+        assert chunkwise_inference.cell(*layout.qkv, *inputs[3:], layout.length, False, out)
+    assert _relative_error(out, directed_reference(inputs, False)) <= CHUNKWISE_FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_many_chunks_run_the_compiled_cell(kernels, reverse):
+    """With the state recurrence the C++ cell has no chunk limit: 100 chunks, the parallel cell's result."""
     from test_mlstm_backends import CHUNKWISE_FLOAT64_TOLERANCE, directed_reference, make_inputs
 
     import mmseg_vil.models.layers.mlstm.chunkwise_inference as inference
@@ -246,8 +274,8 @@ def test_many_chunks_run_the_factorised_cell_with_the_scan(kernels, reverse):
 
 
 def test_threads_split_the_work_without_changing_the_result(kernels):
-    """The kernels' parallel loops split rows, tokens, chunk groups and column tiles: 2 threads give 1 thread's
-    bits."""
+    """The kernels' parallel loops split rows, tokens and the cell's sequences: 2 threads give 1 thread's bits."""
+    from test_mlstm_backends import make_inputs
     generator = torch.Generator().manual_seed(8)
 
     def randn(*shape):
@@ -257,9 +285,7 @@ def test_threads_split_the_work_without_changing_the_result(kernels):
     conv_inputs = _conv_qkv_inputs(2, grid, inner, 3, 4, 2 * heads, torch.float32, seed=8)
     h, z = randn(2, math.prod(grid), heads, inner // heads), randn(2, math.prod(grid), inner)
     norm = randn(inner), randn(inner), randn(inner)
-    summaries, decay, weight = randn(8, 30, 300), torch.rand(8, 30, generator=generator), randn(8, 30)
-    scores, scale, keys, key_weight = randn(300, 32, 33), torch.rand(300, generator=generator), randn(300, 32, 16), \
-        torch.rand(300, 32, generator=generator)
+    cell_inputs = [x.float() for x in make_inputs(500, 96, torch.float32, seed=8, batch=1, heads=4)[:5]]
     threads = torch.get_num_threads()
     results = []
     try:
@@ -267,13 +293,9 @@ def test_threads_split_the_work_without_changing_the_result(kernels):
             torch.set_num_threads(count)
             x_conv, qkv, gates = cpu_kernels.conv_qkv_gates(conv_inputs[0], grid, *conv_inputs[1:], heads, True)
             out = cpu_kernels.gated_output_(h, x_conv, z.clone(), *norm, 1e-5)
-            states = torch.empty_like(summaries)
-            kernels.state_scan_(summaries, decay, weight, False, states)
-            masked, row_sum = scores.clone(), torch.empty(300, 32)
-            kernels.mask_scores_(masked, scale, True, row_sum)
-            weighted, sums = torch.empty_like(keys), torch.empty(300, 16)
-            kernels.weight_keys_(keys, key_weight, weighted, sums)
-            results.append((x_conv, qkv, gates, out, states, masked, row_sum, weighted, sums))
+            ok, cell_out = _compiled_cell(*cell_inputs, 64, True)
+            assert ok
+            results.append((x_conv, qkv, gates, out, cell_out))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):

@@ -34,9 +34,12 @@ def _error(actual, expected):
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
 
+@pytest.mark.parametrize('cpu_kernels', ['1', '0'], ids=['kernels', 'pytorch'])
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
 @pytest.mark.parametrize('n,chunk_size', [(1, 64), (15, 64), (200, 16), (200, 37), (1024, 64), (1024, 16)])
-def test_factorised_cell_is_exact_in_float64(n, chunk_size, reverse, branches):
+def test_factorised_cell_is_exact_in_float64(n, chunk_size, reverse, cpu_kernels, branches, monkeypatch):
+    """In the C++ cell where the kernels build, and in the PyTorch form."""
+    monkeypatch.setenv('MMSEG_VIL_CPU_EXTENSION', cpu_kernels)
     inputs = make_inputs(n, 12, torch.float64, seed=7)[:5]
     with torch.no_grad():
         actual = mlstm_chunkwise(*inputs, chunk_size=chunk_size, reverse=reverse)
@@ -46,7 +49,9 @@ def test_factorised_cell_is_exact_in_float64(n, chunk_size, reverse, branches):
 
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
 @pytest.mark.parametrize('large_input_gates', [False, True], ids=['vil-gates', 'large-input-gates'])
-def test_factorised_cell_float32(reverse, large_input_gates, branches):
+@pytest.mark.parametrize('cpu_kernels', ['1', '0'], ids=['kernels', 'pytorch'])
+def test_factorised_cell_float32(reverse, large_input_gates, cpu_kernels, branches, monkeypatch):
+    monkeypatch.setenv('MMSEG_VIL_CPU_EXTENSION', cpu_kernels)
     inputs = make_inputs(1024, 96, torch.float32, seed=8, batch=1, heads=4, large_input_gates=large_input_gates)[:5]
     with torch.inference_mode():
         actual = mlstm(*(x.float() for x in inputs), backend='chunkwise', reverse=reverse)

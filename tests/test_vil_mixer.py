@@ -79,25 +79,28 @@ def test_reverse_equals_flipped_sequence(backend):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize('cpu_kernels', ['1', '0'], ids=['kernels', 'pytorch'])
 @pytest.mark.parametrize('options', [
     {}, dict(conv_kind='causal1d', conv_kernel_size=4, proj_bias=False, norm_bias=False)])
 @pytest.mark.parametrize('reverse', [False, True])
 @pytest.mark.parametrize('grid', [(9, 9), (16, 8)], ids=['padded', 'whole-chunks'])
-def test_mixer_inference_path_equals_official_flip_formulation(reverse, grid, options, monkeypatch):
+def test_mixer_inference_path_equals_official_flip_formulation(reverse, grid, options, cpu_kernels, monkeypatch):
     """Without autograd on the CPU the chunkwise backend runs the mixer's inference path (q/k/v written into the
-    cell's chunk layout, h token-major): the official function. 81 steps in chunks of 16 (padded) or 128 in 8."""
+    cell's chunk layout, h token-major; the C++ cell where the kernels build, else the PyTorch form with the rows'
+    factors applied by the output norm): the official function. 81 steps in chunks of 16 (padded) or 128 in 8."""
     import mmseg_vil.models.layers.mlstm.chunkwise_inference as inference
     import mmseg_vil.models.layers.vil_block as vil_block
+    monkeypatch.setenv('MMSEG_VIL_CPU_EXTENSION', cpu_kernels)
     monkeypatch.setattr(vil_block, 'CHUNK_SIZE', 16)
     ran = []
-    cell = inference.cell_unscaled
+    cell = inference.cell_token_major
 
     def spy(*args):
         result = cell(*args)
         ran.append(result is not None)  # the factorised form ran
         return result
 
-    monkeypatch.setattr(inference, 'cell_unscaled', spy)
+    monkeypatch.setattr(inference, 'cell_token_major', spy)
     torch.manual_seed(0)
     mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend='chunkwise', **options).double()
     for param in mixer.parameters():

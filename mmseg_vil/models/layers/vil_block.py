@@ -176,13 +176,13 @@ class MLSTMMixer(nn.Module):
         if layout is None:
             h = mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse).transpose(1, 2)
         else:
-            # the cell's output unscaled, its rows' factors applied by the output norm as it reads them
-            h_scale = chunkwise_inference.cell_unscaled(*layout.qkv, igate, fgate, layout.length, self.reverse)
+            # h token-major, or unscaled with its rows' factors, which the output norm applies as it reads them
+            h_scale = chunkwise_inference.cell_token_major(*layout.qkv, igate, fgate, layout.length, self.reverse)
             if h_scale is None:
                 h = x_mlstm.new_empty(batch, n, self.num_heads, self.inner_dims // self.num_heads)
                 h.transpose(1, 2).copy_(mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse))
             else:
-                h, h_scale = (t.transpose(1, 2) for t in h_scale)
+                h, h_scale = h_scale
             # z is this path's own temporary (two products, not the halves of one): overwritten
             out = gated_output_(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                                 self.outnorm.eps, h_scale, up_biases[1])

@@ -11,9 +11,9 @@ do them in two, in float32 or float64, the same functions as :mod:`..mixer_ops.r
 * ``gated_output_``: per-head LayerNorm of the cell's output (its rows scaled as they are read), affine, learnable
   skip, SiLU output gate of z (plus its bias), in place on z;
 
-and three passes of the chunkwise cell (:mod:`..mlstm.chunkwise_inference`): the states' recurrence chunk by chunk
-(``state_scan_``, instead of the decay matrix's product), the key weighting with the chunks' normaliser sums
-(``weight_keys_``), and the scores' mask, scale and row sums (``mask_scores_``).
+and the chunkwise cell (``cell_``, :mod:`..mlstm.chunkwise_inference`) chunk by chunk, its state carried by the
+recurrence, its matrix products BLAS's (``sgemm_`` / ``dgemm_`` as PyTorch's CPU library exports them; where it does
+not, ``blas_found()`` is false and the cell's PyTorch form runs).
 
 Built just in time on first use with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; about 10 s on
 two cores) and cached in the torch extensions directory (``TORCH_EXTENSIONS_DIR``); the build's name carries a hash

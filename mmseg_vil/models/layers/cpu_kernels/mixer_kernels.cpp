@@ -15,11 +15,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -69,34 +72,25 @@ struct GatedOutputArgs {
   T eps;
 };
 
+// Row-major C (M x N) = alpha op(A) (M x K) op(B) (K x N) + beta C (C not read where beta is 0), op the transpose
+// where trans_a / trans_b, each matrix with its row stride.
 template <typename T>
-struct StateScanArgs {
-  const T* summaries;  // (S, J, D)
-  const T* decay;      // (S, J)
-  const T* weight;     // (S, J)
-  T* out;              // (S, J, D), strides out_strides along S, J
-  int64_t out_strides[2];
-  int64_t chunks, width, tile;
-  bool reverse;
-};
+using Gemm = void (*)(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+                      const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
 
 template <typename T>
-struct MaskScoresArgs {
-  T* scores;        // (G, L, L + 1)
-  const T* scale;   // (G,)
-  T* row_sum;       // (G, L)
-  int64_t length;
+struct CellArgs {
+  const T *q, *k, *v;  // (B * NH, steps, DH) contiguous, steps = whole chunks of length (padding zero)
+  const T* igate;      // (B, NH, n), strides igate_strides along B, NH, contiguous along n
+  const T* log_f;      // log sigmoid of the forget gates, like igate
+  int64_t igate_strides[2], log_f_strides[2];
+  T* out;  // h (B, NH, n, DH), strides out_strides along B, NH, n
+  int64_t out_strides[3];
+  int64_t heads, steps, n, pad, length, block, head_dim;
   bool reverse;
-};
-
-template <typename T>
-struct WeightKeysArgs {
-  const T* k;  // (G, L, DH)
-  const T* w;  // (G, L)
-  T* out;      // (G, L, DH), strides out_strides along G, L
-  int64_t out_strides[2];
-  T* sums;     // (G, DH)
-  int64_t length, head_dim;
+  T eps, row_range, key_lead, state_lead, log_flush, log_scale;
+  Gemm<T> gemm;
+  std::atomic<bool>* too_wide;
 };
 
 }  // namespace mmseg_vil_cpu
@@ -122,8 +116,60 @@ struct WeightKeysArgs {
 #pragma GCC pop_options
 #endif
 
+// BLAS's matrix products (Fortran interface, 32-bit sizes), as PyTorch's CPU library exports them (MKL or OpenBLAS):
+// weak references (GCC, Clang), so that the kernels load without them; then, and with other compilers, blas_found()
+// is false and the cell's op is not used.
+#if defined(__GNUC__)
+#define MMSEG_VIL_BLAS_REFERENCES 1
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // MKL's C interface
+}
+#endif
+
 namespace mmseg_vil_cpu {
 namespace {
+
+#ifdef MMSEG_VIL_BLAS_REFERENCES
+bool blas_found() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+// Gemm<T> by BLAS: the row-major product is the column-major C^T = B^T A^T.
+template <typename T>
+void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+               const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  const char op_a = trans_a ? 'T' : 'N', op_b = trans_b ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int ld_b = static_cast<int>(ldb), ld_a = static_cast<int>(lda), ld_c = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>)
+    sgemm_(&op_b, &op_a, &m, &n, &k, &alpha, B, &ld_b, A, &ld_a, &beta, C, &ld_c);
+  else
+    dgemm_(&op_b, &op_a, &m, &n, &k, &alpha, B, &ld_b, A, &ld_a, &beta, C, &ld_c);
+}
+
+// MKL's products on the calling thread alone for the scope, the thread's setting restored after (elsewhere nothing):
+// MKL's results for a shape depend on its thread count (even where it runs on one thread), and the cell's sequences
+// are already split over the threads.
+class OneBlasThread {
+ public:
+  OneBlasThread() : saved_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved_);
+  }
+
+ private:
+  int saved_;
+};
+#else
+bool blas_found() { return false; }
+
+template <typename T>
+void blas_gemm(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t) {}
+
+class OneBlasThread {};
+#endif
 
 // The instruction set the kernels run with: 0 baseline, 1 AVX2 + FMA, 2 AVX-512 (F, VL, BW, DQ): the CPU's best,
 // capped by MMSEG_VIL_CPU_ISA=baseline|avx2 where set (tests, comparisons; read at each call).
@@ -351,76 +397,51 @@ void gated_output_(const at::Tensor& h, const std::optional<at::Tensor>& h_scale
   });
 }
 
-// The chunkwise cell's states by their recurrence: out[s, j] = decay[s, j] out[s, j - 1] + weight[s, j] summaries[s,
-// j - 1], out[s, 0] = 0 (reverse: out[s, J - 1] = 0 and j + 1 for j - 1), for summaries (S, J, D) contiguous, decay
-// and weight (S, J) contiguous, out (S, J, D) contiguous along D. Subnormal numbers are flushed to zero meanwhile (on
-// x86-64; their arithmetic is many times slower, and the cell drops weights that small anyway).
-void state_scan_(const at::Tensor& summaries, const at::Tensor& decay, const at::Tensor& weight, bool reverse,
-                 const at::Tensor& out) {
-  for (const auto* t : {&summaries, &decay, &weight, &out}) {
+// The factorised chunkwise cell (mlstm/chunkwise_inference.py) of q, k, v (B, NH, steps, DH) contiguous, steps whole
+// chunks of `length` (padding zero: behind the n real steps, in front for reverse), igate and log_f = log
+// sigmoid(fgate) (B, NH, n) contiguous along n: h into out (B, NH, n, DH), any strides but along DH. Returns false
+// (out partly written) where a chunk's keys span more than row_range + key_lead (the general cell must run). `block`:
+// rows per block of the scores' products (only blocks with visible keys are computed). Needs blas_found().
+bool cell_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& igate,
+           const at::Tensor& log_f, int64_t length, int64_t block, bool reverse, double eps, double row_range,
+           double key_lead, double state_lead, double log_flush, const at::Tensor& out) {
+  TORCH_CHECK(blas_found(), "cell_ needs BLAS (sgemm_, dgemm_), which this PyTorch build does not export");
+  for (const auto* t : {&q, &k, &v, &igate, &log_f, &out}) {
     check_cpu(*t, "every tensor");
-    TORCH_CHECK(t->scalar_type() == summaries.scalar_type(), "every tensor of the summaries' dtype");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "every tensor of q's dtype");
   }
-  TORCH_CHECK(summaries.dim() == 3 && summaries.is_contiguous(), "summaries: (S, J, D) contiguous");
-  const int64_t sequences = summaries.size(0), chunks = summaries.size(1), width = summaries.size(2);
-  TORCH_CHECK(decay.dim() == 2 && decay.size(0) == sequences && decay.size(1) == chunks && decay.is_contiguous() &&
-                  weight.sizes() == decay.sizes() && weight.is_contiguous(),
-              "decay, weight: (S, J) contiguous");
-  TORCH_CHECK(out.sizes() == summaries.sizes() && out.stride(2) == 1, "out: (S, J, D), D contiguous");
-  if (sequences == 0 || chunks == 0 || width == 0) return;
-  AT_DISPATCH_FLOATING_TYPES(summaries.scalar_type(), "state_scan_", [&] {
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && k.sizes() == q.sizes() && k.is_contiguous() &&
+                  v.sizes() == q.sizes() && v.is_contiguous(),
+              "q, k, v: (B, NH, steps, DH) contiguous");
+  const int64_t batch = q.size(0), heads = q.size(1), steps = q.size(2), head_dim = q.size(3), n = igate.size(-1);
+  TORCH_CHECK(length > 0 && steps % length == 0 && n <= steps && steps - n < length && block > 0,
+              "steps: whole chunks of length, at most one chunk of padding");
+  for (const auto* t : {&igate, &log_f})
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == batch && t->size(1) == heads && t->size(2) == n && t->stride(2) == 1,
+                "igate, log_f: (B, NH, n), contiguous along n");
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == batch && out.size(1) == heads && out.size(2) == n &&
+                  out.size(3) == head_dim && out.stride(3) == 1,
+              "out: (B, NH, n, DH), contiguous along DH");
+  std::atomic<bool> too_wide{false};
+  if (batch * heads == 0 || n == 0) return true;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cell_", [&] {
     using T = scalar_t;
-    const int64_t tile = std::min<int64_t>(width, 1024);
-    const StateScanArgs<T> args{summaries.data_ptr<T>(), decay.data_ptr<T>(), weight.data_ptr<T>(), out.data_ptr<T>(),
-                                {out.stride(0), out.stride(1)}, chunks, width, tile, reverse};
-    auto run = pick(KERNEL_VERSIONS(state_scan_tiles<T>));
-    const int64_t items = sequences * ((width + tile - 1) / tile);
-    at::parallel_for(0, items, std::max<int64_t>(1, kGrainWork / (chunks * tile)), [&](int64_t begin, int64_t end) {
+    const CellArgs<T> args{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), igate.data_ptr<T>(),
+                           log_f.data_ptr<T>(), {igate.stride(0), igate.stride(1)},
+                           {log_f.stride(0), log_f.stride(1)}, out.data_ptr<T>(),
+                           {out.stride(0), out.stride(1), out.stride(2)}, heads, steps, n, steps - n, length, block,
+                           head_dim, reverse, static_cast<T>(eps), static_cast<T>(row_range),
+                           static_cast<T>(key_lead), static_cast<T>(state_lead), static_cast<T>(log_flush),
+                           static_cast<T>(-0.5 * std::log(static_cast<double>(head_dim))), &blas_gemm<T>,
+                           &too_wide};
+    auto run = pick(KERNEL_VERSIONS(cell_sequences<T>));
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       FlushSubnormals flush;
+      OneBlasThread one_thread;
       run(args, begin, end);
     });
   });
-}
-
-// The chunkwise cell's scores (G, L, L + 1) (q . n in the last column), contiguous, in place: masked causally
-// (anti-causally for reverse), the visible scores times scale (G,); the rows' sums into row_sum (G, L) contiguous.
-void mask_scores_(const at::Tensor& scores, const at::Tensor& scale, bool reverse, const at::Tensor& row_sum) {
-  for (const auto* t : {&scores, &scale, &row_sum}) {
-    check_cpu(*t, "every tensor");
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == scores.scalar_type(), "contiguous tensors of one dtype");
-  }
-  TORCH_CHECK(scores.dim() == 3 && scores.size(2) == scores.size(1) + 1, "scores: (G, L, L + 1)");
-  const int64_t groups = scores.size(0), length = scores.size(1);
-  TORCH_CHECK(scale.numel() == groups && row_sum.numel() == groups * length, "scale: (G,), row_sum: (G, L)");
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mask_scores_", [&] {
-    using T = scalar_t;
-    const MaskScoresArgs<T> args{scores.data_ptr<T>(), scale.data_ptr<T>(), row_sum.data_ptr<T>(), length, reverse};
-    auto run = pick(KERNEL_VERSIONS(mask_scores_groups<T>));
-    at::parallel_for(0, groups, std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, length * length)),
-                     [&](int64_t begin, int64_t end) { run(args, begin, end); });
-  });
-}
-
-// The chunkwise cell's weighted keys out = k * w (k (G, L, DH) contiguous, w (G, L) contiguous, out (G, L, DH)
-// contiguous along DH) and their sums over each chunk, sums (G, DH) contiguous.
-void weight_keys_(const at::Tensor& k, const at::Tensor& w, const at::Tensor& out, const at::Tensor& sums) {
-  for (const auto* t : {&k, &w, &out, &sums}) {
-    check_cpu(*t, "every tensor");
-    TORCH_CHECK(t->scalar_type() == k.scalar_type(), "tensors of one dtype");
-  }
-  TORCH_CHECK(k.dim() == 3 && k.is_contiguous() && w.is_contiguous() && sums.is_contiguous(), "contiguous k, w, sums");
-  const int64_t groups = k.size(0), length = k.size(1), head_dim = k.size(2);
-  TORCH_CHECK(w.numel() == groups * length && sums.numel() == groups * head_dim && out.sizes() == k.sizes() &&
-                  out.stride(2) == 1,
-              "w: (G, L), sums: (G, DH), out: (G, L, DH) contiguous along DH");
-  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "weight_keys_", [&] {
-    using T = scalar_t;
-    const WeightKeysArgs<T> args{k.data_ptr<T>(), w.data_ptr<T>(), out.data_ptr<T>(), {out.stride(0), out.stride(1)},
-                                 sums.data_ptr<T>(), length, head_dim};
-    auto run = pick(KERNEL_VERSIONS(weight_keys_groups<T>));
-    at::parallel_for(0, groups, std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, length * head_dim)),
-                     [&](int64_t begin, int64_t end) { run(args, begin, end); });
-  });
+  return !too_wide.load();
 }
 
 }  // namespace
@@ -428,16 +449,16 @@ void weight_keys_(const at::Tensor& k, const at::Tensor& w, const at::Tensor& ou
 
 TORCH_LIBRARY(mmseg_vil_cpu, m) {
   m.def("instruction_set() -> str", &mmseg_vil_cpu::instruction_set);
+  m.def("blas_found() -> bool", &mmseg_vil_cpu::blas_found);
+  m.def(
+      "cell_(Tensor q, Tensor k, Tensor v, Tensor igate, Tensor log_f, int length, int block, bool reverse, "
+      "float eps, float row_range, float key_lead, float state_lead, float log_flush, Tensor(a!) out) -> bool",
+      &mmseg_vil_cpu::cell_);
   m.def(
       "conv_qkv(Tensor x, Tensor? x_bias, int height, int width, Tensor conv_weight, Tensor? conv_bias, "
       "Tensor qkv_weight, Tensor? qkv_bias, bool reverse, Tensor gate_weight, Tensor gate_bias, Tensor(a!) x_conv, "
       "Tensor(b!) qkv, Tensor(c!) gates) -> ()",
       &mmseg_vil_cpu::conv_qkv);
-  m.def("mask_scores_(Tensor(a!) scores, Tensor scale, bool reverse, Tensor(b!) row_sum) -> ()",
-        &mmseg_vil_cpu::mask_scores_);
-  m.def("weight_keys_(Tensor k, Tensor w, Tensor(a!) out, Tensor(b!) sums) -> ()", &mmseg_vil_cpu::weight_keys_);
-  m.def("state_scan_(Tensor summaries, Tensor decay, Tensor weight, bool reverse, Tensor(a!) out) -> ()",
-        &mmseg_vil_cpu::state_scan_);
   m.def(
       "gated_output_(Tensor h, Tensor? h_scale, Tensor x_conv, Tensor(a!) z, Tensor? z_bias, Tensor norm_weight, "
       "Tensor? norm_bias, Tensor skip, float eps) -> ()",

@@ -20,7 +20,7 @@ struct Exp;
 template <>
 struct Exp<float> {
   using Int = int32_t;
-  static constexpr float lo = -170.0f, log2e = 1.44269504088896341f;
+  static constexpr float lo = -170.0f, hi = 100.0f, log2e = 1.44269504088896341f;
   static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;  // ln2_hi * n exact for |n| < 2^15
   static constexpr float magic = 12582912.0f;                              // 1.5 * 2^23: t + magic rounds t
   static constexpr int mantissa = 23;
@@ -34,7 +34,7 @@ struct Exp<float> {
 template <>
 struct Exp<double> {
   using Int = int64_t;
-  static constexpr double lo = -1400.0, log2e = 1.4426950408889634074;
+  static constexpr double lo = -1400.0, hi = 720.0, log2e = 1.4426950408889634074;
   static constexpr double ln2_hi = 6.93145751953125e-1, ln2_lo = 1.42860682030941723212e-6;
   static constexpr double magic = 6755399441055744.0;  // 1.5 * 2^52
   static constexpr int mantissa = 52;
@@ -60,7 +60,7 @@ inline T power_of_two(T t) {
   return power;
 }
 
-// exp(y) for y in [lo, 0] (exp_arg).
+// exp(y) for y in [lo, 0] (exp_arg), or in [lo, hi] (exp_clamped).
 template <typename T>
 inline T exp_nonpositive(T y) {
   using E = Exp<T>;
@@ -70,6 +70,14 @@ inline T exp_nonpositive(T y) {
   const T t2 = (n - (t1 - E::magic)) + E::magic;
   const T r = (y - n * E::ln2_hi) - n * E::ln2_lo;
   return (E::poly(r) * power_of_two(t1)) * power_of_two(t2);
+}
+
+// exp(y) for any y (NaN stays NaN): y clamped to [lo, hi] (exp(hi) overflows to inf), then as exp_nonpositive, whose
+// reduction also holds for positive arguments (2^n1 and 2^n2 stay normal numbers up to n = 2 hi / ln 2).
+template <typename T>
+inline T exp_clamped(T y) {
+  const T hi = Exp<T>::hi;
+  return exp_nonpositive(y < Exp<T>::lo ? Exp<T>::lo : y > hi ? hi : y);
 }
 
 // -|x| clamped to [lo, 0] (NaN stays NaN).
@@ -255,76 +263,138 @@ void gated_output_tokens(const GatedOutputArgs<T>& a, int64_t begin, int64_t end
   }
 }
 
-// Work items [begin, end) of sequences x column tiles: the chunk states' recurrence out[j] = decay[j] out[j - 1] +
-// weight[j] summaries[j - 1] from out[0] = 0 (reverse: from the last chunk, j + 1 for j - 1).
+// The gates of the chunk from step p0, its steps taken in the cell's direction: running sums of the log forget gates
+// (cum_f), the keys' log-weights key_log = i - cum_f (padding: -inf) and their running max; the keys' max and the
+// chunk's total log forget gate into key_max and chunk_log_f.
 template <typename T>
-void state_scan_tiles(const StateScanArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t J = a.chunks, D = a.width, tiles = (D + a.tile - 1) / a.tile;
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t s = item / tiles, c0 = (item % tiles) * a.tile, len = std::min(a.tile, D - c0);
-    const T* decay = a.decay + s * J;
-    const T* weight = a.weight + s * J;
-    const int64_t first = a.reverse ? J - 1 : 0, step = a.reverse ? -1 : 1;
-    T* out = a.out + s * a.out_strides[0] + c0;
-    T* zero = out + first * a.out_strides[1];
-    for (int64_t c = 0; c < len; ++c) zero[c] = T(0);
-    for (int64_t k = 1; k < J; ++k) {
-      const int64_t j = first + k * step, previous = j - step;
-      T* __restrict dst = out + j * a.out_strides[1];
-      const T* last = out + previous * a.out_strides[1];
-      const T* summary = a.summaries + (s * J + previous) * D + c0;
-      const T d = decay[j], w = weight[j];
-      for (int64_t c = 0; c < len; ++c) dst[c] = d * last[c] + w * summary[c];
-    }
+inline void chunk_gates(const CellArgs<T>& a, const T* igate, const T* log_f, int64_t p0, T* cum_f, T* key_log,
+                        T* running_max, T* key_max, T* chunk_log_f) {
+  const int64_t L = a.length;
+  T cum = 0, running = -std::numeric_limits<T>::infinity();
+  for (int64_t u = 0; u < L; ++u) {
+    const int64_t t = a.reverse ? L - 1 - u : u, r = p0 + t - (a.reverse ? a.pad : 0);  // r: the real step
+    const bool real = r >= 0 && r < a.n;
+    cum += real ? log_f[r] : T(0);
+    cum_f[t] = cum;
+    key_log[t] = (real ? igate[r] : -std::numeric_limits<T>::infinity()) - cum;
+    running = key_log[t] > running ? key_log[t] : running;
+    running_max[t] = running;
   }
+  *key_max = running;
+  *chunk_log_f = cum;
 }
 
-// Groups [begin, end) of the chunkwise cell's scores (G, L, L + 1), q . n in the last column: each chunk's scores
-// masked causally (anti-causally for reverse) and times the chunk's scale, the rows' sums (the q . n column
-// included) into row_sum (G, L).
+// Sequences [begin, end) of the B * NH: the factorised chunkwise cell (mlstm/chunkwise_inference.py) chunk by chunk
+// in the cell's direction, the state (DH x DH) and its normaliser (DH) carried from chunk to chunk by their
+// recurrence, so that no chunk's state or summary is stored. Per chunk: the weighted keys and their sum, the scores of
+// the visible blocks of `a.block` rows, q S + scores v, and h with its rows' normalisers into out (BLAS's products on
+// data in cache). Sets *a.too_wide (and stops) at a chunk whose keys span more than the ranges allow.
 template <typename T>
-void mask_scores_groups(const MaskScoresArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t L = a.length, width = L + 1;
-  for (int64_t g = begin; g < end; ++g) {
-    const T scale = a.scale[g];
-    for (int64_t t = 0; t < L; ++t) {
-      T* row = a.scores + (g * L + t) * width;
-      // visible keys: s <= t (causal) or s >= t (reverse)
-      const int64_t lo = a.reverse ? t : 0, hi = a.reverse ? L : t + 1;
-      for (int64_t s = 0; s < lo; ++s) row[s] = T(0);
-      for (int64_t s = hi; s < L; ++s) row[s] = T(0);
-      T sum = 0;
-      if (scale != T(1)) {  // (mostly 1: the visible scores are then only read)
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = lo; s < hi; ++s) {
-          row[s] *= scale;
-          sum += row[s];
+void cell_sequences(const CellArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t L = a.length, D = a.head_dim, J = a.steps / L;
+  std::vector<T> buffer(2 * D * L + L * L + L * D + D * D + 3 * D + 7 * L);
+  T *keys = buffer.data(), *previous_keys = keys + D * L, *scores = previous_keys + D * L;
+  T *mixed = scores + L * L, *state = mixed + L * D, *norm = state + D * D, *key_sums = norm + D;
+  T *previous_key_sums = key_sums + D, *cum_f = previous_key_sums + D, *key_log = cum_f + L;
+  T *running_max = key_log + L, *weight = running_max + L, *row_sum = weight + L, *qn = row_sum + L;
+  T* factor = qn + L;
+  const T tiny = std::sqrt(std::numeric_limits<T>::min());  // chunkwise._flush_tiny's threshold
+  for (int64_t s = begin; s < end && !a.too_wide->load(std::memory_order_relaxed); ++s) {
+    const int64_t b = s / a.heads, head = s % a.heads;
+    const T* igate = a.igate + b * a.igate_strides[0] + head * a.igate_strides[1];
+    const T* log_f = a.log_f + b * a.log_f_strides[0] + head * a.log_f_strides[1];
+    const T *q_seq = a.q + s * a.steps * D, *k_seq = a.k + s * a.steps * D, *v_seq = a.v + s * a.steps * D;
+    T* out = a.out + b * a.out_strides[0] + head * a.out_strides[1];
+    // the state's log-weight stabiliser (its summaries' largest key weight, decayed), and the previous chunk's terms
+    T state_max = T(-1e30), previous_ref = 0, previous_key_ref = 0, previous_key_max = 0, previous_log_f = 0;
+    const T* previous_v = nullptr;
+    for (int64_t c = 0; c < J; ++c) {
+      const int64_t p0 = (a.reverse ? J - 1 - c : c) * L;
+      const T *q = q_seq + p0 * D, *k = k_seq + p0 * D, *v = v_seq + p0 * D;
+      T key_max, chunk_log_f;
+      chunk_gates(a, igate, log_f, p0, cum_f, key_log, running_max, &key_max, &chunk_log_f);
+      const T first_key = key_log[a.reverse ? L - 1 : 0];
+      const T key_ref = std::min(key_max, first_key + a.row_range);
+      if (key_max - key_ref > a.key_lead) {
+        a.too_wide->store(true, std::memory_order_relaxed);
+        return;
+      }
+      const T ref = std::max(key_ref, state_max - a.state_lead);
+      if (c > 0) {  // the state read by this chunk: the last one's decayed, plus the last chunk's summary
+        const T log_decay = previous_log_f + previous_ref - ref;
+        const T decay = c == 1 || log_decay < a.log_flush - a.state_lead ? T(0) : exp_clamped(log_decay);
+        const T weight_of_last = previous_log_f + previous_key_max - ref < a.log_flush
+                                     ? T(0) : exp_clamped(previous_log_f + previous_key_ref - ref);
+        a.gemm(true, false, D, D, L, weight_of_last, previous_keys, D, previous_v, D, decay, state, D);
+        for (int64_t d = 0; d < D; ++d)
+          norm[d] = (decay == T(0) ? T(0) : decay * norm[d]) + weight_of_last * previous_key_sums[d];
+      }
+      // the keys times their weights relative to key_ref (with 1 / sqrt(DH)), and their sum
+      for (int64_t t = 0; t < L; ++t) weight[t] = exp_clamped(key_log[t] - key_ref + a.log_scale);
+      for (int64_t t = 0; t < L; ++t) weight[t] = weight[t] < tiny ? T(0) : weight[t];
+      for (int64_t d = 0; d < D; ++d) key_sums[d] = T(0);
+      for (int64_t t = 0; t < L; ++t) {
+        const T* key = k + t * D;
+        T* __restrict row = keys + t * D;
+        for (int64_t d = 0; d < D; ++d) {
+          row[d] = key[d] * weight[t];
+          key_sums[d] += row[d];
         }
-      } else {
+      }
+      // scores of the visible blocks, times the chunk's scale (its keys' reference relative to ref), masked inside
+      // the diagonal blocks; each row's sum plus q . n is its normaliser
+      const T scale = exp_clamped(key_ref - ref);
+      for (int64_t r0 = 0; r0 < L; r0 += a.block) {
+        const int64_t r1 = std::min(L, r0 + a.block), c0 = a.reverse ? r0 : 0, c1 = a.reverse ? L : r1;
+        a.gemm(false, true, r1 - r0, c1 - c0, D, scale, q + r0 * D, D, keys + c0 * D, D, T(0), scores + r0 * L + c0,
+               L);
+        for (int64_t t = r0; t < r1; ++t) {
+          T* row = scores + t * L;
+          const int64_t lo = a.reverse ? t : c0, hi = a.reverse ? c1 : t + 1;  // visible keys
+          for (int64_t u = c0; u < lo; ++u) row[u] = T(0);
+          for (int64_t u = hi; u < c1; ++u) row[u] = T(0);
+          T sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t s = lo; s < hi; ++s) sum += row[s];
+          for (int64_t u = lo; u < hi; ++u) sum += row[u];
+          row_sum[t] = sum;
+        }
       }
-      a.row_sum[g * L + t] = sum + row[L];
-    }
-  }
-}
-
-// Groups [begin, end) of the chunkwise cell's keys: out[g, t] = k[g, t] * w[g, t] and sums[g] = sum_t out[g, t]
-// (the chunk's normaliser summary).
-template <typename T>
-void weight_keys_groups(const WeightKeysArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t L = a.length, D = a.head_dim;
-  for (int64_t g = begin; g < end; ++g) {
-    T* __restrict sums = a.sums + g * D;
-    for (int64_t d = 0; d < D; ++d) sums[d] = T(0);
-    for (int64_t t = 0; t < L; ++t) {
-      const T* key = a.k + (g * L + t) * D;
-      T* __restrict out = a.out + g * a.out_strides[0] + t * a.out_strides[1];
-      const T w = a.w[g * L + t];
-      for (int64_t d = 0; d < D; ++d) {
-        out[d] = key[d] * w;
-        sums[d] += out[d];
+      for (int64_t t = 0; t < L; ++t) {
+        T dot = 0;
+        if (c > 0) {
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += q[t * D + d] * norm[d];
+        }
+        qn[t] = dot;
       }
+      // mixed = q S + scores v over the visible blocks
+      if (c > 0) a.gemm(false, false, L, D, D, T(1), q, D, state, D, T(0), mixed, D);
+      for (int64_t r0 = 0; r0 < L; r0 += a.block) {
+        const int64_t r1 = std::min(L, r0 + a.block), c0 = a.reverse ? r0 : 0, c1 = a.reverse ? L : r1;
+        a.gemm(false, false, r1 - r0, D, c1 - c0, T(1), scores + r0 * L + c0, L, v + c0 * D, D, c > 0 ? T(1) : T(0),
+               mixed + r0 * D, D);
+      }
+      // h = mixed / (max(|row sum + q . n|, exp(-(cum_f + ref))) + eps exp(stabiliser - ref)) for the real steps
+      for (int64_t t = 0; t < L; ++t) {
+        const T stabiliser = running_max[t] > state_max ? running_max[t] : state_max;
+        const T x = row_sum[t] + qn[t], floor = exp_clamped(-(cum_f[t] + ref));
+        factor[t] = T(1) / ((std::fabs(x) > floor ? std::fabs(x) : floor) + exp_clamped(stabiliser - ref) * a.eps);
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t r = p0 + t - (a.reverse ? a.pad : 0);
+        if (r < 0 || r >= a.n) continue;
+        T* h = out + r * a.out_strides[2];
+        const T* x = mixed + t * D;
+        for (int64_t d = 0; d < D; ++d) h[d] = x[d] * factor[t];
+      }
+      std::swap(keys, previous_keys);
+      std::swap(key_sums, previous_key_sums);
+      previous_v = v;
+      previous_ref = ref;
+      previous_key_ref = key_ref;
+      previous_key_max = key_max;
+      previous_log_f = chunk_log_f;
+      state_max = std::max(state_max, key_max) + chunk_log_f;
     }
   }
 }

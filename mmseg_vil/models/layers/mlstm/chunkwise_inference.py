@@ -25,9 +25,12 @@ largest term in X lies between ``e^-row_range`` and ``e^max(key_lead, state_lead
 key_lead`` (its key weights would exceed ``e^key_lead``), or from ``SCAN_MIN_CHUNKS`` chunks on, the call returns
 ``False`` and :func:`.chunkwise.mlstm_chunkwise` runs its general form: the same function either way.
 
-Where the C++ kernels run (:mod:`..cpu_kernels`), the states are their recurrence chunk by chunk instead of the
-decay matrix's product (:func:`_state_recurrence`; linear in the chunks, so no ``SCAN_MIN_CHUNKS`` limit), and the
-mixer's output norm applies the rows' factors as it reads X (:func:`cell_unscaled`).
+Where the C++ kernels run with BLAS (:mod:`..cpu_kernels`), the cell is their op ``cell_``: the same form chunk by
+chunk in the cell's direction, the state carried by its recurrence (``S_j = decay_j S_{j-1} + weight_j C_{j-1}``,
+linear in the chunks, so no ``SCAN_MIN_CHUNKS`` limit) instead of the decay matrix's product, and the scores computed
+only in their blocks of ``SCORE_BLOCK_ROWS`` rows that hold visible keys. No chunk's state, summary or scores is
+stored: each chunk's products run on data in cache. Elsewhere the mixer's output norm applies the rows' factors as it
+reads X (:func:`cell_unscaled`).
 """
 import math
 from typing import Optional, Tuple
@@ -45,6 +48,9 @@ from .chunkwise import SCAN_MIN_CHUNKS, _chunk_length, _flush_tiny, _state_log_w
 # float32. States and rows stay below e^40 (float32) or e^300 (float64) times their summands.
 _RANGES = {torch.float32: (20.0, 40.0, 20.0), torch.float64: (300.0, 300.0, 300.0)}
 _LOG_FLUSH = {dtype: 0.5 * math.log(torch.finfo(dtype).tiny) for dtype in _RANGES}
+# Rows per block of the C++ cell's score products (chunks of 64: the diagonal blocks' upper halves, a quarter of the
+# scores, are not computed).
+SCORE_BLOCK_ROWS = 32
 
 
 def supports(q: Tensor, *others: Tensor) -> bool:
@@ -79,30 +85,15 @@ class Layout:
         self.real = self.qkv[:, :, :, slice(self.pad, steps) if reverse else slice(0, n)]
 
 
-def _state_recurrence(state_weights: Tensor, chunk_log_f: Tensor, ref: Tensor, reverse: bool,
-                      log_flush: float) -> Tuple[Tensor, Tensor]:
-    """``(decay, weight)`` of the states' recurrence ``S_j = decay_j S_{j-1} + weight_j C_{j-1}`` (reverse: ``j + 1``
-    for ``j - 1``), each ``(sequences, chunks)``: the same sums as ``state_weights @ C``. A summary's log-weight in
-    state ``j`` (relative to ``ref_j``) is the one in state ``j - 1`` plus the forget gates of chunk ``j - 1`` and
-    ``ref_{j-1} - ref_j``: that is the decay. ``weight_j`` is ``state_weights[j, j - 1]``. Decays below
-    ``e^log_flush`` (``_LOG_FLUSH - state_lead``) are 0: they carry no summary weighing ``e^_LOG_FLUSH`` or more, which
-    ``state_weights`` drops too."""
-    if reverse:
-        weight = F.pad(state_weights.diagonal(offset=1, dim1=1, dim2=2), (0, 1))
-        log_decay = F.pad(chunk_log_f[:, 1:] + ref[:, 1:] - ref[:, :-1], (0, 1), value=-math.inf)
-    else:
-        weight = F.pad(state_weights.diagonal(offset=-1, dim1=1, dim2=2), (1, 0))
-        log_decay = F.pad(chunk_log_f[:, :-1] + ref[:, :-1] - ref[:, 1:], (1, 0), value=-math.inf)
-    return torch.exp(log_decay.masked_fill_(log_decay < log_flush, -math.inf)), weight.contiguous()
-
-
 def cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool, out: Tensor,
          eps: float = 1e-6) -> bool:
     """The cell of ``(B, NH, steps, DH)`` contiguous ``q``, ``k``, ``v`` padded to whole chunks of ``length`` steps
     (:class:`Layout`), gate pre-activations ``(B, NH, n)``, written into ``out (B, NH, n, DH)`` (any strides).
-    Returns ``False`` (``out`` untouched) where the general cell must run: rows whose range needs it (module
-    docstring), or from ``SCAN_MIN_CHUNKS`` chunks on where the C++ kernels do not run (the decay matrix's cost grows
-    with their square; the kernels' recurrence does not)."""
+    Returns ``False`` (``out`` undefined) where the general cell must run: rows whose range needs it (module
+    docstring), or from ``SCAN_MIN_CHUNKS`` chunks on where the C++ cell does not run (the decay matrix's cost grows
+    with their square; the C++ cell's recurrence does not)."""
+    if _compiled_cell_usable(q, k, v, out):
+        return _compiled_cell(q, k, v, igate, fgate, length, reverse, out, eps)
     unscaled = cell_unscaled(q, k, v, igate, fgate, length, reverse, eps)
     if unscaled is None:
         return False
@@ -110,17 +101,43 @@ def cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: 
     return True
 
 
+def cell_token_major(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool,
+                     eps: float = 1e-6) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """:func:`cell` for the mixer's output norm, which reads the heads token-major: ``(h, None)`` with ``h (B, n, NH,
+    DH)`` where the C++ cell runs, else ``(X, factor)`` of :func:`cell_unscaled` as ``(B, n, NH, ...)`` views (``h = X
+    * factor``, applied by the norm as it reads X); ``None`` where the general cell must run."""
+    if _compiled_cell_usable(q, k, v):
+        batch, heads, _, head_dim = q.shape
+        h = q.new_empty(batch, igate.shape[-1], heads, head_dim)
+        return (h, None) if _compiled_cell(q, k, v, igate, fgate, length, reverse, h.transpose(1, 2), eps) else None
+    unscaled = cell_unscaled(q, k, v, igate, fgate, length, reverse, eps)
+    return None if unscaled is None else tuple(x.transpose(1, 2) for x in unscaled)
+
+
+def _compiled_cell_usable(*tensors: Tensor) -> bool:
+    return cpu_kernels.usable(*tensors) and cpu_kernels.ops().blas_found()
+
+
+def _compiled_cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool,
+                   out: Tensor, eps: float) -> bool:
+    """:func:`cell` as the C++ kernels' op (check :func:`_compiled_cell_usable` first)."""
+    igate, log_f = igate.to(q.dtype), F.logsigmoid(fgate.to(q.dtype))
+    if igate.stride(-1) != 1:
+        igate = igate.contiguous()
+    return cpu_kernels.ops().cell_(q, k, v, igate, log_f, length, SCORE_BLOCK_ROWS, reverse, eps, *_RANGES[q.dtype],
+                                   _LOG_FLUSH[q.dtype], out)
+
+
 def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool,
                   eps: float = 1e-6) -> Optional[Tuple[Tensor, Tensor]]:
-    """:func:`cell` as ``(X, factor)``: ``h = X * factor`` with ``X (B, NH, n, DH)`` and ``factor (B, NH, n, 1)``
-    views of the cell's buffers (for a consumer that scales the rows as it reads them); ``None`` where the general
-    cell must run."""
+    """The PyTorch form of :func:`cell` as ``(X, factor)``: ``h = X * factor`` with ``X (B, NH, n, DH)`` and ``factor
+    (B, NH, n, 1)`` views of the cell's buffers (for a consumer that scales the rows as it reads them); ``None`` where
+    the general cell must run."""
     batch, heads, steps, head_dim = q.shape
     n = igate.shape[-1]
     pad = steps - n
     sequences, num_chunks = batch * heads, steps // length
-    scan = cpu_kernels.usable(q)  # the C++ kernels: the states' recurrence (linear in the chunks), the scores' pass
-    if num_chunks >= SCAN_MIN_CHUNKS and not scan:
+    if num_chunks >= SCAN_MIN_CHUNKS:
         return None
     groups = sequences * num_chunks
     row_range, key_lead, state_lead = _RANGES[q.dtype]
@@ -154,12 +171,8 @@ def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
     key_weight = _flush_tiny(torch.exp(key_log - (key_ref - log_scale).unsqueeze(-1)))
     # the weighted keys, and below them each chunk's state normaliser: q times it is q . n in the scores' last column
     keys_and_n = q.new_empty(groups, length + 1, head_dim)
-    if scan:  # the weighting and n of each chunk (the weighted keys' sum) in one pass
-        weighted_k, summary_n = keys_and_n[:, :length], q.new_empty(groups, 1, head_dim)
-        cpu_kernels.ops().weight_keys_(k, key_weight, weighted_k, summary_n)
-    else:
-        weighted_k = torch.mul(k, key_weight.unsqueeze(-1), out=keys_and_n[:, :length])
-        summary_n = torch.bmm(key_weight.unsqueeze(1), k)  # n of each chunk, (groups, 1, DH)
+    weighted_k = torch.mul(k, key_weight.unsqueeze(-1), out=keys_and_n[:, :length])
+    summary_n = torch.bmm(key_weight.unsqueeze(1), k)  # n of each chunk, (groups, 1, DH)
     summaries = torch.bmm(weighted_k.transpose(1, 2), v)  # C of each chunk
     # a summary's weight in a state relative to ref, its keys' weights taken back to their max; flushed where that
     # weight is below _flush_tiny's threshold (the product's size, so no subnormal weight times a large summary)
@@ -167,27 +180,16 @@ def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
     state_weights = torch.exp(log_w - key_excess.view(sequences, 1, num_chunks))
     state_weights.masked_fill_(log_w < _LOG_FLUSH[q.dtype], 0)
     n_states = keys_and_n[:, length].view(sequences, num_chunks, head_dim)
-    if scan:  # the states chunk by chunk (linear in the chunks, not quadratic)
-        states = torch.empty_like(summaries)
-        scan = _state_recurrence(state_weights, chunk_log_f, ref, reverse, _LOG_FLUSH[q.dtype] - state_lead)
-        cpu_kernels.ops().state_scan_(summaries.view(sequences, num_chunks, -1), *scan, reverse,
-                                      states.view(sequences, num_chunks, -1))
-        cpu_kernels.ops().state_scan_(summary_n.view(sequences, num_chunks, head_dim), *scan, reverse, n_states)
-    else:
-        states = torch.bmm(state_weights, summaries.view(sequences, num_chunks, -1)).view_as(summaries)
-        torch.bmm(state_weights, summary_n.view(sequences, num_chunks, head_dim), out=n_states)
+    states = torch.bmm(state_weights, summaries.view(sequences, num_chunks, -1)).view_as(summaries)
+    torch.bmm(state_weights, summary_n.view(sequences, num_chunks, head_dim), out=n_states)
 
     scores_and_qn = torch.bmm(q, keys_and_n.transpose(1, 2))
     scores = scores_and_qn[..., :length]
     chunk_scale = key_ref - ref.view(groups)  # 0 unless the state outweighs the chunk's keys by the state lead
-    if scan:  # mask, scale and row sums in one pass
-        row_sum = q.new_empty(groups, length)
-        cpu_kernels.ops().mask_scores_(scores_and_qn, torch.exp(chunk_scale), reverse, row_sum)
-    else:
-        scores.triu_() if reverse else scores.tril_()
-        if bool(chunk_scale.amin() < 0):
-            scores.mul_(torch.exp(chunk_scale).view(groups, 1, 1))
-        row_sum = scores_and_qn.sum(-1)
+    scores.triu_() if reverse else scores.tril_()
+    if bool(chunk_scale.amin() < 0):
+        scores.mul_(torch.exp(chunk_scale).view(groups, 1, 1))
+    row_sum = scores_and_qn.sum(-1)
     mixed = torch.bmm(scores, v).baddbmm_(q, states)  # X: (groups, L, DH)
 
     floor = torch.exp(-(cum_f + ref.view(groups, 1)))  # exp(-m_t) / r_t
