@@ -20,6 +20,7 @@
 #             N=4096 and CUDA-graph ms at ViL-T 2048 px and N=4096 against SDPA, GPU us per kernel
 #   profile   per-kernel GPU time of a ViL-T training step (224, batch 64), PyTorch's kernels by launch site
 #   ncu       Nsight Compute metrics (speed of light, occupancy, warp stalls) of each mixer and mLSTM kernel, once
+#   ncuchunk  the same for the chunkwise mLSTM kernels at ViL-T's 2048 px shape (batch 2, 16384 tokens, chunk 64)
 #   train     tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T, 512 crops, batch 16, --amp
 #   base      A/B: the ViL-T/DeiT-T 224 training step and the fused mLSTM at ViL shapes (mlstm_kernel_check.py
 #             --vil-shapes) of an older commit, carried as .base.tar (made by `git archive -o .base.tar COMMIT`),
@@ -78,11 +79,13 @@ for part in $parts; do
              | tail -40 | tee -a "$out/log.txt" ;;
     profile) timeout 120 python3 benchmarks/profile_vil_step.py --size 224 --batch 64 --out "$out/profile.txt" \
              2>&1 | tail -45 | tee -a "$out/log.txt" ;;
-    ncu) ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    ncu|ncuchunk) ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null \
+           | head -1)
+         args=; name=ncu; [ "$part" = ncuchunk ] && args="--chunkwise 64" && name=ncu_chunkwise
          [ -n "$ncu_bin" ] && (cd benchmarks && timeout 300 "$ncu_bin" --nvtx --nvtx-include "measure/" \
            --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-           --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis python3 ncu_mixer_kernels.py \
-           > "$out/ncu.txt" 2>&1; tail -5 "$out/ncu.txt" | tee -a "$out/log.txt") \
+           --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis python3 ncu_mixer_kernels.py $args \
+           > "$out/$name.txt" 2>&1; tail -5 "$out/$name.txt" | tee -a "$out/log.txt") \
            || echo "no ncu on this machine" | tee -a "$out/log.txt" ;;
     train) timeout 400 bash benchmarks/train_speed.sh "$out/train" 2>&1 | tail -20 | tee -a "$out/log.txt" ;;
     base) mkdir -p /tmp/base && tar -xf .base.tar -C /tmp/base && (cd /tmp/base && PYTHONPATH=/tmp/site:/tmp/base \
