@@ -152,13 +152,17 @@ def test_silu_at_the_ends_of_the_exponentials_range(kernels, isa, dtype):
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
 def test_mixer_with_the_kernels_equals_the_pytorch_path(kernels, reverse, backend, monkeypatch):
     """The mixer without autograd on the CPU, float64, batch 2, an odd grid: the same with the kernels as without
-    (the chunkwise backend: the inference path with the gated output in place; the up-projection's biases are left
-    to the kernels either way)."""
+    (the chunkwise backend: the inference path, the gated output in place as the C++ cell's epilogue; the
+    up-projection's biases are left to the kernels either way)."""
     calls = []
-    for name in ('conv_qkv_gates', 'gated_output_'):
-        function = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda *args, _f=function, _n=name, **kw: calls.append(_n) or _f(*args,
-                                                                                                            **kw))
+    for module, name in ((cpu_kernels, 'conv_qkv_gates'), (cpu_kernels, 'gated_output_'),
+                         (chunkwise_inference, 'cell_gated_output_')):
+        def spy(*args, _f=getattr(module, name), _n=name, **kw):
+            result = _f(*args, **kw)
+            calls.append(_n if result is not False else f'{_n}: not run')
+            return result
+
+        monkeypatch.setattr(module, name, spy)
     torch.manual_seed(0)
     mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend=backend).double()
     for param in mixer.parameters():
@@ -166,11 +170,11 @@ def test_mixer_with_the_kernels_equals_the_pytorch_path(kernels, reverse, backen
     x, grid = torch.randn(2, 35, 16, dtype=torch.float64), (5, 7)
     with torch.no_grad():
         ours = mixer(x, grid)
-        ran = ['conv_qkv_gates', 'gated_output_'] if backend == 'chunkwise' else ['conv_qkv_gates']
+        ran = ['conv_qkv_gates', 'cell_gated_output_'] if backend == 'chunkwise' else ['conv_qkv_gates']
         assert calls == ran
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
         expected = mixer(x, grid)
-    assert calls == ran
+    assert calls == ran + (['cell_gated_output_: not run'] if backend == 'chunkwise' else [])
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -228,6 +232,50 @@ def test_cell_reports_chunks_too_wide_for_its_ranges(kernels):
     q, k, v, igate, fgate, _ = make_inputs(128, 12, torch.float64, seed=9)
     igate[..., 100] += 700
     assert not _compiled_cell(q, k, v, igate, fgate, 64, False)[0]
+
+
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+@pytest.mark.parametrize('biases', [True, False], ids=['biases', 'no-biases'])
+def test_cell_with_the_gated_output_as_its_epilogue(kernels, isa, reverse, biases):
+    """cell_gated_output_: the gated output (the reference's) of the cell's h (the parallel cell's), in place on z;
+    z's bias (the up-projection's) added by the epilogue. 3 heads, padded chunks, float64."""
+    from test_mlstm_backends import directed_reference, make_inputs
+    n, heads, head_dim = 150, 3, 8
+    q, k, v, igate, fgate = make_inputs(n, head_dim, torch.float64, seed=4, heads=heads)[:5]
+    generator = torch.Generator().manual_seed(5)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    inner = heads * head_dim
+    x_conv, z, norm_weight, skip = randn(2, n, inner), randn(2, n, inner), randn(inner), randn(inner)
+    norm_bias, z_bias = (randn(inner), randn(inner)) if biases else (None, None)
+    h = directed_reference([q, k, v, igate, fgate], reverse).transpose(1, 2).contiguous()
+    expected = reference.gated_output(h, x_conv, z if z_bias is None else z + z_bias, norm_weight, norm_bias, skip,
+                                      1e-5)
+    layout = chunkwise_inference.Layout(2, heads, n, head_dim, 64, reverse, torch.float64, 'cpu')
+    for buffer, x in zip(layout.real, (q, k, v)):
+        buffer.copy_(x)
+    with torch.no_grad():
+        assert chunkwise_inference.cell_gated_output_(*layout.qkv, igate, fgate, layout.length, reverse, x_conv, z,
+                                                      norm_weight, norm_bias, skip, 1e-5, z_bias)
+    torch.testing.assert_close(z, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_cell_with_the_gated_output_leaves_z_where_the_general_cell_must_run(kernels):
+    from test_mlstm_backends import make_inputs
+    q, k, v, igate, fgate, _ = make_inputs(128, 12, torch.float64, seed=9)
+    igate[:, 1, 100] += 700  # one sequence's chunk too wide: nothing of the others is written either
+    layout = chunkwise_inference.Layout(2, 2, 128, 12, 64, False, torch.float64, 'cpu')
+    for buffer, x in zip(layout.real, (q, k, v)):
+        buffer.copy_(x)
+    z = torch.randn(2, 128, 24, dtype=torch.float64)
+    original = z.clone()
+    with torch.no_grad():
+        assert not chunkwise_inference.cell_gated_output_(*layout.qkv, igate, fgate, layout.length, False,
+                                                          torch.randn_like(z), z, torch.ones(24, dtype=z.dtype),
+                                                          None, torch.ones(24, dtype=z.dtype), 1e-5)
+    torch.testing.assert_close(z, original, rtol=0, atol=0)
 
 
 def test_without_blas_the_cells_pytorch_form_runs(kernels, monkeypatch):
@@ -294,8 +342,14 @@ def test_threads_split_the_work_without_changing_the_result(kernels):
             x_conv, qkv, gates = cpu_kernels.conv_qkv_gates(conv_inputs[0], grid, *conv_inputs[1:], heads, True)
             out = cpu_kernels.gated_output_(h, x_conv, z.clone(), *norm, 1e-5)
             ok, cell_out = _compiled_cell(*cell_inputs, 64, True)
-            assert ok
-            results.append((x_conv, qkv, gates, out, cell_out))
+            gated = torch.ones(1, 500, 384)  # z, overwritten by the cell's gated output
+            layout = chunkwise_inference.Layout(1, 4, 500, 96, 64, False, torch.float32, 'cpu')
+            for buffer, x in zip(layout.real, cell_inputs[:3]):
+                buffer.copy_(x)
+            assert ok and chunkwise_inference.cell_gated_output_(*layout.qkv, *cell_inputs[3:], layout.length, False,
+                                                                 torch.ones(1, 500, 384), gated, torch.ones(384), None,
+                                                                 torch.ones(384), 1e-5)
+            results.append((x_conv, qkv, gates, out, cell_out, gated))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):

@@ -86,21 +86,21 @@ def test_reverse_equals_flipped_sequence(backend):
 @pytest.mark.parametrize('grid', [(9, 9), (16, 8)], ids=['padded', 'whole-chunks'])
 def test_mixer_inference_path_equals_official_flip_formulation(reverse, grid, options, cpu_kernels, monkeypatch):
     """Without autograd on the CPU the chunkwise backend runs the mixer's inference path (q/k/v written into the
-    cell's chunk layout, h token-major; the C++ cell where the kernels build, else the PyTorch form with the rows'
-    factors applied by the output norm): the official function. 81 steps in chunks of 16 (padded) or 128 in 8."""
+    cell's chunk layout; the C++ cell with the gated output as its epilogue where the kernels build, else the PyTorch
+    form with the rows' factors applied by the output norm): the official function. 81 steps in chunks of 16 (padded) or 128 in 8."""
     import mmseg_vil.models.layers.mlstm.chunkwise_inference as inference
     import mmseg_vil.models.layers.vil_block as vil_block
+    from mmseg_vil.models.layers.cpu_kernels import ops, usable
     monkeypatch.setenv('MMSEG_VIL_CPU_EXTENSION', cpu_kernels)
     monkeypatch.setattr(vil_block, 'CHUNK_SIZE', 16)
-    ran = []
-    cell = inference.cell_token_major
+    ran = []  # (function, whether it ran the factorised form)
+    for name in ('cell_gated_output_', 'cell_unscaled'):
+        def spy(*args, cell=getattr(inference, name), name=name):
+            result = cell(*args)
+            ran.append((name, result is not None and result is not False))
+            return result
 
-    def spy(*args):
-        result = cell(*args)
-        ran.append(result is not None)  # the factorised form ran
-        return result
-
-    monkeypatch.setattr(inference, 'cell_token_major', spy)
+        monkeypatch.setattr(inference, name, spy)
     torch.manual_seed(0)
     mixer = MLSTMMixer(16, num_heads=2, reverse=reverse, mlstm_backend='chunkwise', **options).double()
     for param in mixer.parameters():
@@ -109,7 +109,9 @@ def test_mixer_inference_path_equals_official_flip_formulation(reverse, grid, op
     with torch.no_grad():
         ours = mixer(x, grid)
         expected = official_mixer(mixer, x, grid)
-    assert ran == [True]
+    compiled = usable(x) and ops().blas_found()  # the C++ cell, the gated output its epilogue
+    assert ran == ([('cell_gated_output_', True)] if compiled else
+                   [('cell_gated_output_', False), ('cell_unscaled', True)])
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
 
 

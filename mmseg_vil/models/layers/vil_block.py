@@ -176,17 +176,20 @@ class MLSTMMixer(nn.Module):
         if layout is None:
             h = mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse).transpose(1, 2)
         else:
-            # h token-major, or unscaled with its rows' factors, which the output norm applies as it reads them
-            h_scale = chunkwise_inference.cell_token_major(*layout.qkv, igate, fgate, layout.length, self.reverse)
+            # z is this path's own temporary (two products, not the halves of one): overwritten by the gated output,
+            # the C++ cell's epilogue where it runs
+            norm_args = (self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)
+            if chunkwise_inference.cell_gated_output_(*layout.qkv, igate, fgate, layout.length, self.reverse, x_conv,
+                                                      z, *norm_args, up_biases[1]):
+                return self.proj_down(z)
+            # the cell's output unscaled, its rows' factors applied by the output norm as it reads them
+            h_scale = chunkwise_inference.cell_unscaled(*layout.qkv, igate, fgate, layout.length, self.reverse)
             if h_scale is None:
                 h = x_mlstm.new_empty(batch, n, self.num_heads, self.inner_dims // self.num_heads)
                 h.transpose(1, 2).copy_(mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse))
             else:
-                h, h_scale = h_scale
-            # z is this path's own temporary (two products, not the halves of one): overwritten
-            out = gated_output_(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
-                                self.outnorm.eps, h_scale, up_biases[1])
-            return self.proj_down(out)
+                h, h_scale = (t.transpose(1, 2) for t in h_scale)
+            return self.proj_down(gated_output_(h, x_conv, z, *norm_args, h_scale, up_biases[1]))
         if up_biases[1] is not None:
             z = z + up_biases[1]
         out = gated_output(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -84,13 +85,14 @@ struct CellArgs {
   const T* igate;      // (B, NH, n), strides igate_strides along B, NH, contiguous along n
   const T* log_f;      // log sigmoid of the forget gates, like igate
   int64_t igate_strides[2], log_f_strides[2];
-  T* out;  // h (B, NH, n, DH), strides out_strides along B, NH, n
+  T* out;  // h (B, NH, n, DH), strides out_strides along B, NH, n; or null, and
   int64_t out_strides[3];
+  const GatedOutputArgs<T>* gated;  // the gated output of h into its z (h, scale unused), or null
   int64_t heads, steps, n, pad, length, block, head_dim;
   bool reverse;
   T eps, row_range, key_lead, state_lead, log_flush, log_scale;
   Gemm<T> gemm;
-  std::atomic<bool>* too_wide;
+  std::atomic<bool>* too_wide;  // set by cell_keys_fit
 };
 
 }  // namespace mmseg_vil_cpu
@@ -343,105 +345,163 @@ void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int6
   });
 }
 
+// The gated output's tensors besides h: x_conv, z (B, N, E) contiguous, norm_weight, skip (E,) contiguous, norm_bias
+// and z_bias (E,) contiguous or none, all of `dtype`.
+void check_gated_output(const at::Tensor& x_conv, const at::Tensor& z, const std::optional<at::Tensor>& z_bias,
+                        const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
+                        const at::Tensor& skip, at::ScalarType dtype, int64_t batch, int64_t tokens, int64_t inner) {
+  for (const auto* t : {&x_conv, &z, &norm_weight, &skip}) {
+    check_cpu(*t, "every tensor");
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), "contiguous tensors of h's dtype");
+  }
+  TORCH_CHECK(x_conv.numel() == batch * tokens * inner && z.numel() == batch * tokens * inner &&
+                  x_conv.size(-1) == inner && z.size(-1) == inner && norm_weight.numel() == inner &&
+                  skip.numel() == inner,
+              "x_conv, z: (B, N, E); norm_weight, skip: (E,)");
+  for (const auto* bias : {&norm_bias, &z_bias})
+    if (*bias) {
+      check_cpu(**bias, "biases");
+      TORCH_CHECK((*bias)->numel() == inner && (*bias)->is_contiguous() && (*bias)->scalar_type() == dtype,
+                  "norm_bias, z_bias: (E,) contiguous");
+    }
+}
+
+// GatedOutputArgs of checked tensors, without h; `zeros` (E zeros) stands in for a missing norm bias.
+template <typename T>
+GatedOutputArgs<T> gated_output_args(const at::Tensor& x_conv, const at::Tensor& z,
+                                     const std::optional<at::Tensor>& z_bias, const at::Tensor& norm_weight,
+                                     const std::optional<at::Tensor>& norm_bias, const at::Tensor& skip, double eps,
+                                     int64_t tokens, int64_t heads, int64_t head_dim, const std::vector<T>& zeros) {
+  return GatedOutputArgs<T>{nullptr, {0, 0, 0}, nullptr, {0, 0, 0}, tokens, x_conv.data_ptr<T>(), z.data_ptr<T>(),
+                            norm_weight.data_ptr<T>(), norm_bias ? norm_bias->data_ptr<T>() : zeros.data(),
+                            z_bias ? z_bias->data_ptr<T>() : nullptr, skip.data_ptr<T>(), heads, head_dim,
+                            static_cast<T>(eps)};
+}
+
 // z = (LayerNorm_per_head(h * h_scale) * norm_weight [+ norm_bias] + skip * x_conv) * silu(z [+ z_bias]) for
 // h (B, N, NH, DH) (any strides but along DH), h_scale (B, N, NH, 1) or none (any strides), x_conv, z (B, N, NH * DH)
 // contiguous; z_bias: z's bias (NH * DH,) not yet added (the up-projection's).
 void gated_output_(const at::Tensor& h, const std::optional<at::Tensor>& h_scale, const at::Tensor& x_conv,
                    const at::Tensor& z, const std::optional<at::Tensor>& z_bias, const at::Tensor& norm_weight,
                    const std::optional<at::Tensor>& norm_bias, const at::Tensor& skip, double eps) {
-  for (const auto* t : {&h, &x_conv, &z, &norm_weight, &skip}) {
-    check_cpu(*t, "every tensor");
-    TORCH_CHECK(t->scalar_type() == h.scalar_type(), "every tensor of h's dtype");
-  }
-  for (const auto* t : {&x_conv, &z, &norm_weight, &skip}) TORCH_CHECK(t->is_contiguous(), "contiguous tensors");
+  check_cpu(h, "h");
   TORCH_CHECK(h.dim() == 4 && h.stride(3) == 1, "h: (B, N, NH, DH), DH contiguous");
   const int64_t batch = h.size(0), tokens = h.size(1), heads = h.size(2), head_dim = h.size(3);
   const int64_t inner = heads * head_dim;
-  TORCH_CHECK(x_conv.numel() == batch * tokens * inner && z.numel() == batch * tokens * inner &&
-                  x_conv.size(-1) == inner && z.size(-1) == inner && norm_weight.numel() == inner &&
-                  skip.numel() == inner,
-              "x_conv, z: (B, N, E); norm_weight, skip: (E,)");
+  check_gated_output(x_conv, z, z_bias, norm_weight, norm_bias, skip, h.scalar_type(), batch, tokens, inner);
   if (h_scale) {
     check_cpu(*h_scale, "h_scale");
     TORCH_CHECK(h_scale->dim() == 4 && h_scale->size(0) == batch && h_scale->size(1) == tokens &&
                     h_scale->size(2) == heads && h_scale->size(3) == 1 && h_scale->scalar_type() == h.scalar_type(),
                 "h_scale: (B, N, NH, 1) of h's dtype");
   }
-  for (const auto* bias : {&norm_bias, &z_bias})
-    if (*bias) {
-      check_cpu(**bias, "biases");
-      TORCH_CHECK((*bias)->numel() == inner && (*bias)->is_contiguous() &&
-                      (*bias)->scalar_type() == h.scalar_type(), "norm_bias, z_bias: (E,) contiguous");
-    }
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gated_output_", [&] {
     using T = scalar_t;
     std::vector<T> zeros(norm_bias ? 0 : inner, T(0));
-    const GatedOutputArgs<T> args{h.data_ptr<T>(),
-                                  {h.stride(0), h.stride(1), h.stride(2)},
-                                  h_scale ? h_scale->data_ptr<T>() : nullptr,
-                                  {h_scale ? h_scale->stride(0) : 0, h_scale ? h_scale->stride(1) : 0,
-                                   h_scale ? h_scale->stride(2) : 0},
-                                  tokens,
-                                  x_conv.data_ptr<T>(),
-                                  z.data_ptr<T>(),
-                                  norm_weight.data_ptr<T>(),
-                                  norm_bias ? norm_bias->data_ptr<T>() : zeros.data(),
-                                  z_bias ? z_bias->data_ptr<T>() : nullptr,
-                                  skip.data_ptr<T>(),
-                                  heads,
-                                  head_dim,
-                                  static_cast<T>(eps)};
+    GatedOutputArgs<T> args = gated_output_args<T>(x_conv, z, z_bias, norm_weight, norm_bias, skip, eps, tokens,
+                                                   heads, head_dim, zeros);
+    args.h = h.data_ptr<T>();
+    std::copy_n(h.strides().data(), 3, args.h_strides);
+    if (h_scale) {
+      args.scale = h_scale->data_ptr<T>();
+      std::copy_n(h_scale->strides().data(), 3, args.scale_strides);
+    }
     auto run = pick(KERNEL_VERSIONS(gated_output_tokens<T>));
     at::parallel_for(0, batch * tokens, std::max<int64_t>(1, kGrainWork / (4 * inner)),
                      [&](int64_t begin, int64_t end) { run(args, begin, end); });
   });
 }
 
-// The factorised chunkwise cell (mlstm/chunkwise_inference.py) of q, k, v (B, NH, steps, DH) contiguous, steps whole
-// chunks of `length` (padding zero: behind the n real steps, in front for reverse), igate and log_f = log
-// sigmoid(fgate) (B, NH, n) contiguous along n: h into out (B, NH, n, DH), any strides but along DH. Returns false
-// (out partly written) where a chunk's keys span more than row_range + key_lead (the general cell must run). `block`:
-// rows per block of the scores' products (only blocks with visible keys are computed). Needs blas_found().
-bool cell_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& igate,
-           const at::Tensor& log_f, int64_t length, int64_t block, bool reverse, double eps, double row_range,
-           double key_lead, double state_lead, double log_flush, const at::Tensor& out) {
-  TORCH_CHECK(blas_found(), "cell_ needs BLAS (sgemm_, dgemm_), which this PyTorch build does not export");
-  for (const auto* t : {&q, &k, &v, &igate, &log_f, &out}) {
+// Checks the cell's inputs (see cell_); its sizes (B, NH, steps, DH, n).
+std::array<int64_t, 5> check_cell(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& igate, const at::Tensor& log_f, int64_t length, int64_t block) {
+  TORCH_CHECK(blas_found(), "the cell needs BLAS (sgemm_, dgemm_), which this PyTorch build does not export");
+  for (const auto* t : {&q, &k, &v, &igate, &log_f}) {
     check_cpu(*t, "every tensor");
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "every tensor of q's dtype");
   }
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && k.sizes() == q.sizes() && k.is_contiguous() &&
                   v.sizes() == q.sizes() && v.is_contiguous(),
               "q, k, v: (B, NH, steps, DH) contiguous");
-  const int64_t batch = q.size(0), heads = q.size(1), steps = q.size(2), head_dim = q.size(3), n = igate.size(-1);
+  const int64_t batch = q.size(0), heads = q.size(1), steps = q.size(2), n = igate.size(-1);
   TORCH_CHECK(length > 0 && steps % length == 0 && n <= steps && steps - n < length && block > 0,
               "steps: whole chunks of length, at most one chunk of padding");
   for (const auto* t : {&igate, &log_f})
     TORCH_CHECK(t->dim() == 3 && t->size(0) == batch && t->size(1) == heads && t->size(2) == n && t->stride(2) == 1,
                 "igate, log_f: (B, NH, n), contiguous along n");
-  TORCH_CHECK(out.dim() == 4 && out.size(0) == batch && out.size(1) == heads && out.size(2) == n &&
-                  out.size(3) == head_dim && out.stride(3) == 1,
-              "out: (B, NH, n, DH), contiguous along DH");
+  return {batch, heads, steps, q.size(3), n};
+}
+
+// Runs the cell of checked inputs: h into out (B, NH, n, DH) if given, else its gated output by `gated`.
+template <typename T>
+bool run_cell(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& igate,
+              const at::Tensor& log_f, int64_t length, int64_t block, bool reverse, double eps, double row_range,
+              double key_lead, double state_lead, double log_flush, const at::Tensor* out,
+              const GatedOutputArgs<T>* gated) {
+  const int64_t batch = q.size(0), heads = q.size(1), steps = q.size(2), head_dim = q.size(3), n = igate.size(-1);
   std::atomic<bool> too_wide{false};
   if (batch * heads == 0 || n == 0) return true;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cell_", [&] {
-    using T = scalar_t;
-    const CellArgs<T> args{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), igate.data_ptr<T>(),
-                           log_f.data_ptr<T>(), {igate.stride(0), igate.stride(1)},
-                           {log_f.stride(0), log_f.stride(1)}, out.data_ptr<T>(),
-                           {out.stride(0), out.stride(1), out.stride(2)}, heads, steps, n, steps - n, length, block,
-                           head_dim, reverse, static_cast<T>(eps), static_cast<T>(row_range),
-                           static_cast<T>(key_lead), static_cast<T>(state_lead), static_cast<T>(log_flush),
-                           static_cast<T>(-0.5 * std::log(static_cast<double>(head_dim))), &blas_gemm<T>,
-                           &too_wide};
-    auto run = pick(KERNEL_VERSIONS(cell_sequences<T>));
-    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-      FlushSubnormals flush;
-      OneBlasThread one_thread;
-      run(args, begin, end);
-    });
+  const CellArgs<T> args{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), igate.data_ptr<T>(), log_f.data_ptr<T>(),
+                         {igate.stride(0), igate.stride(1)}, {log_f.stride(0), log_f.stride(1)},
+                         out ? out->data_ptr<T>() : nullptr,
+                         {out ? out->stride(0) : 0, out ? out->stride(1) : 0, out ? out->stride(2) : 0}, gated, heads,
+                         steps, n, steps - n, length, block, head_dim, reverse, static_cast<T>(eps),
+                         static_cast<T>(row_range), static_cast<T>(key_lead), static_cast<T>(state_lead),
+                         static_cast<T>(log_flush), static_cast<T>(-0.5 * std::log(static_cast<double>(head_dim))),
+                         &blas_gemm<T>, &too_wide};
+  auto check = pick(KERNEL_VERSIONS(cell_keys_fit<T>));
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) { check(args, begin, end); });
+  if (too_wide.load()) return false;
+  auto run = pick(KERNEL_VERSIONS(cell_sequences<T>));
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    FlushSubnormals flush;
+    OneBlasThread one_thread;
+    run(args, begin, end);
   });
-  return !too_wide.load();
+  return true;
+}
+
+// The factorised chunkwise cell (mlstm/chunkwise_inference.py) of q, k, v (B, NH, steps, DH) contiguous, steps whole
+// chunks of `length` (padding zero: behind the n real steps, in front for reverse), igate and log_f = log
+// sigmoid(fgate) (B, NH, n) contiguous along n: h into out (B, NH, n, DH), any strides but along DH. Returns false
+// (out untouched) where a chunk's keys span more than row_range + key_lead (the general cell must run). `block`:
+// rows per block of the scores' products (only blocks with visible keys are computed). Needs blas_found().
+bool cell_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& igate,
+           const at::Tensor& log_f, int64_t length, int64_t block, bool reverse, double eps, double row_range,
+           double key_lead, double state_lead, double log_flush, const at::Tensor& out) {
+  const auto [batch, heads, steps, head_dim, n] = check_cell(q, k, v, igate, log_f, length, block);
+  check_cpu(out, "out");
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == batch && out.size(1) == heads && out.size(2) == n &&
+                  out.size(3) == head_dim && out.stride(3) == 1 && out.scalar_type() == q.scalar_type(),
+              "out: (B, NH, n, DH) of q's dtype, contiguous along DH");
+  bool result = true;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cell_", [&] {
+    result = run_cell<scalar_t>(q, k, v, igate, log_f, length, block, reverse, eps, row_range, key_lead, state_lead,
+                                log_flush, &out, nullptr);
+  });
+  return result;
+}
+
+// cell_ with gated_output_ (no h_scale) as its epilogue: each head's rows of h, while in cache, give its channels of
+// z (B, n, NH * DH) in place; h is not stored. Returns false (z untouched) where cell_ does.
+bool cell_gated_output_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& igate,
+                        const at::Tensor& log_f, int64_t length, int64_t block, bool reverse, double eps,
+                        double row_range, double key_lead, double state_lead, double log_flush,
+                        const at::Tensor& x_conv, const at::Tensor& z, const std::optional<at::Tensor>& z_bias,
+                        const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
+                        const at::Tensor& skip, double norm_eps) {
+  const auto [batch, heads, steps, head_dim, n] = check_cell(q, k, v, igate, log_f, length, block);
+  check_gated_output(x_conv, z, z_bias, norm_weight, norm_bias, skip, q.scalar_type(), batch, n, heads * head_dim);
+  bool result = true;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cell_gated_output_", [&] {
+    using T = scalar_t;
+    std::vector<T> zeros(norm_bias ? 0 : heads * head_dim, T(0));
+    const GatedOutputArgs<T> gated = gated_output_args<T>(x_conv, z, z_bias, norm_weight, norm_bias, skip, norm_eps,
+                                                          n, heads, head_dim, zeros);
+    result = run_cell<T>(q, k, v, igate, log_f, length, block, reverse, eps, row_range, key_lead, state_lead,
+                         log_flush, nullptr, &gated);
+  });
+  return result;
 }
 
 }  // namespace
@@ -454,6 +514,11 @@ TORCH_LIBRARY(mmseg_vil_cpu, m) {
       "cell_(Tensor q, Tensor k, Tensor v, Tensor igate, Tensor log_f, int length, int block, bool reverse, "
       "float eps, float row_range, float key_lead, float state_lead, float log_flush, Tensor(a!) out) -> bool",
       &mmseg_vil_cpu::cell_);
+  m.def(
+      "cell_gated_output_(Tensor q, Tensor k, Tensor v, Tensor igate, Tensor log_f, int length, int block, "
+      "bool reverse, float eps, float row_range, float key_lead, float state_lead, float log_flush, Tensor x_conv, "
+      "Tensor(a!) z, Tensor? z_bias, Tensor norm_weight, Tensor? norm_bias, Tensor skip, float norm_eps) -> bool",
+      &mmseg_vil_cpu::cell_gated_output_);
   m.def(
       "conv_qkv(Tensor x, Tensor? x_bias, int height, int width, Tensor conv_weight, Tensor? conv_bias, "
       "Tensor qkv_weight, Tensor? qkv_bias, bool reverse, Tensor gate_weight, Tensor gate_bias, Tensor(a!) x_conv, "

@@ -224,20 +224,38 @@ void conv_qkv_rows(const ConvQkvArgs<T>& a, int64_t row_begin, int64_t row_end) 
   }
 }
 
+// Head hd's channels of one token (xc, z: the token's rows of x_conv and z): z = (LayerNorm(h) * w + b + skip *
+// x_conv) * silu(z [+ z_bias]) for the head's row h (DH).
+template <typename T>
+inline void gate_head(const GatedOutputArgs<T>& a, const T* hv, int64_t hd, const T* xc, T* z) {
+  const int64_t DH = a.head_dim, c0 = hd * DH;
+  const T inv_dh = T(1) / T(DH);
+  if (a.z_bias)
+    for (int64_t d = 0; d < DH; ++d) z[c0 + d] += a.z_bias[c0 + d];
+  silu_row(z + c0, z + c0, DH);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < DH; ++d) sum += hv[d];
+  const T mean = sum * inv_dh;
+  T squares = 0;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t d = 0; d < DH; ++d) squares += (hv[d] - mean) * (hv[d] - mean);
+  const T rstd = T(1) / std::sqrt(squares * inv_dh + a.eps);
+  for (int64_t d = 0; d < DH; ++d) {
+    const int64_t c = c0 + d;
+    const T normed = a.norm_bias[c] + ((hv[d] - mean) * rstd) * a.norm_weight[c];
+    z[c] *= normed + a.skip[c] * xc[c];
+  }
+}
+
 // Tokens [begin, end) of the B * N: z = (LayerNorm_per_head(h) * w + b + skip * x_conv) * silu(z), with h's rows
 // times their scale first where there is one, z plus its bias first where there is one.
 template <typename T>
 void gated_output_tokens(const GatedOutputArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t DH = a.head_dim, E = a.heads * DH;
-  const T inv_dh = T(1) / T(DH);
   std::vector<T> scaled(a.scale ? DH : 0);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / a.tokens, n = t % a.tokens;
-    const T* xc = a.x_conv + t * E;
-    T* z = a.z + t * E;
-    if (a.z_bias)
-      for (int64_t c = 0; c < E; ++c) z[c] += a.z_bias[c];
-    silu_row(z, z, E);
     for (int64_t hd = 0; hd < a.heads; ++hd) {
       const T* hv = a.h + b * a.h_strides[0] + n * a.h_strides[1] + hd * a.h_strides[2];
       if (a.scale) {
@@ -245,20 +263,7 @@ void gated_output_tokens(const GatedOutputArgs<T>& a, int64_t begin, int64_t end
         for (int64_t d = 0; d < DH; ++d) scaled[d] = hv[d] * factor;
         hv = scaled.data();
       }
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t d = 0; d < DH; ++d) sum += hv[d];
-      const T mean = sum * inv_dh;
-      T squares = 0;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t d = 0; d < DH; ++d) squares += (hv[d] - mean) * (hv[d] - mean);
-      const T rstd = T(1) / std::sqrt(squares * inv_dh + a.eps);
-      const int64_t c0 = hd * DH;
-      for (int64_t d = 0; d < DH; ++d) {
-        const int64_t c = c0 + d;
-        const T normed = a.norm_bias[c] + ((hv[d] - mean) * rstd) * a.norm_weight[c];
-        z[c] *= normed + a.skip[c] * xc[c];
-      }
+      gate_head(a, hv, hd, a.x_conv + t * E, a.z + t * E);
     }
   }
 }
@@ -284,27 +289,50 @@ inline void chunk_gates(const CellArgs<T>& a, const T* igate, const T* log_f, in
   *chunk_log_f = cum;
 }
 
-// Sequences [begin, end) of the B * NH: the factorised chunkwise cell (mlstm/chunkwise_inference.py) chunk by chunk
-// in the cell's direction, the state (DH x DH) and its normaliser (DH) carried from chunk to chunk by their
-// recurrence, so that no chunk's state or summary is stored. Per chunk: the weighted keys and their sum, the scores of
-// the visible blocks of `a.block` rows, q S + scores v, and h with its rows' normalisers into out (BLAS's products on
-// data in cache). Sets *a.too_wide (and stops) at a chunk whose keys span more than the ranges allow.
+// Sequences [begin, end) of the B * NH: whether every chunk's keys span at most row_range + key_lead (the cell's
+// ranges, mlstm/chunkwise_inference.py); *a.too_wide set where not.
 template <typename T>
-void cell_sequences(const CellArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t L = a.length, D = a.head_dim, J = a.steps / L;
-  std::vector<T> buffer(2 * D * L + L * L + L * D + D * D + 3 * D + 7 * L);
-  T *keys = buffer.data(), *previous_keys = keys + D * L, *scores = previous_keys + D * L;
-  T *mixed = scores + L * L, *state = mixed + L * D, *norm = state + D * D, *key_sums = norm + D;
-  T *previous_key_sums = key_sums + D, *cum_f = previous_key_sums + D, *key_log = cum_f + L;
-  T *running_max = key_log + L, *weight = running_max + L, *row_sum = weight + L, *qn = row_sum + L;
-  T* factor = qn + L;
-  const T tiny = std::sqrt(std::numeric_limits<T>::min());  // chunkwise._flush_tiny's threshold
+void cell_keys_fit(const CellArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t L = a.length, J = a.steps / L;
+  std::vector<T> buffer(3 * L);
   for (int64_t s = begin; s < end && !a.too_wide->load(std::memory_order_relaxed); ++s) {
     const int64_t b = s / a.heads, head = s % a.heads;
     const T* igate = a.igate + b * a.igate_strides[0] + head * a.igate_strides[1];
     const T* log_f = a.log_f + b * a.log_f_strides[0] + head * a.log_f_strides[1];
+    for (int64_t j = 0; j < J; ++j) {
+      T key_max, chunk_log_f;
+      chunk_gates(a, igate, log_f, j * L, buffer.data(), buffer.data() + L, buffer.data() + 2 * L, &key_max,
+                  &chunk_log_f);
+      const T first_key = buffer[L + (a.reverse ? L - 1 : 0)];
+      if (key_max - std::min(key_max, first_key + a.row_range) > a.key_lead) {
+        a.too_wide->store(true, std::memory_order_relaxed);
+        return;
+      }
+    }
+  }
+}
+
+// Sequences [begin, end) of the B * NH (their keys checked by cell_keys_fit): the factorised chunkwise cell (mlstm/chunkwise_inference.py) chunk by chunk
+// in the cell's direction, the state (DH x DH) and its normaliser (DH) carried from chunk to chunk by their
+// recurrence, so that no chunk's state or summary is stored. Per chunk: the weighted keys and their sum, the scores of
+// the visible blocks of `a.block` rows, q S + scores v, and h with its rows' normalisers into out, or its gated output
+// into a.gated's z (BLAS's products on data in cache).
+template <typename T>
+void cell_sequences(const CellArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t L = a.length, D = a.head_dim, J = a.steps / L;
+  std::vector<T> buffer(2 * D * L + L * L + L * D + D * D + 4 * D + 7 * L);
+  T *keys = buffer.data(), *previous_keys = keys + D * L, *scores = previous_keys + D * L;
+  T *mixed = scores + L * L, *state = mixed + L * D, *norm = state + D * D, *key_sums = norm + D;
+  T *previous_key_sums = key_sums + D, *cum_f = previous_key_sums + D, *key_log = cum_f + L;
+  T *running_max = key_log + L, *weight = running_max + L, *row_sum = weight + L, *qn = row_sum + L;
+  T *factor = qn + L, *h_row = factor + L;
+  const T tiny = std::sqrt(std::numeric_limits<T>::min());  // chunkwise._flush_tiny's threshold
+  for (int64_t s = begin; s < end; ++s) {
+    const int64_t b = s / a.heads, head = s % a.heads;
+    const T* igate = a.igate + b * a.igate_strides[0] + head * a.igate_strides[1];
+    const T* log_f = a.log_f + b * a.log_f_strides[0] + head * a.log_f_strides[1];
     const T *q_seq = a.q + s * a.steps * D, *k_seq = a.k + s * a.steps * D, *v_seq = a.v + s * a.steps * D;
-    T* out = a.out + b * a.out_strides[0] + head * a.out_strides[1];
+    T* out = a.out ? a.out + b * a.out_strides[0] + head * a.out_strides[1] : nullptr;
     // the state's log-weight stabiliser (its summaries' largest key weight, decayed), and the previous chunk's terms
     T state_max = T(-1e30), previous_ref = 0, previous_key_ref = 0, previous_key_max = 0, previous_log_f = 0;
     const T* previous_v = nullptr;
@@ -313,12 +341,7 @@ void cell_sequences(const CellArgs<T>& a, int64_t begin, int64_t end) {
       const T *q = q_seq + p0 * D, *k = k_seq + p0 * D, *v = v_seq + p0 * D;
       T key_max, chunk_log_f;
       chunk_gates(a, igate, log_f, p0, cum_f, key_log, running_max, &key_max, &chunk_log_f);
-      const T first_key = key_log[a.reverse ? L - 1 : 0];
-      const T key_ref = std::min(key_max, first_key + a.row_range);
-      if (key_max - key_ref > a.key_lead) {
-        a.too_wide->store(true, std::memory_order_relaxed);
-        return;
-      }
+      const T key_ref = std::min(key_max, key_log[a.reverse ? L - 1 : 0] + a.row_range);
       const T ref = std::max(key_ref, state_max - a.state_lead);
       if (c > 0) {  // the state read by this chunk: the last one's decayed, plus the last chunk's summary
         const T log_decay = previous_log_f + previous_ref - ref;
@@ -383,9 +406,15 @@ void cell_sequences(const CellArgs<T>& a, int64_t begin, int64_t end) {
       for (int64_t t = 0; t < L; ++t) {
         const int64_t r = p0 + t - (a.reverse ? a.pad : 0);
         if (r < 0 || r >= a.n) continue;
-        T* h = out + r * a.out_strides[2];
         const T* x = mixed + t * D;
-        for (int64_t d = 0; d < D; ++d) h[d] = x[d] * factor[t];
+        if (a.gated) {  // the gated output of the head's channels, from h in cache
+          for (int64_t d = 0; d < D; ++d) h_row[d] = x[d] * factor[t];
+          const int64_t token = b * a.n + r, E = a.heads * D;
+          gate_head(*a.gated, h_row, head, a.gated->x_conv + token * E, a.gated->z + token * E);
+        } else {
+          T* h = out + r * a.out_strides[2];
+          for (int64_t d = 0; d < D; ++d) h[d] = x[d] * factor[t];
+        }
       }
       std::swap(keys, previous_keys);
       std::swap(key_sums, previous_key_sums);

@@ -29,8 +29,9 @@ Where the C++ kernels run with BLAS (:mod:`..cpu_kernels`), the cell is their op
 chunk in the cell's direction, the state carried by its recurrence (``S_j = decay_j S_{j-1} + weight_j C_{j-1}``,
 linear in the chunks, so no ``SCAN_MIN_CHUNKS`` limit) instead of the decay matrix's product, and the scores computed
 only in their blocks of ``SCORE_BLOCK_ROWS`` rows that hold visible keys. No chunk's state, summary or scores is
-stored: each chunk's products run on data in cache. Elsewhere the mixer's output norm applies the rows' factors as it
-reads X (:func:`cell_unscaled`).
+stored: each chunk's products run on data in cache; the mixer's gated output is its epilogue
+(:func:`cell_gated_output_`). Elsewhere the mixer's output norm applies the rows' factors as it reads X
+(:func:`cell_unscaled`).
 """
 import math
 from typing import Optional, Tuple
@@ -89,7 +90,7 @@ def cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: 
          eps: float = 1e-6) -> bool:
     """The cell of ``(B, NH, steps, DH)`` contiguous ``q``, ``k``, ``v`` padded to whole chunks of ``length`` steps
     (:class:`Layout`), gate pre-activations ``(B, NH, n)``, written into ``out (B, NH, n, DH)`` (any strides).
-    Returns ``False`` (``out`` undefined) where the general cell must run: rows whose range needs it (module
+    Returns ``False`` (``out`` untouched) where the general cell must run: rows whose range needs it (module
     docstring), or from ``SCAN_MIN_CHUNKS`` chunks on where the C++ cell does not run (the decay matrix's cost grows
     with their square; the C++ cell's recurrence does not)."""
     if _compiled_cell_usable(q, k, v, out):
@@ -101,31 +102,35 @@ def cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: 
     return True
 
 
-def cell_token_major(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool,
-                     eps: float = 1e-6) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
-    """:func:`cell` for the mixer's output norm, which reads the heads token-major: ``(h, None)`` with ``h (B, n, NH,
-    DH)`` where the C++ cell runs, else ``(X, factor)`` of :func:`cell_unscaled` as ``(B, n, NH, ...)`` views (``h = X
-    * factor``, applied by the norm as it reads X); ``None`` where the general cell must run."""
-    if _compiled_cell_usable(q, k, v):
-        batch, heads, _, head_dim = q.shape
-        h = q.new_empty(batch, igate.shape[-1], heads, head_dim)
-        return (h, None) if _compiled_cell(q, k, v, igate, fgate, length, reverse, h.transpose(1, 2), eps) else None
-    unscaled = cell_unscaled(q, k, v, igate, fgate, length, reverse, eps)
-    return None if unscaled is None else tuple(x.transpose(1, 2) for x in unscaled)
+def cell_gated_output_(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool,
+                       x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], skip: Tensor,
+                       norm_eps: float, z_bias: Optional[Tensor] = None, eps: float = 1e-6) -> bool:
+    """The C++ cell with the mixer's gated output (:func:`..mixer_ops.gated_output_` of ``x_conv``, ``z (B, n, NH *
+    DH)`` contiguous) as its epilogue: each head's rows of h give its channels of ``z`` while in cache, h is not
+    stored. Returns ``False`` (``z`` untouched) where the C++ cell does not run or :func:`cell` would return it."""
+    if not (z.is_contiguous() and _compiled_cell_usable(q, k, v, x_conv, z, norm_weight, norm_bias, skip, z_bias)):
+        return False
+    igate, log_f = _gate_inputs(q, igate, fgate)
+    return cpu_kernels.ops().cell_gated_output_(q, k, v, igate, log_f, length, SCORE_BLOCK_ROWS, reverse, eps,
+                                                *_RANGES[q.dtype], _LOG_FLUSH[q.dtype], x_conv.contiguous(), z,
+                                                z_bias, norm_weight, norm_bias, skip, norm_eps)
 
 
-def _compiled_cell_usable(*tensors: Tensor) -> bool:
+def _compiled_cell_usable(*tensors: Optional[Tensor]) -> bool:
     return cpu_kernels.usable(*tensors) and cpu_kernels.ops().blas_found()
+
+
+def _gate_inputs(q: Tensor, igate: Tensor, fgate: Tensor) -> Tuple[Tensor, Tensor]:
+    """The C++ cell's gate inputs: ``igate`` and log sigmoid of ``fgate`` in q's dtype, contiguous along the steps."""
+    igate = igate.to(q.dtype)
+    return igate if igate.stride(-1) == 1 else igate.contiguous(), F.logsigmoid(fgate.to(q.dtype))
 
 
 def _compiled_cell(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool,
                    out: Tensor, eps: float) -> bool:
     """:func:`cell` as the C++ kernels' op (check :func:`_compiled_cell_usable` first)."""
-    igate, log_f = igate.to(q.dtype), F.logsigmoid(fgate.to(q.dtype))
-    if igate.stride(-1) != 1:
-        igate = igate.contiguous()
-    return cpu_kernels.ops().cell_(q, k, v, igate, log_f, length, SCORE_BLOCK_ROWS, reverse, eps, *_RANGES[q.dtype],
-                                   _LOG_FLUSH[q.dtype], out)
+    return cpu_kernels.ops().cell_(q, k, v, *_gate_inputs(q, igate, fgate), length, SCORE_BLOCK_ROWS, reverse, eps,
+                                   *_RANGES[q.dtype], _LOG_FLUSH[q.dtype], out)
 
 
 def cell_unscaled(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, length: int, reverse: bool,
