@@ -93,6 +93,7 @@ def test_mixer_inference_path_equals_official_flip_formulation(reverse, grid, op
     from mmseg_vil.models.layers.cpu_kernels import ops, usable
     monkeypatch.setenv('MMSEG_VIL_CPU_EXTENSION', cpu_kernels)
     monkeypatch.setattr(vil_block, 'CHUNK_SIZE', 16)
+    monkeypatch.setattr(inference, 'COMPILED_CHUNK_SIZE', 16)
     ran = []  # (function, whether it ran the factorised form)
     for name in ('cell_gated_output_', 'cell_unscaled'):
         def spy(*args, cell=getattr(inference, name), name=name):

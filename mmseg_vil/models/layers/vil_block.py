@@ -168,7 +168,8 @@ class MLSTMMixer(nn.Module):
             # the CPU inference path: q/k/v written into the cell's chunk layout, h token-major for the output norm
             batch, n, _ = x_mlstm.shape
             layout = chunkwise_inference.Layout(batch, self.num_heads, n, self.inner_dims // self.num_heads,
-                                                CHUNK_SIZE, self.reverse, x_mlstm.dtype, x_mlstm.device)
+                                                chunkwise_inference.chunk_size(x_mlstm, CHUNK_SIZE), self.reverse,
+                                                x_mlstm.dtype, x_mlstm.device)
         x_conv, qkv, gates = conv_qkv(x_mlstm, grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias,
                                       gate_weight, gate_bias, self.num_heads, self.reverse, self.conv_kind,
                                       None if layout is None else layout.real, up_biases[0])
