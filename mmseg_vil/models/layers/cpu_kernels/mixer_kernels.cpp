@@ -95,6 +95,14 @@ struct CellArgs {
   std::atomic<bool>* too_wide;  // set by cell_keys_fit
 };
 
+// A hint to fetch the cache line at `address` into the L2 cache, to be read (write = false) or written (GCC, Clang;
+// elsewhere nothing).
+#if defined(__GNUC__)
+#define MMSEG_VIL_PREFETCH(address, write) __builtin_prefetch((address), (write), 2)
+#else
+#define MMSEG_VIL_PREFETCH(address, write) ((void)(address))
+#endif
+
 }  // namespace mmseg_vil_cpu
 
 // The kernels, once per instruction set (mixer_kernels_body.h reads KERNEL_NAMESPACE).

@@ -289,6 +289,17 @@ inline void chunk_gates(const CellArgs<T>& a, const T* igate, const T* log_f, in
   *chunk_log_f = cum;
 }
 
+// Prefetches the `bytes` from `address` (their cache lines) into L2.
+inline void prefetch_range(const void* address, int64_t bytes, bool write) {
+  const char* start = static_cast<const char*>(address);
+  for (int64_t offset = 0; offset < bytes; offset += 64) {
+    if (write)
+      MMSEG_VIL_PREFETCH(start + offset, 1);
+    else
+      MMSEG_VIL_PREFETCH(start + offset, 0);
+  }
+}
+
 // Sequences [begin, end) of the B * NH: whether every chunk's keys span at most row_range + key_lead (the cell's
 // ranges, mlstm/chunkwise_inference.py); *a.too_wide set where not.
 template <typename T>
@@ -339,6 +350,9 @@ void cell_sequences(const CellArgs<T>& a, int64_t begin, int64_t end) {
     for (int64_t c = 0; c < J; ++c) {
       const int64_t p0 = (a.reverse ? J - 1 - c : c) * L;
       const T *q = q_seq + p0 * D, *k = k_seq + p0 * D, *v = v_seq + p0 * D;
+      // the next chunk's first step: its rows of q, k, v and of the gated output's x_conv and z are fetched into L2
+      // row by row while this chunk's loops run (at 4096 steps the cell waited on them: 11.9 -> 9.6-10.2 ms)
+      const int64_t next = c + 1 < J ? (a.reverse ? J - 2 - c : c + 1) * L : -1;
       T key_max, chunk_log_f;
       chunk_gates(a, igate, log_f, p0, cum_f, key_log, running_max, &key_max, &chunk_log_f);
       const T key_ref = std::min(key_max, key_log[a.reverse ? L - 1 : 0] + a.row_range);
@@ -357,6 +371,8 @@ void cell_sequences(const CellArgs<T>& a, int64_t begin, int64_t end) {
       for (int64_t t = 0; t < L; ++t) weight[t] = weight[t] < tiny ? T(0) : weight[t];
       for (int64_t d = 0; d < D; ++d) key_sums[d] = T(0);
       for (int64_t t = 0; t < L; ++t) {
+        if (next >= 0)
+          for (const T* x : {q_seq, k_seq, v_seq}) prefetch_range(x + (next + t) * D, D * sizeof(T), false);
         const T* key = k + t * D;
         T* __restrict row = keys + t * D;
         for (int64_t d = 0; d < D; ++d) {
@@ -404,7 +420,12 @@ void cell_sequences(const CellArgs<T>& a, int64_t begin, int64_t end) {
         factor[t] = T(1) / ((std::fabs(x) > floor ? std::fabs(x) : floor) + exp_clamped(stabiliser - ref) * a.eps);
       }
       for (int64_t t = 0; t < L; ++t) {
-        const int64_t r = p0 + t - (a.reverse ? a.pad : 0);
+        const int64_t r = p0 + t - (a.reverse ? a.pad : 0), r_next = next + t - (a.reverse ? a.pad : 0);
+        if (a.gated && next >= 0 && r_next >= 0 && r_next < a.n) {
+          const int64_t offset = (b * a.n + r_next) * a.heads * D + head * D;
+          prefetch_range(a.gated->x_conv + offset, D * sizeof(T), false);
+          prefetch_range(a.gated->z + offset, D * sizeof(T), true);
+        }
         if (r < 0 || r >= a.n) continue;
         const T* x = mixed + t * D;
         if (a.gated) {  // the gated output of the head's channels, from h in cache
