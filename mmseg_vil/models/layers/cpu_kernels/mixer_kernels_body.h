@@ -200,27 +200,30 @@ void conv_qkv_rows(const ConvQkvArgs<T>& a, int64_t row_begin, int64_t row_end) 
   std::vector<const T*> src(K * K);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / H, y = row % H;
+    // one stage at a time over the row's tokens, so that each stage's weights stay in the L1 cache (all three
+    // stages' weights exceed it: 1024 tokens 1.12 -> 0.91 ms, 4096 3.7 -> 3.3 ms)
+    const int64_t first = b * H * W + y * W;  // the row's first token
     for (int64_t xx = 0; xx < W; ++xx) {
-      const int64_t step = y * W + xx, token = b * H * W + step;
       for (int64_t i = 0; i < K; ++i)
         for (int64_t j = 0; j < K; ++j) {
           const int64_t yy = y + i - pad, xj = xx + j - pad;
           src[i * K + j] = (yy < 0 || yy >= H || xj < 0 || xj >= W) ? padding : a.x + ((b * H + yy) * W + xj) * E;
         }
       conv_taps(src.data(), a.taps, a.conv_bias, K * K, E, acc);
-      T* xc = a.x_conv + token * E;
-      silu_row(acc, xc, E);
-      // q, k of x_conv and v of x: per head, its blocks' products written into the head's row of the layout
-      for (int64_t p = 0; p < 3; ++p) {
-        const T* in = p < 2 ? xc : a.x + token * E;
+      silu_row(acc, a.x_conv + (first + xx) * E, E);
+    }
+    // q, k of x_conv and v of x: per head, its blocks' products written into the head's row of the layout
+    for (int64_t p = 0; p < 3; ++p)
+      for (int64_t xx = 0; xx < W; ++xx) {
+        const T* in = (p < 2 ? a.x_conv : a.x) + (first + xx) * E;
         for (int64_t h = 0; h < heads; ++h)
           block_products(in, a.qkv_weight_t + p * S * E, a.qkv_bias + p * E, S, E, h * a.head_dim, a.head_dim,
                          a.qkv + p * a.strides.projection + b * a.strides.batch + h * a.strides.head +
-                             step * a.strides.step);
+                             (y * W + xx) * a.strides.step);
       }
-      gate_dots(xc, a.x + token * E, a.gate_a, a.gate_b, a.gate_c, a.num_gates, E, H * W,
-                a.gates + b * a.num_gates * H * W + step);
-    }
+    for (int64_t xx = 0; xx < W; ++xx)
+      gate_dots(a.x_conv + (first + xx) * E, a.x + (first + xx) * E, a.gate_a, a.gate_b, a.gate_c, a.num_gates, E,
+                H * W, a.gates + b * a.num_gates * H * W + y * W + xx);
   }
 }
 
