@@ -134,6 +134,28 @@ def test_gated_output_scales_a_strided_h_as_it_reads_it(kernels, isa, dtype):
     torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
 
 
+def test_kernels_read_and_write_the_halves_of_one_product_in_place(kernels):
+    """x and z as the column halves of one up-projection output (rows 2 E apart): conv_qkv reads x and the gated
+    output writes z in place, with the bits of contiguous copies."""
+    generator = torch.Generator().manual_seed(11)
+    grid, heads, inner = (5, 7), 2, 16
+    x, *conv_args = _conv_qkv_inputs(2, grid, inner, 3, 4, 2 * heads, torch.float32, seed=11)
+    xz = torch.randn(2, math.prod(grid), 2 * inner, generator=generator)
+    x_half, z_half = xz.chunk(2, dim=-1)
+    x_half.copy_(x)
+    assert cpu_kernels.rows_strided(x_half) and not x_half.is_contiguous()
+    assert not cpu_kernels.rows_strided(x_half.transpose(0, 1)) and not cpu_kernels.rows_strided(xz[..., ::2])
+    for ours, expected in zip(cpu_kernels.conv_qkv_gates(x_half, grid, *conv_args, heads, False),
+                              cpu_kernels.conv_qkv_gates(x, grid, *conv_args, heads, False)):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    h = torch.randn(2, math.prod(grid), heads, inner // heads, generator=generator)
+    norm = [torch.randn(inner, generator=generator) for _ in range(3)]
+    expected = cpu_kernels.gated_output_(h, x, z_half.contiguous(), *norm, 1e-5)
+    assert cpu_kernels.gated_output_(h, x, z_half, *norm, 1e-5) is z_half
+    torch.testing.assert_close(z_half, expected, rtol=0, atol=0)
+    torch.testing.assert_close(x_half, x, rtol=0, atol=0)  # the other half untouched
+
+
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 def test_silu_at_the_ends_of_the_exponentials_range(kernels, isa, dtype):
     """The kernels' own exponential: silu of large, tiny and extreme arguments as torch's, NaN kept (through the gated
@@ -236,9 +258,11 @@ def test_cell_reports_chunks_too_wide_for_its_ranges(kernels):
 
 @pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
 @pytest.mark.parametrize('biases', [True, False], ids=['biases', 'no-biases'])
-def test_cell_with_the_gated_output_as_its_epilogue(kernels, isa, reverse, biases):
-    """cell_gated_output_: the gated output (the reference's) of the cell's h (the parallel cell's), in place on z;
-    z's bias (the up-projection's) added by the epilogue. 3 heads, padded chunks, float64."""
+@pytest.mark.parametrize('z_half', [False, True], ids=['z-contiguous', 'z-half-of-a-product'])
+def test_cell_with_the_gated_output_as_its_epilogue(kernels, isa, reverse, biases, z_half):
+    """cell_gated_output_: the gated output (the reference's) of the cell's h (the parallel cell's), in place on z
+    (contiguous, or the second half of the up-projection's columns); z's bias (the up-projection's) added by the
+    epilogue. 3 heads, padded chunks, float64."""
     from test_mlstm_backends import directed_reference, make_inputs
     n, heads, head_dim = 150, 3, 8
     q, k, v, igate, fgate = make_inputs(n, head_dim, torch.float64, seed=4, heads=heads)[:5]
@@ -253,6 +277,8 @@ def test_cell_with_the_gated_output_as_its_epilogue(kernels, isa, reverse, biase
     h = directed_reference([q, k, v, igate, fgate], reverse).transpose(1, 2).contiguous()
     expected = reference.gated_output(h, x_conv, z if z_bias is None else z + z_bias, norm_weight, norm_bias, skip,
                                       1e-5)
+    if z_half:
+        z = torch.cat([torch.full_like(z, math.nan), z], dim=-1).chunk(2, dim=-1)[1]
     layout = chunkwise_inference.Layout(2, heads, n, head_dim, 64, reverse, torch.float64, 'cpu')
     for buffer, x in zip(layout.real, (q, k, v)):
         buffer.copy_(x)

@@ -140,15 +140,15 @@ class MLSTMMixer(nn.Module):
             xz = linear(x, self.proj_up.weight, self.proj_up.bias)
             x_mlstm, z = xz.chunk(2, dim=-1)
             up_biases = (None, None)  # added by the product
-        else:  # two products, each contiguous for the reference's channels-last conv and tile products
+        else:
             xz = None
             up_biases = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
-            # the C++ kernels add the biases as they read the products (no pass of F.linear's over them)
             deferred = up_biases[0] is not None and defers_input_biases(
                 x, self.conv_kind, self.proj_up.weight, self.proj_up.bias, self.conv.weight, self.outnorm.weight)
-            x_mlstm, z = (F.linear(x, weight, None if deferred else bias)
-                          for weight, bias in zip(self.proj_up.weight.chunk(2), up_biases))
-            if not deferred:
+            if deferred:  # one product: the C++ kernels read its halves in place and add the biases as they read them
+                x_mlstm, z = F.linear(x, self.proj_up.weight).chunk(2, dim=-1)
+            else:  # two products, each contiguous for the reference's channels-last conv and tile products
+                x_mlstm, z = (F.linear(x, weight, bias) for weight, bias in zip(self.proj_up.weight.chunk(2), up_biases))
                 up_biases = (None, None)
         qkv_weight = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         qkv_bias = (None if self.q_proj.bias is None else

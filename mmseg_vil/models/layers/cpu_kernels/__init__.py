@@ -119,6 +119,20 @@ def usable(*tensors: Optional[Tensor]) -> bool:
     return ops() is not None
 
 
+def rows_strided(t: Tensor) -> bool:
+    """Whether ``t (..., N, C)`` has contiguous rows, each ``t.stride(-2)`` elements after the one before across all
+    leading dimensions (a contiguous tensor, or one half of a product's columns): the layout the kernels read ``x``
+    and write ``z`` in."""
+    if t.dim() < 2 or t.stride(-1) != 1 or t.stride(-2) < t.shape[-1]:
+        return False
+    expected = t.stride(-2) * t.shape[-2]
+    for size, stride in zip(reversed(t.shape[:-2]), reversed(t.stride()[:-2])):
+        if size > 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
@@ -128,11 +142,12 @@ def conv_qkv_gates(x: Tensor, grid, conv_weight: Tensor, conv_bias: Optional[Ten
                    out: Optional[Tensor] = None, x_bias: Optional[Tensor] = None):
     """:func:`..mixer_ops.reference.conv_qkv_heads` for the 2-D conv and
     :func:`..mixer_ops.reference.folded_gate_preactivations` in one pass over the tokens (check :func:`usable` first):
-    ``(x_conv (B, N, E), qkv (3, B, NH, N, DH), gates (B, G, N))``, q/k/v written into ``out`` if given. ``x_bias``:
-    a bias of ``x`` not yet added (the up-projection's), which the pass adds (the conv's input is ``x + x_bias``)."""
-    x = x.contiguous()
+    ``(x_conv (B, N, E), qkv (3, B, NH, N, DH), gates (B, G, N))``, q/k/v written into ``out`` if given; ``x`` read in
+    place where :func:`rows_strided`. ``x_bias``: a bias of ``x`` not yet added (the up-projection's), which the pass
+    adds (the conv's input is ``x + x_bias``)."""
+    x = x if rows_strided(x) else x.contiguous()
     batch, n, inner = x.shape
-    x_conv = torch.empty_like(x)
+    x_conv = x.new_empty(x.shape)
     qkv = x.new_empty(3, batch, num_heads, n, inner // num_heads) if out is None else out
     gates = x.new_empty(batch, len(gate_bias), n)
     ops().conv_qkv(x, _contiguous(x_bias), grid[0], grid[1], conv_weight.contiguous(), _contiguous(conv_bias),
@@ -145,7 +160,8 @@ def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, nor
                   skip: Tensor, eps: float, h_scale: Optional[Tensor] = None,
                   z_bias: Optional[Tensor] = None) -> Tensor:
     """:func:`..mixer_ops.reference.gated_output_` in one pass (check :func:`usable` first) of ``h (B, N, NH, DH)``
-    (any strides) times ``h_scale (B, N, NH, 1)`` if given: written into ``z`` (contiguous), which is returned.
+    (any strides) times ``h_scale (B, N, NH, 1)`` if given: written into ``z`` (:func:`rows_strided`), which is
+    returned.
     ``z_bias``: a bias of ``z`` not yet added (the up-projection's), which the pass adds."""
     ops().gated_output_(h if h.stride(-1) == 1 else h.contiguous(), h_scale, x_conv.contiguous(), z,
                         _contiguous(z_bias), norm_weight.contiguous(), _contiguous(norm_bias), skip.contiguous(), eps)

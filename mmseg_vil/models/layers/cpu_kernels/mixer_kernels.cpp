@@ -39,7 +39,8 @@ struct QkvStrides {
 
 template <typename T>
 struct ConvQkvArgs {
-  const T* x;             // (B, H * W, E)
+  const T* x;             // (B, H * W, E), rows x_stride apart
+  int64_t x_stride;
   int64_t height, width, inner, kernel, block, head_dim;
   const T* taps;          // (K * K, E): the conv kernel tap-major, rotated by 180 degrees for reverse blocks
   const T* conv_bias;     // (E,), zeros where the conv has none
@@ -64,7 +65,8 @@ struct GatedOutputArgs {
   int64_t scale_strides[3];
   int64_t tokens;  // N
   const T* x_conv;  // (B, N, NH * DH)
-  T* z;             // (B, N, NH * DH)
+  T* z;             // (B, N, NH * DH), rows z_stride apart
+  int64_t z_stride;
   const T* norm_weight;
   const T* norm_bias;  // zeros where the norm has none
   const T* z_bias;     // (NH * DH) added to z first, or null
@@ -213,6 +215,18 @@ F pick(F baseline_version, F avx2_version, F avx512_version) {
 #define KERNEL_VERSIONS(name) &baseline::name, &baseline::name, &baseline::name
 #endif
 
+// Whether t (..., N, C) has contiguous rows, each `stride(-2)` elements after the one before across all leading
+// dimensions (e.g. one half of a product's columns).
+bool rows_strided(const at::Tensor& t) {
+  if (t.dim() < 2 || t.stride(-1) != 1 || t.stride(-2) < t.size(-1)) return false;
+  int64_t expected = t.stride(-2) * t.size(-2);
+  for (int64_t d = t.dim() - 3; d >= 0; --d) {
+    if (t.size(d) > 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
 }
@@ -251,7 +265,7 @@ void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int6
               const at::Tensor& gate_bias, const at::Tensor& x_conv, const at::Tensor& qkv, const at::Tensor& gates) {
   for (const auto* t : {&x, &conv_weight, &qkv_weight, &gate_weight, &gate_bias, &x_conv, &qkv, &gates})
     check_cpu(*t, "every tensor");
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.size(1) == height * width, "x: (B, H * W, E) contiguous");
+  TORCH_CHECK(x.dim() == 3 && rows_strided(x) && x.size(1) == height * width, "x: (B, H * W, E), rows strided");
   const int64_t batch = x.size(0), inner = x.size(2);
   TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == inner && conv_weight.size(1) == 1 &&
                   conv_weight.size(2) == conv_weight.size(3) && conv_weight.size(2) % 2 == 1 &&
@@ -260,7 +274,7 @@ void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int6
   TORCH_CHECK(qkv_weight.dim() == 4 && qkv_weight.size(0) == 3 && qkv_weight.size(1) * qkv_weight.size(2) == inner &&
                   qkv_weight.size(2) == qkv_weight.size(3) && qkv_weight.is_contiguous(),
               "qkv_weight: (3, E / S, S, S) contiguous");
-  TORCH_CHECK(x_conv.sizes() == x.sizes() && x_conv.is_contiguous(), "x_conv: like x, contiguous");
+  TORCH_CHECK(x_conv.sizes() == x.sizes() && x_conv.is_contiguous(), "x_conv: x's size, contiguous");
   TORCH_CHECK(qkv.dim() == 5 && qkv.size(0) == 3 && qkv.size(1) == batch && qkv.size(3) == height * width &&
                   qkv.size(2) * qkv.size(4) == inner && qkv.stride(4) == 1,
               "qkv: (3, B, NH, N, DH), DH contiguous");
@@ -342,7 +356,7 @@ void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int6
       for (int64_t g = 0; g < num_gates; ++g)
         for (int64_t c = 0; c < inner; ++c) gate_c[g] += gb[g * inner + c] * xb[c];
     }
-    const ConvQkvArgs<T> args{x.data_ptr<T>(), height, width, inner, kernel, block, head_dim, taps.data(),
+    const ConvQkvArgs<T> args{x.data_ptr<T>(), x.stride(1), height, width, inner, kernel, block, head_dim, taps.data(),
                               biases.data(), padding.data(), qkv_weight_t.data(), biases.data() + inner,
                               x_conv.data_ptr<T>(), qkv.data_ptr<T>(), strides, gate_a.data(), gate_b.data(),
                               gate_c.data(), num_gates, gates.data_ptr<T>()};
@@ -353,14 +367,16 @@ void conv_qkv(const at::Tensor& x, const std::optional<at::Tensor>& x_bias, int6
   });
 }
 
-// The gated output's tensors besides h: x_conv, z (B, N, E) contiguous, norm_weight, skip (E,) contiguous, norm_bias
+// The gated output's tensors besides h: x_conv (B, N, E) contiguous, z (B, N, E) with strided rows (rows_strided),
+// norm_weight, skip (E,) contiguous, norm_bias
 // and z_bias (E,) contiguous or none, all of `dtype`.
 void check_gated_output(const at::Tensor& x_conv, const at::Tensor& z, const std::optional<at::Tensor>& z_bias,
                         const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
                         const at::Tensor& skip, at::ScalarType dtype, int64_t batch, int64_t tokens, int64_t inner) {
   for (const auto* t : {&x_conv, &z, &norm_weight, &skip}) {
     check_cpu(*t, "every tensor");
-    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), "contiguous tensors of h's dtype");
+    TORCH_CHECK(t->scalar_type() == dtype && (t == &z ? rows_strided(z) : t->is_contiguous()),
+                "tensors of h's dtype, contiguous (z: its rows strided)");
   }
   TORCH_CHECK(x_conv.numel() == batch * tokens * inner && z.numel() == batch * tokens * inner &&
                   x_conv.size(-1) == inner && z.size(-1) == inner && norm_weight.numel() == inner &&
@@ -381,7 +397,7 @@ GatedOutputArgs<T> gated_output_args(const at::Tensor& x_conv, const at::Tensor&
                                      const std::optional<at::Tensor>& norm_bias, const at::Tensor& skip, double eps,
                                      int64_t tokens, int64_t heads, int64_t head_dim, const std::vector<T>& zeros) {
   return GatedOutputArgs<T>{nullptr, {0, 0, 0}, nullptr, {0, 0, 0}, tokens, x_conv.data_ptr<T>(), z.data_ptr<T>(),
-                            norm_weight.data_ptr<T>(), norm_bias ? norm_bias->data_ptr<T>() : zeros.data(),
+                            z.stride(-2), norm_weight.data_ptr<T>(), norm_bias ? norm_bias->data_ptr<T>() : zeros.data(),
                             z_bias ? z_bias->data_ptr<T>() : nullptr, skip.data_ptr<T>(), heads, head_dim,
                             static_cast<T>(eps)};
 }

@@ -207,7 +207,8 @@ void conv_qkv_rows(const ConvQkvArgs<T>& a, int64_t row_begin, int64_t row_end) 
       for (int64_t i = 0; i < K; ++i)
         for (int64_t j = 0; j < K; ++j) {
           const int64_t yy = y + i - pad, xj = xx + j - pad;
-          src[i * K + j] = (yy < 0 || yy >= H || xj < 0 || xj >= W) ? padding : a.x + ((b * H + yy) * W + xj) * E;
+          src[i * K + j] =
+              (yy < 0 || yy >= H || xj < 0 || xj >= W) ? padding : a.x + ((b * H + yy) * W + xj) * a.x_stride;
         }
       conv_taps(src.data(), a.taps, a.conv_bias, K * K, E, acc);
       silu_row(acc, a.x_conv + (first + xx) * E, E);
@@ -215,15 +216,15 @@ void conv_qkv_rows(const ConvQkvArgs<T>& a, int64_t row_begin, int64_t row_end) 
     // q, k of x_conv and v of x: per head, its blocks' products written into the head's row of the layout
     for (int64_t p = 0; p < 3; ++p)
       for (int64_t xx = 0; xx < W; ++xx) {
-        const T* in = (p < 2 ? a.x_conv : a.x) + (first + xx) * E;
+        const T* in = p < 2 ? a.x_conv + (first + xx) * E : a.x + (first + xx) * a.x_stride;
         for (int64_t h = 0; h < heads; ++h)
           block_products(in, a.qkv_weight_t + p * S * E, a.qkv_bias + p * E, S, E, h * a.head_dim, a.head_dim,
                          a.qkv + p * a.strides.projection + b * a.strides.batch + h * a.strides.head +
                              (y * W + xx) * a.strides.step);
       }
     for (int64_t xx = 0; xx < W; ++xx)
-      gate_dots(a.x_conv + (first + xx) * E, a.x + (first + xx) * E, a.gate_a, a.gate_b, a.gate_c, a.num_gates, E,
-                H * W, a.gates + b * a.num_gates * H * W + y * W + xx);
+      gate_dots(a.x_conv + (first + xx) * E, a.x + (first + xx) * a.x_stride, a.gate_a, a.gate_b, a.gate_c,
+                a.num_gates, E, H * W, a.gates + b * a.num_gates * H * W + y * W + xx);
   }
 }
 
@@ -266,7 +267,7 @@ void gated_output_tokens(const GatedOutputArgs<T>& a, int64_t begin, int64_t end
         for (int64_t d = 0; d < DH; ++d) scaled[d] = hv[d] * factor;
         hv = scaled.data();
       }
-      gate_head(a, hv, hd, a.x_conv + t * E, a.z + t * E);
+      gate_head(a, hv, hd, a.x_conv + t * E, a.z + t * a.z_stride);
     }
   }
 }
@@ -425,16 +426,16 @@ void cell_sequences(const CellArgs<T>& a, int64_t begin, int64_t end) {
       for (int64_t t = 0; t < L; ++t) {
         const int64_t r = p0 + t - (a.reverse ? a.pad : 0), r_next = next + t - (a.reverse ? a.pad : 0);
         if (a.gated && next >= 0 && r_next >= 0 && r_next < a.n) {
-          const int64_t offset = (b * a.n + r_next) * a.heads * D + head * D;
-          prefetch_range(a.gated->x_conv + offset, D * sizeof(T), false);
-          prefetch_range(a.gated->z + offset, D * sizeof(T), true);
+          const int64_t token = b * a.n + r_next;
+          prefetch_range(a.gated->x_conv + token * a.heads * D + head * D, D * sizeof(T), false);
+          prefetch_range(a.gated->z + token * a.gated->z_stride + head * D, D * sizeof(T), true);
         }
         if (r < 0 || r >= a.n) continue;
         const T* x = mixed + t * D;
         if (a.gated) {  // the gated output of the head's channels, from h in cache
           for (int64_t d = 0; d < D; ++d) h_row[d] = x[d] * factor[t];
           const int64_t token = b * a.n + r, E = a.heads * D;
-          gate_head(*a.gated, h_row, head, a.gated->x_conv + token * E, a.gated->z + token * E);
+          gate_head(*a.gated, h_row, head, a.gated->x_conv + token * E, a.gated->z + token * a.gated->z_stride);
         } else {
           T* h = out + r * a.out_strides[2];
           for (int64_t d = 0; d < D; ++d) h[d] = x[d] * factor[t];

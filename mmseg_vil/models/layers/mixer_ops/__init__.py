@@ -98,7 +98,8 @@ def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, nor
     strides) times ``h_scale (B, N, NH, 1)`` if given, and of ``z + z_bias`` (a bias not yet added, see
     :func:`defers_input_biases`): the C++ kernel where usable (it scales h's rows and adds z's bias as it reads
     them)."""
-    if z.is_contiguous() and cpu_kernels.usable(h, h_scale, x_conv, z, z_bias, norm_weight, norm_bias, skip):
+    if cpu_kernels.rows_strided(z) and cpu_kernels.usable(h, h_scale, x_conv, z, z_bias, norm_weight, norm_bias,
+                                                          skip):
         return cpu_kernels.gated_output_(h, x_conv, z, norm_weight, norm_bias, skip, eps, h_scale, z_bias)
     if z_bias is not None:
         z.add_(z_bias)
