@@ -13,7 +13,9 @@ do them in two, in float32 or float64, the same functions as :mod:`..mixer_ops.r
 
 and the chunkwise cell (``cell_``, :mod:`..mlstm.chunkwise_inference`) chunk by chunk, its state carried by the
 recurrence, its matrix products BLAS's (``sgemm_`` / ``dgemm_`` as PyTorch's CPU library exports them; where it does
-not, ``blas_found()`` is false and the cell's PyTorch form runs).
+not, ``blas_found()`` is false and the cell's PyTorch form runs); ``cell_gated_output_`` is the cell with
+``gated_output_`` as its epilogue (h is not stored). x and z may be the column halves of one up-projection output
+(:func:`rows_strided`), read and written in place.
 
 Built just in time on first use with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; about 10 s on
 two cores) and cached in the torch extensions directory (``TORCH_EXTENSIONS_DIR``); the build's name carries a hash
