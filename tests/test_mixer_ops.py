@@ -206,10 +206,10 @@ def _mixer_case(reverse: bool, backend: str = 'fused'):
     return mixer, x, (5, 7)
 
 
-def _skip_unvalidated_chunkwise(backend: str) -> None:
+def _skip_unvalidated_chunkwise(backend: str, dtype: torch.dtype) -> None:
     from mmseg_vil.models.layers.mlstm.fused_chunkwise import op
-    if backend == 'fused_chunkwise' and KERNEL_DEVICE == 'cuda' and not op.cuda_allowed():
-        pytest.skip(f'fused_chunkwise on CUDA needs {op.CUDA_OVERRIDE_ENV}=1')
+    if backend == 'fused_chunkwise' and KERNEL_DEVICE == 'cuda' and not op.cuda_allowed(dtype):
+        pytest.skip(f'fused_chunkwise on CUDA in {dtype} needs {op.CUDA_OVERRIDE_ENV}=1')
 
 
 @needs_kernels
@@ -222,7 +222,7 @@ def test_mixer_core_matches_composition_of_ops(reverse, backend, monkeypatch):
     from unittest import mock
     from mmseg_vil.models.layers import vil_block
     from mmseg_vil.models.layers.mlstm.fused_chunkwise import op
-    _skip_unvalidated_chunkwise(backend)
+    _skip_unvalidated_chunkwise(backend, torch.float64)
     monkeypatch.setattr(op, 'DEFAULT_CHUNK_SIZE', 16)
     mixer, x, grid = _mixer_case(reverse, backend)
     inputs = (x, *mixer.parameters())
@@ -278,7 +278,7 @@ def test_mixer_core_keeps_less_activation_memory():
 def test_mixer_core_op_registration(chunk_size):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch (torch.compile's view) agree, with
     the quadratic (chunk size 0) and the chunkwise cell."""
-    _skip_unvalidated_chunkwise('fused_chunkwise' if chunk_size else 'fused')
+    _skip_unvalidated_chunkwise('fused_chunkwise' if chunk_size else 'fused', torch.float64)
     from mmseg_vil.models.layers.mixer_ops.mixer_core import mixer_core
     mixer, _, grid = _mixer_case(reverse=True)
     xz = torch.randn(2, 35, 64, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
@@ -299,7 +299,7 @@ def test_mixer_core_official_parity(tmp_path, name, backend):
     through mixer_core, in float32."""
     from pathlib import Path
     from test_vil_parity import check_official_parity
-    _skip_unvalidated_chunkwise(backend)
+    _skip_unvalidated_chunkwise(backend, torch.float32)
     path = Path(__file__).parent / 'data' / 'vil_official' / 'vil_official_parity.pt'
     check_official_parity(tmp_path, path, name, 'ours', mlstm_backend=backend, device=KERNEL_DEVICE)
 

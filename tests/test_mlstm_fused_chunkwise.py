@@ -5,8 +5,8 @@ gates that exercise both normaliser branches): output and all five gradients, on
 chunk, both directions, inputs read through the strides of a projection output, extreme gates, torch.compile, and
 the GPU's head-dim blocks. On CPU the kernels run under ``TRITON_INTERPRET=1`` in a subprocess, which must report
 every test passed (none skipped), and every kernel access is bounds-checked there (tests/triton_bounds.py); on CUDA
-the kernels are refused for now, and the tests run in this process only with MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 (the
-GPU validation run). Sizes are small because the interpreter is slow.
+float32 inputs are refused, so the tests run in this process only with MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 (the GPU
+validation run, every dtype). Sizes are small because the interpreter is slow.
 """
 import contextlib
 import functools
@@ -30,9 +30,8 @@ if 'fused_chunkwise' in MLSTM_BACKENDS:
     from mmseg_vil.models.layers.mlstm.fused_chunkwise import forward as chunkwise_forward, op
     from mmseg_vil.models.layers.mlstm.fused_chunkwise.tiles import head_dim_block
 
-# Refused on CUDA until a GPU run validates it (benchmarks/RESULTS.md, 2026-12-04): the interpreter only, unless that
-# run lifts the refusal.
-KERNELS_RUN = FUSED_DEVICE == 'cpu' or (FUSED_DEVICE == 'cuda' and op.cuda_allowed())
+# float32 is refused on CUDA (op.cuda_allowed): the tests run there in a validation run only.
+KERNELS_RUN = FUSED_DEVICE == 'cpu' or (FUSED_DEVICE == 'cuda' and op.validation_run())
 needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason='fused_chunkwise runs under TRITON_INTERPRET=1 only, or '
                                    'on CUDA with MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1')
 needs_interpreter = pytest.mark.skipif(FUSED_DEVICE != 'cpu', reason='checks the Triton interpreter')
@@ -425,10 +424,12 @@ def test_cpu_without_interpreter_raises():
 
 
 @pytest.mark.skipif(FUSED_DEVICE != 'cuda' or KERNELS_RUN, reason='needs CUDA without MMSEG_VIL_FUSED_CHUNKWISE_CUDA')
-def test_refused_on_cuda():
+def test_float32_refused_on_cuda_half_precision_taken():
     q = torch.zeros(1, 1, 4, 16, device='cuda')
-    with pytest.raises(RuntimeError, match="not yet validated on CUDA.*mlstm_backend='fused'"):
+    with pytest.raises(RuntimeError, match="float32 CUDA tensors.*autocast.*mlstm_backend='fused'"):
         mlstm_fused_chunkwise(q, q, q, q[..., 0], q[..., 0])
+    q = q.to(torch.bfloat16)
+    assert mlstm_fused_chunkwise(q, q, q, q[..., 0].float(), q[..., 0].float()).shape == q.shape
 
 
 @pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')

@@ -40,8 +40,8 @@ def use_mixer_core(x: Tensor, conv_kind: str, has_biases: bool, mlstm_backend: s
 
 def mixer_core_chunk_size(x: Tensor, mlstm_backend: str) -> int:
     """:func:`.mixer_core.mixer_core`'s ``chunk_size`` for a mixer with the given (resolved) mLSTM backend: 0 for the
-    quadratic ``fused`` kernels, the chunkwise kernels' default chunk for ``fused_chunkwise`` (refused on CUDA where
-    that backend is, see :func:`~..mlstm.fused_chunkwise.op.refuse_unvalidated_cuda`)."""
+    quadratic ``fused`` kernels, the chunkwise kernels' default chunk for ``fused_chunkwise`` (refused for float32 CUDA
+    tensors, as that backend is: :func:`~..mlstm.fused_chunkwise.op.refuse_unvalidated_cuda`)."""
     if mlstm_backend != 'fused_chunkwise':
         return 0
     chunkwise_mlstm.refuse_unvalidated_cuda(x)

@@ -24,9 +24,8 @@ from .parallel import mlstm_parallel
 try:
     from .fused import mlstm_fused
     from .fused_chunkwise import mlstm_fused_chunkwise
-    from .fused_chunkwise.op import cuda_allowed as fused_chunkwise_on_cuda
 except ImportError:  # no Triton
-    mlstm_fused = mlstm_fused_chunkwise = fused_chunkwise_on_cuda = None
+    mlstm_fused = mlstm_fused_chunkwise = None
 
 # Choices of 'auto', from CPU timings (mlstm_kernels.md §4) and H200 timings (benchmarks/mlstm_kernel_notes.md).
 # The quadratic form is the fastest torch backend for short sequences and float32/64 (in half precision it loses
@@ -37,14 +36,14 @@ FUSED_FLOAT32_MAX_HEAD_DIM = 192
 FUSED_FLOAT32_MAX_LEN = 4096
 # From this many steps the chunkwise Triton cell beats the quadratic one in half precision (ViL-T training step, H100,
 # CUDA graphs, 2026-12-07: 63.7 vs 84.1 ms at 4096 tokens, 66.9 vs 228.6 ms at 16384; at 1024 tokens 87.9 vs 44.4 ms
-# on 2026-12-06). Where fused_chunkwise takes CUDA tensors (its validation switch, fused_chunkwise/op.py).
+# on 2026-12-06).
 FUSED_CHUNKWISE_MIN_LEN = 4096
 
 
 def _auto_backend(q: Tensor) -> str:
     n, head_dim = q.shape[-2:]
     half = q.dtype in (torch.float16, torch.bfloat16)
-    if q.is_cuda and mlstm_fused is not None and half and n >= FUSED_CHUNKWISE_MIN_LEN and fused_chunkwise_on_cuda():
+    if q.is_cuda and mlstm_fused is not None and half and n >= FUSED_CHUNKWISE_MIN_LEN:
         return 'fused_chunkwise'
     if q.is_cuda and mlstm_fused is not None and (
             half or (q.dtype == torch.float32 and head_dim <= FUSED_FLOAT32_MAX_HEAD_DIM and n <= FUSED_FLOAT32_MAX_LEN)):
