@@ -8,13 +8,11 @@ Nsight Compute: what bounds each kernel (memory, issue, latency, occupancy), bef
 (``bash benchmarks/run_gpu_suite.sh OUT ncu`` runs it so.) Without ncu it just runs the kernels.
 """
 import argparse
-import os
 
 import torch
 
-os.environ.setdefault('MMSEG_VIL_FUSED_CHUNKWISE_CUDA', '1')  # before the import: ncu runs are validation runs too
-from mmseg_vil.models.layers.mlstm import fused  # noqa: E402
-from mmseg_vil.models.layers.mlstm.fused_chunkwise import op as chunkwise  # noqa: E402
+from mmseg_vil.models.layers.mlstm import fused
+from mmseg_vil.models.layers.mlstm.fused_chunkwise import op as chunkwise
 from tune_mixer_kernels import SHAPES, _calls, _inputs
 
 HEADS, HEAD_DIM = 4, 96

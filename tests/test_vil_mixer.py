@@ -87,7 +87,8 @@ def test_reverse_equals_flipped_sequence(backend):
 def test_mixer_inference_path_equals_official_flip_formulation(reverse, grid, options, cpu_kernels, monkeypatch):
     """Without autograd on the CPU the chunkwise backend runs the mixer's inference path (q/k/v written into the
     cell's chunk layout; the C++ cell with the gated output as its epilogue where the kernels build, else the PyTorch
-    form with the rows' factors applied by the output norm): the official function. 81 steps in chunks of 16 (padded) or 128 in 8."""
+    form with the rows' factors applied by the output norm): the official function. 81 steps in chunks of 16
+    (padded) or 128 in 8."""
     import mmseg_vil.models.layers.mlstm.chunkwise_inference as inference
     import mmseg_vil.models.layers.vil_block as vil_block
     from mmseg_vil.models.layers.cpu_kernels import ops, usable

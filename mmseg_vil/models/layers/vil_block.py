@@ -148,7 +148,8 @@ class MLSTMMixer(nn.Module):
             if deferred:  # one product: the C++ kernels read its halves in place and add the biases as they read them
                 x_mlstm, z = F.linear(x, self.proj_up.weight).chunk(2, dim=-1)
             else:  # two products, each contiguous for the reference's channels-last conv and tile products
-                x_mlstm, z = (F.linear(x, weight, bias) for weight, bias in zip(self.proj_up.weight.chunk(2), up_biases))
+                x_mlstm, z = (F.linear(x, weight, bias)
+                              for weight, bias in zip(self.proj_up.weight.chunk(2), up_biases))
                 up_biases = (None, None)
         qkv_weight = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         qkv_bias = (None if self.q_proj.bias is None else
@@ -177,8 +178,8 @@ class MLSTMMixer(nn.Module):
         if layout is None:
             h = mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse).transpose(1, 2)
         else:
-            # z is this path's own temporary (two products, not the halves of one): overwritten by the gated output,
-            # the C++ cell's epilogue where it runs
+            # z is this path's own temporary (a product's output or its half): overwritten by the gated output, the
+            # C++ cell's epilogue where it runs
             norm_args = (self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)
             if chunkwise_inference.cell_gated_output_(*layout.qkv, igate, fgate, layout.length, self.reverse, x_conv,
                                                       z, *norm_args, up_biases[1]):

@@ -108,8 +108,9 @@ def cell_gated_output_(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Te
                        x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], skip: Tensor,
                        norm_eps: float, z_bias: Optional[Tensor] = None, eps: float = 1e-6) -> bool:
     """The C++ cell with the mixer's gated output (:func:`..mixer_ops.gated_output_` of ``x_conv``, ``z (B, n, NH *
-    DH)`` with :func:`..cpu_kernels.rows_strided` rows) as its epilogue: each head's rows of h give its channels of ``z`` while in cache, h is not
-    stored. Returns ``False`` (``z`` untouched) where the C++ cell does not run or :func:`cell` would return it."""
+    DH)`` with :func:`..cpu_kernels.rows_strided` rows) as its epilogue: each head's rows of h give its channels of
+    ``z`` while in cache, h is not stored. Returns ``False`` (``z`` untouched) where the C++ cell does not run or
+    :func:`cell` would return it."""
     if not (cpu_kernels.rows_strided(z)
             and _compiled_cell_usable(q, k, v, x_conv, z, norm_weight, norm_bias, skip, z_bias)):
         return False

@@ -37,7 +37,8 @@ def gate_scan(IGATE, FGATE, positions, valid, stride_i, stride_f):
 
     logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)), with log1p corrected for the rounding of 1 + x, in float64 like the
     quadratic kernels' gate scan: the GPU's float32 exp and log are approximations whose errors the cumsum would add
-    up over the steps. The cumsum and u are float64. Only the chunk summary kernel runs this (a vector per chunk); it stores b.
+    up over the steps. The cumsum and u are float64. Only the chunk summary kernel runs this (a vector per chunk); it
+    stores b.
     """
     igate = tl.load(IGATE + positions * stride_i, mask=valid, other=0.0).to(tl.float64)
     fgate = tl.load(FGATE + positions * stride_f, mask=valid, other=0.0).to(tl.float64)
