@@ -132,7 +132,7 @@ def mlstm_chunk_grad_summary_kernel(Q, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUN
     for value_start in range(0, HEAD_DIM, BLOCK_D):
         grad_h = load_tokens(GRAD_H, positions, valid, value_start, stride_gn, HEAD_DIM, BLOCK_D)
         summary = state_dot(tl.trans(weighted_q), grad_h.to(ACC) * inv_divisor[:, None],
-                            tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC))
+                            tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC), DOT_PRECISION)
         ptrs, mask = state_block_ptrs(grad_state_c, key_start, value_start, HEAD_DIM, BLOCK_D)
         tl.store(ptrs, summary, mask=mask)
     offs_key = key_start + tl.arange(0, BLOCK_D)

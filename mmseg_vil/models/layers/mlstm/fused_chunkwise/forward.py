@@ -86,7 +86,8 @@ def mlstm_chunk_summary_kernel(K, V, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, STATE_C
         state_c = STATE_C + state_offset(batch_head, chunk, num_chunks, HEAD_DIM)
         for value_start in range(0, HEAD_DIM, BLOCK_D):
             v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
-            summary = state_dot(tl.trans(weighted_k), v.to(ACC), tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC))
+            summary = state_dot(tl.trans(weighted_k), v.to(ACC), tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC),
+                                DOT_PRECISION)
             ptrs, mask = state_block_ptrs(state_c, key_start, value_start, HEAD_DIM, BLOCK_D)
             tl.store(ptrs, summary, mask=mask)
         offs_key = key_start + tl.arange(0, BLOCK_D)

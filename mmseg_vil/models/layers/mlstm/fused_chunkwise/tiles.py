@@ -41,7 +41,7 @@ def jit_kernel(fn):
 
 
 def head_dim_block(head_dim: int, dtype: torch.dtype, interpreted: bool = False) -> int:
-    """Head-dim block: the largest of 32/16 (16 for float32, whose 3xTF32 dot operands take twice the registers)
+    """Head-dim block: the largest of 32/16 (16 for float32, whose dot operands take twice the registers)
     that divides ``head_dim``, otherwise a masked power of two (16 at least: ``tl.dot``). 64 spills registers in
     the ptxas report of the dk/dv kernel (sm_90, 8 warps, chunk 64).
 
@@ -112,14 +112,17 @@ def one_trip(seq_len):
 
 
 @triton.jit
-def state_dot(a, b, acc):
-    """``acc + a @ b`` for building a state from operands in the accumulation dtype: 3xTF32 for float32, close to
-    float32 accuracy. Weighted operands rounded to half precision would cost digits that the gate gradient's inner
-    products of whole states (backward.py) cannot spare."""
+def state_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` for building a state from operands in the accumulation dtype: plain float32 ('ieee') for
+    float32 inputs (``DOT_PRECISION``, op._config), 3xTF32 for half-precision ones (close to float32 accuracy).
+    Weighted operands rounded to half precision would cost digits that the gate gradient's inner products of whole
+    states (backward.py) cannot spare."""
     # One return at the end (Triton 3.6 compiles the statements after a return inside an if) and the float64
     # out_dtype spelled out (3.6 does not take it from the accumulator).
     if a.dtype == tl.float64:
         result = tl.dot(a, b, acc, out_dtype=tl.float64)
+    elif DOT_PRECISION == 'ieee':
+        result = tl.dot(a, b, acc, input_precision='ieee')
     else:
         result = tl.dot(a, b, acc, input_precision='tf32x3')
     return result
