@@ -422,21 +422,21 @@ def child_sweep(chunk_size='64'):
     print('RESULT ' + json.dumps(result), flush=True)
 
 
-def chunkwise_sweep(out_lines, launches, chunk_sizes=(64,)):
-    """CUDA-graph forward / forward+backward ms of the chunkwise kernels per launch option, against SDPA."""
+def chunkwise_sweep(launches, chunk_sizes=(64,)):
+    """CUDA-graph forward / forward+backward ms of the chunkwise kernels per launch option, against SDPA; each line
+    printed as soon as it is known, so that a run cut off by its time limit still reports the options it timed."""
     dtype = torch.bfloat16
-    out_lines.append('## chunkwise launch options (MMSEG_VIL_CHUNKWISE_LAUNCH), bf16: CUDA-graph forward / '
-                     'forward+backward ms, and / SDPA')
+    print('## chunkwise launch options (MMSEG_VIL_CHUNKWISE_LAUNCH), bf16: CUDA-graph forward / forward+backward ms, '
+          'and / SDPA', flush=True)
     sdpa_ms = {}
     for name, *shape in SWEEP_SHAPES:
         sdpa_ms[name] = graph_times(sdpa, *shape, dtype)
-        out_lines.append(f'SDPA causal {name}: {sdpa_ms[name][0]:.3f} / {sdpa_ms[name][1]:.3f}')
-    kernel_lines = []
+        print(f'SDPA causal {name}: {sdpa_ms[name][0]:.3f} / {sdpa_ms[name][1]:.3f}', flush=True)
     for chunk_size, spec in ((chunk_size, spec) for chunk_size in chunk_sizes for spec in launches):
         child_results, failure = run_child(('sweep', chunk_size), env={'MMSEG_VIL_CHUNKWISE_LAUNCH': spec})
         label = (spec or '(defaults)') + ('' if chunk_size == 64 else f' chunk {chunk_size}')
         if not child_results:
-            out_lines.append(f'{label}: FAILED {failure}')
+            print(f'{label}: FAILED {failure}', flush=True)
             continue
         result = child_results[0]
         row = f'{label:45s} err {result["worst_error"]:.1e}'
@@ -444,11 +444,10 @@ def chunkwise_sweep(out_lines, launches, chunk_sizes=(64,)):
             fwd, total = result[name]
             ratios = f'{fwd / sdpa_ms[name][0]:.2f}x / {total / sdpa_ms[name][1]:.2f}x'
             row += f' | {name}: {fwd:.3f} / {total:.3f} ({ratios})'
-        out_lines.append(row)
-        kernel_lines.append(f'{label}: ' + ', '.join(f'{kernel[len("mlstm_chunk_"):]} {us:.0f}'
-                                                      for kernel, us in sorted(result['kernels_us'].items())))
-    out_lines.append(f'## GPU us per forward+backward per kernel (mlstm_chunk_*), {SWEEP_SHAPES[0][0]}')
-    out_lines.extend(kernel_lines)
+        print(row, flush=True)
+        print(f'  GPU us per forward+backward per kernel (mlstm_chunk_*), {SWEEP_SHAPES[0][0]}: '
+              + ', '.join(f'{kernel[len("mlstm_chunk_"):]} {us:.0f}'
+                          for kernel, us in sorted(result['kernels_us'].items())), flush=True)
 
 
 def main():
@@ -481,9 +480,8 @@ def main():
         print('\n'.join(out_lines))
         return
     if args.chunkwise_sweep:
-        chunkwise_sweep(out_lines, args.launch if args.launch is not None else CHUNKWISE_LAUNCHES,
-                        args.sweep_chunks)
-        print('\n'.join(out_lines))
+        print(out_lines[0], flush=True)
+        chunkwise_sweep(args.launch if args.launch is not None else CHUNKWISE_LAUNCHES, args.sweep_chunks)
         return
     if not args.quick:
         check(out_lines, results)
