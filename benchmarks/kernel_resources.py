@@ -182,9 +182,9 @@ def cell_kernels(cell: str, chunk: int, batch: int, n: int, inner: int, heads: i
         fused.fused_backward._init_fn(x.view(batch, n, heads, -1), q, k, v, stats[0], *gates, *stats[1:], 1e-6,
                                        False)
         return
-    h, row_sum = chunkwise_op.forward_kernels(q, k, v, *gates, 1e-6, chunk, False)
+    h, *stats = chunkwise_op.forward_kernels(q, k, v, *gates, 1e-6, chunk, False)
     grad_qkv, grad_gates = torch.empty_like(qkv), empty(batch, 2 * heads, n)
-    chunkwise_op.backward_kernels_into(torch.empty_like(h), q, k, v, *gates, h, row_sum, 1e-6, chunk, False,
+    chunkwise_op.backward_kernels_into(torch.empty_like(h), q, k, v, *gates, h, stats, 1e-6, chunk, False,
                                        *(t.unflatten(-1, (heads, -1)) for t in grad_qkv.chunk(3, dim=-1)),
                                        *(g.transpose(1, 2) for g in grad_gates.chunk(2, dim=1)))
 

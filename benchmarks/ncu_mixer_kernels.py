@@ -27,13 +27,13 @@ def _mlstm_calls(batch, n, chunk_size=0):
     igate = torch.randn(batch, HEADS, n, generator=gen, device='cuda')
     fgate = 3 + torch.randn(batch, HEADS, n, generator=gen, device='cuda')
     if chunk_size:
-        h, row_sum = chunkwise.forward_kernels(q, k, v, igate, fgate, 1e-6, chunk_size, False)
+        h, *stats = chunkwise.forward_kernels(q, k, v, igate, fgate, 1e-6, chunk_size, False)
         grad_h = torch.randn_like(h)
         grads = [torch.empty_like(h) for _ in range(3)] + [torch.empty(batch, n, HEADS, device='cuda')
                                                           for _ in range(2)]
         return {'chunkwise_forward': lambda: chunkwise.forward_kernels(q, k, v, igate, fgate, 1e-6, chunk_size, False),
                 'chunkwise_backward': lambda: chunkwise.backward_kernels_into(
-                    grad_h, q, k, v, igate, fgate, h, row_sum, 1e-6, chunk_size, False, *grads)}
+                    grad_h, q, k, v, igate, fgate, h, stats, 1e-6, chunk_size, False, *grads)}
     h, *stats = fused.fused_forward(q, k, v, igate, fgate, 1e-6, False)
     grad_h = torch.randn_like(h)
     return {'mlstm_forward': lambda: fused.fused_forward(q, k, v, igate, fgate, 1e-6, False),

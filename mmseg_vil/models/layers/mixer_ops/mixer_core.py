@@ -59,9 +59,10 @@ def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bi
 def _(xz, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias, norm_weight,
       norm_bias, skip, down_weight, down_bias, heads, norm_eps, reverse, chunk_size):
     batch, n, inner = xz.shape[0], xz.shape[1], xz.shape[2] // 2
-    h, *stats = fused_mlstm.empty_forward_outputs(xz.new_empty(batch, heads, n, inner // heads))
-    if chunk_size:  # the chunkwise kernels keep only the row sums
-        stats = stats[2:3]
+    q = xz.new_empty(batch, heads, n, inner // heads)
+    h, *stats = fused_mlstm.empty_forward_outputs(q)
+    if chunk_size:  # the chunkwise kernels keep the row sums and the chunk states
+        stats = chunkwise_mlstm.empty_stats(q, chunk_size)
     return [xz.new_empty(batch, n, len(down_weight)), h, triton_ops.empty_gates(xz, 2 * heads), *stats]
 
 
@@ -101,7 +102,7 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
     q_k_v, igate_fgate = _split_heads(qkv, heads), gates.chunk(2, dim=1)
     grad_q_k_v = [t.unflatten(-1, (heads, -1)) for t in grad_qkv.chunk(3, dim=-1)]
     if chunk_size:
-        chunkwise_mlstm.backward_kernels_into(grad_h, *q_k_v, *igate_fgate, h, *stats, MLSTM_EPS, chunk_size, reverse,
+        chunkwise_mlstm.backward_kernels_into(grad_h, *q_k_v, *igate_fgate, h, stats, MLSTM_EPS, chunk_size, reverse,
                                               *grad_q_k_v, *(g.transpose(1, 2) for g in grad_gates.chunk(2, dim=1)))
     else:
         fused_mlstm.backward_into(grad_h, *q_k_v, h, *igate_fgate, stats, MLSTM_EPS, reverse, *grad_q_k_v,

@@ -1,4 +1,4 @@
-"""Backward of the chunkwise Triton mLSTM: the parallel cell's exact gradients in seven launches.
+"""Backward of the chunkwise Triton mLSTM: the parallel cell's exact gradients in five launches.
 
 The gradient itself is derived in ``fused.py``: with g_t = dL/dh_t, the divisor d_t = max(|r_t|, exp(-m_t)) + eps,
 delta_t = g_t.h_t, the row shift beta_t (through the normaliser's |r| branch) and the direct m-gradient
@@ -8,8 +8,8 @@ W[t,s] = exp(logD[t,s] - m_t):
     dq_t = sc sum_s G W k_s,    dk_s = sc sum_t G W q_t,    dv_s = sc sum_t (q_t.k_s) W g_t / d_t   (sc = DH^-1/2)
 
 Launches:
-1. ``forward.chunk_states`` again (two launches): C_c, n_c (for dq's earlier keys), m and its argmax at every chunk
-   end, and the per-step gate values (local cumsum, row stabiliser, argmax).
+1. The forward's ``forward.chunk_states`` (kept, not recomputed): C_c, n_c (for dq's earlier keys), m and its
+   argmax at every chunk end, and the per-step gate values (local cumsum, row stabiliser, argmax).
 2. ``mlstm_chunk_grad_prep_kernel`` (per chunk): 1/d_t, beta_t, gm_t, and per chunk the sum of gm_t over the rows
    whose argmax s*_t lies in an earlier chunk (that s* is always the previous chunk end's argmax).
 3. The reverse states dC_j = sum_{t > e_j} exp(M_e - M_t) q_t (g_t/d_t)^T and dn_j = sum_{t > e_j} exp(M_e - M_t)
@@ -44,7 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..fused import _cuda_configs
-from .forward import SCAN_LAUNCH, SCAN_STAGES, SUMMARY_LAUNCH, chunk_states
+from .forward import SCAN_LAUNCH, SCAN_STAGES, STATE_NAMES, SUMMARY_LAUNCH
 from .scans import causal_decay, chunk_stabiliser
 from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, load_state_tile, load_state_vector,
                     load_tokens, one_trip, state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens,
@@ -141,12 +141,14 @@ def mlstm_chunk_grad_summary_kernel(Q, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUN
 
 
 @jit_kernel
-def mlstm_chunk_grad_state_scan_kernel(ROW_LOG, CHUNK_MAX, STATE_C, STATE_N, GRAD_STATE_C, GRAD_STATE_N, CROSSING,
-                                       seq_len, num_chunks, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-                                       BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+def mlstm_chunk_grad_state_scan_kernel(ROW_LOG, CHUNK_MAX, STATE_C, STATE_N, GRAD_SUMMARY_C, GRAD_STATE_C,
+                                       GRAD_STATE_N, CROSSING, seq_len, num_chunks, HEAD_DIM: tl.constexpr,
+                                       CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+                                       STAGES: tl.constexpr):
     """Step 3's scan for one tile of BLOCK_E elements of the reverse matrix states of one head, or (the program after
-    the last tile) its reverse normaliser states: walks the boundaries backwards, replacing each summary by the
-    state, and stores that tile's part of the crossing inner products. See the module docstring."""
+    the last tile) its reverse normaliser states: walks the boundaries backwards, turning each summary into the state
+    (the matrix states stored in GRAD_STATE_C's dtype, GRAD_STATE_C may be GRAD_SUMMARY_C; the normaliser states in
+    place), and stores that tile's part of the crossing inner products. See the module docstring."""
     tile = tl.program_id(0)
     batch_head = tl.program_id(1)
     NUM_TILES: tl.constexpr = (HEAD_DIM * HEAD_DIM + BLOCK_E - 1) // BLOCK_E
@@ -157,31 +159,32 @@ def mlstm_chunk_grad_state_scan_kernel(ROW_LOG, CHUNK_MAX, STATE_C, STATE_N, GRA
     if tile < NUM_TILES:
         offs_e = tile * BLOCK_E + tl.arange(0, BLOCK_E)
         states = state_offset(batch_head, 0, num_chunks, HEAD_DIM) + offs_e
-        scan_reverse_states(GRAD_STATE_C + states, STATE_C + states, offs_e < HEAD_DIM * HEAD_DIM,
-                            HEAD_DIM * HEAD_DIM, crossing, row_log, CHUNK_MAX + chunk_ends, seq_len, num_chunks,
-                            CHUNK, NUM_TILES + 1, STAGES)
+        scan_reverse_states(GRAD_SUMMARY_C + states, GRAD_STATE_C + states, STATE_C + states,
+                            offs_e < HEAD_DIM * HEAD_DIM, HEAD_DIM * HEAD_DIM, crossing, row_log,
+                            CHUNK_MAX + chunk_ends, seq_len, num_chunks, CHUNK, NUM_TILES + 1, STAGES)
     else:
         offs_n = tl.arange(0, BLOCK_N)
         norms = chunk_ends * HEAD_DIM + offs_n
-        scan_reverse_states(GRAD_STATE_N + norms, STATE_N + norms, offs_n < HEAD_DIM, HEAD_DIM, crossing, row_log,
-                            CHUNK_MAX + chunk_ends, seq_len, num_chunks, CHUNK, NUM_TILES + 1, STAGES)
+        scan_reverse_states(GRAD_STATE_N + norms, GRAD_STATE_N + norms, STATE_N + norms, offs_n < HEAD_DIM,
+                            HEAD_DIM, crossing, row_log, CHUNK_MAX + chunk_ends, seq_len, num_chunks, CHUNK,
+                            NUM_TILES + 1, STAGES)
 
 
 @triton.jit
-def scan_reverse_states(grads, states, mask, stride, crossing, ROW_LOG, CHUNK_MAX, seq_len, num_chunks,
+def scan_reverse_states(summaries, grads, states, mask, stride, crossing, ROW_LOG, CHUNK_MAX, seq_len, num_chunks,
                         CHUNK: tl.constexpr, NUM_PARTIALS: tl.constexpr, STAGES: tl.constexpr):
     """dX_j = exp(m_j - mu_e) dX_{j+1} + (chunk j+1's summary) for the boundaries j backwards, with e the last step of
-    chunk j+1 (the weight <= 1 that carries the reverse state over that chunk), in place over the summaries at
-    ``grads``; and sum(dX_j * X_j) over this part of the forward states ``states``."""
-    grad = tl.zeros(grads.shape, dtype=grads.dtype.element_ty)
+    chunk j+1 (the weight <= 1 that carries the reverse state over that chunk), from the summaries at ``summaries``
+    into ``grads`` (in its dtype; the running state stays in the summaries'); and sum(dX_j * X_j) over this part of
+    the forward states ``states``."""
+    grad = tl.zeros(summaries.shape, dtype=summaries.dtype.element_ty)
     for index in tl.range(0, num_chunks - 1, num_stages=STAGES):
         boundary = num_chunks - 2 - index
         end_row_log = tl.load(ROW_LOG + tl.minimum(boundary * CHUNK + 2 * CHUNK, seq_len) - 1)  # mu does not decrease
         carry = tl.exp((tl.load(CHUNK_MAX + boundary) - end_row_log).to(grad.dtype))
-        ptrs = grads + boundary * stride
-        grad = grad * carry + tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, grad, mask=mask)
-        state = tl.load(states + boundary * stride, mask=mask, other=0.0)
+        grad = grad * carry + tl.load(summaries + boundary * stride, mask=mask, other=0.0)
+        tl.store(grads + boundary * stride, grad.to(grads.dtype.element_ty), mask=mask)
+        state = tl.load(states + boundary * stride, mask=mask, other=0.0).to(grad.dtype)
         tl.store(crossing + boundary * NUM_PARTIALS, tl.sum(grad * state, 0))
 
 
@@ -206,7 +209,7 @@ def mlstm_chunk_grad_query_kernel(Q, K, V, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, 
     DQ += head_offset(batch_head, num_heads, stride_ob, stride_oh)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
     steps_offset = batch_head.to(tl.int64) * seq_len
-    ACC = STATE_C.dtype.element_ty
+    ACC = STATE_N.dtype.element_ty  # the matrix states may be stored in the input dtype
     IN = Q.dtype.element_ty
 
     steps, valid, positions, key_log, row_log, prev_max, inv_divisor, shift = query_rows(
@@ -239,7 +242,7 @@ def chunk_grad_queries(grad_weights, Q, K, GRAD_H, GRAD_M, STATE_C, STATE_N, DQ,
                        DOT_IN_FLOAT32: tl.constexpr):
     """dq of one chunk's queries from their weighted gradient scores ``grad_weights`` (rows t, columns s: sc G W),
     plus the earlier keys through the previous chunk's state; returns the rows' sums of dL/dlogD, q_t.dq_t + gm_t."""
-    ACC = STATE_C.dtype.element_ty
+    ACC = STATE_N.dtype.element_ty  # the matrix states may be stored in the input dtype
     IN = Q.dtype.element_ty
     prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
     prev_state_n = STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM
@@ -355,7 +358,7 @@ def chunk_grad_values(Q, K, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_
                       DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
     """dv of one chunk's keys: sc sum_t (q_t.k_s) W[t,s] g_t / d_t over the chunk's queries, plus the keys
     (pre-scaled by their state weight) times the reverse state after the chunk."""
-    ACC = grad_state_c.dtype.element_ty
+    ACC = INV_DIVISOR.dtype.element_ty  # the reverse states may be stored in the input dtype
     IN = Q.dtype.element_ty
     steps, valid, positions, rows, key_log, row_log, _, _, key_weight, _ = key_chunk(
         IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, SCALE, ACC,
@@ -396,7 +399,7 @@ def chunk_grad_keys(Q, K, V, GRAD_H, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, CHUNK_M
     """dk of one chunk's keys: sc sum_t G[t,s] W[t,s] q_t over the chunk's queries, plus the values and the shift
     (pre-scaled by the keys' state weight) through the reverse states after the chunk; then the gate gradients from
     the column sums k_s.dk_s (``chunk_gate_grads``)."""
-    ACC = grad_state_c.dtype.element_ty
+    ACC = grad_state_n.dtype.element_ty
     IN = Q.dtype.element_ty
     steps, valid, positions, rows, key_log, row_log, argmax, from_state, key_weight, prev_max = key_chunk(
         IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, chunk, chunk_ends, steps_offset, seq_len, stride_in, SCALE, ACC,
@@ -487,15 +490,17 @@ def chunk_gate_grads(column_total, row_total, FGATE, CHUNK_ARGMAX, GRAD_M, STATE
 
 
 def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor,
-             row_sum: Tensor, eps: float, config: dict, out: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
+             stats: Sequence[Tensor], eps: float, config: dict, out: Optional[Sequence[Tensor]] = None
+             ) -> List[Tensor]:
     """Gradients of q, k, v as ``(B, N, NH, DH)`` buffers and of igate, fgate as ``(B, N, NH)`` buffers: ``out`` if
     given (any strides with a unit head-dim stride for dq, dk, dv), else fresh ones.
 
-    ``grad_h`` and ``h`` are ``(B, N, NH, DH)`` (any strides with a unit head-dim stride), ``row_sum`` is the
-    forward's.
+    ``grad_h`` and ``h`` are ``(B, N, NH, DH)`` (any strides with a unit head-dim stride), ``stats`` the forward's row
+    sums and chunk states (forward.STATE_NAMES).
     """
     batch, heads, n, head_dim = q.shape
-    gates = chunk_states(k, v, igate, fgate, config)
+    row_sum, *states = stats
+    gates = dict(zip(STATE_NAMES, states))
     steps = (gates['cum'], gates['row_log'], gates['argmax'])  # per-step gate values of scans.py
     state_c, state_n, chunk_max = gates['state_c'], gates['state_n'], gates['chunk_max']
     num_chunks = chunk_max.shape[1]
@@ -513,19 +518,20 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
         *token_major_strides(grad_h), *token_major_strides(h), *token_strides(igate), n, heads, num_chunks, eps,
         **prep_config)
 
-    grad_state_c, grad_state_n = torch.empty_like(state_c), torch.empty_like(state_n)
+    grad_summary_c, grad_state_n = torch.empty_like(state_c, dtype=state_n.dtype), torch.empty_like(state_n)
+    grad_state_c = grad_summary_c if state_c.dtype == state_n.dtype else torch.empty_like(state_c)
     scan_block = state_scan_block(head_dim, interpreted=not _cuda_configs())
     scan_tiles = triton.cdiv(head_dim * head_dim, scan_block) + 1  # and the normaliser's
-    crossing = torch.empty(batch * heads, num_chunks, scan_tiles, dtype=state_c.dtype, device=q.device)
+    crossing = torch.empty(batch * heads, num_chunks, scan_tiles, dtype=state_n.dtype, device=q.device)
     if num_chunks > 1:  # else no boundary has a reverse state
         summary = launch_options(config, 'grad_summary', **SUMMARY_LAUNCH)
         mlstm_chunk_grad_summary_kernel[(num_chunks - 1, triton.cdiv(head_dim, summary['BLOCK_D']), batch * heads)](
-            q, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_state_c, grad_state_n,
+            q, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_summary_c, grad_state_n,
             *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads, num_chunks, **summary)
         mlstm_chunk_grad_state_scan_kernel[(scan_tiles, batch * heads)](
-            gates['row_log'], chunk_max, state_c, state_n, grad_state_c, grad_state_n, crossing, n, num_chunks,
-            HEAD_DIM=head_dim, CHUNK=config['CHUNK'], BLOCK_E=scan_block, BLOCK_N=triton.next_power_of_2(head_dim),
-            STAGES=SCAN_STAGES, **SCAN_LAUNCH)
+            gates['row_log'], chunk_max, state_c, state_n, grad_summary_c, grad_state_c, grad_state_n, crossing, n,
+            num_chunks, HEAD_DIM=head_dim, CHUNK=config['CHUNK'], BLOCK_E=scan_block,
+            BLOCK_N=triton.next_power_of_2(head_dim), STAGES=SCAN_STAGES, **SCAN_LAUNCH)
 
     dq, dk, dv, d_igate, d_fgate = out or (*(token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3)),
                                            token_major_buffer((batch, n, heads), igate),

@@ -11,11 +11,13 @@ chunks and only an elementwise recurrence walks them in order:
    argmax, and per chunk L_c, its argmax and b at the last step.
 2. ``mlstm_chunk_state_scan_kernel`` walks the chunks of a head in order, its matrix states split over programs of
    BLOCK_E elements: per chunk the max-plus step m_c = b_e + max(m_{c-1}, L_c) on two scalars and one multiply-add
-   per element, turning each summary into C_c in place. Nothing in that chain waits for memory (the loads are
-   pipelined), so the launch is bandwidth-bound, not latency-bound. One more program per head does the same for
-   n_c and stores m and its argmax at every chunk end and per step the row stabiliser mu and its argmax, so that no
-   later kernel runs a scan. The states after the last chunk are never read, so not stored. The backward
-   recomputes all this instead of keeping it: DH x DH floats per chunk would outweigh q, k and v.
+   per element, turning each summary into C_c (stored in the input dtype for 16-bit inputs: ``state_dtype``).
+   Nothing in that chain waits for memory (the loads are pipelined), so the launch is bandwidth-bound, not
+   latency-bound. One more program per head does the same for n_c and stores m and its argmax at every chunk end
+   and per step the row stabiliser mu and its argmax, so that no later kernel runs a scan. The states after the
+   last chunk are never read, so not stored. The backward keeps all this (STATE_NAMES) instead of running launches
+   1 and 2 again: in bf16 DH x DH values per chunk of 64 steps are half its q, k and v (about 0.9 GB for
+   ViL-T at 2048 px, batch 2), for 0.27 ms of its 2.9 ms per block (H100).
 3. ``mlstm_chunk_output_kernel``, one program per (chunk, head), adds the in-chunk quadratic form to the previous
    chunk's state read by each query, and divides by the parallel form's normaliser max(|row sum|, exp(-m_t)) + eps.
    The row sums are kept for the backward. Scores are built once per chunk and reused for every value block.
@@ -23,7 +25,7 @@ chunks and only an elementwise recurrence walks them in order:
 All sums accumulate in float32 (float64 for float64 inputs); dot operands are the input dtype, except the summaries'
 (state_dot).
 """
-from typing import Dict, Tuple
+from typing import Dict, List
 
 import torch
 import triton
@@ -103,19 +105,21 @@ def rescaled_state(state, summary, prev_max, local_max, end_row_log):
 
 
 @jit_kernel
-def mlstm_chunk_state_scan_kernel(ROW_LOG, ARGMAX, STATE_C, STATE_N, CHUNK_LOCAL, CHUNK_MAX, CHUNK_ARGMAX,
+def mlstm_chunk_state_scan_kernel(ROW_LOG, ARGMAX, SUMMARY_C, STATE_C, STATE_N, CHUNK_LOCAL, CHUNK_MAX, CHUNK_ARGMAX,
                                   seq_len, num_chunks, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
                                   BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     """Launch 2 for one tile of BLOCK_E elements of the matrix states of one head, walking the chunks in order and
-    replacing each summary by the state; the program after the last tile takes the normaliser states, m and its
-    argmax at the chunk ends and the per-step row stabiliser instead. See the module docstring."""
+    turning each summary into the state (stored in STATE_C's dtype; STATE_C may be SUMMARY_C); the program after the
+    last tile takes the normaliser states, m and its argmax at the chunk ends and the per-step row stabiliser
+    instead. See the module docstring."""
     tile = tl.program_id(0)
     batch_head = tl.program_id(1)
     chunk_ends = batch_head.to(tl.int64) * num_chunks
     if tile < (HEAD_DIM * HEAD_DIM + BLOCK_E - 1) // BLOCK_E:
         offs = tile * BLOCK_E + tl.arange(0, BLOCK_E)
-        scan_matrix_states(STATE_C + state_offset(batch_head, 0, num_chunks, HEAD_DIM) + offs,
-                           offs < HEAD_DIM * HEAD_DIM, CHUNK_LOCAL + 2 * chunk_ends, num_chunks, HEAD_DIM, STAGES)
+        states = state_offset(batch_head, 0, num_chunks, HEAD_DIM) + offs
+        scan_matrix_states(SUMMARY_C + states, STATE_C + states, offs < HEAD_DIM * HEAD_DIM,
+                           CHUNK_LOCAL + 2 * chunk_ends, num_chunks, HEAD_DIM, STAGES)
     else:
         rows = batch_head.to(tl.int64) * seq_len
         scan_gates(ROW_LOG + rows, ARGMAX + rows, STATE_N + chunk_ends * HEAD_DIM, CHUNK_LOCAL + 2 * chunk_ends,
@@ -124,17 +128,19 @@ def mlstm_chunk_state_scan_kernel(ROW_LOG, ARGMAX, STATE_C, STATE_N, CHUNK_LOCAL
 
 
 @triton.jit
-def scan_matrix_states(states, in_state, CHUNK_LOCAL, num_chunks, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr):
-    """One tile of the matrix states (pointers ``states`` into the first chunk's) after every chunk but the last,
-    in place over the summaries."""
-    state = tl.zeros(states.shape, dtype=states.dtype.element_ty)
+def scan_matrix_states(summaries, states, in_state, CHUNK_LOCAL, num_chunks, HEAD_DIM: tl.constexpr,
+                       STAGES: tl.constexpr):
+    """One tile of the matrix states after every chunk but the last from the chunks' summaries (pointers into the
+    first chunk's); the running state stays in the summaries' dtype, what is stored takes that of ``states``."""
+    state = tl.zeros(summaries.shape, dtype=summaries.dtype.element_ty)
     prev_max = tl.full([], float('-inf'), tl.float64)
     for chunk in tl.range(0, num_chunks - 1, num_stages=STAGES):  # nothing reads the state after the last chunk
         local_max = tl.load(CHUNK_LOCAL + 2 * chunk)
         end_max, _, end_row_log = chunk_end(local_max, 0, tl.load(CHUNK_LOCAL + 2 * chunk + 1), prev_max, 0)
-        ptrs = states + chunk * HEAD_DIM * HEAD_DIM
-        state = rescaled_state(state, tl.load(ptrs, mask=in_state, other=0.0), prev_max, local_max, end_row_log)
-        tl.store(ptrs, state, mask=in_state)
+        offset = chunk * HEAD_DIM * HEAD_DIM
+        state = rescaled_state(state, tl.load(summaries + offset, mask=in_state, other=0.0), prev_max, local_max,
+                               end_row_log)
+        tl.store(states + offset, state.to(states.dtype.element_ty), mask=in_state)
         prev_max = end_max
 
 
@@ -189,7 +195,7 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STA
     prev_state_c = STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
     prev_state_n = STATE_N + (batch_head.to(tl.int64) * num_chunks + chunk - 1) * HEAD_DIM
     chunk_ends = batch_head.to(tl.int64) * num_chunks
-    ACC = STATE_C.dtype.element_ty
+    ACC = STATE_N.dtype.element_ty  # the matrix states may be stored in the input dtype
 
     steps, valid, positions = chunk_steps(chunk, seq_len, CHUNK, REVERSE)
     steps_offset = batch_head.to(tl.int64) * seq_len
@@ -234,47 +240,62 @@ def mlstm_chunk_output_kernel(Q, K, V, IGATE, CUM, ROW_LOG, ARGMAX, STATE_C, STA
     tl.store(ROW_SUM + steps_offset + steps, row_sum, mask=valid)
 
 
+# What the forward keeps for the backward besides h and the row sums (chunk_states' buffers, in this order), so that
+# the backward does not run launches 1 and 2 again.
+STATE_NAMES = ('cum', 'row_log', 'argmax', 'state_c', 'state_n', 'chunk_max', 'chunk_argmax')
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The stored matrix states (and reverse states) of inputs of ``dtype``: 16-bit inputs' in their own dtype, as the
+    products read them (each kernel rounded its float32 tile so before: the same results, half the traffic and the
+    memory kept for the backward), others in the accumulation dtype. The scans carry them in the accumulation dtype."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.promote_types(dtype, torch.float32)
+
+
 def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dict) -> Dict[str, Tensor]:
     """Launches 1 and 2: the matrix and normaliser states after every chunk but the last, m and its argmax at every
     chunk end, and per step the local cumsum of the log forget gates, the row log stabiliser and the argmax
-    (scans.py)."""
+    (scans.py); the keys of STATE_NAMES."""
     batch, heads, n, head_dim = k.shape
     num_chunks = triton.cdiv(n, config['CHUNK'])
     acc_dtype = torch.promote_types(k.dtype, torch.float32)
     heads_total = batch * heads
+    summaries = torch.empty(heads_total, num_chunks, head_dim, head_dim, dtype=acc_dtype, device=k.device)
     out = dict(
         cum=torch.empty(heads_total, n, dtype=torch.float64, device=k.device),
         row_log=torch.empty(heads_total, n, dtype=torch.float64, device=k.device),
         argmax=torch.empty(heads_total, n, dtype=torch.int32, device=k.device),
-        state_c=torch.empty(heads_total, num_chunks, head_dim, head_dim, dtype=acc_dtype, device=k.device),
+        state_c=summaries if state_dtype(k.dtype) == acc_dtype else summaries.new_empty(
+            summaries.shape, dtype=state_dtype(k.dtype)),
         state_n=torch.empty(heads_total, num_chunks, head_dim, dtype=acc_dtype, device=k.device),
         chunk_max=torch.empty(heads_total, num_chunks, dtype=torch.float64, device=k.device),
         chunk_argmax=torch.empty(heads_total, num_chunks, dtype=torch.int32, device=k.device))
     chunk_local = torch.empty(heads_total, num_chunks, 2, dtype=torch.float64, device=k.device)  # L_c and b_e
     summary = launch_options(config, 'summary', **SUMMARY_LAUNCH)
     mlstm_chunk_summary_kernel[(num_chunks, triton.cdiv(head_dim, summary['BLOCK_D']), heads_total)](
-        k, v, igate, fgate, out['cum'], out['row_log'], out['argmax'], out['state_c'], out['state_n'], chunk_local,
+        k, v, igate, fgate, out['cum'], out['row_log'], out['argmax'], summaries, out['state_n'], chunk_local,
         out['chunk_argmax'], *token_strides(k), *token_strides(v), *token_strides(igate), *token_strides(fgate), n,
         heads, num_chunks, **summary)
     scan_block = state_scan_block(head_dim, interpreted=not _cuda_configs())
     mlstm_chunk_state_scan_kernel[(triton.cdiv(head_dim * head_dim, scan_block) + 1, heads_total)](
-        out['row_log'], out['argmax'], out['state_c'], out['state_n'], chunk_local, out['chunk_max'],
+        out['row_log'], out['argmax'], summaries, out['state_c'], out['state_n'], chunk_local, out['chunk_max'],
         out['chunk_argmax'], n, num_chunks, HEAD_DIM=head_dim, CHUNK=config['CHUNK'], BLOCK_E=scan_block,
         BLOCK_N=triton.next_power_of_2(head_dim), STAGES=SCAN_STAGES, **SCAN_LAUNCH)
     return out
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, config: dict
-            ) -> Tuple[Tensor, Tensor]:
-    """h as a ``(B, N, NH, DH)`` buffer and the row sums ``(B*NH, N)`` the backward needs."""
+            ) -> List[Tensor]:
+    """h as a ``(B, N, NH, DH)`` buffer, the row sums ``(B*NH, N)`` and the chunk states (STATE_NAMES): what the
+    backward needs."""
     batch, heads, n, head_dim = q.shape
     gates = chunk_states(k, v, igate, fgate, config)
     h = token_major_buffer((batch, n, heads, head_dim), q)
-    row_sum = torch.empty(batch * heads, n, dtype=gates['state_c'].dtype, device=q.device)
+    row_sum = torch.empty(batch * heads, n, dtype=gates['state_n'].dtype, device=q.device)
     num_chunks = gates['chunk_max'].shape[1]
     mlstm_chunk_output_kernel[(num_chunks, batch * heads)](
         q, k, v, igate, gates['cum'], gates['row_log'], gates['argmax'], gates['state_c'], gates['state_n'],
         gates['chunk_max'], h, row_sum, *token_strides(q), *token_strides(k), *token_strides(v),
         *token_strides(igate), *token_major_strides(h), n, heads, num_chunks, 1 / head_dim ** 0.5, eps,
         **launch_options(config, 'output', STATE_BLOCK=config['BLOCK_D']))
-    return h, row_sum
+    return [h, row_sum, *(gates[name] for name in STATE_NAMES)]

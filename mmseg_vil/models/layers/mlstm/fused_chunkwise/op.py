@@ -5,9 +5,10 @@ re-traces our kernels. A custom op must return fresh tensors, so the ops return 
 buffers and the Python wrappers turn them into the ``(B, NH, N, DH)`` views the callers expect.
 """
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
+import triton
 from torch import Tensor
 
 from ..fused import _cuda_configs, _dot_options, _kernels_interpreted
@@ -88,30 +89,42 @@ def launch_overrides(spec: Optional[str] = None) -> Dict[str, Dict[str, int]]:
 @torch.library.custom_op('mmseg_vil::mlstm_fused_chunkwise_forward', mutates_args=())
 def _forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, chunk_size: int,
              reverse: bool) -> List[Tensor]:
-    """``[h (B, N, NH, DH), row sums (B*NH, N)]``."""
-    return list(forward_kernels(q, k, v, igate, fgate, eps, chunk_size, reverse))
+    """``[h (B, N, NH, DH), row sums (B*NH, N), *chunk states (forward.STATE_NAMES)]``."""
+    return forward_kernels(q, k, v, igate, fgate, eps, chunk_size, reverse)
 
 
 @_forward.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, chunk_size: int,
       reverse: bool) -> List[Tensor]:
     batch, heads, n, head_dim = q.shape
+    return [q.new_empty(batch, n, heads, head_dim), *empty_stats(q, chunk_size)]
+
+
+def empty_stats(q: Tensor, chunk_size: int) -> List[Tensor]:
+    """Empty tensors shaped as what :func:`forward_kernels` returns after h (for fake implementations)."""
+    batch, heads, n, head_dim = q.shape
+    rows, chunks = batch * heads, triton.cdiv(n, chunk_size)
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
-    return [q.new_empty(batch, n, heads, head_dim), q.new_empty(batch * heads, n, dtype=acc_dtype)]
+    buffers = dict(cum=((rows, n), torch.float64), row_log=((rows, n), torch.float64), argmax=((rows, n), torch.int32),
+                   state_c=((rows, chunks, head_dim, head_dim), _forward_kernels.state_dtype(q.dtype)),
+                   state_n=((rows, chunks, head_dim), acc_dtype), chunk_max=((rows, chunks), torch.float64),
+                   chunk_argmax=((rows, chunks), torch.int32))
+    return [q.new_empty(rows, n, dtype=acc_dtype)] + [q.new_empty(*buffers[name][0], dtype=buffers[name][1])
+                                                      for name in _forward_kernels.STATE_NAMES]
 
 
 @torch.library.custom_op('mmseg_vil::mlstm_fused_chunkwise_backward', mutates_args=())
 def _backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor,
-              row_sum: Tensor, eps: float, chunk_size: int, reverse: bool) -> List[Tensor]:
+              stats: List[Tensor], eps: float, chunk_size: int, reverse: bool) -> List[Tensor]:
     """``[dq, dk, dv (B, N, NH, DH), d_igate, d_fgate (B, N, NH)]``."""
     if grad_h.stride(-1) != 1:  # e.g. the expanded gradient of h.sum()
         grad_h = grad_h.contiguous()
-    return _backward_kernels.backward(grad_h, q, k, v, igate, fgate, h, row_sum, eps,
+    return _backward_kernels.backward(grad_h, q, k, v, igate, fgate, h, stats, eps,
                                       _config(q.shape[-1], chunk_size, reverse, q.dtype))
 
 
 @_backward.register_fake
-def _(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor, row_sum: Tensor,
+def _(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor, stats: List[Tensor],
       eps: float, chunk_size: int, reverse: bool) -> List[Tensor]:
     batch, heads, n, head_dim = q.shape
     return [q.new_empty(batch, n, heads, head_dim) for _ in range(3)] + [
@@ -125,8 +138,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _autograd_backward(ctx, grads):
-    q, k, v, igate, fgate, h, row_sum = ctx.saved_tensors
-    grads = _backward(grads[0], q, k, v, igate, fgate, h, row_sum, *ctx.options)
+    q, k, v, igate, fgate, h, *stats = ctx.saved_tensors
+    grads = _backward(grads[0], q, k, v, igate, fgate, h, stats, *ctx.options)
     return (*(grad.transpose(1, 2) for grad in grads), None, None, None)
 
 
@@ -161,18 +174,19 @@ def refuse_unvalidated_cuda(q: Tensor) -> None:
 
 
 def forward_kernels(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, chunk_size: int,
-                    reverse: bool) -> Tuple[Tensor, Tensor]:
+                    reverse: bool) -> List[Tensor]:
     """The forward kernels outside autograd, for callers with their own backward (the ViL mixer's one op):
-    ``h (B, N, NH, DH)`` and the row sums ``(B*NH, N)`` that :func:`backward_kernels_into` needs."""
+    ``h (B, N, NH, DH)``, then what :func:`backward_kernels_into` needs (its ``stats``): the row sums ``(B*NH, N)``
+    and the chunk states (forward.STATE_NAMES; about DH x DH 16-bit values per chunk of each head)."""
     return _forward_kernels.forward(q, k, v, igate, fgate, eps, _config(q.shape[-1], chunk_size, reverse, q.dtype))
 
 
 def backward_kernels_into(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor,
-                          row_sum: Tensor, eps: float, chunk_size: int, reverse: bool, dq: Tensor, dk: Tensor,
+                          stats: Sequence[Tensor], eps: float, chunk_size: int, reverse: bool, dq: Tensor, dk: Tensor,
                           dv: Tensor, d_igate: Tensor, d_fgate: Tensor) -> None:
     """The backward kernels writing into the caller's buffers: ``dq, dk, dv (B, N, NH, DH)`` and ``d_igate, d_fgate
     (B, N, NH)`` of any strides (e.g. head views of one q | k | v gradient buffer)."""
-    _backward_kernels.backward(grad_h, q, k, v, igate, fgate, h, row_sum, eps,
+    _backward_kernels.backward(grad_h, q, k, v, igate, fgate, h, stats, eps,
                                _config(q.shape[-1], chunk_size, reverse, q.dtype), out=(dq, dk, dv, d_igate, d_fgate))
 
 
@@ -191,5 +205,5 @@ def mlstm_fused_chunkwise_kernels(q: Tensor, k: Tensor, v: Tensor, igate: Tensor
     k, v = k.to(q.dtype), v.to(q.dtype)
     # The kernels take any step/head/batch strides; only a non-unit head-dim stride costs a copy.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    h, _ = _forward(q, k, v, igate, fgate, eps, chunk_size, reverse)
+    h, *_ = _forward(q, k, v, igate, fgate, eps, chunk_size, reverse)
     return h.transpose(1, 2)
