@@ -51,6 +51,12 @@ from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, l
                     token_major_buffer, token_major_strides, token_strides)
 
 
+# One stage for the grad-key kernel: its state tiles are 16-bit dot operands for 16-bit inputs, which Triton 3.8
+# otherwise pipelines through shared memory: 178 registers at 8 warps, one program per SM, against 109 (ptxas, sm_90,
+# bf16, chunk 64; Triton 3.6: 128 and 126). Its loops are three head-dim blocks long: little to prefetch.
+KEY_STAGES = 1
+
+
 @jit_kernel
 def mlstm_chunk_grad_prep_kernel(GRAD_H, H, IGATE, CUM, ROW_LOG, ARGMAX, ROW_SUM, CHUNK_MAX, INV_DIVISOR,
                                  ROW_SHIFT, GRAD_M, STATE_GRAD_M, stride_gb, stride_gh, stride_gn, stride_hb, stride_hh,
@@ -540,7 +546,7 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
         raise ValueError(f'dk, dv strides {dk.stride()}, {dv.stride()} or d_igate, d_fgate strides '
                          f'{d_igate.stride()}, {d_fgate.stride()} differ')
     key_options = launch_options(config, 'grad_key', SPLIT_DK_DV=True, STATE_BLOCK=config['BLOCK_D'], WITH_DQ=False,
-                                 BLOCK_CHUNKS=64)
+                                 BLOCK_CHUNKS=64, num_stages=KEY_STAGES)
     if not key_options['WITH_DQ']:
         mlstm_chunk_grad_query_kernel[grid](
             q, k, v, grad_h, igate, *steps, chunk_max, inv_divisor, row_shift, grad_m, state_c, state_n, dq,
