@@ -9,7 +9,7 @@
    (causal attention of the same shape) as a yardstick, launched eagerly (triton's do_bench; what training sees) and
    replayed from a CUDA graph (do_bench_cudagraph; GPU time without the host's launch overhead); peak memory.
 3. The chunkwise Triton kernels against the others: CUDA-graph forward+backward of fused_chunkwise (chunk sizes
-   32/64/128), fused, chunkwise and SDPA at B=1, NH=4, DH=96, N = 196..16384, and the ViL-T shapes; a compact
+   32/64), fused, chunkwise and SDPA at B=1, NH=4, DH=96, N = 196..16384, and the ViL-T shapes; a compact
    table at the end. fused_chunkwise (refused on CUDA until validated here) runs in child processes, one per case.
 4. ``--sweep``: CUDA-graph forward+backward time of candidate tile configurations per head dim.
 5. ``--vil-shapes`` (alone): forward and forward+backward of the fused backend at ViL's training shapes.
@@ -196,7 +196,6 @@ CHUNKWISE_BACKENDS = {
     'fused_chunkwise': mlstm_fused_chunkwise_kernels,
     'fused_chunkwise reverse': functools.partial(mlstm_fused_chunkwise_kernels, reverse=True),
     'fused_chunkwise chunk 32': functools.partial(mlstm_fused_chunkwise_kernels, chunk_size=32),
-    'fused_chunkwise chunk 128': functools.partial(mlstm_fused_chunkwise_kernels, chunk_size=128),
 }
 # fused_chunkwise correctness: (head dim, N, dtype, reverse, strided); --quick runs the first QUICK_CHECKS.
 CHUNKWISE_CHECKS = [

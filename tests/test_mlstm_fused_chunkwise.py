@@ -248,7 +248,7 @@ def test_kernel_compiles_fullgraph_as_opaque_op():
 # head dim that is no multiple of its block (40 = 32 + 8) and a last chunk of one step; the largest chunk with a last
 # chunk of two steps; the default chunk in float32 with a whole and a masked block.
 CUDA_TILE_CASES = [(40, 96, BF16, 16, False), (40, 48, F32, 16, True), (10, 12, F64, 16, False),
-                   (65, 40, BF16, 32, False), (130, 8, F64, 128, False), (130, 40, F32, 64, True)]
+                   (65, 40, BF16, 32, False), (130, 8, F64, 64, False), (130, 40, F32, 64, True)]
 
 
 def fill_new_buffers(monkeypatch):
@@ -409,10 +409,11 @@ def test_kernel_dot_check_needs_16():
 
 
 @pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')
-def test_invalid_chunk_size_is_rejected():
+@pytest.mark.parametrize('chunk_size', [48, 128])  # 128: wrong bfloat16 results on the H100 (op.MAX_CHUNK_SIZE)
+def test_invalid_chunk_size_is_rejected(chunk_size):
     q = torch.zeros(1, 1, 4, 8)
-    with pytest.raises(ValueError, match='chunk_size'):
-        mlstm_fused_chunkwise(q, q, q, q[..., 0], q[..., 0], chunk_size=48)
+    with pytest.raises(ValueError, match='chunk_size must be 16, 32 or 64'):
+        mlstm_fused_chunkwise(q, q, q, q[..., 0], q[..., 0], chunk_size=chunk_size)
 
 
 @pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS or FUSED_DEVICE is not None,

@@ -132,18 +132,20 @@ def mlstm_chunk_grad_summary_kernel(Q, GRAD_H, IGATE, CUM, ROW_LOG, ARGMAX, CHUN
     steps, valid, positions, _, row_log, prev_max, inv_divisor, shift = query_rows(
         IGATE, CUM, ROW_LOG, ARGMAX, CHUNK_MAX, INV_DIVISOR, ROW_SHIFT, chunk, chunk_ends, steps_offset, seq_len,
         stride_in, CHUNK, REVERSE)
-    q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D)
-    weighted_q = q.to(ACC) * tl.exp((prev_max - row_log).to(ACC))[:, None]
+    q = load_tokens(Q, positions, valid, key_start, stride_qn, HEAD_DIM, BLOCK_D).to(ACC)
+    row_weight = tl.exp((prev_max - row_log).to(ACC))
+    # 1/d_t goes with the query's row weight, so that the gradient rows enter the product as they are (state_dot).
+    weighted_q = tl.trans(q * (row_weight * inv_divisor)[:, None])
     grad_state_c = GRAD_STATE_C + state_offset(batch_head, chunk - 1, num_chunks, HEAD_DIM)
     for value_start in range(0, HEAD_DIM, BLOCK_D):
         grad_h = load_tokens(GRAD_H, positions, valid, value_start, stride_gn, HEAD_DIM, BLOCK_D)
-        summary = state_dot(tl.trans(weighted_q), grad_h.to(ACC) * inv_divisor[:, None],
-                            tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC), DOT_PRECISION)
+        summary = state_dot(weighted_q, grad_h, tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC), DOT_PRECISION,
+                            DOT_IN_FLOAT32)
         ptrs, mask = state_block_ptrs(grad_state_c, key_start, value_start, HEAD_DIM, BLOCK_D)
         tl.store(ptrs, summary, mask=mask)
     offs_key = key_start + tl.arange(0, BLOCK_D)
-    tl.store(GRAD_STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM + offs_key, tl.sum(weighted_q * shift[:, None], 0),
-             mask=offs_key < HEAD_DIM)
+    tl.store(GRAD_STATE_N + (chunk_ends + chunk - 1) * HEAD_DIM + offs_key,
+             tl.sum(q * (row_weight * shift)[:, None], 0), mask=offs_key < HEAD_DIM)
 
 
 @jit_kernel

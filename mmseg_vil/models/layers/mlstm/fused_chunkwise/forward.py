@@ -40,15 +40,19 @@ from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, l
                     token_major_buffer, token_major_strides, token_strides)
 
 
-# A summary program is short and latency-bound: it takes ~134 registers at 4 or 8 warps (ptxas, sm_90, bf16), so 8
-# warps fit one program per SM and 4 warps three. H100, bf16, B=2, NH=4, N=16384, DH=96: 0.19 ms at 4 warps, 0.38 ms
-# at 8.
+# A summary program is short and latency-bound. With bfloat16 state products (tiles.state_dot) it takes about 100
+# registers at 4 warps (ptxas, sm_90; 216 with 3xTF32 ones under Triton 3.6): five programs per SM. H100, bf16, B=2,
+# NH=4, N=16384, DH=96: 92 us (191 with 3xTF32; 8 warps were slower, 0.38 ms then).
 SUMMARY_LAUNCH = dict(num_warps=4)
 # The scan walks the chunks in order: Triton pipelines only the loads of a loop with its own num_stages (not those of
 # a plain range, which feed no tl.dot), so that the next chunks' summaries are already on their way. Same H100 case:
 # 0.09 ms, 1.7 TB/s (0.07 at best over BLOCK_E 256-1024, 2-8 stages, 2-4 warps); at DH=192 0.22 ms, 2.8 TB/s (best).
 SCAN_LAUNCH = dict(num_warps=4)
 SCAN_STAGES = 4
+# The output kernel of 16-bit inputs at chunk 64 fits 80 registers per thread without spills (ptxas, sm_90, bf16,
+# Triton 3.6 and 3.8; 114 uncapped): three programs of 8 warps per SM instead of two. H100, ViL-T at 2048 px, batch 2:
+# 132 -> 111 us.
+OUTPUT_LAUNCH_16BIT = dict(maxnreg=80)
 
 
 @jit_kernel
@@ -88,8 +92,8 @@ def mlstm_chunk_summary_kernel(K, V, IGATE, FGATE, CUM, ROW_LOG, ARGMAX, STATE_C
         state_c = STATE_C + state_offset(batch_head, chunk, num_chunks, HEAD_DIM)
         for value_start in range(0, HEAD_DIM, BLOCK_D):
             v = load_tokens(V, positions, valid, value_start, stride_vn, HEAD_DIM, BLOCK_D)
-            summary = state_dot(tl.trans(weighted_k), v.to(ACC), tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC),
-                                DOT_PRECISION)
+            summary = state_dot(tl.trans(weighted_k), v, tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC), DOT_PRECISION,
+                                DOT_IN_FLOAT32)
             ptrs, mask = state_block_ptrs(state_c, key_start, value_start, HEAD_DIM, BLOCK_D)
             tl.store(ptrs, summary, mask=mask)
         offs_key = key_start + tl.arange(0, BLOCK_D)
@@ -297,5 +301,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: 
         q, k, v, igate, gates['cum'], gates['row_log'], gates['argmax'], gates['state_c'], gates['state_n'],
         gates['chunk_max'], h, row_sum, *token_strides(q), *token_strides(k), *token_strides(v),
         *token_strides(igate), *token_major_strides(h), n, heads, num_chunks, 1 / head_dim ** 0.5, eps,
-        **launch_options(config, 'output', STATE_BLOCK=config['BLOCK_D']))
+        **launch_options(config, 'output', STATE_BLOCK=config['BLOCK_D'],
+                         **(OUTPUT_LAUNCH_16BIT if q.dtype in (torch.float16, torch.bfloat16) and config['CHUNK'] == 64
+                            else {})))
     return [h, row_sum, *(gates[name] for name in STATE_NAMES)]

@@ -112,19 +112,26 @@ def one_trip(seq_len):
 
 
 @triton.jit
-def state_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """``acc + a @ b`` for building a state from operands in the accumulation dtype: plain float32 ('ieee') for
-    float32 inputs (``DOT_PRECISION``, op._config), 3xTF32 for half-precision ones (close to float32 accuracy).
-    Weighted operands rounded to half precision would cost digits that the gate gradient's inner products of whole
-    states (backward.py) cannot spare."""
+def state_dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """``acc + a @ b`` for building a state: ``a`` a token operand weighted in the accumulation dtype, ``b`` tokens in
+    the input dtype (exact). Close to float32 accuracy for half-precision inputs, whose weighted operand rounded to
+    half precision would cost digits that the gate gradient's inner products of whole states (backward.py) cannot
+    spare: for bfloat16, ``a`` as the sum of two bfloat16 parts (16 of float32's 24 bits; b is exact, the products
+    are exact in the float32 accumulator) in two bfloat16 products, half the registers and instructions of 3xTF32
+    with float32 operands; for float16 (whose range the second part would leave) 3xTF32. Plain float32 ('ieee') for
+    float32 inputs (``DOT_PRECISION``, op._config)."""
     # One return at the end (Triton 3.6 compiles the statements after a return inside an if) and the float64
     # out_dtype spelled out (3.6 does not take it from the accumulator).
     if a.dtype == tl.float64:
-        result = tl.dot(a, b, acc, out_dtype=tl.float64)
+        result = tl.dot(a, b.to(tl.float64), acc, out_dtype=tl.float64)
+    elif b.dtype == tl.bfloat16:
+        high = a.to(tl.bfloat16)
+        low = (a - high.to(a.dtype)).to(tl.bfloat16)
+        result = dot(low, b, dot(high, b, acc, DOT_PRECISION, DOT_IN_FLOAT32), DOT_PRECISION, DOT_IN_FLOAT32)
     elif DOT_PRECISION == 'ieee':
         result = tl.dot(a, b, acc, input_precision='ieee')
     else:
-        result = tl.dot(a, b, acc, input_precision='tf32x3')
+        result = tl.dot(a, b.to(tl.float32), acc, input_precision='tf32x3')
     return result
 
 
