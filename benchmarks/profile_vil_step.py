@@ -1,8 +1,15 @@
-"""Profile one ViL training step on CUDA (bf16 autocast): the kernels that dominate, per mLSTM backend.
+"""Profile one ViL training step on CUDA (bf16 autocast): the kernels that dominate, per mLSTM backend; with
+``--host``, where the host's time goes instead (an eager step waits for the host when its Python, dispatch and kernel
+launches take longer than the GPU's work).
 
     python benchmarks/profile_vil_step.py --backend parallel --size 224 --batch 64 --out $OUT/profile.txt
+    python benchmarks/profile_vil_step.py --host --size 2048 --batch 2 --out $OUT/host.txt
 """
 import argparse
+import cProfile
+import io
+import pstats
+import time
 from collections import defaultdict
 
 import torch
@@ -19,6 +26,8 @@ def main():
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--batch', type=int, default=64)
     parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--host', action='store_true',
+                        help='time the host (issuing a step vs the step with its GPU work) and cProfile it')
     parser.add_argument('--out', default='profile.txt')
     args = parser.parse_args()
 
@@ -35,6 +44,12 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if args.host:
+        report = host_report(step)
+        with open(args.out, 'a') as f:
+            f.write(f'\n### {vars(args)}\n{report}\n')
+        print(report)
+        return
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=True) as prof:
         for _ in range(2):
             step()
@@ -46,6 +61,32 @@ def main():
         f.write(f'\n### {vars(args)}\n{table}\n\n{kernels}\n\n{sites}\n')
     print(kernels)
     print(sites)
+
+
+def host_report(step, steps: int = 5, rows: int = 45) -> str:
+    """Host ms to issue a step (returns before its GPU work ends unless the host is the bottleneck) against the
+    step's wall time with its GPU work, best of ``steps``; then cProfile's functions by their own time over
+    ``steps`` more steps (its overhead inflates small Python functions: read it for shares, not times)."""
+    issue, total = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        issue.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        total.append(time.perf_counter() - start)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats('tottime').print_stats(rows)
+    stats.sort_stats('cumulative').print_stats(rows)
+    return (f'host ms to issue a step: {min(issue) * 1e3:.1f}; step with its GPU work: {min(total) * 1e3:.1f} '
+            f'(best of {steps})\n' + out.getvalue())
 
 
 def kernel_table(prof, steps: int, rows: int = 40) -> str:
