@@ -15,9 +15,9 @@ chunks and only an elementwise recurrence walks them in order:
    Nothing in that chain waits for memory (the loads are pipelined), so the launch is bandwidth-bound, not
    latency-bound. One more program per head does the same for n_c and stores m and its argmax at every chunk end
    and per step the row stabiliser mu and its argmax, so that no later kernel runs a scan. The states after the
-   last chunk are never read, so not stored. The backward keeps all this (STATE_NAMES) instead of running launches
-   1 and 2 again: in bf16 DH x DH values per chunk of 64 steps are half its q, k and v (about 0.9 GB for
-   ViL-T at 2048 px, batch 2), for 0.27 ms of its 2.9 ms per block (H100).
+   last chunk are never read: zeros (they are outputs of the op). The backward keeps all this (STATE_NAMES) instead
+   of running launches 1 and 2 again: in bf16 DH x DH values per chunk of 64 steps are half its q, k and v (about
+   0.9 GB for ViL-T at 2048 px, batch 2).
 3. ``mlstm_chunk_output_kernel``, one program per (chunk, head), adds the in-chunk quadratic form to the previous
    chunk's state read by each query, and divides by the parallel form's normaliser max(|row sum|, exp(-m_t)) + eps.
    The row sums are kept for the backward. Scores are built once per chunk and reused for every value block.
@@ -146,6 +146,10 @@ def scan_matrix_states(summaries, states, in_state, CHUNK_LOCAL, num_chunks, HEA
                                end_row_log)
         tl.store(states + offset, state.to(states.dtype.element_ty), mask=in_state)
         prev_max = end_max
+    # Nothing reads the state after the last chunk, but the states are outputs of the op (kept for the backward):
+    # zeros there, not whatever the memory held (torch.library.opcheck compares outputs between runs).
+    tl.store(states + (num_chunks - 1) * HEAD_DIM * HEAD_DIM, tl.zeros_like(state).to(states.dtype.element_ty),
+             mask=in_state)
 
 
 @triton.jit
@@ -167,10 +171,11 @@ def scan_gates(ROW_LOG, ARGMAX, STATE_N, CHUNK_LOCAL, CHUNK_MAX, CHUNK_ARGMAX, s
                                          tl.load(ARGMAX + steps, mask=valid, other=0), prev_max, prev_argmax)
         tl.store(ROW_LOG + steps, row_log, mask=valid)
         tl.store(ARGMAX + steps, argmax, mask=valid)
-        has_reader = (offs_key < HEAD_DIM) & (chunk < num_chunks - 1)
+        has_reader = chunk < num_chunks - 1  # zeros after the last chunk, as the matrix states
         norms = STATE_N + chunk * HEAD_DIM + offs_key
-        norm = rescaled_state(norm, tl.load(norms, mask=has_reader, other=0.0), prev_max, local_max, end_row_log)
-        tl.store(norms, norm, mask=has_reader)
+        norm = rescaled_state(norm, tl.load(norms, mask=(offs_key < HEAD_DIM) & has_reader, other=0.0), prev_max,
+                              local_max, end_row_log)
+        tl.store(norms, tl.where(has_reader, norm, 0.0), mask=offs_key < HEAD_DIM)
         tl.store(CHUNK_MAX + chunk, end_max)
         tl.store(CHUNK_ARGMAX + chunk, end_argmax)
         prev_max = end_max
