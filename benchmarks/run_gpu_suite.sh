@@ -70,11 +70,8 @@ for part in $parts; do
              | grep -v -i warn | tail -80 | tee -a "$out/log.txt" ;;
     tuned) MMSEG_VIL_MIXER_LAUNCH_CONFIGS="$out/tune/best.json" timeout 200 $bench --models vil-t deit-t --sizes 224 512 \
              --batch 224=64 512=32 --out-dir "$out/tuned" 2>&1 | grep -v -i warn | tail -20 | tee -a "$out/log.txt" ;;
-    chunksweep) MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 540 python3 benchmarks/mlstm_kernel_check.py --chunkwise-sweep \
-             --launch '' --launch 'grad_key:SPLIT_DK_DV=0' --launch 'grad_key:WITH_DQ=1,num_stages=1' \
-             --launch 'grad_key:STATE_BLOCK=128,num_stages=1' --launch 'output+grad_query:STATE_BLOCK=128' \
-             --launch 'output:maxnreg=80;grad_query:maxnreg=80,num_stages=3' 2>&1 | tee "$out/chunksweep.txt" | tail -40 \
-             | tee -a "$out/log.txt" ;;
+    chunksweep) timeout 540 python3 benchmarks/mlstm_kernel_check.py --chunkwise-sweep 2>&1 | tee "$out/chunksweep.txt" \
+             | tail -40 | tee -a "$out/log.txt" ;;
     sweep) timeout 400 python3 benchmarks/mlstm_kernel_check.py --out "$out/sweep" --quick --sweep 2>&1 | grep "tile sweep\|DH=" \
              | tail -40 | tee -a "$out/log.txt" ;;
     profile) timeout 120 python3 benchmarks/profile_vil_step.py --size 224 --batch 64 --out "$out/profile.txt" \

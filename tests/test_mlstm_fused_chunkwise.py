@@ -286,9 +286,10 @@ def chunkwise_outputs(n, head_dim, dtype, chunk_size, reverse):
 
 # Launch options (op.LAUNCH_ENV) that keep every sum in its order, each against the defaults: dk and dv of a chunk in
 # one program instead of two; other warps, pipeline stages and register caps (ignored by the interpreter; compiled on
-# CUDA).
+# CUDA); the forward's scan over chunks in tiles of another size (elementwise).
 SAME_ORDER_LAUNCHES = ['grad_key:SPLIT_DK_DV=0',
-                       'grad_key:SPLIT_DK_DV=1,num_warps=4;output+grad_query:num_stages=3,maxnreg=80']
+                       'grad_key:SPLIT_DK_DV=1,num_warps=4;output+grad_query:num_stages=3,maxnreg=80',
+                       'scan:BLOCK_E=128,STAGES=2,num_warps=2']
 
 
 @needs_kernels
@@ -306,10 +307,11 @@ def test_kernel_launch_options_keep_results(spec, n, head_dim, dtype, chunk_size
 # Launch options that change the blocks of some sums: the state products' contraction as one tile of the whole head
 # (padded to a power of two and loaded once per program) or as blocks of 64 (a whole and a masked one at DH=96),
 # narrower head-dim blocks; dq in the grad-key kernel (from the transposed weighted gradient scores), in the dk
-# program or in the one program of a chunk.
+# program or in the one program of a chunk; the backward's scan in smaller tiles (the crossing sums in more parts).
 OTHER_ORDER_LAUNCHES = ['output+grad_query+grad_key:STATE_BLOCK=128', 'output+grad_query+grad_key:STATE_BLOCK=64',
                         'output+grad_query+grad_key+summary+grad_summary:BLOCK_D=16;grad_key:SPLIT_DK_DV=0',
-                        'grad_key:WITH_DQ=1', 'grad_key:WITH_DQ=1,SPLIT_DK_DV=0,STATE_BLOCK=128']
+                        'grad_key:WITH_DQ=1', 'grad_key:WITH_DQ=1,SPLIT_DK_DV=0,STATE_BLOCK=128',
+                        'scan+grad_scan:BLOCK_E=64,STAGES=2,num_warps=1']
 
 
 @needs_kernels

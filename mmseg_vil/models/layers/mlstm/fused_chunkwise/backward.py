@@ -43,11 +43,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..fused import _cuda_configs
-from .forward import SCAN_LAUNCH, SCAN_STAGES, STATE_NAMES, SUMMARY_LAUNCH
+from .forward import STATE_NAMES, SUMMARY_LAUNCH, scan_options
 from .scans import causal_decay, chunk_stabiliser
 from .tiles import (chunk_steps, dot, head_offset, jit_kernel, launch_options, load_state_tile, load_state_vector,
-                    load_tokens, one_trip, state_block_ptrs, state_dot, state_offset, state_scan_block, store_tokens,
+                    load_tokens, one_trip, state_block_ptrs, state_dot, state_offset, store_tokens,
                     token_major_buffer, token_major_strides, token_strides)
 
 
@@ -528,8 +527,8 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
 
     grad_summary_c, grad_state_n = torch.empty_like(state_c, dtype=state_n.dtype), torch.empty_like(state_n)
     grad_state_c = grad_summary_c if state_c.dtype == state_n.dtype else torch.empty_like(state_c)
-    scan_block = state_scan_block(head_dim, interpreted=not _cuda_configs())
-    scan_tiles = triton.cdiv(head_dim * head_dim, scan_block) + 1  # and the normaliser's
+    scan = scan_options(config, 'grad_scan')
+    scan_tiles = triton.cdiv(head_dim * head_dim, scan['BLOCK_E']) + 1  # and the normaliser's
     crossing = torch.empty(batch * heads, num_chunks, scan_tiles, dtype=state_n.dtype, device=q.device)
     if num_chunks > 1:  # else no boundary has a reverse state
         summary = launch_options(config, 'grad_summary', **SUMMARY_LAUNCH)
@@ -538,8 +537,7 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
             *token_strides(q), *token_major_strides(grad_h), *token_strides(igate), n, heads, num_chunks, **summary)
         mlstm_chunk_grad_state_scan_kernel[(scan_tiles, batch * heads)](
             gates['row_log'], chunk_max, state_c, state_n, grad_summary_c, grad_state_c, grad_state_n, crossing, n,
-            num_chunks, HEAD_DIM=head_dim, CHUNK=config['CHUNK'], BLOCK_E=scan_block,
-            BLOCK_N=triton.next_power_of_2(head_dim), STAGES=SCAN_STAGES, **SCAN_LAUNCH)
+            num_chunks, CHUNK=config['CHUNK'], BLOCK_N=triton.next_power_of_2(head_dim), **scan)
 
     dq, dk, dv, d_igate, d_fgate = out or (*(token_major_buffer((batch, n, heads, head_dim), q) for _ in range(3)),
                                            token_major_buffer((batch, n, heads), igate),

@@ -285,12 +285,19 @@ def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dic
         k, v, igate, fgate, out['cum'], out['row_log'], out['argmax'], summaries, out['state_n'], chunk_local,
         out['chunk_argmax'], *token_strides(k), *token_strides(v), *token_strides(igate), *token_strides(fgate), n,
         heads, num_chunks, **summary)
-    scan_block = state_scan_block(head_dim, interpreted=not _cuda_configs())
-    mlstm_chunk_state_scan_kernel[(triton.cdiv(head_dim * head_dim, scan_block) + 1, heads_total)](
+    scan = scan_options(config, 'scan')
+    mlstm_chunk_state_scan_kernel[(triton.cdiv(head_dim * head_dim, scan['BLOCK_E']) + 1, heads_total)](
         out['row_log'], out['argmax'], summaries, out['state_c'], out['state_n'], chunk_local, out['chunk_max'],
-        out['chunk_argmax'], n, num_chunks, HEAD_DIM=head_dim, CHUNK=config['CHUNK'], BLOCK_E=scan_block,
-        BLOCK_N=triton.next_power_of_2(head_dim), STAGES=SCAN_STAGES, **SCAN_LAUNCH)
+        out['chunk_argmax'], n, num_chunks, CHUNK=config['CHUNK'], BLOCK_N=triton.next_power_of_2(head_dim), **scan)
     return out
+
+
+def scan_options(config: dict, kernel: str) -> dict:
+    """HEAD_DIM, BLOCK_E, STAGES and warps of a scan over chunks, ``kernel`` 'scan' (launch 2) or 'grad_scan' (the
+    backward's), with the call's launch overrides (op.LAUNCH_ENV)."""
+    return launch_options({'HEAD_DIM': config['HEAD_DIM'], 'overrides': config.get('overrides', {})}, kernel,
+                          BLOCK_E=state_scan_block(config['HEAD_DIM'], interpreted=not _cuda_configs()),
+                          STAGES=SCAN_STAGES, **SCAN_LAUNCH)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, config: dict

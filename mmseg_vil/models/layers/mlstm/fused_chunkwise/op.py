@@ -30,12 +30,13 @@ CUDA_OVERRIDE_ENV = 'MMSEG_VIL_FUSED_CHUNKWISE_CUDA'
 # --chunkwise-sweep): groups ``kernel[+kernel...]:NAME=VALUE[,NAME=VALUE...]`` joined by ``;``, e.g.
 # ``grad_key:SPLIT_DK_DV=1,num_warps=4;output+grad_query:num_stages=3``. Kernels: LAUNCH_KERNELS; names: the
 # kernel's constexprs (BLOCK_D; STATE_BLOCK of output, grad_query and grad_key, tiles.py; SPLIT_DK_DV, WITH_DQ and
-# BLOCK_CHUNKS of grad_key, backward.py), num_warps / num_stages and maxnreg (a register cap per thread for ptxas,
+# BLOCK_CHUNKS of grad_key, backward.py; BLOCK_E, a power of two, and STAGES of the scans over chunks 'scan' and
+# 'grad_scan', forward.scan_options), num_warps / num_stages and maxnreg (a register cap per thread for ptxas,
 # e.g. 80: three programs of 8 warps per SM); integer values. Read at every call. Warps, stages, maxnreg and
 # SPLIT_DK_DV keep every sum's order (bit-identical results); BLOCK_D, STATE_BLOCK, WITH_DQ and BLOCK_CHUNKS change
 # blocks or orientations of sums, within the tests' tolerances.
 LAUNCH_ENV = 'MMSEG_VIL_CHUNKWISE_LAUNCH'
-LAUNCH_KERNELS = ('summary', 'output', 'grad_prep', 'grad_summary', 'grad_query', 'grad_key')
+LAUNCH_KERNELS = ('summary', 'scan', 'output', 'grad_prep', 'grad_summary', 'grad_scan', 'grad_query', 'grad_key')
 
 
 def validation_run() -> bool:
