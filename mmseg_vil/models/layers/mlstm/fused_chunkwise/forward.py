@@ -49,10 +49,6 @@ SUMMARY_LAUNCH = dict(num_warps=4)
 # 0.09 ms, 1.7 TB/s (0.07 at best over BLOCK_E 256-1024, 2-8 stages, 2-4 warps); at DH=192 0.22 ms, 2.8 TB/s (best).
 SCAN_LAUNCH = dict(num_warps=4)
 SCAN_STAGES = 4
-# The output kernel of 16-bit inputs at chunk 64 fits 80 registers per thread without spills (ptxas, sm_90, bf16,
-# Triton 3.6 and 3.8; 114 uncapped): three programs of 8 warps per SM instead of two. H100, ViL-T at 2048 px, batch 2:
-# 132 -> 111 us.
-OUTPUT_LAUNCH_16BIT = dict(maxnreg=80)
 
 
 @jit_kernel
@@ -313,7 +309,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: 
         q, k, v, igate, gates['cum'], gates['row_log'], gates['argmax'], gates['state_c'], gates['state_n'],
         gates['chunk_max'], h, row_sum, *token_strides(q), *token_strides(k), *token_strides(v),
         *token_strides(igate), *token_major_strides(h), n, heads, num_chunks, 1 / head_dim ** 0.5, eps,
-        **launch_options(config, 'output', STATE_BLOCK=config['BLOCK_D'],
-                         **(OUTPUT_LAUNCH_16BIT if q.dtype in (torch.float16, torch.bfloat16) and config['CHUNK'] == 64
-                            else {})))
+        **launch_options(config, 'output', STATE_BLOCK=config['BLOCK_D'], **output_launch(q.dtype, config['CHUNK'])))
     return [h, row_sum, *(gates[name] for name in STATE_NAMES)]
+
+
+def output_launch(dtype: torch.dtype, chunk_size: int) -> dict:
+    """The output kernel's register cap: for 16-bit inputs at chunk 64 it fits 80 registers per thread without
+    spills (ptxas, sm_90, bf16, Triton 3.6 and 3.8; 114 uncapped), three programs of 8 warps per SM instead of two
+    (H100, ViL-T at 2048 px, batch 2: 132 -> 111 us); other dtypes and chunks would spill under that cap."""
+    return dict(maxnreg=80) if dtype in (torch.float16, torch.bfloat16) and chunk_size == 64 else {}
