@@ -288,7 +288,7 @@ def test_mixer_core_op_registration(chunk_size):
             torch.cat([mixer.igate.weight, mixer.fgate.weight]), torch.cat([mixer.igate.bias, mixer.fgate.bias]),
             mixer.outnorm.weight, mixer.outnorm.bias, mixer.learnable_skip, mixer.proj_down.weight,
             mixer.proj_down.bias, 2, 1e-5, True, chunk_size)
-    torch.library.opcheck(mixer_core, args)
+    torch.library.opcheck(mixer_core.op, args)
 
 
 @needs_kernels

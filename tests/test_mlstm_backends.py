@@ -512,12 +512,12 @@ def test_fused_kernels_pass_opcheck():
     from mmseg_vil.models.layers.mlstm import fused
     inputs, grad_h, _, _ = reference_case(20, 8, torch.float32, reverse=True)
     views = mixer_views([x.to(FUSED_DEVICE, torch.float32) for x in inputs])
-    torch.library.opcheck(fused.fused_forward, (*views, EPS, True))
+    torch.library.opcheck(fused.fused_forward.op, (*views, EPS, True))
     with torch.no_grad():
         h, *stats = fused.fused_forward(*views, EPS, True)
     q, k, v, igate, fgate = (x.detach() for x in views)
     grad_h = grad_h.to(FUSED_DEVICE, torch.float32).transpose(1, 2)  # h's gradient, as the head-major output's
-    torch.library.opcheck(fused.fused_backward, (grad_h, q, k, v, h, igate, fgate, *stats, EPS, True))
+    torch.library.opcheck(fused.fused_backward.op, (grad_h, q, k, v, h, igate, fgate, *stats, EPS, True))
 
 
 def test_triton_is_installed():

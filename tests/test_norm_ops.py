@@ -51,7 +51,7 @@ def test_layer_norm_kernels_match_torch(shape, dtype, out_dtype, bias):
 def test_layer_norm_op_registration():
     x = torch.randn(2, 5, 24, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
     weight, bias = (torch.randn(24, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True) for _ in range(2))
-    torch.library.opcheck(norm_ops.ops.layer_norm, (x, weight, bias, 1e-5, torch.float64))
+    torch.library.opcheck(norm_ops.ops.layer_norm.op, (x, weight, bias, 1e-5, torch.float64))
 
 
 def test_layer_norm_without_kernels_is_torchs_in_the_compute_dtype():

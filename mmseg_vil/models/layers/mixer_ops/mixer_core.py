@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..custom_op import custom_op
 from ..linear import column_sums
 from ..mlstm import fused as fused_mlstm
 from ..mlstm.fused_chunkwise import op as chunkwise_mlstm
@@ -34,7 +35,7 @@ def _split_heads(qkv: Tensor, heads: int) -> List[Tensor]:
     return [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
 
 
-@torch.library.custom_op('mmseg_vil::mixer_core', mutates_args=())
+@custom_op('mmseg_vil::mixer_core')
 def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
                qkv_weight: Tensor, qkv_bias: Tensor, gate_weight: Tensor, gate_bias: Tensor, norm_weight: Tensor,
                norm_bias: Tensor, skip: Tensor, down_weight: Tensor, down_bias: Tensor, heads: int, norm_eps: float,
@@ -70,7 +71,7 @@ _NUM_PARAMS = 11  # conv weight and bias, q/k/v weight and bias, gate weight and
 # down-projection weight and bias
 
 
-@torch.library.custom_op('mmseg_vil::mixer_core_backward', mutates_args=())
+@custom_op('mmseg_vil::mixer_core_backward')
 def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, conv_weight: Tensor,
                         conv_bias: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, gate_weight: Tensor,
                         gate_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, skip: Tensor, down_weight: Tensor,

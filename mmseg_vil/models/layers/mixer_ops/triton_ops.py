@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..custom_op import custom_op
 from ..mlstm.fused import _kernels_interpreted as kernels_interpreted  # one interpreter switch for all
 from . import _conv_qkv_kernels as conv_kernels
 from . import _gated_output_kernels as gate_kernels
@@ -110,7 +111,7 @@ def empty_gates(x: Tensor, num_gates: int) -> Tensor:
     return torch.empty(len(x), num_gates, x.shape[1], dtype=_accumulator(x.dtype)[0], device=x.device)
 
 
-@torch.library.custom_op('mmseg_vil::conv_qkv', mutates_args=())
+@custom_op('mmseg_vil::conv_qkv')
 def conv_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor,
              qkv_bias: Tensor, gate_weight: Optional[Tensor], gate_bias: Optional[Tensor],
              reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -192,7 +193,7 @@ def owned_grads(grads: List[Tensor], params: List[Tensor]) -> List[Tensor]:
     return [g.to(p.dtype, copy=True) for g, p in zip(grads, params)]
 
 
-@torch.library.custom_op('mmseg_vil::conv_qkv_backward', mutates_args=())
+@custom_op('mmseg_vil::conv_qkv_backward')
 def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor, x: Tensor, qkv: Tensor, height: int,
                       width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor, gate_weight: Tensor,
                       reverse: bool) -> List[Tensor]:
@@ -273,7 +274,7 @@ def _gate_args(h: Tensor, z: Tensor, eps: float) -> tuple:
     return h, z, (h.stride(0), h.stride(1), h.stride(2), n, batch * n, heads * head_dim, z_row, head_dim, eps)
 
 
-@torch.library.custom_op('mmseg_vil::gated_output', mutates_args=())
+@custom_op('mmseg_vil::gated_output')
 def gated_output(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Tensor, skip: Tensor,
                  eps: float) -> Tensor:
     """Triton :func:`~.reference.gated_output` for heads ``h (B, N, NH, DH)`` in any strides."""
@@ -315,7 +316,7 @@ def gated_output_backward_into(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: T
     return views
 
 
-@torch.library.custom_op('mmseg_vil::gated_output_backward', mutates_args=())
+@custom_op('mmseg_vil::gated_output_backward')
 def gated_output_backward(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor,
                           norm_bias: Tensor, skip: Tensor, eps: float) -> List[Tensor]:
     """Gradients of h (in h's strides), x_conv, z, norm weight, norm bias and skip

@@ -37,6 +37,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ..custom_op import custom_op
 from . import _triton_kernels as kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -193,7 +194,7 @@ def _fuses_dk_dv(head_dim: int, dtype: torch.dtype) -> bool:
 # The kernels are wrapped as torch.library custom ops with a registered autograd formula, so that torch.compile
 # treats them as opaque calls (no graph break, and Inductor never re-compiles our Triton kernels). A custom op returns
 # fresh tensors, so the ops return the token-major buffers and the wrappers turn them into (B, NH, N, DH) views.
-@torch.library.custom_op('mmseg_vil::mlstm_fused_forward', mutates_args=())
+@custom_op('mmseg_vil::mlstm_fused_forward')
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float,
                    reverse: bool) -> List[Tensor]:
     """``h`` as a ``(B, N, NH, DH)`` buffer and the per-step values the backward needs, ``(B*NH, N)`` each: norm
@@ -259,7 +260,7 @@ def backward_into(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, ig
         heads, SLICES=slices, REVERSE=reverse, BLOCK_N=min(64, _scan_block(n)))
 
 
-@torch.library.custom_op('mmseg_vil::mlstm_fused_backward', mutates_args=())
+@custom_op('mmseg_vil::mlstm_fused_backward')
 def fused_backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, h: Tensor, igate: Tensor, fgate: Tensor,
                    norm_floor: Tensor, argmax: Tensor, row_sum: Tensor, log_a: Tensor, log_b: Tensor,
                    log_c: Tensor, log_d: Tensor, eps: float, reverse: bool) -> List[Tensor]:

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..custom_op import custom_op
 from . import _kernels as kernels
 
 ROW_ELEMENTS = 2048  # elements of a program's (rows, D) tile
@@ -36,7 +37,7 @@ def _launch(x: Tensor) -> Tuple[int, int, dict]:
     return x.numel() // dim, dim, options
 
 
-@torch.library.custom_op('mmseg_vil::layer_norm', mutates_args=())
+@custom_op('mmseg_vil::layer_norm')
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float,
                out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     """LayerNorm over the last dim of ``x``, written in ``out_dtype``; also each row's mean and 1/std."""
@@ -57,7 +58,7 @@ def _(x, weight, bias, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
 
 
-@torch.library.custom_op('mmseg_vil::layer_norm_backward', mutates_args=())
+@custom_op('mmseg_vil::layer_norm_backward')
 def layer_norm_backward(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> List[Tensor]:
     """The gradient of ``x`` (its dtype), and those of the weight and the bias as one ``(2, D)`` tensor in the
     accumulator's dtype (two outputs of a custom op may not be views of one tensor)."""

@@ -11,6 +11,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ...custom_op import custom_op
 from ..fused import _cuda_configs, _dot_options, _kernels_interpreted
 from . import backward as _backward_kernels
 from . import forward as _forward_kernels
@@ -91,7 +92,7 @@ def launch_overrides(spec: Optional[str] = None) -> Dict[str, Dict[str, int]]:
     return overrides
 
 
-@torch.library.custom_op('mmseg_vil::mlstm_fused_chunkwise_forward', mutates_args=())
+@custom_op('mmseg_vil::mlstm_fused_chunkwise_forward')
 def _forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, chunk_size: int,
              reverse: bool) -> List[Tensor]:
     """``[h (B, N, NH, DH), row sums (B*NH, N), *chunk states (forward.STATE_NAMES)]``."""
@@ -118,7 +119,7 @@ def empty_stats(q: Tensor, chunk_size: int) -> List[Tensor]:
                                                       for name in _forward_kernels.STATE_NAMES]
 
 
-@torch.library.custom_op('mmseg_vil::mlstm_fused_chunkwise_backward', mutates_args=())
+@custom_op('mmseg_vil::mlstm_fused_chunkwise_backward')
 def _backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, h: Tensor,
               stats: List[Tensor], eps: float, chunk_size: int, reverse: bool) -> List[Tensor]:
     """``[dq, dk, dv (B, N, NH, DH), d_igate, d_fgate (B, N, NH)]``."""
