@@ -14,9 +14,11 @@ from torch import Tensor
 from .norm_ops import compute_dtype
 
 
-def column_sums(rows: Tensor) -> Tensor:
-    """``rows (M, C).sum(0)`` as a product with ones, in ``rows``' dtype (module docstring: why)."""
-    return torch.mv(rows.t(), rows.new_ones(len(rows)))
+def column_sums(rows: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``rows (M, C).sum(0)`` as a product with ones, in ``rows``' dtype (module docstring: why; also the sums of our
+    kernels' partial rows: 8-10 us per block as PyTorch's sum at 224 px batch 64 on the H100), into ``out`` if
+    given."""
+    return torch.mv(rows.t(), rows.new_ones(len(rows)), out=out)
 
 
 class _Linear(torch.autograd.Function):

@@ -13,6 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..custom_op import custom_op
+from ..linear import column_sums
 from ..mlstm.fused import _kernels_interpreted as kernels_interpreted  # one interpreter switch for all
 from . import _conv_qkv_kernels as conv_kernels
 from . import _gated_output_kernels as gate_kernels
@@ -176,7 +177,7 @@ def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Te
     conv_kernels.conv_qkv_gate_grad_kernel[grid](
         qkv, grad_gates, partial, height, width, chans, *grad_gates.stride(), NUM_GATES=len(gate_weight), KSIZE=ksize,
         **{k: v for k, v in config.items() if k not in ('maxnreg', 'LOOP_TAPS')})
-    torch.sum(partial, 0, out=flat)
+    column_sums(partial, out=flat)
     return views
 
 
@@ -312,7 +313,7 @@ def gated_output_backward_into(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: T
         h, x_conv.contiguous(), z, norm_weight, norm_bias, skip, grad_out.contiguous(), grad_h, grad_x_conv, grad_z,
         partial, out, *sizes, TILES=BACKWARD_TILES, STORE_OUT=out is not None, **config)
     flat, views = _flat_grads([(chans,)] * 3, partial.dtype, partial.device, param_grads)
-    torch.sum(partial, 0, out=flat)
+    column_sums(partial, out=flat)
     return views
 
 

@@ -69,7 +69,9 @@ def layer_norm_backward(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
     partial = torch.empty(programs, 2, dim, dtype=mean.dtype, device=x.device)
     kernels.layer_norm_backward_kernel[(programs,)](x, weight, mean, rstd, grad_y.contiguous(), grad_x, partial, rows,
                                                     dim, TILES=BACKWARD_TILES, **options)
-    return [grad_x, partial.sum(0)]
+    # the programs' partial rows summed as a product with ones (as linear.column_sums: PyTorch's sum over the rows took
+    # 10 us per block at 224 px batch 64 on the H100)
+    return [grad_x, torch.mv(partial.flatten(1).t(), partial.new_ones(programs)).view(2, dim)]
 
 
 @layer_norm_backward.register_fake
