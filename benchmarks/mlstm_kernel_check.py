@@ -13,7 +13,9 @@
    table at the end. fused_chunkwise (refused on CUDA until validated here) runs in child processes, one per case.
 4. ``--sweep``: CUDA-graph forward+backward time of candidate tile configurations per head dim.
 5. ``--vil-shapes`` (alone): forward and forward+backward of the fused backend at ViL's training shapes.
-6. ``--chunkwise-sweep`` (alone): launch options of the chunkwise kernels (fused_chunkwise/op.py's
+6. ``--targets`` (alone): issue 10's two cell targets, the chunkwise kernels against SDPA at B=1 N=4096 and at
+   ViL-T's 2048 px shape (B=2 N=16384), CUDA-graph forward+backward (seconds).
+7. ``--chunkwise-sweep`` (alone): launch options of the chunkwise kernels (fused_chunkwise/op.py's
    MMSEG_VIL_CHUNKWISE_LAUNCH; CHUNKWISE_LAUNCHES, or ``--launch SPEC`` repeated; at each ``--sweep-chunks`` size,
    default 64), each in its own process: its worst error at N=4096, CUDA-graph forward and forward+backward ms at
    SWEEP_SHAPES against SDPA, and each kernel's GPU time per forward+backward at the first shape (torch profiler).
@@ -448,6 +450,21 @@ def chunkwise_sweep(launches, chunk_sizes=(64,)):
                           for kernel, us in sorted(result['kernels_us'].items())), flush=True)
 
 
+# issue 10's cell targets: (name, B, N, the largest allowed time ratio against SDPA); NH=4, DH=96, bfloat16
+CELL_TARGETS = [('B=1 N=4096', 1, 4096, 1.0), ('B=2 N=16384 (ViL-T 2048 px)', 2, 16384, 0.5)]
+
+
+def cell_targets(out_lines):
+    """CUDA-graph forward+backward ms of fused_chunkwise and SDPA at CELL_TARGETS, their ratio and the target."""
+    out_lines.append('| shape | fused_chunkwise ms | SDPA ms | ratio | target | met |')
+    out_lines.append('| --- | --- | --- | --- | --- | --- |')
+    for name, batch, n, limit in CELL_TARGETS:
+        ours, theirs = (time_backend(op, batch, 4, n, 96, torch.bfloat16, graph_only=True)
+                        for op in (CHUNKWISE_BACKENDS['fused_chunkwise'], sdpa))
+        out_lines.append(f'| {name} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f}x | <= {limit}x | '
+                         f'{"yes" if ours <= limit * theirs else "no"} |')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default='.', help='folder for mlstm_kernel_check.{txt,json}')
@@ -456,6 +473,8 @@ def main():
                         help='only a few fused_chunkwise checks and the bfloat16 CUDA-graph table (minutes)')
     parser.add_argument('--vil-shapes', action='store_true',
                         help='only the fused backend at ViL training shapes (seconds; for A/B runs of two trees)')
+    parser.add_argument('--targets', action='store_true',
+                        help="only issue 10's cell targets against SDPA (seconds)")
     parser.add_argument('--chunkwise-sweep', action='store_true',
                         help='only the launch options of the chunkwise kernels (minutes; one process each)')
     parser.add_argument('--launch', action='append',
@@ -473,8 +492,8 @@ def main():
     out_lines = [f'# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | '
                  f'python {platform.python_version()} | {time.strftime("%Y-%m-%d %H:%M")}']
     results, summary = [], []
-    if args.vil_shapes:
-        vil_shapes(out_lines)
+    if args.vil_shapes or args.targets:
+        (vil_shapes if args.vil_shapes else cell_targets)(out_lines)
         print('\n'.join(out_lines))
         return
     if args.chunkwise_sweep:

@@ -10,6 +10,11 @@
 #   compile   ViL-T vs DeiT-T training step under torch.compile (default mode) at 224 and 512
 #   highres   ViL-T with the quadratic (fused) and the chunkwise (fused_chunkwise) mLSTM vs DeiT-T at 1024 and 2048,
 #             then a per-kernel profile of the chunkwise ViL-T step at 2048 (batch 2)
+#   targets   every target of issue 10 in one call (about 8 minutes): ViL-T vs DeiT-T backbone training step at
+#             224/512/1024/2048, eager and CUDA graphs (speed and peak memory), the cell against SDPA
+#             (mlstm_kernel_check.py --targets), then train (20 iterations each)
+#   crossover the quadratic (fused) against the chunkwise (fused_chunkwise) cell in the ViL-T step at 224 and 512, CUDA
+#             graphs, with DeiT-T: where `auto` should switch (mlstm/__init__.py FUSED_CHUNKWISE_MIN_LEN)
 #   chunkcheck  the fused_chunkwise kernel tests on CUDA (MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1), then one check case
 #             under compute-sanitizer's memcheck (the 2026-12-04 illegal memory access)
 #   cell      the mLSTM cell alone against SDPA (benchmarks/mlstm_kernel_check.py --quick)
@@ -50,6 +55,14 @@ for part in $parts; do
     compile) timeout 400 python3 tools/benchmark.py --modes train --iters 5 --warmup 3 --repeats 3 --execution compile \
              --models vil-t deit-t --sizes 224 512 --batch 224=64 512=32 --out-dir "$out/compile" 2>&1 \
              | grep -v -i warn | tail -30 | tee -a "$out/log.txt" ;;
+    targets) timeout 290 $bench --models vil-t deit-t --sizes 224 512 1024 2048 --batch 224=64 512=32 1024=8 2048=2 \
+             --out-dir "$out/targets" 2>&1 | grep -v -i warn | tail -30 | tee -a "$out/log.txt"
+           timeout 60 python3 benchmarks/mlstm_kernel_check.py --targets 2>&1 | grep "|" | tee -a "$out/log.txt"
+           ITERS=20 timeout 230 bash benchmarks/train_speed.sh "$out/train" 2>&1 | tail -5 | tee -a "$out/log.txt"
+           rm -rf "$out/train/ADEChallengeData2016" "$out"/train/*/*.pth ;;
+    crossover) timeout 200 python3 tools/benchmark.py --modes train --iters 5 --warmup 2 --repeats 3 --execution graphs \
+             --models vil-t@fused vil-t@fused_chunkwise deit-t --sizes 224 512 --batch 224=64 512=32 \
+             --out-dir "$out/crossover" 2>&1 | grep -v -i warn | tail -16 | tee -a "$out/log.txt" ;;
     highres) MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 300 $bench --models vil-t vil-t@fused_chunkwise deit-t \
              --sizes 1024 2048 --batch 1024=8 2048=2 --out-dir "$out/highres" 2>&1 | grep -v -i warn | tail -30 \
              | tee -a "$out/log.txt"
