@@ -11,7 +11,7 @@ errors, spills and scalar memory access show up here first.
 other kernels. The chunkwise launch options read from the environment (fused_chunkwise/op.py, maxnreg included) apply
 here too.
 
-The wrappers run on ``meta`` tensors (shapes only); each kernel launch is caught and compiled ahead of time with the
+The wrappers run on ``meta`` tensors (shapes only; the custom ops call their functions directly on them); each kernel launch is caught and compiled ahead of time with the
 launch's real arguments: the same constexprs, and what Triton's launcher specialises (integers equal to 1, integers
 divisible by 16; pointers are taken as 16-byte aligned). Needs the CUDA toolchain bundled with Triton, not a driver.
 """
@@ -156,13 +156,13 @@ def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: 
             return lines
         gate_weight, gate_bias = empty(2 * heads, 3 * inner, dtype=torch.float32), empty(2 * heads, dtype=torch.float32)
         x_mlstm, z = empty(batch, n, 2 * inner).chunk(2, dim=-1)  # as mixer_core reads them: halves of one output
-        triton_ops.conv_qkv._init_fn(x_mlstm, *grid, conv_weight, conv_bias, qkv_weight, biases, gate_weight,
-                                     gate_bias, False)
+        triton_ops.conv_qkv(x_mlstm, *grid, conv_weight, conv_bias, qkv_weight, biases, gate_weight, gate_bias,
+                            False)
         qkv = empty(batch, n, 3 * inner)
         triton_ops.conv_qkv_backward_into(x, qkv, empty(batch, 2 * heads, n, dtype=torch.float32), x_mlstm, qkv,
                                           *grid, conv_weight, conv_bias, qkv_weight, gate_weight, False, x_mlstm)
         h = heads_view.transpose(1, 2)
-        triton_ops.gated_output._init_fn(h, x, z, *norm, 1e-5)
+        triton_ops.gated_output(h, x, z, *norm, 1e-5)
         triton_ops.gated_output_backward_into(x, h, x, z, *norm, 1e-5, h, x, z, x)
         cell_kernels(cell, chunk, batch, n, inner, heads, dtype)
     return lines
@@ -178,9 +178,8 @@ def cell_kernels(cell: str, chunk: int, batch: int, n: int, inner: int, heads: i
     gates = empty(batch, 2 * heads, n).chunk(2, dim=1)
     if cell == 'fused':
         x = empty(batch, n, inner)
-        stats = fused.fused_forward._init_fn(q, k, v, *gates, 1e-6, False)
-        fused.fused_backward._init_fn(x.view(batch, n, heads, -1), q, k, v, stats[0], *gates, *stats[1:], 1e-6,
-                                       False)
+        stats = fused.fused_forward(q, k, v, *gates, 1e-6, False)
+        fused.fused_backward(x.view(batch, n, heads, -1), q, k, v, stats[0], *gates, *stats[1:], 1e-6, False)
         return
     h, *stats = chunkwise_op.forward_kernels(q, k, v, *gates, 1e-6, chunk, False)
     grad_qkv, grad_gates = torch.empty_like(qkv), empty(batch, 2 * heads, n)
