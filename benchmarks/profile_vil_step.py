@@ -4,6 +4,11 @@ launches take longer than the GPU's work).
 
     python benchmarks/profile_vil_step.py --backend parallel --size 224 --batch 64 --out $OUT/profile.txt
     python benchmarks/profile_vil_step.py --host --size 2048 --batch 2 --out $OUT/host.txt
+    python benchmarks/profile_vil_step.py --host-variants --size 224 --batch 64 --out $OUT/host_variants.txt
+
+``--host-variants`` times the host in one process three ways: custom ops through torch.library's dispatcher (as
+torch.compile sees them), called directly (:mod:`mmseg_vil.models.layers.custom_op`, the eager default), and directly
+with every Triton launch a no-op (what the Triton launcher costs; the step's results are then garbage).
 """
 import argparse
 import cProfile
@@ -13,10 +18,12 @@ import time
 from collections import defaultdict
 
 import torch
+import triton.runtime.jit as triton_jit
 from torch.profiler import ProfilerActivity, profile
 
 import mmseg_vil  # noqa: F401
 from mmseg_vil.models.backbones.vil import ViL
+from mmseg_vil.models.layers import custom_op
 
 
 def main():
@@ -28,6 +35,8 @@ def main():
     parser.add_argument('--compile', action='store_true')
     parser.add_argument('--host', action='store_true',
                         help='time the host (issuing a step vs the step with its GPU work) and cProfile it')
+    parser.add_argument('--host-variants', action='store_true',
+                        help='host time with custom ops dispatched, called directly, and without Triton launches')
     parser.add_argument('--out', default='profile.txt')
     args = parser.parse_args()
 
@@ -44,8 +53,8 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    if args.host:
-        report = host_report(step)
+    if args.host or args.host_variants:
+        report = host_variants(step) if args.host_variants else host_report(step)
         with open(args.out, 'a') as f:
             f.write(f'\n### {vars(args)}\n{report}\n')
         print(report)
@@ -63,10 +72,9 @@ def main():
     print(sites)
 
 
-def host_report(step, steps: int = 5, rows: int = 45) -> str:
+def step_times(step, steps: int = 5) -> str:
     """Host ms to issue a step (returns before its GPU work ends unless the host is the bottleneck) against the
-    step's wall time with its GPU work, best of ``steps``; then cProfile's functions by their own time over
-    ``steps`` more steps (its overhead inflates small Python functions: read it for shares, not times)."""
+    step's wall time with its GPU work, best of ``steps``."""
     issue, total = [], []
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -75,6 +83,31 @@ def host_report(step, steps: int = 5, rows: int = 45) -> str:
         issue.append(time.perf_counter() - start)
         torch.cuda.synchronize()
         total.append(time.perf_counter() - start)
+    return (f'host ms to issue a step: {min(issue) * 1e3:.1f}; step with its GPU work: {min(total) * 1e3:.1f} '
+            f'(best of {steps})')
+
+
+def host_variants(step) -> str:
+    """:func:`step_times` with custom ops dispatched, called directly, and called directly without Triton launches
+    (module docstring), in that order, after a warm-up step each."""
+    direct, launch = custom_op.runs_directly, triton_jit.JITFunction.run
+    lines = []
+    for name, runs_directly, run in (('custom ops through the dispatcher', lambda args: False, launch),
+                                     ('custom ops called directly', direct, launch),
+                                     ('called directly, Triton launches as no-ops', direct, lambda *a, **k: None)):
+        custom_op.runs_directly, triton_jit.JITFunction.run = runs_directly, run
+        try:
+            step()
+            lines.append(f'{name}: {step_times(step)}')
+        finally:
+            custom_op.runs_directly, triton_jit.JITFunction.run = direct, launch
+    return '\n'.join(lines)
+
+
+def host_report(step, steps: int = 5, rows: int = 45) -> str:
+    """:func:`step_times`, then cProfile's functions by their own time over ``steps`` more steps (its overhead
+    inflates small Python functions: read it for shares, not times)."""
+    times = step_times(step, steps)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
@@ -85,8 +118,7 @@ def host_report(step, steps: int = 5, rows: int = 45) -> str:
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats('tottime').print_stats(rows)
     stats.sort_stats('cumulative').print_stats(rows)
-    return (f'host ms to issue a step: {min(issue) * 1e3:.1f}; step with its GPU work: {min(total) * 1e3:.1f} '
-            f'(best of {steps})\n' + out.getvalue())
+    return times + '\n' + out.getvalue()
 
 
 def kernel_table(prof, steps: int, rows: int = 40) -> str:
