@@ -23,6 +23,7 @@
 #   sweep     tile configurations of the fused mLSTM kernel (mlstm_kernel_check.py --quick --sweep, bf16)
 #   chunksweep  launch options of the chunkwise kernels (MMSEG_VIL_CHUNKWISE_LAUNCH, one process each): error at
 #             N=4096 and CUDA-graph ms at ViL-T 2048 px and N=4096 against SDPA, GPU us per kernel
+#   host      where the eager ViL-T step's host time goes (profile_vil_step.py --host-variants) at 224 b64 and 2048 b2
 #   profile   per-kernel GPU time of a ViL-T training step (224, batch 64), PyTorch's kernels by launch site
 #   ncu       Nsight Compute metrics (speed of light, occupancy, warp stalls) of each mixer and mLSTM kernel, once
 #   ncuchunk  the same for the chunkwise mLSTM kernels at ViL-T's 2048 px shape (batch 2, 16384 tokens, chunk 64)
@@ -88,6 +89,9 @@ for part in $parts; do
              | tail -40 | tee -a "$out/log.txt" ;;
     sweep) timeout 400 python3 benchmarks/mlstm_kernel_check.py --out "$out/sweep" --quick --sweep 2>&1 | grep "tile sweep\|DH=" \
              | tail -40 | tee -a "$out/log.txt" ;;
+    host) for shape in "224 64" "2048 2"; do set -- $shape
+            timeout 150 python3 benchmarks/profile_vil_step.py --host-variants --size $1 --batch $2 \
+              --out "$out/host_variants.txt" 2>&1 | grep "ms to issue" | tee -a "$out/log.txt"; done ;;
     profile) timeout 120 python3 benchmarks/profile_vil_step.py --size 224 --batch 64 --out "$out/profile.txt" \
              2>&1 | tail -45 | tee -a "$out/log.txt" ;;
     ncu|ncuchunk) ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null \
