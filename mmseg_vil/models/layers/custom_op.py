@@ -20,14 +20,16 @@ _PLAIN = (Tensor, Parameter)
 
 
 def _plain_tensors(args) -> bool:
-    """Whether every tensor among ``args`` (also inside lists) is a plain tensor, not a subclass or a proxy."""
+    """Whether every tensor among ``args`` (also inside lists) is a plain tensor, not a subclass or a proxy. Type
+    identity first: this runs on every call of an op."""
     for arg in args:
-        if isinstance(arg, (list, tuple)):
+        kind = type(arg)
+        if kind in _PLAIN or kind in (int, float, bool) or arg is None:
+            continue
+        if kind in (list, tuple):
             if not _plain_tensors(arg):
                 return False
-        elif isinstance(arg, Tensor) and type(arg) not in _PLAIN:
-            return False
-        elif isinstance(arg, torch.fx.Proxy):
+        elif isinstance(arg, (Tensor, torch.fx.Proxy)):
             return False
     return True
 
