@@ -32,6 +32,7 @@ from torch import nn
 import mmseg_vil  # noqa: F401  (registers ViL and Vim)
 from mmseg_vil.apis.complexity import count_parameters
 from mmseg_vil.engine.compile import compile_parts
+from mmseg_vil.models.layers.mlstm import MLSTM_BACKENDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BATCH = {224: 64, 512: 8, 1024: 2, 2048: 1}
@@ -259,8 +260,9 @@ def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[s
     dev = torch.device(device)
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None, 'none': None}[amp]
     batch = {**DEFAULT_BATCH, **(batch or {})}
+    models, sizes = list(models), list(sizes)
+    check_options(models, sizes, batch, warmup, iters, repeats, dev)
     results: List[Result] = []
-    models = list(models)
     for scope in scopes:
         for size in sizes:
             for mode in modes:
@@ -276,6 +278,27 @@ def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[s
                             Path(partial_path).write_text(json.dumps(dict(
                                 environment=environment(dev, amp), results=[asdict(r) for r in results]), indent=1))
     return dict(environment=environment(dev, amp), results=[asdict(r) for r in results])
+
+
+def check_options(models: List[str], sizes: Iterable[int], batch: Dict[int, int], warmup: int, iters: int,
+                  repeats: int, device: torch.device) -> None:
+    """Refuse, before any model is built, what would give no result or a meaningless one: unknown models or mLSTM
+    backends, sizes, batches, iterations or repeats below 1 (a batch of 0 times empty steps: 0 img/s), a negative
+    warm-up, a CUDA device where CUDA is missing."""
+    for name in models:
+        base, backend = split_model_name(name)
+        if backend is not None and BACKBONES[base]['type'] != 'ViL':
+            raise ValueError(f'{name!r}: only ViL models take @<mlstm backend>')
+        if backend is not None and backend not in MLSTM_BACKENDS:
+            raise ValueError(f'{name!r}: unknown mLSTM backend {backend!r}; choose one of {sorted(MLSTM_BACKENDS)}')
+    for what, values in (('size', sizes), ('batch', batch.values()), ('iters', [iters]), ('repeats', [repeats])):
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise ValueError(f'{what} must be at least 1, got {bad}')
+    if warmup < 0:
+        raise ValueError(f'warmup must be at least 0, got {warmup}')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {device} asked for, but CUDA is not available here; use --device cpu')
 
 
 def environment(device: torch.device, amp: Optional[str]) -> dict:

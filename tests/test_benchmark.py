@@ -1,11 +1,16 @@
 """The benchmark harness: repeats with median and spread, every execution mode honoured for every scope, failures
 reported instead of dropped."""
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from mmseg_vil import benchmark
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_repeats_give_median_and_spread():
@@ -43,3 +48,34 @@ def test_compile_reaches_the_parts_each_scope_runs(scope, monkeypatch):
     benchmark._compile_parts(model, scope)
     # The segmentor's loss/predict bypass its forward: its backbone and heads must be compiled themselves.
     assert compiled == (['VisionTransformer'] if scope == 'backbone' else ['VisionTransformer', 'UPerHead', 'FCNHead'])
+
+
+@pytest.mark.parametrize('options, match', [
+    (dict(models=['vil-t@nope']), "unknown mLSTM backend 'nope'"),
+    (dict(models=['deit-t@chunkwise']), 'only ViL models take'),
+    (dict(models=['vil-x']), "Unknown model 'vil-x'"),
+    (dict(batch={32: 0}), r'batch must be at least 1, got \[0\]'),
+    (dict(sizes=[0]), r'size must be at least 1'),
+    (dict(iters=0), r'iters must be at least 1'),
+    (dict(repeats=0), r'repeats must be at least 1'),
+    (dict(warmup=-1), r'warmup must be at least 0'),
+])
+def test_bad_options_are_refused_before_any_model_is_built(options, match, monkeypatch):
+    """A batch of 0 used to time empty steps and report 0 img/s; an unknown backend failed each model in turn."""
+    monkeypatch.setattr(benchmark, 'build_model', lambda *args: pytest.fail('a model was built'))
+    kwargs = dict(models=['vil-t'], sizes=[32], modes=['infer'], scopes=['backbone'], device='cpu', amp=None,
+                  batch={32: 1}, warmup=0, iters=1, repeats=1)
+    with pytest.raises(ValueError, match=match):
+        benchmark.run_benchmark(**{**kwargs, **options})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal where CUDA is missing')
+def test_cuda_device_without_cuda_is_refused():
+    with pytest.raises(ValueError, match='CUDA is not available here; use --device cpu'):
+        benchmark.run_benchmark(['deit-t'], [32], ['infer'], ['backbone'], device='cuda', amp=None, batch={32: 1})
+
+
+def test_malformed_batch_option_is_refused():
+    run = subprocess.run([sys.executable, str(REPO / 'tools/benchmark.py'), '--device', 'cpu', '--models', 'deit-t',
+                          '--sizes', '32', '--batch', '32:1'], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "--batch '32:1': expected SIZE=BATCH" in run.stderr

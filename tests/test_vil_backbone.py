@@ -297,3 +297,9 @@ def test_folded_gate_preactivations_equal_gates_of_the_projections(with_qkv_bias
     qkv = torch.cat([qk, v], -1).unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)
     torch.testing.assert_close(folded_gate_preactivations(x_conv, x, weight, bias, gate_weight, gate_bias),
                                gate_preactivations(qkv, gate_weight, gate_bias))
+
+
+def test_unknown_mlstm_backend_is_refused_at_construction():
+    """A config typo fails when the model is built, not at the first training step."""
+    with pytest.raises(ValueError, match=r"mlstm_backend='fused-chunkwise' is not available here; choose one of"):
+        ViL(arch=TINY, img_size=32, out_indices=(3,), mlstm_backend='fused-chunkwise')

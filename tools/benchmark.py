@@ -15,8 +15,15 @@ from mmseg_vil.utils.cpu_allocator import keep_freed_memory
 
 
 def parse_batch(items):
-    pairs = (item.split('=') for item in items)
-    return {int(size): int(batch) for size, batch in pairs}
+    """``['224=64', ...]`` -> ``{224: 64, ...}``; anything else is refused naming the item."""
+    batch = {}
+    for item in items:
+        size, _, value = item.partition('=')
+        try:
+            batch[int(size)] = int(value)
+        except ValueError:
+            raise SystemExit(f'--batch {item!r}: expected SIZE=BATCH with two integers, e.g. 224=64') from None
+    return batch
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from .linear import linear
 from .mixer_ops import (conv_qkv, defers_input_biases, gated_output, gated_output_, mixer_core,
                         mixer_core_chunk_size, reads_strided_halves, use_mixer_core)
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
-from .mlstm import chunkwise_inference, mlstm, resolve_backend
+from .mlstm import MLSTM_BACKENDS, chunkwise_inference, mlstm, resolve_backend
 from .mlstm.chunkwise import CHUNK_SIZE
 from .norm_ops import compute_dtype, layer_norm
 
@@ -93,6 +93,9 @@ class MLSTMMixer(nn.Module):
             raise ValueError(f'conv_kind={conv_kind!r} is not supported; choose one of {CONV_KINDS}')
         if conv_kind == '2d' and conv_kernel_size % 2 == 0:
             raise ValueError(f'conv_kernel_size={conv_kernel_size} must be odd (same-size depthwise conv)')
+        if mlstm_backend not in MLSTM_BACKENDS:  # here, not at the first forward: a config typo fails before training
+            raise ValueError(f'mlstm_backend={mlstm_backend!r} is not available here; choose one of '
+                             f'{sorted(MLSTM_BACKENDS)} (fused and fused_chunkwise need Triton)')
         self.embed_dims, self.inner_dims, self.num_heads = embed_dims, inner, num_heads
         self.conv_kind = conv_kind
         self.init_num_blocks = init_num_blocks
