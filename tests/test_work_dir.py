@@ -79,3 +79,14 @@ def test_amp_without_a_gpu_is_refused_clearly(tmp_path):
     assert 'mixed precision (--amp, or optim_wrapper.type=AmpOptimWrapper in the config) needs a CUDA' in message
     assert 'on CPU train without --amp' in message
     assert not osp.exists(tmp_path / 'amp')
+
+
+@pytest.mark.parametrize('main', ['train', 'test'])
+def test_missing_config_is_named(main, tmp_path, capsys):
+    from mmseg_vil.engine.cli import test_main
+    missing = tmp_path / 'no_such_config.py'
+    argv = [str(missing)] + ([] if main == 'train' else [str(tmp_path / 'x.pth')])
+    with pytest.raises(SystemExit) as exit_info:
+        (train_main if main == 'train' else test_main)(argv)
+    assert exit_info.value.code == 2  # argparse's usage error
+    assert f'error: config {missing}: no such file' in capsys.readouterr().err

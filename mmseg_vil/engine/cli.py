@@ -38,6 +38,12 @@ def _export_local_rank(args: argparse.Namespace) -> None:
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
 
 
+def _check_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """A missing config ends the tool with its path, as a missing checkpoint does (not a traceback)."""
+    if not os.path.isfile(path):
+        parser.error(f'config {path}: no such file')
+
+
 @contextmanager
 def _tool_run(prog: str) -> Iterator[None]:
     """Report refusals as ``prog: error: ...`` (exit status 1) and end a distributed run cleanly."""
@@ -59,6 +65,7 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--amp', action='store_true', help='automatic mixed precision (fp16; needs a GPU)')
     _add_common_args(parser)
     args = parser.parse_args(argv)
+    _check_config(parser, args.config)
     _export_local_rank(args)
     cfg = load_config(args.config, args.work_dir, args.cfg_options, args.launcher)
     with _tool_run(parser.prog):
@@ -75,6 +82,7 @@ def test_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--tta', action='store_true', help='multi-scale and flip test-time augmentation')
     _add_common_args(parser)
     args = parser.parse_args(argv)
+    _check_config(parser, args.config)
     _export_local_rank(args)
     cfg = load_config(args.config, args.work_dir, args.cfg_options, args.launcher)
     with _tool_run(parser.prog):
