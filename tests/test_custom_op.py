@@ -91,6 +91,13 @@ def test_eager_calls_run_directly_with_the_registered_gradients():
     assert torch.autograd.gradcheck(lambda a, b: scaled_pair(a, b, 0.5), (x, weight))
 
 
+def test_keyword_arguments_go_through_the_op():
+    x, weight = _inputs()
+    scaled, _ = scaled_pair(x, weight, factor=0.5)
+    assert type(scaled.grad_fn).__name__.startswith('GeneratedBackwardFor_mmseg_vil_test_scaled_pair')
+    torch.testing.assert_close(scaled, scaled_pair(x, weight, 0.5)[0], rtol=0, atol=0)
+
+
 def test_output_structure_without_autograd():
     x, weight = _inputs()
     with torch.no_grad():

@@ -56,9 +56,9 @@ class CustomOp:
         self.op.register_autograd(backward, setup_context=setup_context)
         self._autograd = _autograd_function(self._fn, backward, setup_context)
 
-    def __call__(self, *args):
-        if not runs_directly(args):
-            return self.op(*args)
+    def __call__(self, *args, **kwargs):
+        if kwargs or not runs_directly(args):  # keyword arguments: the op's schema binds them
+            return self.op(*args, **kwargs)
         if self._autograd is not None and torch.is_grad_enabled() and any(
                 isinstance(arg, Tensor) and arg.requires_grad for arg in args):
             return self._autograd(*args)
