@@ -182,6 +182,23 @@ def test_vil_backbone_with_kernels_matches_reference_backbone():
         torch.testing.assert_close(out, exp, rtol=1e-10, atol=1e-11)
 
 
+@needs_kernels
+def test_mixer_core_under_activation_checkpointing_gives_the_same_gradients():
+    """with_cp reruns each block's forward in the backward: mixer_core, called directly in eager mode
+    (custom_op.CustomOp), must leave the same gradients as a run that kept its activations."""
+    from mmseg_vil.models.backbones.vil import ViL
+    grads = []
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        model = ViL(arch=dict(embed_dims=16, num_layers=2), img_size=(32, 24), patch_size=8, out_indices=(1,),
+                    mlstm_backend='fused', with_cp=with_cp).double().to(KERNEL_DEVICE).train()
+        x = torch.randn(2, 3, 32, 24, dtype=torch.float64, device=KERNEL_DEVICE)
+        model(x)[0].square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(KERNEL_DEVICE is not None, reason='the kernel tests run in this process')
 def test_mixer_kernels_under_triton_interpreter():
     result = subprocess.run(
