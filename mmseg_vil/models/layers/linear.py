@@ -1,9 +1,9 @@
 """``F.linear`` whose bias gradient is a matrix-vector product with ones instead of PyTorch's column sum.
 
 Why: autograd sums the output gradient over the tokens with a column reduction, which at ViL's widths is slow on the
-GPU: 23 us per up-projection of a ViL-T block at 224 px batch 64 on an H200 (0.55 ms of an 18 ms training step), for
-19 MB that a product reads in a few microseconds. Same function; the same products for the input and weight
-gradients, in the dtype autocast runs them in (the bias gradient is rounded to that dtype, as autograd's sum is).
+GPU (:mod:`.column_sums`: 0.55 ms of an 18 ms ViL-T training step at 224 px batch 64 on an H200). Same function; the
+same products for the input and weight gradients, in the dtype autocast runs them in (the bias gradient is rounded to
+that dtype, as autograd's sum is).
 """
 from typing import Optional, Tuple
 
@@ -11,14 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .column_sums import column_sums
 from .norm_ops import compute_dtype
-
-
-def column_sums(rows: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``rows (M, C).sum(0)`` as a product with ones, in ``rows``' dtype (module docstring: why; also the sums of our
-    kernels' partial rows: 8-10 us per block as PyTorch's sum at 224 px batch 64 on the H100), into ``out`` if
-    given."""
-    return torch.mv(rows.t(), rows.new_ones(len(rows)), out=out)
 
 
 class _Linear(torch.autograd.Function):

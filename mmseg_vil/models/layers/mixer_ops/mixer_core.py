@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..custom_op import custom_op
-from ..linear import column_sums
+from ..column_sums import column_sums
 from ..mlstm import fused as fused_mlstm
 from ..mlstm.fused_chunkwise import op as chunkwise_mlstm
 from . import triton_ops

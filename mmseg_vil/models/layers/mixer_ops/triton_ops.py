@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..custom_op import custom_op
-from ..linear import column_sums
+from ..column_sums import column_sums
 from ..mlstm.fused import _kernels_interpreted as kernels_interpreted  # one interpreter switch for all
 from . import _conv_qkv_kernels as conv_kernels
 from . import _gated_output_kernels as gate_kernels
