@@ -517,9 +517,7 @@ def backward(grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fga
     scale = 1 / head_dim ** 0.5
     inv_divisor, row_shift, grad_m, row_total = (torch.empty_like(row_sum) for _ in range(4))
     state_grad_m = torch.empty(batch * heads, num_chunks, dtype=row_sum.dtype, device=q.device)
-    prep_config = launch_options({key: value for key, value in config.items()
-                                  if key in ('HEAD_DIM', 'CHUNK', 'BLOCK_D', 'REVERSE', 'num_warps', 'overrides')},
-                                 'grad_prep')
+    prep_config = launch_options(config, 'grad_prep', shared=('HEAD_DIM', 'CHUNK', 'BLOCK_D', 'REVERSE', 'num_warps'))
     mlstm_chunk_grad_prep_kernel[grid](
         grad_h, h, igate, *steps, row_sum, chunk_max, inv_divisor, row_shift, grad_m, state_grad_m,
         *token_major_strides(grad_h), *token_major_strides(h), *token_strides(igate), n, heads, num_chunks, eps,

@@ -291,9 +291,8 @@ def chunk_states(k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, config: dic
 def scan_options(config: dict, kernel: str) -> dict:
     """HEAD_DIM, BLOCK_E, STAGES and warps of a scan over chunks, ``kernel`` 'scan' (launch 2) or 'grad_scan' (the
     backward's), with the call's launch overrides (op.LAUNCH_ENV)."""
-    return launch_options({'HEAD_DIM': config['HEAD_DIM'], 'overrides': config.get('overrides', {})}, kernel,
-                          BLOCK_E=state_scan_block(config['HEAD_DIM'], interpreted=not _cuda_configs()),
-                          STAGES=SCAN_STAGES, **SCAN_LAUNCH)
+    return launch_options(config, kernel, shared=('HEAD_DIM',), STAGES=SCAN_STAGES, **SCAN_LAUNCH,
+                          BLOCK_E=state_scan_block(config['HEAD_DIM'], interpreted=not _cuda_configs()))
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float, config: dict

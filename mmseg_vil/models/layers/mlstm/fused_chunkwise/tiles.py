@@ -18,7 +18,7 @@ zeros); under the interpreter the rounding of the blocks' sums differs.
 """
 import inspect
 import re
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -56,11 +56,13 @@ def head_dim_block(head_dim: int, dtype: torch.dtype, interpreted: bool = False)
     return min(32, max(16, triton.next_power_of_2(head_dim)))
 
 
-def launch_options(config: dict, kernel: str, **defaults) -> dict:
+def launch_options(config: dict, kernel: str, shared: Optional[Sequence[str]] = None, **defaults) -> dict:
     """Compile-time parameters and launch options of one kernel of a call: the call's shared ``config``
-    (op._config), then the kernel's own ``defaults`` (e.g. forward.SUMMARY_LAUNCH), then the call's overrides for
-    that kernel (``config['overrides'][kernel]``, op.LAUNCH_ENV) on top."""
-    options = {key: value for key, value in config.items() if key != 'overrides'}
+    (op._config; only its keys in ``shared`` for a kernel that takes fewer), then the kernel's own ``defaults`` (e.g.
+    forward.SUMMARY_LAUNCH), then the call's overrides for that kernel (``config['overrides'][kernel]``,
+    op.LAUNCH_ENV) on top."""
+    options = {key: value for key, value in config.items()
+               if key != 'overrides' and (shared is None or key in shared)}
     options.update(defaults)
     options.update(config.get('overrides', {}).get(kernel, {}))
     return options
