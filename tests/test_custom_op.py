@@ -3,9 +3,9 @@ and both give the same outputs and gradients."""
 from typing import List, Tuple
 
 import torch
+from op_log import OpLog
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmseg_vil.models.layers.custom_op import custom_op
 
@@ -117,22 +117,12 @@ def test_fake_tensors_go_through_the_dispatcher():
     assert scaled.shape == (2, 4) and summed.shape == (2,)
 
 
-class _SeenOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_dispatch_modes_see_the_op():
     """Under a dispatch mode (a flop counter, a schema check) the call is one op, as torch.library registered it."""
     x, weight = (t.detach() for t in _inputs())
-    with _SeenOps() as mode:
+    with OpLog() as log:
         scaled_pair(x, weight, 1.0)
-    assert mode.names == ['mmseg_vil_test.scaled_pair.default']
+    assert log.ops == ['mmseg_vil_test.scaled_pair.default']
 
 
 def test_compiled_calls_trace_the_op():

@@ -25,6 +25,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from op_log import OpLog
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -436,18 +437,6 @@ def test_fused_kernels_read_mixer_views_in_both_directions(n, head_dim, dtype, c
     assert all(e <= TOLERANCES[dtype] for e in errors.values()), errors
 
 
-class _OpLog(TorchDispatchMode):
-    """The ATen and custom ops dispatched in its scope (those outside custom ops: their insides are not logged)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @needs_fused
 def test_fused_kernels_copy_nothing(monkeypatch):
     """The reversed cell on the mixer's views, forward and backward: every kernel reads q, k, v, the gates and the
@@ -466,7 +455,7 @@ def test_fused_kernels_copy_nothing(monkeypatch):
     inputs, grad_h, _, _ = reference_case(20, 8, torch.float32)
     q, k, v, igate, fgate = mixer_views([x.to(FUSED_DEVICE, torch.float32) for x in inputs])
     grad_h = grad_h.to(FUSED_DEVICE, torch.float32)
-    with _OpLog() as log:
+    with OpLog() as log:
         h = mlstm(q, k, v, igate, fgate, backend='fused', reverse=True)
         torch.autograd.grad(h, [q, k, v, igate, fgate], grad_h)
     views_and_ops = {'aten.transpose.int', 'aten.detach.default', 'mmseg_vil.mlstm_fused_forward.default',

@@ -10,6 +10,7 @@ the registered setup and backward where autograd records), unless the call needs
 or export traces, under a dispatch mode (fake tensors, schema checks, flop counters) or JIT tracing, or for tensor
 subclasses. Same function, same gradients either way.
 """
+import typing
 from typing import Callable, Optional
 
 import torch
@@ -67,26 +68,25 @@ class CustomOp:
 
 def _autograd_function(fn: Callable, backward: Callable, setup_context: Callable) -> Callable:
     """``fn`` under the op's registered formula as an autograd.Function (its nodes named ``<fn>_eagerBackward``).
-    ``fn`` returns a tensor, a tuple or a list of tensors (the op's schema fixes which): a Function returns a tuple,
-    so a list is given back as a list, and ``backward`` gets the output gradients as torch.library passes them (one
-    argument per tuple entry, a list as one argument)."""
-    returns_list = []  # [whether fn returns a list], set by the first call
+    ``fn`` returns a tensor, a tuple or a list of tensors, as its return annotation says (torch.library reads the
+    op's schema from it): a Function returns a tuple, so a list is given back as a list, and ``backward`` gets the
+    output gradients as torch.library passes them (one argument per tuple entry, a list as one argument)."""
+    returns_list = typing.get_origin(typing.get_type_hints(fn)['return']) is list
 
     def forward(ctx, *args):
         out = fn(*args)
         setup_context(ctx=ctx, inputs=args, output=out)
-        returns_list[:] = [isinstance(out, list)]
-        return tuple(out) if isinstance(out, list) else out
+        return tuple(out) if returns_list else out
 
     def backward_structured(ctx, *grads):
-        return backward(ctx, list(grads)) if returns_list[0] else backward(ctx, *grads)
+        return backward(ctx, list(grads)) if returns_list else backward(ctx, *grads)
 
     function = type(f'{fn.__name__}_eager', (torch.autograd.Function,),
                     dict(forward=staticmethod(forward), backward=staticmethod(backward_structured)))
 
     def apply(*args):
         out = function.apply(*args)
-        return list(out) if returns_list[0] else out
+        return list(out) if returns_list else out
 
     return apply
 
