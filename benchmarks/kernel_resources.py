@@ -11,9 +11,10 @@ errors, spills and scalar memory access show up here first.
 other kernels. The chunkwise launch options read from the environment (fused_chunkwise/op.py, maxnreg included) apply
 here too.
 
-The wrappers run on ``meta`` tensors (shapes only; the custom ops call their functions directly on them); each kernel launch is caught and compiled ahead of time with the
-launch's real arguments: the same constexprs, and what Triton's launcher specialises (integers equal to 1, integers
-divisible by 16; pointers are taken as 16-byte aligned). Needs the CUDA toolchain bundled with Triton, not a driver.
+The wrappers run on ``meta`` tensors (shapes only; the custom ops call their functions directly on them); each
+kernel launch is caught and compiled ahead of time with the launch's real arguments: the same constexprs, and what
+Triton's launcher specialises (integers equal to 1, integers divisible by 16; pointers are taken as 16-byte aligned).
+Needs the CUDA toolchain bundled with Triton, not a driver.
 """
 import argparse
 import io
