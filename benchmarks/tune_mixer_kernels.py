@@ -5,7 +5,7 @@ each kernel's GPU time (torch profiler, mean of the repetitions), its registers 
 floor (the bytes it must read and write once, over 3 TB/s) for every configuration in the sweep; the current
 configuration (``triton_ops.CONV_FORWARD`` etc.) is marked ``*``. Writes a markdown table and a JSON file.
 
-    python benchmarks/tune_mixer_kernels.py --out DIR [--sizes 224 512] [--quick]
+    python benchmarks/tune_mixer_kernels.py --out DIR [--sizes 224 512] [--quick] [--only CONV_BACKWARD ...]
 """
 import argparse
 import itertools
@@ -17,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mmseg_vil.models.layers.mixer_ops import triton_ops
+from mmseg_vil.models.layers.mixer_ops.triton_ops import LAUNCH_TABLES
 
 SHAPES = {224: (64, 14), 512: (32, 32), 1024: (8, 64)}  # size: (batch, tokens per side)
 INNER, HEADS, KSIZE = 384, 4, 3
@@ -57,7 +58,8 @@ def _calls(t, side):
     gate_bwd = lambda: triton_ops.gated_output_backward_into(t['x'], t['h'], t['x'], t['z'], *norm, 1e-5, *grads)
     return {'conv_qkv': (conv, {'conv_qkv_forward_kernel': 5 * act}),
             'conv_qkv_backward': (conv_bwd, {'conv_qkv_backward_kernel': 5 * act + act,
-                                             'conv_qkv_input_grad_kernel': act + 3 * act}),
+                                             'conv_qkv_input_grad_kernel': act + 3 * act,
+                                             'conv_qkv_gate_grad_kernel': 3 * act}),
             'gated_output': (gate, {'gated_output_forward_kernel': 4 * act}),
             'gated_output_backward': (gate_bwd, {'gated_output_backward_kernel': 8 * act})}
 
@@ -97,7 +99,7 @@ def _sweep(quick):
     forward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, LOOP_TAPS=taps) for t, g, w, taps in
                itertools.product((16, 32, 64, 128), (4, 8, 16), (4, 8), loop)]
     backward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, TILES=tiles // t, maxnreg=None, LOOP_TAPS=taps)
-                for t, g, w, tiles, taps in itertools.product((8, 16, 32), (8, 16), (2, 4, 8), (64, 128), loop)]
+                for t, g, w, tiles, taps in itertools.product((2, 4, 8, 16, 32), (8, 16), (2, 4, 8), (64, 128), loop)]
     backward += [dict(BLOCK_T=t, BLOCK_G=16, num_warps=w, TILES=64 // t, maxnreg=regs, LOOP_TAPS=False)
                  for t, w, regs in itertools.product((8, 16), (4, 8), (128, 168))]
     input_grad = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w) for t, g, w in
@@ -105,8 +107,10 @@ def _sweep(quick):
     gated = [dict(TILE_ELEMENTS=e, num_warps=w) for e, w in itertools.product((512, 1024, 2048, 4096), (2, 4, 8))]
     if quick:  # what fits run_gpu_suite.sh's tune step
         forward = [c for c in forward if c['BLOCK_T'] >= 64 and c['BLOCK_G'] in (4, 8)]
-        backward = [c for c in backward if c['BLOCK_G'] == 8 and c['TILES'] * c['BLOCK_T'] == 128 and
-                    (c['BLOCK_T'], c['num_warps']) in ((16, 2), (16, 4), (32, 4))]  # 32 with 2 warps spills
+        # 32 tokens with 2 warps spills; tiles of 2 or 4 tokens hold few registers (128-168, sm_90) for more programs
+        backward = [c for c in backward if c['TILES'] * c['BLOCK_T'] == 128 and (
+            (c['BLOCK_G'] == 8 and (c['BLOCK_T'], c['num_warps']) in ((16, 2), (16, 4), (32, 4)))
+            or (c['BLOCK_T'] in (2, 4) and c['num_warps'] in (2, 4)))]
         input_grad = [c for c in input_grad if c['num_warps'] in (2, 4) and c['BLOCK_T'] >= 8]
     tunables = [('CONV_FORWARD', 'conv_qkv', forward), ('CONV_BACKWARD', 'conv_qkv_backward', backward),
                 ('CONV_INPUT_GRAD', 'conv_qkv_backward', input_grad), ('GATED_OUTPUT', 'gated_output', gated),
@@ -118,10 +122,13 @@ def _sweep(quick):
 KERNELS = {'conv_qkv_forward_kernel': triton_ops.conv_kernels.conv_qkv_forward_kernel,
            'conv_qkv_backward_kernel': triton_ops.conv_kernels.conv_qkv_backward_kernel,
            'conv_qkv_input_grad_kernel': triton_ops.conv_kernels.conv_qkv_input_grad_kernel,
+           'conv_qkv_gate_grad_kernel': triton_ops.conv_kernels.conv_qkv_gate_grad_kernel,
            'gated_output_forward_kernel': triton_ops.gate_kernels.gated_output_forward_kernel,
            'gated_output_backward_kernel': triton_ops.gate_kernels.gated_output_backward_kernel}
-TUNED_KERNEL = {'CONV_FORWARD': 'conv_qkv_forward_kernel', 'CONV_BACKWARD': 'conv_qkv_backward_kernel',
-                'CONV_INPUT_GRAD': 'conv_qkv_input_grad_kernel'}
+# The kernels a launch table sets (launch 3 of the conv backward takes launch 1's tiles); the others: all the op's.
+TUNED_KERNELS = {'CONV_FORWARD': {'conv_qkv_forward_kernel'},
+                 'CONV_BACKWARD': {'conv_qkv_backward_kernel', 'conv_qkv_gate_grad_kernel'},
+                 'CONV_INPUT_GRAD': {'conv_qkv_input_grad_kernel'}}
 
 
 def main():
@@ -130,6 +137,7 @@ def main():
     parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512, 1024])
     parser.add_argument('--reps', type=int, default=20)
     parser.add_argument('--quick', action='store_true', help='fewer warp counts')
+    parser.add_argument('--only', nargs='+', choices=LAUNCH_TABLES, help='sweep only these launch tables')
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows, lines = [], ['| size | tunable | config | kernel | us | floor us | regs | spills |',
@@ -138,9 +146,11 @@ def main():
         batch, side = SHAPES[size]
         calls = _calls(_inputs(batch, side), side)
         for tunable, op, candidates in _sweep(args.quick):
+            if args.only and tunable not in args.only:
+                continue
             default = dict(getattr(triton_ops, tunable))
             fn, floors = calls[op]
-            timed = {TUNED_KERNEL.get(tunable)} if tunable in TUNED_KERNEL else set(floors)
+            timed = TUNED_KERNELS.get(tunable, set(floors))
             results = []
             for config in candidates:
                 setattr(triton_ops, tunable, config)
