@@ -54,8 +54,10 @@ def _calls(t, side):
                                                     t['gate_weight'], False)
     norm = (t['norm_weight'], t['norm_bias'], t['skip'])
     gate = lambda: triton_ops.gated_output(t['h'], t['x'], t['z'], *norm, 1e-5)
-    grads = [torch.empty_like(t[name]) for name in ('h', 'x', 'z', 'x')]  # as mixer_core runs it: with the output
-    gate_bwd = lambda: triton_ops.gated_output_backward_into(t['x'], t['h'], t['x'], t['z'], *norm, 1e-5, *grads)
+    # as mixer_core runs it: the conv's pre-activation in place of its SiLU, the output stored
+    grads = [torch.empty_like(t[name]) for name in ('h', 'x', 'z', 'x')]
+    gate_bwd = lambda: triton_ops.gated_output_backward_into(t['x'], t['h'], t['x'], t['z'], *norm, 1e-5, *grads,
+                                                             x_conv_from_pre=True)
     return {'conv_qkv': (conv, {'conv_qkv_forward_kernel': 5 * act}),
             'conv_qkv_backward': (conv_bwd, {'conv_qkv_backward_kernel': 5 * act + act,
                                              'conv_qkv_input_grad_kernel': act + 3 * act,
@@ -93,24 +95,22 @@ def _resources(kernel):
 
 def _sweep(quick):
     """Candidate configurations per tunable (name in triton_ops, list of dicts), each table's current one included.
-    LOOP_TAPS: the conv taps unrolled (all loads issued up front, more registers) or as a loop (fewer registers, more
-    programs per SM); the forward with 4 warps or more (2 warps make its gate dots mma.sync, which spills)."""
+    LOOP_TAPS: the forward's conv taps unrolled (all loads issued up front, more registers) or as a loop (fewer
+    registers, more programs per SM); the forward with 4 warps or more (2 warps make its gate dots mma.sync, which
+    spills)."""
     loop = (False, True)
     forward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, LOOP_TAPS=taps) for t, g, w, taps in
                itertools.product((16, 32, 64, 128), (4, 8, 16), (4, 8), loop)]
-    backward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, TILES=tiles // t, maxnreg=None, LOOP_TAPS=taps)
-                for t, g, w, tiles, taps in itertools.product((2, 4, 8, 16, 32), (8, 16), (2, 4, 8), (64, 128), loop)]
-    backward += [dict(BLOCK_T=t, BLOCK_G=16, num_warps=w, TILES=64 // t, maxnreg=regs, LOOP_TAPS=False)
+    backward = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w, TILES=tiles // t, maxnreg=None)
+                for t, g, w, tiles in itertools.product((2, 4, 8, 16, 32), (8, 16), (2, 4, 8), (64, 128))]
+    backward += [dict(BLOCK_T=t, BLOCK_G=16, num_warps=w, TILES=64 // t, maxnreg=regs)
                  for t, w, regs in itertools.product((8, 16), (4, 8), (128, 168))]
     input_grad = [dict(BLOCK_T=t, BLOCK_G=g, num_warps=w) for t, g, w in
                   itertools.product((2, 4, 8, 16), (8, 16), (2, 4, 8))]
     gated = [dict(TILE_ELEMENTS=e, num_warps=w) for e, w in itertools.product((512, 1024, 2048, 4096), (2, 4, 8))]
     if quick:  # what fits run_gpu_suite.sh's tune step
         forward = [c for c in forward if c['BLOCK_T'] >= 64 and c['BLOCK_G'] in (4, 8)]
-        # 32 tokens with 2 warps spills; tiles of 2 or 4 tokens hold few registers (128-168, sm_90) for more programs
-        backward = [c for c in backward if c['TILES'] * c['BLOCK_T'] == 128 and (
-            (c['BLOCK_G'] == 8 and (c['BLOCK_T'], c['num_warps']) in ((16, 2), (16, 4), (32, 4)))
-            or (c['BLOCK_T'] in (2, 4) and c['num_warps'] in (2, 4)))]
+        backward = [c for c in backward if c['TILES'] * c['BLOCK_T'] == 128 and c['num_warps'] in (2, 4)]
         input_grad = [c for c in input_grad if c['num_warps'] in (2, 4) and c['BLOCK_T'] >= 8]
     tunables = [('CONV_FORWARD', 'conv_qkv', forward), ('CONV_BACKWARD', 'conv_qkv_backward', backward),
                 ('CONV_INPUT_GRAD', 'conv_qkv_backward', input_grad), ('GATED_OUTPUT', 'gated_output', gated),

@@ -9,7 +9,7 @@ a 4x4 product a tile is split in registers into the four ``(tokens, groups)``
 tiles of its groups' channels (``tl.split``; each thread holds runs of adjacent channels, so no data moves between
 threads), multiplied and added, and joined back. Tokens are row-major on the ``(height, width)`` grid; ``REVERSE``
 reads the conv kernel rotated by 180 degrees. A conv tap is the tile's pointers plus one scalar, masked by its row and
-column compared with scalars. ``LOOP_TAPS`` (a launch-config choice of the forward and backward launch 1) runs the taps
+column compared with scalars. ``LOOP_TAPS`` (a launch-config choice of the forward) runs the taps
 as a loop that is not unrolled: unrolled, ptxas issues every tap's loads up front and holds them (and the 9 weights of
 each of a thread's channels) in registers, e.g. 252 registers for the forward's tile of 128 tokens and 32 channels
 with 4 warps (sm_90, bfloat16; 8 warps per SM), 153 as a loop (12 warps per SM), 96 with 64 tokens; the same products
@@ -24,8 +24,10 @@ official model computes them under autocast.
 Backward, three launches whose programs each walk ``TILES`` token tiles, adding the weight-gradient terms of every
 tile into register tiles and reducing them once at the end: one partial row per program (summed by the caller:
 deterministic, no atomics), and a reduction across threads per program instead of per tile. The gradients of q, k
-and v are read as the mLSTM's plus the gates' share (``grad_gates @ gate_weight``, added on the fly). (1) Recompute
-the conv, store the gradient at its pre-activation, and sum the conv bias and the q and k weight and bias gradients;
+and v are read as the mLSTM's plus the gates' share (``grad_gates @ gate_weight``, added on the fly). (1) From the
+conv's pre-activation (stored by the backward's recomputation of the forward, ``STORE_PRE``: an elementwise read
+instead of a second conv), store the gradient at the pre-activation, and sum the conv bias and the q and k weight and
+bias gradients;
 (2) the gradient of the input, which gathers the pre-activation gradient of neighbouring tokens (other programs'
 tiles, hence the second launch) plus the v path, the v weight and bias gradients (v's gradient is at hand there, so
 launch 1 neither reads it nor keeps its four weight-gradient tiles), and in the same walk the conv weight gradient
@@ -97,6 +99,13 @@ def _conv(ptrs, CONV_W, CONV_B, row, col, valid, chan, height, width, chans, row
             pre += _conv_tap(ptrs, CONV_W, tap, row, col, valid, chan, chans, height, width, row_len, KSIZE, REVERSE,
                              ACC)
     return pre + tl.load(CONV_B + chan, mask=chan < chans, other=0.0).to(ACC)[None, :]
+
+
+@triton.jit
+def silu(pre):
+    """The conv's SiLU of its (rounded) pre-activation, in one expression for every kernel that computes it (the
+    forward, and the backward kernels that recompute it from the stored pre-activation), so all get the same value."""
+    return pre * tl.sigmoid(pre)
 
 
 @triton.jit
@@ -251,12 +260,16 @@ def _project_and_store(src, QKV_W, QKV_B, GATE_W, QKV, gates, which, image, offs
 @triton.jit
 def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_CONV, QKV, GATES, height, width, chans,
                             x_row, total, KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr,
-                            ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                            LOOP_TAPS: tl.constexpr):
+                            STORE_PRE: tl.constexpr, PROJECT: tl.constexpr, ACC: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, LOOP_TAPS: tl.constexpr):
     """Grid: (token tiles of the ``total`` tokens of all images, flattened; channel tiles). Writes silu(conv(x)),
     q | k | v, and this channel tile's share of the gate pre-activations, ``GATES[channel tile, image, gate, token]``
-    (the caller sums the shares; tile 0 adds the biases). ``NUM_GATES = 0``: no gates (the backward's
-    recomputation).
+    (the caller sums the shares; tile 0 adds the biases). ``NUM_GATES = 0``: no gates. ``STORE_PRE`` (the backward's
+    recomputation): X_CONV gets the conv's pre-activation instead, from which the backward kernels recompute
+    silu(conv(x)) elementwise; ``PROJECT = False``: no q | k | v either.
+
+    The conv's output (the pre-activation) is rounded to the activations' dtype before the SiLU, as the official model
+    rounds it under autocast, so that the backward kernels recompute the same SiLU from the stored pre-activation.
 
     One projection at a time, stored and its gate share added before the next (few live tiles); x is read again for v
     (from the cache) rather than kept live through the conv and q, k. Tiles of 64 tokens or more with 4 warps make the
@@ -269,10 +282,23 @@ def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_C
     ok = valid[:, None] & (chan[None, :] < chans)
     x_ptrs = X + first * x_row + local[:, None] * x_row + chan[None, :]  # X: rows of x_row elements
     pre = _conv(x_ptrs, CONV_W, CONV_B, row, col, valid, chan, height, width, chans, x_row, KSIZE, REVERSE, ACC,
-                LOOP_TAPS)
-    act = pre * tl.sigmoid(pre)
+                LOOP_TAPS).to(X_CONV.dtype.element_ty)
     start = first * chans  # of the tile's first token in X_CONV; 3 * start in QKV
-    tl.store(_tile_ptrs(X_CONV, start, local, chan, chans, 0), act.to(X_CONV.dtype.element_ty), mask=ok)
+    act = silu(pre.to(ACC))
+    if STORE_PRE:
+        tl.store(_tile_ptrs(X_CONV, start, local, chan, chans, 0), pre, mask=ok)
+    else:
+        tl.store(_tile_ptrs(X_CONV, start, local, chan, chans, 0), act.to(X_CONV.dtype.element_ty), mask=ok)
+    if PROJECT:
+        _project_all(act, x_ptrs, QKV_W, QKV_B, GATE_W, GATE_B, QKV, GATES, start, local, image, in_image, groups,
+                     group_ok, chan, chans, ok, valid, height, width, total, NUM_GATES, ACC, BLOCK_T, BLOCK_G)
+
+
+@triton.jit
+def _project_all(act, x_ptrs, QKV_W, QKV_B, GATE_W, GATE_B, QKV, GATES, start, local, image, in_image, groups, group_ok,
+                 chan, chans, ok, valid, height, width, total, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """q, k (of ``act``) and v (of x, read again at ``x_ptrs``), stored, and the tile's share of the gates."""
     gate = tl.arange(0, _gate_block(NUM_GATES))
     gates = tl.zeros((BLOCK_T, _gate_block(NUM_GATES)), dtype=ACC)
     if NUM_GATES > 0:  # channel tile 0 adds the biases
@@ -340,16 +366,15 @@ def _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, which, image, offs_t, chan, chans, o
 
 
 @triton.jit
-def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD_QKV, GRAD_GATES, GRAD_PRE, PARTIAL,
-                             height, width, chans, x_row, stride_gate_b, stride_gate_g, stride_gate_n,
-                             KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr,
-                             LOOP_TAPS: tl.constexpr):
+def conv_qkv_backward_kernel(PRE, QKV_W, GATE_W, GRAD_X_CONV, GRAD_QKV, GRAD_GATES, GRAD_PRE, PARTIAL, height, width,
+                             chans, stride_gate_b, stride_gate_g, stride_gate_n, KSIZE: tl.constexpr,
+                             NUM_GATES: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                             TILES: tl.constexpr):
     """Launch 1 of the backward (module docstring): grad_pre, and the partial sums of the conv bias and q/k weight
-    and bias gradients. PARTIAL: one row per program (``_walk_setup``), of which launches 2 and 3 write the other
-    columns. The gradients of q and k are GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
+    and bias gradients, from the conv's pre-activation PRE (the forward kernel's ``STORE_PRE``). PARTIAL: one row per
+    program (``_walk_setup``), of which launches 2 and 3 write the other columns. The gradients of q and k are
+    GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
     groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, NUM_GATES, BLOCK_G)
-    x_image = tl.program_id(2).to(tl.int64) * height * width * x_row  # X: rows of x_row elements
     n_tokens = height * width
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
     zero = tl.zeros((BLOCK_T, BLOCK_G * GROUP), dtype=ACC)
@@ -362,11 +387,9 @@ def conv_qkv_backward_kernel(X, CONV_W, CONV_B, QKV_W, GATE_W, GRAD_X_CONV, GRAD
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
         dk = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 1, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
                        stride_gate_n, n_tokens, NUM_GATES, ACC)
-        row, col = _grid_position(offs_t, width)
-        pre = _conv(X + x_image + offs_t[:, None] * x_row + chan[None, :], CONV_W, CONV_B, row, col, offs_t < n_tokens,
-                    chan, height, width, chans, x_row, KSIZE, REVERSE, ACC, LOOP_TAPS)
+        pre = _load_tile(PRE, image, offs_t, chan, chans, 0, ok, ACC)
         sig = tl.sigmoid(pre)
-        act = pre * sig
+        act = silu(pre)
         grad_act = (_load_tile(GRAD_X_CONV, image, offs_t, chan, chans, 0, ok, ACC)
                     + _block_diagonal_tile(dq, QKV_W, 0, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC)
                     + _block_diagonal_tile(dk, QKV_W, 1, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC))

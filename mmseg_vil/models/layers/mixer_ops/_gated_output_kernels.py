@@ -18,6 +18,8 @@ tile padded past the head (the only case with masked dims).
 import triton
 import triton.language as tl
 
+from ._conv_qkv_kernels import silu
+
 
 @triton.jit
 def _part_offsets(tile, START: tl.constexpr, WIDTH: tl.constexpr, stride_b, stride_n, stride_h, seq_len, n_tokens,
@@ -51,13 +53,17 @@ def _parameters(NORM_W, NORM_B, SKIP, START: tl.constexpr, WIDTH: tl.constexpr, 
 
 @triton.jit
 def _load_part(tile, START: tl.constexpr, WIDTH: tl.constexpr, H, X_CONV, Z, stride_b, stride_n, stride_h, seq_len,
-               n_tokens, chans, z_row, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+               n_tokens, chans, z_row, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+               X_CONV_FROM_PRE: tl.constexpr = False):
     """Offsets, mask, h, x_conv and z of one part of a token tile: every load is issued before the statistics wait
-    on h."""
+    on h. ``X_CONV_FROM_PRE``: X_CONV holds the conv's pre-activation, x_conv is its SiLU as the conv kernel
+    rounds it."""
     h_offs, flat, z_offs, ok = _part_offsets(tile, START, WIDTH, stride_b, stride_n, stride_h, seq_len, n_tokens,
                                              chans, z_row, HEAD_DIM, BLOCK_T)
     h = tl.load(H + h_offs, mask=ok, other=0.0).to(ACC)
     x_conv = tl.load(X_CONV + flat, mask=ok, other=0.0).to(ACC)
+    if X_CONV_FROM_PRE:
+        x_conv = silu(x_conv).to(X_CONV.dtype.element_ty).to(ACC)  # as the conv kernel stores it
     z = tl.load(Z + z_offs, mask=ok, other=0.0).to(ACC)
     return h_offs, flat, z_offs, ok, h, x_conv, z
 
@@ -159,10 +165,11 @@ def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, G
                                  OUT, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, z_row,
                                  HEAD_DIM: tl.constexpr, EPS, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
                                  BLOCK_D: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr,
-                                 STORE_OUT: tl.constexpr):
+                                 STORE_OUT: tl.constexpr, X_CONV_FROM_PRE: tl.constexpr):
     """Gradients of h (in h's strides), x_conv and z over ``TILES`` token tiles; one PARTIAL row per program:
     ``[d norm_w | d norm_b | d skip]``. ``STORE_OUT``: also the forward's output (recomputed on the way), for a
-    caller that did not keep it. Names ending in 0, 1, 2 belong to the head's parts."""
+    caller that did not keep it. ``X_CONV_FROM_PRE``: X_CONV holds the conv's pre-activation (the backward's
+    recomputation). Names ending in 0, 1, 2 belong to the head's parts."""
     weight0, bias0, skip0 = _parameters(NORM_W, NORM_B, SKIP, 0, BLOCK_D, HEAD_DIM, ACC)
     grad_weight0 = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
     grad_bias0, grad_skip0 = grad_weight0, grad_weight0
@@ -175,16 +182,16 @@ def gated_output_backward_kernel(H, X_CONV, Z, NORM_W, NORM_B, SKIP, GRAD_OUT, G
     for tile in range(tl.program_id(0) * TILES, end_tile):
         h_offs0, flat0, z_offs0, ok0, h0, x_conv0, z0 = _load_part(
             tile, 0, BLOCK_D, H, X_CONV, Z, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, z_row, HEAD_DIM,
-            ACC, BLOCK_T)
+            ACC, BLOCK_T, X_CONV_FROM_PRE)
         grad_out0 = tl.load(GRAD_OUT + flat0, mask=ok0, other=0.0).to(ACC)
         row_sum = tl.sum(h0, axis=1)
         if PARTS == 3:
             h_offs1, flat1, z_offs1, ok1, h1, x_conv1, z1 = _load_part(
                 tile, BLOCK_D, BLOCK_D, H, X_CONV, Z, stride_b, stride_n, stride_h, seq_len, n_tokens, chans, z_row,
-                HEAD_DIM, ACC, BLOCK_T)
+                HEAD_DIM, ACC, BLOCK_T, X_CONV_FROM_PRE)
             h_offs2, flat2, z_offs2, ok2, h2, x_conv2, z2 = _load_part(
                 tile, 2 * BLOCK_D, BLOCK_D, H, X_CONV, Z, stride_b, stride_n, stride_h, seq_len, n_tokens, chans,
-                z_row, HEAD_DIM, ACC, BLOCK_T)
+                z_row, HEAD_DIM, ACC, BLOCK_T, X_CONV_FROM_PRE)
             grad_out1 = tl.load(GRAD_OUT + flat1, mask=ok1, other=0.0).to(ACC)
             grad_out2 = tl.load(GRAD_OUT + flat2, mask=ok2, other=0.0).to(ACC)
             row_sum += tl.sum(h1, axis=1) + tl.sum(h2, axis=1)

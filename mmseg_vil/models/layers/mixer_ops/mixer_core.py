@@ -3,8 +3,9 @@ pre-activations, fused mLSTM, per-head norm + skip + output gate, down-projectio
 
 Why one node: as separate ops, autograd keeps every op's inputs until the backward (per token and block: the conv
 output, q | k | v, the cell output and the gated output, besides the projections' inputs), so ViL-T held 2.2x the
-activation memory of DeiT-T at 512 px. Here the backward recomputes the conv output and q | k | v from the saved
-up-projection output (one conv kernel launch: elementwise work next to the GEMMs), and the gated output inside the
+activation memory of DeiT-T at 512 px. Here the backward recomputes the conv's pre-activation and q | k | v from the
+saved up-projection output (one conv kernel launch: elementwise work next to the GEMMs; the kernels that need the
+conv's SiLU recompute it from the pre-activation as they read it), and the gated output inside the
 norm + gate backward kernel (one more store), and keeps only the up-projection output ``x_mlstm | z``, the cell
 output, the gates and the cell's per-step statistics. The cell writes its q | k | v gradients into one buffer, and
 the conv backward adds the gate pre-activations' share to them as it reads them. The kernels read ``x_mlstm`` and
@@ -88,12 +89,12 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
                                                   for group in (params[:6], params[6:9], params[9:])])
     grad_xz = torch.empty_like(xz, memory_format=torch.contiguous_format)
     grad_x_mlstm, grad_z = grad_xz.chunk(2, dim=-1)
-    x_conv, qkv, _ = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, None,
-                                         None, reverse)
+    # the conv's pre-activation in place of its SiLU: the kernels below recompute the SiLU as they read it
+    pre, qkv = triton_ops.conv_pre_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
     grad_out = grad_y @ down_weight.to(grad_y.dtype)
-    grad_h, grad_x_conv, out = torch.empty_like(h), torch.empty_like(x_conv), torch.empty_like(x_conv)
-    triton_ops.gated_output_backward_into(grad_out, h, x_conv, z, norm_weight, norm_bias, skip, norm_eps, grad_h,
-                                          grad_x_conv, grad_z, out, norm_part)
+    grad_h, grad_x_conv, out = torch.empty_like(h), torch.empty_like(pre), torch.empty_like(pre)
+    triton_ops.gated_output_backward_into(grad_out, h, pre, z, norm_weight, norm_bias, skip, norm_eps, grad_h,
+                                          grad_x_conv, grad_z, out, norm_part, x_conv_from_pre=True)
     grad_y = grad_y.flatten(0, 1)
     down_part[:down_weight.numel()].view(down_weight.shape).copy_(grad_y.t() @ out.flatten(0, 1))
     down_part[down_weight.numel():].copy_(column_sums(grad_y))  # PyTorch's sum: 28 us per block at 224 b64 (H200)
@@ -108,8 +109,8 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
     else:
         fused_mlstm.backward_into(grad_h, *q_k_v, h, *igate_fgate, stats, MLSTM_EPS, reverse, *grad_q_k_v,
                                   *grad_gates.chunk(2, dim=1))
-    triton_ops.conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x_mlstm, qkv, height, width, conv_weight,
-                                      conv_bias, qkv_weight, gate_weight, reverse, grad_x_mlstm, conv_part)
+    triton_ops.conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x_mlstm, pre, qkv, height, width,
+                                      conv_weight, conv_bias, qkv_weight, gate_weight, reverse, grad_x_mlstm, conv_part)
     return [grad_xz, flat]
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..custom_op import custom_op
 from ..column_sums import column_sums
+from ..constants import full
 from ..mlstm.fused import _kernels_interpreted as kernels_interpreted  # one interpreter switch for all
 from . import _conv_qkv_kernels as conv_kernels
 from . import _gated_output_kernels as gate_kernels
@@ -30,17 +31,18 @@ GROUP = conv_kernels.GROUP.value  # channels per block of the block-diagonal q/k
 # 4 warps; with 2 warps they are mma.sync whose operand layout Triton carries back into the conv (255 registers and
 # spills, 115 us at 224). 128 tokens per tile: 46.8 us at 224 on an H100 (Triton 3.6; 58 us before the gate products
 # were tl.dot, 2026-12-06). Its token tiles run over all images' tokens (no partly empty tile per image: 98 instead
-# of 128 tiles of 128 at 224 px batch 64). LOOP_TAPS (forward and launch 1): the conv taps as a loop that is not
-# unrolled, one tap's loads live at a time instead of all issued up front: ptxas (sm_90, bfloat16, with gates) 153
-# instead of 252 registers here, 96 instead of 140 with 64 tokens per tile (64 instead of 140 without gates, the
-# backward's recomputation); launch 1 168 instead of 255 (its conv weights reloaded per token tile). Timed on an H100
-# (benchmarks/tune_mixer_kernels.py, 224 px b64, 2026-12-07): the forward 44.3 us with LOOP_TAPS, 54.7 without (the
-# fastest of 16 candidates); launch 1 82.8 us without, 85.3 with.
+# of 128 tiles of 128 at 224 px batch 64). LOOP_TAPS: the conv taps as a loop that is not unrolled, one tap's loads
+# live at a time instead of all issued up front: ptxas (sm_90, bfloat16, with gates) 153 instead of 252 registers
+# here, 96 instead of 140 with 64 tokens per tile (64 instead of 140 without gates, the backward's recomputation).
+# Timed on an H100 (benchmarks/tune_mixer_kernels.py, 224 px b64, 2026-12-07): 44.3 us with LOOP_TAPS, 54.7 without
+# (the fastest of 16 candidates).
 CONV_FORWARD = dict(BLOCK_T=128, BLOCK_G=8, num_warps=4, LOOP_TAPS=True)
-# maxnreg: a register cap for ptxas (None: its choice; caps of 128 or 168 spilled and ran slower). 2 warps since
-# launch 1 no longer reads v's gradient (launch 2 sums v's weight gradient): 77 instead of 85 us with 4 warps at 224
-# on an H100 (Triton 3.6, 2026-12-06; 105 us before), no spills.
-CONV_BACKWARD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=2, TILES=8, maxnreg=None, LOOP_TAPS=False)
+# Launch 1 (and launch 3, on the same tiles). maxnreg: a register cap for ptxas (None: its choice). Launch 1 reads the
+# conv's pre-activation that the backward's recomputation stored instead of recomputing the conv (it took 82.8 us at
+# 224 px b64 on an H100 with 2 warps and the conv, 255 registers). Without the conv, ptxas (sm_90, bfloat16) gives it
+# 128 registers at 4 warps (1,144 SASS instructions; 16 warps per SM) against 255 at 2 warps (1,920; 8 warps per SM):
+# 4 warps, chosen by these counts, not timed yet.
+CONV_BACKWARD = dict(BLOCK_T=16, BLOCK_G=8, num_warps=4, TILES=8, maxnreg=None)
 # TILES: the same tokens per program as CONV_BACKWARD. 2 warps: 97 instead of 102 us with 4 at 224 (with v's weight
 # gradient, 89 us before it moved here), timed when the conv weight gradient took a second walk per tap. The single
 # walk is not timed yet; its per-tap register tiles take ptxas (sm_90, bfloat16) to 255 registers at 2 warps (12 bytes
@@ -119,18 +121,37 @@ def conv_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias:
     """Triton :func:`~.reference.conv_qkv` for ``x (B, N, E)``, ``N = height * width``, and the gate pre-activations
     ``gate_weight (G, 3 E) @ q | k | v + gate_bias`` as ``(B, G, N)`` in the accumulator dtype (``(B, 0, N)`` without
     gate weights)."""
+    return _conv_forward(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias,
+                         reverse)
+
+
+def conv_pre_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor,
+                 qkv_bias: Tensor, reverse: bool, project: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """The backward's recomputation of :func:`conv_qkv` without gates: the conv's pre-activation (rounded to x's
+    dtype, as the forward rounds it before the SiLU) in place of its SiLU, from which the backward kernels recompute
+    the SiLU, and q | k | v (``None`` unless ``project``)."""
+    pre, qkv, _ = _conv_forward(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, None, None, reverse,
+                                store_pre=True, project=project)
+    return pre, qkv
+
+
+def _conv_forward(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
+                  qkv_weight: Optional[Tensor], qkv_bias: Optional[Tensor], gate_weight: Optional[Tensor],
+                  gate_bias: Optional[Tensor], reverse: bool, store_pre: bool = False,
+                  project: bool = True) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     x, x_row = _rows(x)
-    x_conv, qkv = x.new_empty(x.shape), x.new_empty(*x.shape[:2], 3 * x.shape[2])
+    x_conv = x.new_empty(x.shape)
+    qkv = x.new_empty(*x.shape[:2], 3 * x.shape[2]) if project else None
     (_, channel_tiles, batch), config = _conv_launch(x, CONV_FORWARD)
     grid = (triton.cdiv(batch * x.shape[1], config['BLOCK_T']), channel_tiles)  # tiles of the images' tokens in a row
     num_gates = _num_gates(gate_weight)
     # (channel tiles, B, G, N): each channel tile's share of the gates
     shares = x.new_empty(channel_tiles, len(x), num_gates, x.shape[1], dtype=_accumulator(x.dtype)[0])
+    contiguous = [None if t is None else t.contiguous() for t in (qkv_weight, qkv_bias, gate_weight)]
     conv_kernels.conv_qkv_forward_kernel[grid](
-        x, conv_weight.contiguous(), conv_bias, qkv_weight.contiguous(), qkv_bias.contiguous(),
-        None if gate_weight is None else gate_weight.contiguous(), gate_bias, x_conv, qkv, shares, height, width,
-        x.shape[2], x_row, batch * x.shape[1], KSIZE=conv_weight.shape[-1], REVERSE=reverse, NUM_GATES=num_gates,
-        **config)
+        x, conv_weight.contiguous(), conv_bias, contiguous[0], contiguous[1], contiguous[2], gate_bias, x_conv, qkv,
+        shares, height, width, x.shape[2], x_row, batch * x.shape[1], KSIZE=conv_weight.shape[-1], REVERSE=reverse,
+        NUM_GATES=num_gates, STORE_PRE=store_pre, PROJECT=project, **config)
     return x_conv, qkv, shares.sum(0)
 
 
@@ -140,15 +161,15 @@ def _(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weigh
             empty_gates(x, _num_gates(gate_weight)))
 
 
-def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor, x: Tensor, qkv: Tensor,
-                           height: int, width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor,
-                           gate_weight: Tensor, reverse: bool, grad_x: Tensor,
+def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor, x: Tensor, pre: Tensor,
+                           qkv: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
+                           qkv_weight: Tensor, gate_weight: Tensor, reverse: bool, grad_x: Tensor,
                            param_grads: Optional[Tensor] = None) -> List[Tensor]:
     """The gradient of ``x`` written into ``grad_x`` (same strides as ``x``, e.g. halves of the up-projection's
     output and of its gradient); returns those of the conv weight and bias, q/k/v weight and bias, gate weight and
     bias as views of one flat buffer in the accumulator's dtype: ``param_grads`` if given (e.g. a slice of the
-    caller's buffer for all its parameters), in that order. ``grad_gates (B, G, N)`` of any strides, ``qkv`` the
-    forward's q | k | v (for the gate weight's gradient).
+    caller's buffer for all its parameters), in that order. ``grad_gates (B, G, N)`` of any strides, ``pre`` the
+    conv's pre-activation (:func:`conv_pre_qkv`), ``qkv`` the forward's q | k | v (for the gate weight's gradient).
     """
     x, x_row = _rows(x)
     if grad_x.stride() != x.stride():
@@ -168,15 +189,15 @@ def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Te
     grad_qkv, qkv = grad_qkv.contiguous(), qkv.contiguous()
     gates = dict(NUM_GATES=len(gate_weight), KSIZE=ksize, REVERSE=reverse)
     conv_kernels.conv_qkv_backward_kernel[grid](
-        x, conv_weight, conv_bias, qkv_weight, gate_weight, grad_x_conv.contiguous(), grad_qkv, grad_gates, grad_pre,
-        partial, height, width, chans, x_row, *grad_gates.stride(), **gates, **config)
+        pre.contiguous(), qkv_weight, gate_weight, grad_x_conv.contiguous(), grad_qkv, grad_gates, grad_pre, partial,
+        height, width, chans, *grad_gates.stride(), NUM_GATES=len(gate_weight), KSIZE=ksize, **config)
     conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
         grad_pre, x, conv_weight, qkv_weight, gate_weight, grad_qkv, grad_gates, grad_x, partial, height, width,
         chans, x_row, *grad_gates.stride(), **gates, **gather_config)
     # launch 1's tiles and warps (its grid, its partial rows), but not its register cap: launch 3 is a small kernel
     conv_kernels.conv_qkv_gate_grad_kernel[grid](
         qkv, grad_gates, partial, height, width, chans, *grad_gates.stride(), NUM_GATES=len(gate_weight), KSIZE=ksize,
-        **{k: v for k, v in config.items() if k not in ('maxnreg', 'LOOP_TAPS')})
+        **{k: v for k, v in config.items() if k != 'maxnreg'})
     column_sums(partial, out=flat)
     return views
 
@@ -202,8 +223,9 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor,
     (:func:`conv_qkv_backward_into` with a fresh gradient of x)."""
     x = x.contiguous()
     grad_x = torch.empty_like(x)
-    grads = conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x, qkv, height, width, conv_weight, conv_bias,
-                                   qkv_weight, gate_weight, reverse, grad_x)
+    pre, _ = conv_pre_qkv(x, height, width, conv_weight, conv_bias, None, None, reverse, project=False)
+    grads = conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x, pre, qkv, height, width, conv_weight,
+                                   conv_bias, qkv_weight, gate_weight, reverse, grad_x)
     qkv_bias_like = conv_bias.new_empty(3, x.shape[2])
     return [grad_x, *owned_grads(grads, [conv_weight, conv_bias, qkv_weight, qkv_bias_like, gate_weight,
                                          gate_weight])]
@@ -271,7 +293,7 @@ def _gate_args(h: Tensor, z: Tensor, eps: float) -> tuple:
     if h.stride(-1) != 1:
         h = h.contiguous()
     z, z_row = _rows(z)
-    eps = torch.full((1,), eps, dtype=_accumulator(h.dtype)[0], device=h.device)
+    eps = full(1, eps, h, _accumulator(h.dtype)[0])
     return h, z, (h.stride(0), h.stride(1), h.stride(2), n, batch * n, heads * head_dim, z_row, head_dim, eps)
 
 
@@ -294,13 +316,14 @@ def _(h, x_conv, z, norm_weight, norm_bias, skip, eps):
 
 def gated_output_backward_into(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor,
                                norm_bias: Tensor, skip: Tensor, eps: float, grad_h: Tensor, grad_x_conv: Tensor,
-                               grad_z: Tensor, out: Optional[Tensor] = None,
-                               param_grads: Optional[Tensor] = None) -> List[Tensor]:
+                               grad_z: Tensor, out: Optional[Tensor] = None, param_grads: Optional[Tensor] = None,
+                               x_conv_from_pre: bool = False) -> List[Tensor]:
     """Gradients of h, x_conv and z written into ``grad_h`` (h's strides), ``grad_x_conv`` (contiguous) and
     ``grad_z`` (z's strides, e.g. halves of the up-projection's output and of its gradient), and the forward's
     output into ``out`` if given (recomputed on the way, for a caller that did not keep it); returns the gradients
     of the norm weight, norm bias and skip as views of one flat buffer in the accumulator's dtype (``param_grads`` if
-    given)."""
+    given). ``x_conv_from_pre``: ``x_conv`` holds the conv's pre-activation (:func:`conv_pre_qkv`), whose SiLU the
+    kernel computes as the conv kernel does."""
     if grad_z.stride() != z.stride() or grad_h.stride() != h.stride() or h.stride(-1) != 1:
         raise ValueError(f'gradient strides {grad_h.stride()}, {grad_z.stride()} differ from those of h and z '
                          f'{h.stride()}, {z.stride()} (or h is not contiguous along its head dim)')
@@ -311,7 +334,8 @@ def gated_output_backward_into(grad_out: Tensor, h: Tensor, x_conv: Tensor, z: T
     h, z, sizes = _gate_args(h, z, eps)
     gate_kernels.gated_output_backward_kernel[grid](
         h, x_conv.contiguous(), z, norm_weight, norm_bias, skip, grad_out.contiguous(), grad_h, grad_x_conv, grad_z,
-        partial, out, *sizes, TILES=BACKWARD_TILES, STORE_OUT=out is not None, **config)
+        partial, out, *sizes, TILES=BACKWARD_TILES, STORE_OUT=out is not None, X_CONV_FROM_PRE=x_conv_from_pre,
+        **config)
     flat, views = _flat_grads([(chans,)] * 3, partial.dtype, partial.device, param_grads)
     column_sums(partial, out=flat)
     return views
