@@ -4,7 +4,6 @@ Why: PyTorch's LayerNorm at ViL's widths (192-768) spends longer on its weight g
 autocast its float32 output is cast again for the up-projection. Here the forward writes the compute dtype directly,
 the backward gives the input gradient and the weight and bias gradient terms in one pass.
 """
-import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -13,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..column_sums import column_sums
+from ..constants import full
 from ..custom_op import custom_op
 from . import _kernels as kernels
 
@@ -22,12 +22,6 @@ BACKWARD_TILES = 4  # row tiles each backward program walks
 
 def _accumulator(dtype: torch.dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@functools.lru_cache(maxsize=None)
-def _eps(eps: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """eps as a one-element tensor in the accumulator's dtype (a float argument would arrive as float32)."""
-    return torch.full((1,), eps, dtype=dtype, device=device)
 
 
 def _launch(x: Tensor) -> Tuple[int, int, dict]:
@@ -48,7 +42,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float,
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean, rstd = (torch.empty(rows, dtype=acc, device=x.device) for _ in range(2))
     kernels.layer_norm_forward_kernel[(triton.cdiv(rows, options['ROWS']),)](
-        x, weight, bias, y, mean, rstd, rows, dim, _eps(eps, acc, x.device), HAS_BIAS=bias is not None, **options)
+        x, weight, bias, y, mean, rstd, rows, dim, full(1, eps, x, acc), HAS_BIAS=bias is not None, **options)
     return y, mean, rstd
 
 
