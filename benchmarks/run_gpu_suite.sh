@@ -20,6 +20,7 @@
 #   cell      the mLSTM cell alone against SDPA (benchmarks/mlstm_kernel_check.py --quick)
 #   tune      the mixer's conv + q/k/v and gated-output kernels under candidate launch configurations (224, 512)
 #   tuned     quick's 224 and 512 rows with the launch configurations tune found fastest (after tune)
+#   tunebwd   tune for the conv backward's launch 1 (and 3) alone, 224 and 512 (tiles of 2 to 32 tokens, 2 or 4 warps)
 #   sweep     tile configurations of the fused mLSTM kernel (mlstm_kernel_check.py --quick --sweep, bf16)
 #   chunksweep  launch options of the chunkwise kernels (MMSEG_VIL_CHUNKWISE_LAUNCH, one process each): error at
 #             N=4096 and CUDA-graph ms at ViL-T 2048 px and N=4096 against SDPA, GPU us per kernel
@@ -83,6 +84,8 @@ for part in $parts; do
              | tee -a "$out/log.txt" ;;
     tune) timeout 420 python3 benchmarks/tune_mixer_kernels.py --out "$out/tune" --sizes 224 512 --quick 2>&1 \
              | grep -v -i warn | tail -80 | tee -a "$out/log.txt" ;;
+    tunebwd) timeout 300 python3 benchmarks/tune_mixer_kernels.py --out "$out/tunebwd" --sizes 224 512 --quick \
+             --only CONV_BACKWARD 2>&1 | grep -v -i warn | tail -24 | tee -a "$out/log.txt" ;;
     tuned) MMSEG_VIL_MIXER_LAUNCH_CONFIGS="$out/tune/best.json" timeout 200 $bench --models vil-t deit-t --sizes 224 512 \
              --batch 224=64 512=32 --out-dir "$out/tuned" 2>&1 | grep -v -i warn | tail -20 | tee -a "$out/log.txt" ;;
     chunksweep) timeout 540 python3 benchmarks/mlstm_kernel_check.py --chunkwise-sweep 2>&1 | tee "$out/chunksweep.txt" \
