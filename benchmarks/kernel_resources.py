@@ -148,7 +148,6 @@ def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: 
         3, inner, dtype=torch.float32)
     conv_weight, conv_bias = empty(inner, 1, 3, 3, dtype=torch.float32), empty(inner, dtype=torch.float32)
     heads_view = empty(batch, n, heads, inner // heads).transpose(1, 2)  # (B, NH, N, DH) views, as the mixer's
-    gates = empty(batch, 2 * heads, n).chunk(2, dim=1)
     norm = [empty(inner, dtype=torch.float32) for _ in range(3)]
     lines: List[str] = []
     with _compile_launches(arch, lines):

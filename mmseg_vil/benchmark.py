@@ -191,68 +191,128 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _prepare(result: Result, device: torch.device, amp_dtype, warmup: int):
+    """Build ``result``'s model and its step, warmed up (``graphs``: captured in a CUDA graph, peak memory counted from
+    before the capture); returns the model, the step and the autocast context the step runs in."""
+    if result.execution not in EXECUTIONS:
+        raise ValueError(f'execution must be one of {EXECUTIONS}, got {result.execution!r}')
+    if result.execution == 'graphs' and device.type != 'cuda':
+        raise ValueError('CUDA graphs need a CUDA device')
+    model = build_model(result.model, result.scope, result.size).to(device)
+    result.extra['params_m'] = round(count_parameters(model) / 1e6, 2)
+    result.extra['sdpa_patched'] = use_sdpa_attention(model)
+    model.train(result.mode == 'train')
+    if result.execution == 'compile':
+        model = _compile_parts(model, result.scope)
+    images, samples = _synthetic_batch(model, result.scope, result.batch, result.size, device)
+    step = _step_fn(model, result.scope, result.mode, images, samples)
+    # A graph replays the casts it recorded: autocast's weight cache must stay off while capturing.
+    autocast = (torch.autocast(device.type, dtype=amp_dtype, cache_enabled=result.execution != 'graphs')
+                if amp_dtype is not None else contextlib.nullcontext())
+    with autocast:
+        if result.execution == 'graphs':  # the graph's memory pool is allocated while capturing
+            _reset_peak_memory(device)
+            step = _graph_replay(step, warmup)
+        for _ in range(warmup):
+            step()
+        _sync(device)
+    return model, step, autocast
+
+
+def _timed_run(step, iters: int, device: torch.device) -> float:
+    """Milliseconds per step of ``iters`` steps."""
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync(device)
+    return 1000 * (time.perf_counter() - start) / iters
+
+
+def _record(result: Result, runs: List[float]) -> None:
+    median = statistics.median(runs)
+    result.ms_per_iter = round(median, 3)
+    result.img_per_s = round(1000 * result.batch / median, 2)
+    result.spread = round((max(runs) - min(runs)) / median, 3)
+    result.extra['ms_runs'] = [round(r, 3) for r in runs]
+    result.extra['ms_best'] = round(min(runs), 3)
+
+
+def _error(err: Exception) -> str:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return 'OOM'
+    return f'{type(err).__name__}: {str(err).splitlines()[0][:200]}'
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+
+
 def measure(name: str, scope: str, mode: str, size: int, batch: int, device: torch.device, amp_dtype=None,
             warmup: int = 3, iters: int = 10, execution: str = 'eager', repeats: int = 3) -> Result:
     """Time one configuration ``repeats`` times; an error (out of memory, a failed capture) is recorded, not raised."""
     result = Result(model=name, scope=scope, mode=mode, size=size, batch=batch, execution=execution)
-    model = None
+    prepared = None
     try:
-        if execution not in EXECUTIONS:
-            raise ValueError(f'execution must be one of {EXECUTIONS}, got {execution!r}')
-        if execution == 'graphs' and device.type != 'cuda':
-            raise ValueError('CUDA graphs need a CUDA device')
-        model = build_model(name, scope, size).to(device)
-        result.extra['params_m'] = round(count_parameters(model) / 1e6, 2)
-        result.extra['sdpa_patched'] = use_sdpa_attention(model)
-        model.train(mode == 'train')
-        if execution == 'compile':
-            model = _compile_parts(model, scope)
-        images, samples = _synthetic_batch(model, scope, batch, size, device)
-        step = _step_fn(model, scope, mode, images, samples)
-        # A graph replays the casts it recorded: autocast's weight cache must stay off while capturing.
-        autocast = (torch.autocast(device.type, dtype=amp_dtype, cache_enabled=execution != 'graphs')
-                    if amp_dtype is not None else contextlib.nullcontext())
-        with autocast:
-            if execution == 'graphs':  # the graph's memory pool is allocated while capturing
-                _reset_peak_memory(device)
-                step = _graph_replay(step, warmup)
-            for _ in range(warmup):
-                step()
-            _sync(device)
-            if execution != 'graphs':
-                _reset_peak_memory(device)
-            runs = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for _ in range(iters):
-                    step()
-                _sync(device)
-                runs.append(1000 * (time.perf_counter() - start) / iters)
-        median = statistics.median(runs)
-        result.ms_per_iter = round(median, 3)
-        result.img_per_s = round(1000 * batch / median, 2)
-        result.spread = round((max(runs) - min(runs)) / median, 3)
-        result.extra['ms_runs'] = [round(r, 3) for r in runs]
+        prepared = _prepare(result, device, amp_dtype, warmup)
+        if execution != 'graphs':
+            _reset_peak_memory(device)
+        with prepared[2]:
+            runs = [_timed_run(prepared[1], iters, device) for _ in range(repeats)]
+        _record(result, runs)
         if device.type == 'cuda':
             result.peak_mem_gib = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    except torch.cuda.OutOfMemoryError:
-        result.error = 'OOM'
     except Exception as err:  # noqa: BLE001  (a failing model is a result of the benchmark, not its end)
-        result.error = f'{type(err).__name__}: {str(err).splitlines()[0][:200]}'
+        result.error = _error(err)
     finally:
-        del model
-        gc.collect()
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
+        del prepared
+        _release(device)
     return result
+
+
+def measure_interleaved(names: List[str], scope: str, mode: str, size: int, batch: int, device: torch.device,
+                        amp_dtype=None, warmup: int = 3, iters: int = 10, execution: str = 'eager',
+                        repeats: int = 3) -> List[Result]:
+    """Time the models of one configuration in turns: all built and warmed up first, then ``repeats`` rounds of one
+    timed run per model. A change of the machine's speed during the measurement (another process, OpenMP threads
+    competing, clocks) then reaches every model alike, not whichever ran at the time: the way to compare models on a
+    shared or small CPU. Peak memory is not reported (the models are in memory together); errors are recorded per
+    model, the others go on."""
+    results = [Result(model=name, scope=scope, mode=mode, size=size, batch=batch, execution=execution,
+                      extra=dict(interleaved=True)) for name in names]
+    prepared, runs = {}, {}
+    try:
+        for index, result in enumerate(results):
+            try:
+                prepared[index] = _prepare(result, device, amp_dtype, warmup)
+                runs[index] = []
+            except Exception as err:  # noqa: BLE001
+                result.error = _error(err)
+        for _ in range(repeats):
+            for index in list(prepared):
+                _, step, autocast = prepared[index]
+                try:
+                    with autocast:
+                        runs[index].append(_timed_run(step, iters, device))
+                except Exception as err:  # noqa: BLE001
+                    results[index].error = _error(err)
+                    del prepared[index]
+        for index in prepared:
+            _record(results[index], runs[index])
+    finally:
+        prepared.clear()
+        _release(device)
+    return results
 
 
 def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[str], scopes: Iterable[str],
                   device: str = 'cuda', amp: Optional[str] = 'bf16', batch: Optional[Dict[int, int]] = None,
                   warmup: int = 3, iters: int = 10, executions: Iterable[str] = ('eager',), repeats: int = 3,
-                  partial_path: Optional[str] = None) -> dict:
+                  partial_path: Optional[str] = None, interleave: bool = False) -> dict:
     """Run every (scope, size, mode, execution, model) combination; returns a JSON-ready dict with environment and
-    results. Models of one configuration run one after the other, so their timings share the device's state.
+    results. Models of one configuration run one after the other, so their timings share the device's state; with
+    ``interleave``, in turns (:func:`measure_interleaved`).
 
     With ``partial_path`` the report so far is rewritten there after every measurement, so a run cut short by a
     time limit still leaves its results.
@@ -267,12 +327,15 @@ def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[s
         for size in sizes:
             for mode in modes:
                 for execution in executions:
-                    for name in models:
-                        res = measure(name, scope, mode, size, batch.get(size, 1), dev, amp_dtype, warmup, iters,
-                                      execution, repeats)
-                        print_log(f'[{scope} {mode} {execution} {size}px b{res.batch}] {name}: '
+                    config = (scope, mode, size, batch.get(size, 1), dev, amp_dtype, warmup, iters, execution,
+                              repeats)
+                    measured = (measure_interleaved(models, *config) if interleave else
+                                (measure(name, *config) for name in models))
+                    for res in measured:
+                        print_log(f'[{scope} {mode} {execution} {size}px b{res.batch}] {res.model}: '
                                   + (res.error or f'{res.img_per_s} img/s, {res.ms_per_iter} ms/iter '
-                                     f'(spread {res.spread}), peak {res.peak_mem_gib} GiB'), logger='current')
+                                     f'(best {res.extra["ms_best"]}, spread {res.spread}), '
+                                     f'peak {res.peak_mem_gib} GiB'), logger='current')
                         results.append(res)
                         if partial_path:
                             Path(partial_path).write_text(json.dumps(dict(

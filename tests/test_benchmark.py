@@ -79,3 +79,36 @@ def test_malformed_batch_option_is_refused():
     run = subprocess.run([sys.executable, str(REPO / 'tools/benchmark.py'), '--device', 'cpu', '--models', 'deit-t',
                           '--sizes', '32', '--batch', '32:1'], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "--batch '32:1': expected SIZE=BATCH" in run.stderr
+
+
+def test_interleaved_models_are_timed_in_turns_and_a_failing_one_does_not_stop_the_others(monkeypatch):
+    """All models are built before any is timed, then each round times every model once; a model that fails to
+    build is reported with its error while the others are timed."""
+    order = []
+    real_timed_run = benchmark._timed_run
+    built = []
+    real_build = benchmark.build_model
+
+    def build(name, scope, size):
+        if name == 'vim-t':
+            raise RuntimeError('no Mamba kernels here')
+        built.append(name)
+        return real_build(name, scope, size)
+
+    def timed_run(step, iters, device):
+        order.append((len(built), step))  # how many models were built by then, and which one runs
+        return real_timed_run(step, iters, device)
+
+    monkeypatch.setattr(benchmark, 'build_model', build)
+    monkeypatch.setattr(benchmark, '_timed_run', timed_run)
+    report = benchmark.run_benchmark(['deit-t', 'vim-t', 'vil-t'], [32], ['infer'], ['backbone'], device='cpu',
+                                     amp=None, batch={32: 1}, warmup=0, iters=1, repeats=3, interleave=True)
+    deit, vim, vil = report['results']
+    assert vim['error'] == 'RuntimeError: no Mamba kernels here' and vim['ms_per_iter'] is None
+    assert built == ['deit-t', 'vil-t'] and [count for count, _ in order] == [2] * 6
+    steps = [step for _, step in order]
+    assert steps[0] is not steps[1] and steps == steps[:2] * 3  # in turns: deit-t, vil-t, deit-t, ...
+    for result in (deit, vil):
+        runs = result['extra']['ms_runs']
+        assert result['error'] is None and len(runs) == 3 and result['extra']['interleaved']
+        assert result['extra']['ms_best'] == min(runs) and result['peak_mem_gib'] is None

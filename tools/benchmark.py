@@ -3,6 +3,8 @@
     python tools/benchmark.py --device cuda --models vil-t deit-t vim-t --sizes 224 512 1024 --out-dir bench/
     python tools/benchmark.py --device cpu --amp none --models vil-t deit-t --sizes 512 --modes infer --batch 512=1
     python tools/benchmark.py --models vil-t deit-t --sizes 224 --modes train --execution eager graphs --repeats 5
+    python tools/benchmark.py --device cpu --amp none --models vil-t deit-t --sizes 512 --modes infer --batch 512=1 \
+        --interleave --repeats 8 --iters 1
 
 ``vil-t@parallel`` selects an mLSTM backend. Writes benchmark.json, benchmark.md (tables and ViL-T/DeiT-T ratios)
 and benchmark.png into --out-dir.
@@ -40,7 +42,11 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--execution', nargs='+', choices=EXECUTIONS, default=['eager'],
                         help='eager, compile (torch.compile of backbone and head), graphs (CUDA-graph replay)')
-    parser.add_argument('--repeats', type=int, default=3, help='timed runs of --iters steps; the median is reported')
+    parser.add_argument('--repeats', type=int, default=3, help='timed runs of --iters steps; the median is reported '
+                        '(and the best, in the JSON and the log)')
+    parser.add_argument('--interleave', action='store_true',
+                        help='time the models of a configuration in turns, one run each per round, all built first '
+                        '(for a shared or small CPU; no peak memory)')
     parser.add_argument('--cpu-allocator', choices=['keep', 'default'], default='keep',
                         help='on CPU, keep freed memory in the process (glibc mallopt) or leave malloc as it is; '
                         'applies to every model of the run (mmseg_vil/utils/cpu_allocator.py)')
@@ -52,7 +58,7 @@ def main() -> None:
     report = run_benchmark(args.models, args.sizes, args.modes, args.scopes, device=args.device,
                            amp=None if args.amp == 'none' else args.amp, batch=parse_batch(args.batch),
                            warmup=args.warmup, iters=args.iters, executions=args.execution,
-                           repeats=args.repeats,
+                           repeats=args.repeats, interleave=args.interleave,
                            partial_path=os.path.join(args.out_dir, 'benchmark.partial.json'))
     report['environment']['cpu_allocator'] = 'freed memory kept (glibc mallopt)' if kept else 'default'
     report['environment']['command'] = 'python tools/benchmark.py ' + ' '.join(
