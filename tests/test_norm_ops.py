@@ -54,6 +54,67 @@ def test_layer_norm_op_registration():
     torch.library.opcheck(norm_ops.ops.layer_norm.op, (x, weight, bias, 1e-5, torch.float64))
 
 
+# A block's residual add fused with the next norm: the two ops' results bit for bit, except bfloat16 under the
+# interpreter (it rounds toward zero where PyTorch rounds to even): within a unit in the last place of the largest
+# element there.
+@needs_kernels
+@pytest.mark.parametrize('dtype,update_dtype,out_dtype', [
+    (torch.float64, torch.float64, torch.float64), (torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16)], ids=str)
+def test_add_layer_norm_is_the_add_then_the_norm(dtype, update_dtype, out_dtype):
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*size, dtype=dtype, scale=1.0, shift=0.0):
+        return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale + shift).to(dtype).to(
+            KERNEL_DEVICE).requires_grad_()
+
+    x, update = leaf(3, 37, 40, scale=3, shift=1), leaf(3, 37, 40, dtype=update_dtype)
+    params = leaf(40, shift=1), leaf(40)
+    ours = norm_ops.add_layer_norm(x, update, *params, 1e-5, out_dtype)
+    summed = x + update
+    expected = summed, norm_ops.layer_norm(summed, *params, 1e-5, out_dtype)
+    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype).to(KERNEL_DEVICE) for t in ours]
+    inputs = [x, update, *params]
+    exact = dtype != torch.bfloat16
+    for got, want in zip([*ours, *torch.autograd.grad(ours, inputs, grads, retain_graph=True)],
+                         [*expected, *torch.autograd.grad(expected, inputs, grads)]):
+        assert got.dtype == want.dtype
+        if exact and got.dtype != torch.bfloat16 or KERNEL_DEVICE == 'cuda':
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())
+    # the norm's output unused: the gradient of the add alone
+    grad_x, grad_update = torch.autograd.grad(ours[0], [x, update], grads[0])
+    assert torch.equal(grad_x, grads[0]) and torch.equal(grad_update, grads[0].to(update_dtype))
+
+
+@needs_kernels
+def test_add_layer_norm_op_registration():
+    x, update = (torch.randn(2, 5, 24, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True) for _ in range(2))
+    weight, bias = (torch.randn(24, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(norm_ops.ops.add_layer_norm.op, (x, update, weight, bias, 1e-5, torch.float64))
+
+
+@needs_kernels
+@pytest.mark.parametrize('with_cp', [False, True])
+def test_backbone_with_residual_adds_in_the_norms_is_the_block_by_block_model(with_cp, monkeypatch):
+    """The backbone leaves each block's residual add to the next norm kernel: outputs and gradients bit for bit those
+    of the blocks run one by one (float64; outputs after blocks 1 and 3 of 4, drop path on)."""
+    from mmseg_vil.models.backbones import vil
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=KERNEL_DEVICE)
+    results = []
+    for defer in (True, False):
+        monkeypatch.setattr(vil, 'fuses_adds', lambda _, defer=defer: defer)
+        torch.manual_seed(0)
+        model = vil.ViL(arch=dict(embed_dims=24, num_layers=4), img_size=32, out_indices=(1, 3), with_cp=with_cp,
+                        drop_path_rate=0.3, mlstm_backend='parallel').to(KERNEL_DEVICE, torch.float64).train()
+        outs = model(x)
+        sum(out.square().sum() for out in outs).backward()
+        results.append([*outs, *(p.grad for p in model.parameters())])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_layer_norm_without_kernels_is_torchs_in_the_compute_dtype():
     x = torch.randn(2, 5, 24)
     weight, bias = torch.randn(24), torch.randn(24)

@@ -5,7 +5,7 @@ An isotropic stack of mLSTM blocks over 16x16 patch tokens; even blocks traverse
 blocks from the bottom-right. ``out_indices`` count mLSTM blocks (24 in the VisionLSTM2 presets, i.e. 12 official
 block pairs). :mod:`.vil_options` translates the official constructor arguments into the arguments here.
 """
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint as cp
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ...registry import register_model
 from ...utils.checkpoint import load_state_dict_strictly, read_state_dict
+from ..layers.norm_ops import fuses_adds
 from ..layers.pos_embed import resample_grid_pos_embed
 from ..layers.vil_block import ViLBlock
 from .isotropic import pad_to_patches, resolve_out_indices
@@ -232,17 +233,27 @@ class ViL(BaseModule):
         x = x + resample_grid_pos_embed(self.pos_embed, grid)
         return x.flatten(1, 2), grid
 
-    def _run_block(self, block: ViLBlock, x: Tensor, grid: Tuple[int, int]) -> Tensor:
-        if self.with_cp and self.training and x.requires_grad:
-            return cp.checkpoint(block, x, grid, use_reentrant=False)
-        return block(x, grid)
+    def _run_block(self, block: Callable, *args) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        if self.with_cp and self.training and args[0].requires_grad:
+            return cp.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def forward_intermediates(self, x: Tensor) -> Tuple[Dict[int, Tensor], Tuple[int, int]]:
-        """Raw tokens after each block in ``out_indices`` (the last one through ``norm`` and ``out_norm`` if set)."""
+        """Raw tokens after each block in ``out_indices`` (the last one through ``norm`` and ``out_norm`` if set).
+
+        Where the norms run as kernels, each block's residual add is left to the next block's norm kernel
+        (:meth:`ViLBlock.forward_update`); the blocks whose outputs are returned add it themselves."""
         x, grid = self.embed(x)
         outs = {}
+        update = None  # the previous block's update, not yet added to x
+        defer_adds = fuses_adds(x)
         for i, block in enumerate(self.layers[:self.out_indices[-1] + 1]):
-            x = self._run_block(block, x, grid)
+            if defer_adds:
+                x, update = self._run_block(block.forward_update, x, update, grid)
+                if i in self.out_indices:
+                    x, update = x + update, None
+            else:
+                x = self._run_block(block, x, grid)
             if i in self.out_indices:
                 outs[i] = self._last_norms(x) if i == self.num_layers - 1 else x
         return outs, grid

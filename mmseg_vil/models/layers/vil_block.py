@@ -5,7 +5,7 @@ effective scale (the official residual-weight norms store ``scale - 1``; the che
 Deliberate deviation: the 2-D depthwise conv reshapes tokens with the true input grid, not the build-time grid.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from .mixer_ops import (conv_qkv, defers_input_biases, gated_output, gated_outpu
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import MLSTM_BACKENDS, chunkwise_inference, mlstm, resolve_backend
 from .mlstm.chunkwise import CHUNK_SIZE
-from .norm_ops import compute_dtype, layer_norm
+from .norm_ops import add_layer_norm, compute_dtype, layer_norm
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -202,7 +202,11 @@ class MLSTMMixer(nn.Module):
 
 
 class ViLBlock(nn.Module):
-    """``x + drop_path(mixer(norm(x)))``; ``reverse`` selects the traversal direction of the mixer."""
+    """``x + drop_path(mixer(norm(x)))``; ``reverse`` selects the traversal direction of the mixer.
+
+    :meth:`forward_update` leaves the residual add to the next block, whose norm kernel adds it as it reads the stream
+    (:func:`~.norm_ops.add_layer_norm`); the backbone chains blocks that way where the norms run as kernels.
+    """
 
     def __init__(self, embed_dims: int, reverse: bool, drop_path: float = 0.0, norm_eps: float = 1e-5,
                  norm_bias: bool = True, **mixer_kwargs) -> None:
@@ -211,12 +215,24 @@ class ViLBlock(nn.Module):
         self.mixer = MLSTMMixer(embed_dims, norm_bias=norm_bias, reverse=reverse, **mixer_kwargs)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
+    def _norm_args(self, x: Tensor) -> tuple:
         # the norm written in the dtype the up-projection runs in (no cast of its output under autocast)
-        normed = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, compute_dtype(x))
+        return self.norm.weight, self.norm.bias, self.norm.eps, compute_dtype(x)
+
+    def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
+        normed = layer_norm(x, *self._norm_args(x))
         if torch.is_grad_enabled() or (self.training and self.drop_path.drop_prob > 0):
             return x + self.drop_path(self.mixer(normed, grid))
         out = self.mixer(normed, grid)
         if out.dtype != x.dtype:  # autocast: a 16-bit mixer output, the residual stream stays in x's dtype
             return x + out
         return out.add_(x)  # inference: the mixer's output is a new tensor; no extra buffer
+
+    def forward_update(self, x: Tensor, update: Optional[Tensor], grid: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+        """The stream ``x + update`` (the previous block's update, None for none) and this block's update
+        ``drop_path(mixer(norm(x + update)))``, not yet added."""
+        if update is None:
+            normed = layer_norm(x, *self._norm_args(x))
+        else:
+            x, normed = add_layer_norm(x, update, *self._norm_args(x))
+        return x, self.drop_path(self.mixer(normed, grid))

@@ -1,6 +1,6 @@
 """The blocks' LayerNorm, written in the dtype of the product it feeds: our Triton kernels on CUDA (or under
 ``TRITON_INTERPRET=1``), PyTorch's LayerNorm elsewhere. Same function and gradients either way."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,33 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _runs_kernels(x: Tensor, out_dtype: torch.dtype) -> bool:
+    return ops is not None and x.dtype in SUPPORTED_DTYPES and out_dtype in SUPPORTED_DTYPES and (
+        x.is_cuda or kernels_interpreted())
+
+
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, out_dtype: torch.dtype) -> Tensor:
     """LayerNorm over the last dim of ``x`` (statistics in float32 or above), returned in ``out_dtype``."""
-    if ops is not None and x.dtype in SUPPORTED_DTYPES and out_dtype in SUPPORTED_DTYPES and (
-            x.is_cuda or kernels_interpreted()):
+    if _runs_kernels(x, out_dtype):
         return ops.layer_norm(x, weight, bias, eps, out_dtype)[0]
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(out_dtype)
 
 
-__all__ = ['compute_dtype', 'layer_norm']
+def fuses_adds(x: Tensor) -> bool:
+    """Whether the norms of ``x`` (in the compute dtype) run as kernels, which also take a residual add
+    (:func:`add_layer_norm`)."""
+    return _runs_kernels(x, compute_dtype(x))
+
+
+def add_layer_norm(x: Tensor, update: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float,
+                   out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``x + update`` and :func:`layer_norm` of it: the same function and gradients as the two ops, one kernel where
+    the norm runs as a kernel and the sum keeps ``x``'s dtype and shape."""
+    if _runs_kernels(x, out_dtype) and update.shape == x.shape and update.device == x.device and (
+            torch.promote_types(x.dtype, update.dtype) == x.dtype):
+        return tuple(ops.add_layer_norm(x, update, weight, bias, eps, out_dtype)[:2])
+    x = x + update
+    return x, layer_norm(x, weight, bias, eps, out_dtype)
+
+
+__all__ = ['add_layer_norm', 'compute_dtype', 'fuses_adds', 'layer_norm']
