@@ -158,9 +158,10 @@ def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: 
         x_mlstm, z = empty(batch, n, 2 * inner).chunk(2, dim=-1)  # as mixer_core reads them: halves of one output
         triton_ops.conv_qkv(x_mlstm, *grid, conv_weight, conv_bias, qkv_weight, biases, gate_weight, gate_bias,
                             False)
-        pre, qkv = triton_ops.conv_pre_qkv(x_mlstm, *grid, conv_weight, conv_bias, qkv_weight, biases, False)
+        projections = triton_ops.Projections.stacked(qkv_weight, biases, gate_weight, gate_bias)
+        pre, qkv = triton_ops.conv_pre_qkv(x_mlstm, *grid, conv_weight, conv_bias, projections, False)
         triton_ops.conv_qkv_backward_into(x, qkv, empty(batch, 2 * heads, n, dtype=torch.float32), x_mlstm, pre, qkv,
-                                          *grid, conv_weight, conv_bias, qkv_weight, gate_weight, False, x_mlstm)
+                                          *grid, conv_weight, conv_bias, projections, False, x_mlstm)
         h = heads_view.transpose(1, 2)
         triton_ops.gated_output(h, x, z, *norm, 1e-5)
         triton_ops.gated_output_backward_into(x, h, pre, z, *norm, 1e-5, h, x, z, x, x_conv_from_pre=True)

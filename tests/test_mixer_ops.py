@@ -300,10 +300,9 @@ def test_mixer_core_op_registration(chunk_size):
     from mmseg_vil.models.layers.mixer_ops.mixer_core import mixer_core
     mixer, _, grid = _mixer_case(reverse=True)
     xz = torch.randn(2, 35, 64, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
-    args = (xz, *grid, mixer.conv.weight, mixer.conv.bias,
-            torch.stack([mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight]),
-            torch.stack([mixer.q_proj.bias, mixer.k_proj.bias, mixer.v_proj.bias]),
-            torch.cat([mixer.igate.weight, mixer.fgate.weight]), torch.cat([mixer.igate.bias, mixer.fgate.bias]),
+    projections = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
+    args = (xz, *grid, mixer.conv.weight, mixer.conv.bias, *(p.weight for p in projections),
+            *(p.bias for p in projections), mixer.igate.weight, mixer.fgate.weight, mixer.igate.bias, mixer.fgate.bias,
             mixer.outnorm.weight, mixer.outnorm.bias, mixer.learnable_skip, mixer.proj_down.weight,
             mixer.proj_down.bias, 2, 1e-5, True, chunk_size)
     torch.library.opcheck(mixer_core.op, args)
@@ -369,7 +368,7 @@ def test_conv_qkv_gate_dots_in_16_bit(dtype, monkeypatch):
     with torch.no_grad():  # gate weights that the data's dtype holds: the interpreter rounds toward zero, CUDA to even
         params[4].copy_(params[4].to(dtype))
     x_conv, qkv, gates = triton_ops.conv_qkv(x, *grid, *params, True)
-    pre, _ = triton_ops.conv_pre_qkv(x, *grid, *params[:4], True, project=False)
+    pre, _ = triton_ops.conv_pre_qkv(x, *grid, *params[:2], None, True)
     inputs64 = [t.detach().double().requires_grad_() for t in (x, *params)]
     x_conv_ref, qkv_ref = reference.conv_qkv(inputs64[0], grid, *inputs64[1:5], True)
     x64, conv_w, conv_b, qkv_w, qkv_b = (t.detach() for t in inputs64[:5])

@@ -154,18 +154,20 @@ class MLSTMMixer(nn.Module):
                 x_mlstm, z = (F.linear(x, weight, bias)
                               for weight, bias in zip(self.proj_up.weight.chunk(2), up_biases))
                 up_biases = (None, None)
-        qkv_weight = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        qkv_bias = (None if self.q_proj.bias is None else
-                    torch.stack([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
-        gate_weight = torch.cat([self.igate.weight, self.fgate.weight])
-        gate_bias = torch.cat([self.igate.bias, self.fgate.bias])
+        projections = (self.q_proj, self.k_proj, self.v_proj)
         backend = resolve_backend(self.mlstm_backend, self._split_heads(x_mlstm))
         has_biases = all(module.bias is not None for module in (self.q_proj, self.outnorm, self.proj_down))
         if xz is not None and use_mixer_core(x_mlstm, self.conv_kind, has_biases, backend):
-            return mixer_core(xz, *grid, self.conv.weight, self.conv.bias, qkv_weight, qkv_bias, gate_weight,
-                              gate_bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
+            # the kernels read the parameters where they are: no stacked copies
+            return mixer_core(xz, *grid, self.conv.weight, self.conv.bias, *(p.weight for p in projections),
+                              *(p.bias for p in projections), self.igate.weight, self.fgate.weight, self.igate.bias,
+                              self.fgate.bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                               self.proj_down.weight, self.proj_down.bias, self.num_heads, self.outnorm.eps,
                               self.reverse, mixer_core_chunk_size(x_mlstm, backend))[0]
+        qkv_weight = torch.stack([p.weight for p in projections])
+        qkv_bias = None if self.q_proj.bias is None else torch.stack([p.bias for p in projections])
+        gate_weight = torch.cat([self.igate.weight, self.fgate.weight])
+        gate_bias = torch.cat([self.igate.bias, self.fgate.bias])
         layout = None
         if xz is None and backend == 'chunkwise' and chunkwise_inference.supports(x_mlstm, self.conv.weight, qkv_weight,
                                                                                    gate_weight):

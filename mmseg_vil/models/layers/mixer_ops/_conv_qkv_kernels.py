@@ -166,12 +166,13 @@ def _block_output(w, o: tl.constexpr, group_ok, a0, a1, a2, a3, TRANSPOSE: tl.co
 
 
 @triton.jit
-def _block_diagonal_tile(src, QKV_W, which, groups, group_ok, chans, TRANSPOSE: tl.constexpr, BLOCK_T: tl.constexpr,
+def _block_diagonal_tile(src, W, groups, group_ok, TRANSPOSE: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_G: tl.constexpr, ACC: tl.constexpr):
-    """Projection ``which`` (0 q, 1 k, 2 v), or its transpose, of a channel-contiguous ``(tokens, 4 * groups)`` tile,
-    same layout out: split into the four channels of each group, 4x4 multiply-adds on registers, joined back."""
+    """The block-diagonal projection of weight ``W`` (``(groups, 4, 4)``), or its transpose, of a channel-contiguous
+    ``(tokens, 4 * groups)`` tile, same layout out: split into the four channels of each group, 4x4 multiply-adds on
+    registers, joined back."""
     a0, a1, a2, a3 = _split_group(src, BLOCK_T, BLOCK_G)
-    w = QKV_W + which * chans * GROUP + groups * (GROUP * GROUP)
+    w = W + groups * (GROUP * GROUP)
     return _join_group(_block_output(w, 0, group_ok, a0, a1, a2, a3, TRANSPOSE, ACC),
                        _block_output(w, 1, group_ok, a0, a1, a2, a3, TRANSPOSE, ACC),
                        _block_output(w, 2, group_ok, a0, a1, a2, a3, TRANSPOSE, ACC),
@@ -206,9 +207,35 @@ def _gate_block(NUM_GATES):
 
 
 @triton.jit
-def _gate_row(GATE_W, gate, which, chan, chans, ACC: tl.constexpr):
-    """Gate ``gate``'s weights on this tile's channels of projection ``which`` (0 q, 1 k, 2 v): ``(channels,)``."""
-    return tl.load(GATE_W + (gate * 3 + which) * chans + chan, mask=chan < chans, other=0.0).to(ACC)
+def _gate_row(IGATE_W, FGATE_W, gate: tl.constexpr, which, chan, chans, INPUT_GATES: tl.constexpr, ACC: tl.constexpr):
+    """Gate ``gate``'s weights on this tile's channels of projection ``which`` (0 q, 1 k, 2 v): ``(channels,)``. The
+    gates are the ``INPUT_GATES`` rows of ``IGATE_W`` (``(INPUT_GATES, 3 E)``), then those of ``FGATE_W``."""
+    if gate < INPUT_GATES:
+        row = IGATE_W + (gate * 3 + which) * chans
+    else:
+        row = FGATE_W + ((gate - INPUT_GATES) * 3 + which) * chans
+    return tl.load(row + chan, mask=chan < chans, other=0.0).to(ACC)
+
+
+@triton.jit
+def _gate_columns(IGATE_W, FGATE_W, which, chan, chans, NUM_GATES: tl.constexpr, INPUT_GATES: tl.constexpr):
+    """Every gate's weights on this tile's channels of projection ``which``: ``(channels, gate block)`` as stored."""
+    gate = tl.arange(0, _gate_block(NUM_GATES))[None, :]
+    chan_ok = chan[:, None] < chans
+    inputs = tl.load(IGATE_W + (gate * 3 + which) * chans + chan[:, None], mask=chan_ok & (gate < INPUT_GATES),
+                     other=0.0)
+    forgets = tl.load(FGATE_W + ((gate - INPUT_GATES) * 3 + which) * chans + chan[:, None],
+                      mask=chan_ok & (gate >= INPUT_GATES) & (gate < NUM_GATES), other=0.0)
+    return inputs + forgets
+
+
+@triton.jit
+def _gate_biases(IGATE_B, FGATE_B, NUM_GATES: tl.constexpr, INPUT_GATES: tl.constexpr, ACC: tl.constexpr):
+    """The gate biases, ``IGATE_B``'s then ``FGATE_B``'s, as a ``(gate block,)`` row."""
+    gate = tl.arange(0, _gate_block(NUM_GATES))
+    return (tl.load(IGATE_B + gate, mask=gate < INPUT_GATES, other=0.0).to(ACC)
+            + tl.load(FGATE_B + gate - INPUT_GATES, mask=(gate >= INPUT_GATES) & (gate < NUM_GATES),
+                      other=0.0).to(ACC))
 
 
 @triton.constexpr_function
@@ -225,46 +252,52 @@ def _dot_precision(DATA):
 
 
 @triton.jit
-def _add_gate_products(gates, out, GATE_W, which, chan, chans, NUM_GATES: tl.constexpr, DATA: tl.constexpr,
-                       ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+def _add_gate_products(gates, out, IGATE_W, FGATE_W, which, chan, chans, NUM_GATES: tl.constexpr,
+                       INPUT_GATES: tl.constexpr, DATA: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_G: tl.constexpr):
     """``gates (tokens, gate block) + out @ gate_weight[:, which's channels]^T``: projection ``which``'s share of the
     gate pre-activations, of its output ``out`` as stored (rounded to ``DATA``) and the gate weights rounded to
     ``DATA``, summed in float32: the official model's numerics under autocast (a linear layer of the stored q | k | v),
     and exact products on tensor cores (``tl.dot``; FMAs where :func:`_gate_dots` is false)."""
     gate = tl.arange(0, _gate_block(NUM_GATES))
     if _gate_dots(ACC, BLOCK_T, BLOCK_G):
-        weights = tl.load(GATE_W + (gate[None, :] * 3 + which) * chans + chan[:, None],
-                          mask=(chan[:, None] < chans) & (gate[None, :] < NUM_GATES), other=0.0)
+        weights = _gate_columns(IGATE_W, FGATE_W, which, chan, chans, NUM_GATES, INPUT_GATES)
         return tl.dot(out, weights.to(DATA).to(ACC), gates, input_precision=_dot_precision(DATA))
     for g in tl.static_range(NUM_GATES):
-        share = tl.sum(out * _gate_row(GATE_W, g, which, chan, chans, ACC).to(DATA).to(ACC)[None, :], axis=1)
+        weights = _gate_row(IGATE_W, FGATE_W, g, which, chan, chans, INPUT_GATES, ACC)
+        share = tl.sum(out * weights.to(DATA).to(ACC)[None, :], axis=1)
         gates += tl.where(gate[None, :] == g, share[:, None], 0.0)
     return gates
 
 
 @triton.jit
-def _project_and_store(src, QKV_W, QKV_B, GATE_W, QKV, gates, which, image, offs_t, groups, group_ok, chan, chans,
-                       ok, NUM_GATES: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_G: tl.constexpr):
-    """Projection ``which`` (0 q, 1 k, 2 v) of ``src`` plus its bias, stored; returns ``gates`` plus its share."""
-    out = _block_diagonal_tile(src, QKV_W, which, groups, group_ok, chans, False, BLOCK_T, BLOCK_G, ACC)
-    out += tl.load(QKV_B + which * chans + chan, mask=chan < chans, other=0.0).to(ACC)[None, :]
+def _project_and_store(src, W, B, IGATE_W, FGATE_W, QKV, gates, which, image, offs_t, groups, group_ok, chan, chans,
+                       ok, NUM_GATES: tl.constexpr, INPUT_GATES: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Projection ``which`` (0 q, 1 k, 2 v; weight ``W``, bias ``B``) of ``src`` plus its bias, stored; returns
+    ``gates`` plus its share."""
+    out = _block_diagonal_tile(src, W, groups, group_ok, False, BLOCK_T, BLOCK_G, ACC)
+    out += tl.load(B + chan, mask=chan < chans, other=0.0).to(ACC)[None, :]
     stored = out.to(QKV.dtype.element_ty)
     tl.store(_tile_ptrs(QKV, image * 3, offs_t, chan, 3 * chans, which * chans), stored, mask=ok)
     if NUM_GATES > 0:
-        gates = _add_gate_products(gates, stored.to(ACC), GATE_W, which, chan, chans, NUM_GATES,
-                                   QKV.dtype.element_ty, ACC, BLOCK_T, BLOCK_G)
+        gates = _add_gate_products(gates, stored.to(ACC), IGATE_W, FGATE_W, which, chan, chans, NUM_GATES,
+                                   INPUT_GATES, QKV.dtype.element_ty, ACC, BLOCK_T, BLOCK_G)
     return gates
 
 
 @triton.jit
-def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_CONV, QKV, GATES, height, width, chans,
-                            x_row, total, KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr,
+def conv_qkv_forward_kernel(X, CONV_W, CONV_B, Q_W, K_W, V_W, Q_B, K_B, V_B, IGATE_W, FGATE_W, IGATE_B, FGATE_B,
+                            X_CONV, QKV, GATES, height, width, chans, x_row, total, KSIZE: tl.constexpr,
+                            REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, INPUT_GATES: tl.constexpr,
                             STORE_PRE: tl.constexpr, PROJECT: tl.constexpr, ACC: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, LOOP_TAPS: tl.constexpr):
     """Grid: (token tiles of the ``total`` tokens of all images, flattened; channel tiles). Writes silu(conv(x)),
     q | k | v, and this channel tile's share of the gate pre-activations, ``GATES[channel tile, image, gate, token]``
-    (the caller sums the shares; tile 0 adds the biases). ``NUM_GATES = 0``: no gates. ``STORE_PRE`` (the backward's
+    (the caller sums the shares; tile 0 adds the biases). Each projection's weight and bias, and the input and forget
+    gates' weights and biases, are separate tensors (the modules' parameters as they are): the first ``INPUT_GATES``
+    gates are those of ``IGATE_W`` and ``IGATE_B``, the rest those of ``FGATE_W`` and ``FGATE_B``. ``NUM_GATES = 0``:
+    no gates. ``STORE_PRE`` (the backward's
     recomputation): X_CONV gets the conv's pre-activation instead, from which the backward kernels recompute
     silu(conv(x)) elementwise; ``PROJECT = False``: no q | k | v either.
 
@@ -290,26 +323,29 @@ def conv_qkv_forward_kernel(X, CONV_W, CONV_B, QKV_W, QKV_B, GATE_W, GATE_B, X_C
     else:
         tl.store(_tile_ptrs(X_CONV, start, local, chan, chans, 0), act.to(X_CONV.dtype.element_ty), mask=ok)
     if PROJECT:
-        _project_all(act, x_ptrs, QKV_W, QKV_B, GATE_W, GATE_B, QKV, GATES, start, local, image, in_image, groups,
-                     group_ok, chan, chans, ok, valid, height, width, total, NUM_GATES, ACC, BLOCK_T, BLOCK_G)
+        _project_all(act, x_ptrs, Q_W, K_W, V_W, Q_B, K_B, V_B, IGATE_W, FGATE_W, IGATE_B, FGATE_B, QKV, GATES, start,
+                     local, image, in_image, groups, group_ok, chan, chans, ok, valid, height, width, total, NUM_GATES,
+                     INPUT_GATES, ACC, BLOCK_T, BLOCK_G)
 
 
 @triton.jit
-def _project_all(act, x_ptrs, QKV_W, QKV_B, GATE_W, GATE_B, QKV, GATES, start, local, image, in_image, groups, group_ok,
-                 chan, chans, ok, valid, height, width, total, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+def _project_all(act, x_ptrs, Q_W, K_W, V_W, Q_B, K_B, V_B, IGATE_W, FGATE_W, IGATE_B, FGATE_B, QKV, GATES, start,
+                 local, image, in_image, groups, group_ok, chan, chans, ok, valid, height, width, total,
+                 NUM_GATES: tl.constexpr, INPUT_GATES: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_G: tl.constexpr):
     """q, k (of ``act``) and v (of x, read again at ``x_ptrs``), stored, and the tile's share of the gates."""
     gate = tl.arange(0, _gate_block(NUM_GATES))
     gates = tl.zeros((BLOCK_T, _gate_block(NUM_GATES)), dtype=ACC)
     if NUM_GATES > 0:  # channel tile 0 adds the biases
-        gates += tl.load(GATE_B + gate, mask=(gate < NUM_GATES) & (tl.program_id(1) == 0), other=0.0).to(ACC)[None, :]
-    gates = _project_and_store(act, QKV_W, QKV_B, GATE_W, QKV, gates, 0, start, local, groups, group_ok, chan,
-                               chans, ok, NUM_GATES, ACC, BLOCK_T, BLOCK_G)
-    gates = _project_and_store(act, QKV_W, QKV_B, GATE_W, QKV, gates, 1, start, local, groups, group_ok, chan,
-                               chans, ok, NUM_GATES, ACC, BLOCK_T, BLOCK_G)
+        biases = _gate_biases(IGATE_B, FGATE_B, NUM_GATES, INPUT_GATES, ACC)
+        gates += tl.where(tl.program_id(1) == 0, biases, 0.0)[None, :]
+    gates = _project_and_store(act, Q_W, Q_B, IGATE_W, FGATE_W, QKV, gates, 0, start, local, groups, group_ok, chan,
+                               chans, ok, NUM_GATES, INPUT_GATES, ACC, BLOCK_T, BLOCK_G)
+    gates = _project_and_store(act, K_W, K_B, IGATE_W, FGATE_W, QKV, gates, 1, start, local, groups, group_ok, chan,
+                               chans, ok, NUM_GATES, INPUT_GATES, ACC, BLOCK_T, BLOCK_G)
     x = tl.load(x_ptrs, mask=ok, other=0.0).to(ACC)
-    gates = _project_and_store(x, QKV_W, QKV_B, GATE_W, QKV, gates, 2, start, local, groups, group_ok, chan,
-                               chans, ok, NUM_GATES, ACC, BLOCK_T, BLOCK_G)  # v projects x
+    gates = _project_and_store(x, V_W, V_B, IGATE_W, FGATE_W, QKV, gates, 2, start, local, groups, group_ok, chan,
+                               chans, ok, NUM_GATES, INPUT_GATES, ACC, BLOCK_T, BLOCK_G)  # v projects x
     if NUM_GATES > 0:
         n_tokens = height * width
         share = tl.program_id(1).to(tl.int64) * NUM_GATES * total
@@ -343,37 +379,38 @@ def _walk_tile(tile, n_tokens, chan, chans, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _gate_share(GRAD_GATES, GATE_W, which, offs_t, chan, chans, stride_gate_b, stride_gate_g, stride_gate_n, n_tokens,
-                NUM_GATES: tl.constexpr, ACC: tl.constexpr):
+def _gate_share(GRAD_GATES, IGATE_W, FGATE_W, which, offs_t, chan, chans, stride_gate_b, stride_gate_g, stride_gate_n,
+                n_tokens, NUM_GATES: tl.constexpr, INPUT_GATES: tl.constexpr, ACC: tl.constexpr):
     """What reached projection ``which`` (0 q, 1 k, 2 v) through the gate pre-activations on a ``(tokens, channels)``
-    tile: ``sum_g grad_gate[g] * GATE_W[g, which's channels]``."""
+    tile: ``sum_g grad_gate[g] * gate_weight[g, which's channels]``."""
     gates = GRAD_GATES + tl.program_id(2).to(tl.int64) * stride_gate_b + offs_t * stride_gate_n
     share = tl.zeros((offs_t.shape[0], chan.shape[0]), dtype=ACC)
     for gate in tl.static_range(NUM_GATES):
         grad_gate = tl.load(gates + gate * stride_gate_g, mask=offs_t < n_tokens, other=0.0).to(ACC)
-        share += grad_gate[:, None] * _gate_row(GATE_W, gate, which, chan, chans, ACC)[None, :]
+        share += grad_gate[:, None] * _gate_row(IGATE_W, FGATE_W, gate, which, chan, chans, INPUT_GATES, ACC)[None, :]
     return share
 
 
 @triton.jit
-def _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, which, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
-              stride_gate_n, n_tokens, NUM_GATES: tl.constexpr, ACC: tl.constexpr):
+def _qkv_grad(GRAD_QKV, GRAD_GATES, IGATE_W, FGATE_W, which, image, offs_t, chan, chans, ok, stride_gate_b,
+              stride_gate_g, stride_gate_n, n_tokens, NUM_GATES: tl.constexpr, INPUT_GATES: tl.constexpr,
+              ACC: tl.constexpr):
     """The gradient of projection ``which`` on a ``(tokens, channels)`` tile: what reached it from the mLSTM
     (GRAD_QKV) plus its gate share."""
     return (_load_tile(GRAD_QKV, image * 3, offs_t, chan, 3 * chans, which * chans, ok, ACC)
-            + _gate_share(GRAD_GATES, GATE_W, which, offs_t, chan, chans, stride_gate_b, stride_gate_g, stride_gate_n,
-                          n_tokens, NUM_GATES, ACC))
+            + _gate_share(GRAD_GATES, IGATE_W, FGATE_W, which, offs_t, chan, chans, stride_gate_b, stride_gate_g,
+                          stride_gate_n, n_tokens, NUM_GATES, INPUT_GATES, ACC))
 
 
 @triton.jit
-def conv_qkv_backward_kernel(PRE, QKV_W, GATE_W, GRAD_X_CONV, GRAD_QKV, GRAD_GATES, GRAD_PRE, PARTIAL, height, width,
-                             chans, stride_gate_b, stride_gate_g, stride_gate_n, KSIZE: tl.constexpr,
-                             NUM_GATES: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                             TILES: tl.constexpr):
+def conv_qkv_backward_kernel(PRE, Q_W, K_W, IGATE_W, FGATE_W, GRAD_X_CONV, GRAD_QKV, GRAD_GATES, GRAD_PRE, PARTIAL,
+                             height, width, chans, stride_gate_b, stride_gate_g, stride_gate_n, KSIZE: tl.constexpr,
+                             NUM_GATES: tl.constexpr, INPUT_GATES: tl.constexpr, ACC: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
     """Launch 1 of the backward (module docstring): grad_pre, and the partial sums of the conv bias and q/k weight
     and bias gradients, from the conv's pre-activation PRE (the forward kernel's ``STORE_PRE``). PARTIAL: one row per
     program (``_walk_setup``), of which launches 2 and 3 write the other columns. The gradients of q and k are
-    GRAD_QKV plus the gates' share, ``GATE_W^T GRAD_GATES``."""
+    GRAD_QKV plus the gates' share, ``gate_weight^T GRAD_GATES``."""
     groups, group_ok, chan, image, part_row = _walk_setup(height, width, chans, KSIZE, NUM_GATES, BLOCK_G)
     n_tokens = height * width
     first_tile, end_tile = _walk_range(n_tokens, BLOCK_T, TILES)
@@ -383,16 +420,16 @@ def conv_qkv_backward_kernel(PRE, QKV_W, GATE_W, GRAD_X_CONV, GRAD_QKV, GRAD_GAT
     wk0, wk1, wk2, wk3 = zero, zero, zero, zero
     for tile in range(first_tile, end_tile):
         offs_t, ok = _walk_tile(tile, n_tokens, chan, chans, BLOCK_T)
-        dq = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 0, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
-                       stride_gate_n, n_tokens, NUM_GATES, ACC)
-        dk = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 1, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
-                       stride_gate_n, n_tokens, NUM_GATES, ACC)
+        dq = _qkv_grad(GRAD_QKV, GRAD_GATES, IGATE_W, FGATE_W, 0, image, offs_t, chan, chans, ok, stride_gate_b,
+                       stride_gate_g, stride_gate_n, n_tokens, NUM_GATES, INPUT_GATES, ACC)
+        dk = _qkv_grad(GRAD_QKV, GRAD_GATES, IGATE_W, FGATE_W, 1, image, offs_t, chan, chans, ok, stride_gate_b,
+                       stride_gate_g, stride_gate_n, n_tokens, NUM_GATES, INPUT_GATES, ACC)
         pre = _load_tile(PRE, image, offs_t, chan, chans, 0, ok, ACC)
         sig = tl.sigmoid(pre)
         act = silu(pre)
         grad_act = (_load_tile(GRAD_X_CONV, image, offs_t, chan, chans, 0, ok, ACC)
-                    + _block_diagonal_tile(dq, QKV_W, 0, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC)
-                    + _block_diagonal_tile(dk, QKV_W, 1, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC))
+                    + _block_diagonal_tile(dq, Q_W, groups, group_ok, True, BLOCK_T, BLOCK_G, ACC)
+                    + _block_diagonal_tile(dk, K_W, groups, group_ok, True, BLOCK_T, BLOCK_G, ACC))
         # Rounded to GRAD_PRE's dtype once: the conv bias, weight and input gradients all see the stored value.
         grad_pre = tl.where(ok, grad_act * sig * (1 + pre * (1 - sig)), 0.0).to(GRAD_PRE.dtype.element_ty)
         tl.store(_tile_ptrs(GRAD_PRE, image, offs_t, chan, chans, 0), grad_pre, mask=ok)
@@ -428,10 +465,11 @@ def _add_at(tiles, index: tl.constexpr, term):
 
 
 @triton.jit
-def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRAD_GATES, GRAD_X, PARTIAL, height,
-                               width, chans, x_row, stride_gate_b, stride_gate_g, stride_gate_n, KSIZE: tl.constexpr,
-                               REVERSE: tl.constexpr, NUM_GATES: tl.constexpr, ACC: tl.constexpr,
-                               BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr):
+def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, V_W, IGATE_W, FGATE_W, GRAD_QKV, GRAD_GATES, GRAD_X, PARTIAL,
+                               height, width, chans, x_row, stride_gate_b, stride_gate_g, stride_gate_n,
+                               KSIZE: tl.constexpr, REVERSE: tl.constexpr, NUM_GATES: tl.constexpr,
+                               INPUT_GATES: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                               BLOCK_G: tl.constexpr, TILES: tl.constexpr):
     """Launch 2 of the backward: dx = transposed depthwise conv of the pre-activation gradient + v's block^T dv, and
     the partial sums of the conv weight and the v weight and bias gradients (columns of launch 1's PARTIAL rows).
 
@@ -454,11 +492,11 @@ def conv_qkv_input_grad_kernel(GRAD_PRE, X, CONV_W, QKV_W, GATE_W, GRAD_QKV, GRA
         valid = offs_t < n_tokens
         grad_pre_ptrs = _tile_ptrs(GRAD_PRE, image, offs_t, chan, chans, 0)
         x = _load_tile(X, x_image, offs_t, chan, x_row, 0, ok, ACC)
-        dv = _qkv_grad(GRAD_QKV, GRAD_GATES, GATE_W, 2, image, offs_t, chan, chans, ok, stride_gate_b, stride_gate_g,
-                       stride_gate_n, n_tokens, NUM_GATES, ACC)
+        dv = _qkv_grad(GRAD_QKV, GRAD_GATES, IGATE_W, FGATE_W, 2, image, offs_t, chan, chans, ok, stride_gate_b,
+                       stride_gate_g, stride_gate_n, n_tokens, NUM_GATES, INPUT_GATES, ACC)
         bias_v += dv
         wv0, wv1, wv2, wv3 = _add_outer(wv0, wv1, wv2, wv3, dv, x, BLOCK_T, BLOCK_G)  # v projects x
-        grad = _block_diagonal_tile(dv, QKV_W, 2, groups, group_ok, chans, True, BLOCK_T, BLOCK_G, ACC)
+        grad = _block_diagonal_tile(dv, V_W, groups, group_ok, True, BLOCK_T, BLOCK_G, ACC)
         for tap_y in tl.static_range(KSIZE):
             for tap_x in tl.static_range(KSIZE):
                 grad_pre = _grad_pre_at(grad_pre_ptrs, row, col, valid, chan_ok, tap_y, tap_x, height, width, chans,

@@ -36,18 +36,29 @@ def _split_heads(qkv: Tensor, heads: int) -> List[Tensor]:
     return [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
 
 
+def _projections(q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor, k_bias: Tensor, v_bias: Tensor,
+                 igate_weight: Tensor, fgate_weight: Tensor, igate_bias: Tensor,
+                 fgate_bias: Tensor) -> triton_ops.Projections:
+    return triton_ops.Projections((q_weight, k_weight, v_weight), (q_bias, k_bias, v_bias),
+                                  (igate_weight, fgate_weight), (igate_bias, fgate_bias))
+
+
 @custom_op('mmseg_vil::mixer_core')
-def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
-               qkv_weight: Tensor, qkv_bias: Tensor, gate_weight: Tensor, gate_bias: Tensor, norm_weight: Tensor,
-               norm_bias: Tensor, skip: Tensor, down_weight: Tensor, down_bias: Tensor, heads: int, norm_eps: float,
-               reverse: bool, chunk_size: int) -> List[Tensor]:
+def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor, q_weight: Tensor,
+               k_weight: Tensor, v_weight: Tensor, q_bias: Tensor, k_bias: Tensor, v_bias: Tensor, igate_weight: Tensor,
+               fgate_weight: Tensor, igate_bias: Tensor, fgate_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+               skip: Tensor, down_weight: Tensor, down_bias: Tensor, heads: int, norm_eps: float, reverse: bool,
+               chunk_size: int) -> List[Tensor]:
     """The mixer's output ``(B, N, D)`` for the up-projection output ``xz = x_mlstm | z (B, N, 2E)``, then what the
     backward keeps: the cell output ``(B, N, NH, DH)``, the gates ``(B, 2 NH, N)`` and the cell's per-step
-    statistics. ``chunk_size``: 0 runs the cell as the quadratic tile kernels (``fused``), else as the chunkwise
-    kernels with chunks of that many steps (``fused_chunkwise``, linear in the tokens)."""
+    statistics. The q/k/v projections' and gates' parameters are the modules' own tensors (block-diagonal ``(E / 4, 4,
+    4)`` weights, ``(NH, 3 E)`` gate weights), read by the kernels where they are. ``chunk_size``: 0 runs the cell as
+    the quadratic tile kernels (``fused``), else as the chunkwise kernels with chunks of that many steps
+    (``fused_chunkwise``, linear in the tokens)."""
     x_mlstm, z = xz.chunk(2, dim=-1)
-    x_conv, qkv, gates = triton_ops.conv_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias,
-                                             gate_weight, gate_bias, reverse)
+    projections = _projections(q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, igate_weight, fgate_weight,
+                               igate_bias, fgate_bias)
+    x_conv, qkv, gates = triton_ops.conv_forward(x_mlstm, height, width, conv_weight, conv_bias, projections, reverse)
     q_k_v, igate_fgate = _split_heads(qkv, heads), gates.chunk(2, dim=1)
     if chunk_size:
         h, *stats = chunkwise_mlstm.forward_kernels(*q_k_v, *igate_fgate, MLSTM_EPS, chunk_size, reverse)
@@ -58,8 +69,9 @@ def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bi
 
 
 @mixer_core.register_fake
-def _(xz, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias, norm_weight,
-      norm_bias, skip, down_weight, down_bias, heads, norm_eps, reverse, chunk_size):
+def _(xz, height, width, conv_weight, conv_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, igate_weight,
+      fgate_weight, igate_bias, fgate_bias, norm_weight, norm_bias, skip, down_weight, down_bias, heads, norm_eps,
+      reverse, chunk_size):
     batch, n, inner = xz.shape[0], xz.shape[1], xz.shape[2] // 2
     q = xz.new_empty(batch, heads, n, inner // heads)
     h, *stats = fused_mlstm.empty_forward_outputs(q)
@@ -68,29 +80,33 @@ def _(xz, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weig
     return [xz.new_empty(batch, n, len(down_weight)), h, triton_ops.empty_gates(xz, 2 * heads), *stats]
 
 
-_NUM_PARAMS = 11  # conv weight and bias, q/k/v weight and bias, gate weight and bias, norm weight and bias, skip,
-# down-projection weight and bias
+_NUM_PARAMS = 17  # conv weight and bias, q, k, v weights and biases, input and forget gate weights and biases, norm
+# weight and bias, skip, down-projection weight and bias
 
 
 @custom_op('mmseg_vil::mixer_core_backward')
-def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, conv_weight: Tensor,
-                        conv_bias: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, gate_weight: Tensor,
-                        gate_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, skip: Tensor, down_weight: Tensor,
+def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
+                        q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor, k_bias: Tensor,
+                        v_bias: Tensor, igate_weight: Tensor, fgate_weight: Tensor, igate_bias: Tensor,
+                        fgate_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, skip: Tensor, down_weight: Tensor,
                         down_bias: Tensor, h: Tensor, gates: Tensor, stats: List[Tensor], heads: int,
                         norm_eps: float, reverse: bool, chunk_size: int) -> List[Tensor]:
     """The gradient of xz, and those of the parameters (in :func:`mixer_core`'s order) flattened into one tensor in
     the accumulator's dtype, from what the forward kept. One tensor: the reductions and products write the
     parameters' gradients straight into its slices, where separate outputs of a custom op would each need a copy."""
     x_mlstm, z = xz.chunk(2, dim=-1)
-    params = (conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias, norm_weight, norm_bias, skip,
-              down_weight, down_bias)
+    projection_params = (q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, igate_weight, fgate_weight, igate_bias,
+                         fgate_bias)
+    conv_params = (conv_weight, conv_bias, *projection_params)
+    params = (*conv_params, norm_weight, norm_bias, skip, down_weight, down_bias)
     flat = xz.new_empty(sum(p.numel() for p in params), dtype=_grad_dtype(xz))
     conv_part, norm_part, down_part = flat.split([sum(p.numel() for p in group)
-                                                  for group in (params[:6], params[6:9], params[9:])])
+                                                  for group in (conv_params, params[-5:-2], params[-2:])])
     grad_xz = torch.empty_like(xz, memory_format=torch.contiguous_format)
     grad_x_mlstm, grad_z = grad_xz.chunk(2, dim=-1)
     # the conv's pre-activation in place of its SiLU: the kernels below recompute the SiLU as they read it
-    pre, qkv = triton_ops.conv_pre_qkv(x_mlstm, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, reverse)
+    projections = _projections(*projection_params)
+    pre, qkv = triton_ops.conv_pre_qkv(x_mlstm, height, width, conv_weight, conv_bias, projections, reverse)
     grad_out = grad_y @ down_weight.to(grad_y.dtype)
     grad_h, grad_x_conv, out = torch.empty_like(h), torch.empty_like(pre), torch.empty_like(pre)
     triton_ops.gated_output_backward_into(grad_out, h, pre, z, norm_weight, norm_bias, skip, norm_eps, grad_h,
@@ -110,7 +126,7 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
         fused_mlstm.backward_into(grad_h, *q_k_v, h, *igate_fgate, stats, MLSTM_EPS, reverse, *grad_q_k_v,
                                   *grad_gates.chunk(2, dim=1))
     triton_ops.conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x_mlstm, pre, qkv, height, width,
-                                      conv_weight, conv_bias, qkv_weight, gate_weight, reverse, grad_x_mlstm, conv_part)
+                                      conv_weight, conv_bias, projections, reverse, grad_x_mlstm, conv_part)
     return [grad_xz, flat]
 
 

@@ -5,7 +5,7 @@ float64 inputs); activations are read and written in the input's dtype.
 """
 import json
 import os
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -109,6 +109,43 @@ def _num_gates(gate_weight: Optional[Tensor]) -> int:
     return 0 if gate_weight is None else len(gate_weight)
 
 
+class Projections(NamedTuple):
+    """The q/k/v projections' and the gates' parameters as the kernels take them: separate tensors, the modules'
+    parameters as they are (no stacked copies per call). Gates: ``gate_weights[0]``'s rows (the input gates') come
+    first, then ``gate_weights[1]``'s."""
+    weights: Sequence[Tensor]  # q, k, v: (E / 4, 4, 4) each
+    biases: Optional[Sequence[Tensor]]  # q, k, v: (E,) each
+    gate_weights: Optional[Sequence[Tensor]] = None  # input gates (G_i, 3 E), forget gates (G_f, 3 E)
+    gate_biases: Optional[Sequence[Tensor]] = None  # (G_i,), (G_f,)
+
+    @classmethod
+    def stacked(cls, qkv_weight: Optional[Tensor], qkv_bias: Optional[Tensor], gate_weight: Optional[Tensor] = None,
+                gate_bias: Optional[Tensor] = None) -> 'Projections':
+        """From a stacked ``(3, E / 4, 4, 4)`` weight, ``(3, E)`` bias and ``(G, 3 E)`` gate weight, ``(G,)`` bias
+        (views, the gates split after ``G // 2`` rows)."""
+        def halves(t: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+            return None if t is None else tuple(t.split([len(t) // 2, len(t) - len(t) // 2]))
+        return cls(None if qkv_weight is None else qkv_weight.unbind(0),
+                   None if qkv_bias is None else qkv_bias.unbind(0), halves(gate_weight), halves(gate_bias))
+
+    @property
+    def num_gates(self) -> int:
+        return 0 if self.gate_weights is None else sum(len(w) for w in self.gate_weights)
+
+    @property
+    def input_gates(self) -> int:
+        return 0 if self.gate_weights is None else len(self.gate_weights[0])
+
+    def kernel_args(self) -> list:
+        """Pointers in the forward kernel's order: q, k, v weights and biases, input and forget gate weights and
+        biases (None where absent)."""
+        weights = [None] * 3 if self.weights is None else [w.contiguous() for w in self.weights]
+        biases = [None] * 3 if self.biases is None else list(self.biases)
+        gates = [None] * 2 if self.gate_weights is None else [w.contiguous() for w in self.gate_weights]
+        gate_biases = [None] * 2 if self.gate_biases is None else list(self.gate_biases)
+        return weights + biases + gates + gate_biases
+
+
 def empty_gates(x: Tensor, num_gates: int) -> Tensor:
     """``(B, G, N)`` gate pre-activations in the accumulator dtype (the mLSTM reads gates in float32 or above)."""
     return torch.empty(len(x), num_gates, x.shape[1], dtype=_accumulator(x.dtype)[0], device=x.device)
@@ -121,37 +158,40 @@ def conv_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias:
     """Triton :func:`~.reference.conv_qkv` for ``x (B, N, E)``, ``N = height * width``, and the gate pre-activations
     ``gate_weight (G, 3 E) @ q | k | v + gate_bias`` as ``(B, G, N)`` in the accumulator dtype (``(B, 0, N)`` without
     gate weights)."""
-    return _conv_forward(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weight, gate_bias,
-                         reverse)
+    return conv_forward(x, height, width, conv_weight, conv_bias,
+                        Projections.stacked(qkv_weight, qkv_bias, gate_weight, gate_bias), reverse)
 
 
-def conv_pre_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor, qkv_weight: Tensor,
-                 qkv_bias: Tensor, reverse: bool, project: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+def conv_pre_qkv(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
+                 projections: Optional[Projections], reverse: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """The backward's recomputation of :func:`conv_qkv` without gates: the conv's pre-activation (rounded to x's
     dtype, as the forward rounds it before the SiLU) in place of its SiLU, from which the backward kernels recompute
-    the SiLU, and q | k | v (``None`` unless ``project``)."""
-    pre, qkv, _ = _conv_forward(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, None, None, reverse,
-                                store_pre=True, project=project)
+    the SiLU, and q | k | v (``None`` without ``projections``)."""
+    if projections is not None:
+        projections = projections._replace(gate_weights=None, gate_biases=None)
+    pre, qkv, _ = conv_forward(x, height, width, conv_weight, conv_bias, projections, reverse, store_pre=True)
     return pre, qkv
 
 
-def _conv_forward(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
-                  qkv_weight: Optional[Tensor], qkv_bias: Optional[Tensor], gate_weight: Optional[Tensor],
-                  gate_bias: Optional[Tensor], reverse: bool, store_pre: bool = False,
-                  project: bool = True) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+def conv_forward(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
+                 projections: Optional[Projections], reverse: bool,
+                 store_pre: bool = False) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """:func:`conv_qkv` with the projections' parameters as separate tensors; ``projections`` None: the conv alone
+    (``store_pre``: its pre-activation instead of its SiLU, :func:`conv_pre_qkv`)."""
+    project = projections is not None
+    projections = projections or Projections(None, None)
     x, x_row = _rows(x)
     x_conv = x.new_empty(x.shape)
     qkv = x.new_empty(*x.shape[:2], 3 * x.shape[2]) if project else None
     (_, channel_tiles, batch), config = _conv_launch(x, CONV_FORWARD)
     grid = (triton.cdiv(batch * x.shape[1], config['BLOCK_T']), channel_tiles)  # tiles of the images' tokens in a row
-    num_gates = _num_gates(gate_weight)
+    num_gates = projections.num_gates
     # (channel tiles, B, G, N): each channel tile's share of the gates
     shares = x.new_empty(channel_tiles, len(x), num_gates, x.shape[1], dtype=_accumulator(x.dtype)[0])
-    contiguous = [None if t is None else t.contiguous() for t in (qkv_weight, qkv_bias, gate_weight)]
     conv_kernels.conv_qkv_forward_kernel[grid](
-        x, conv_weight.contiguous(), conv_bias, contiguous[0], contiguous[1], contiguous[2], gate_bias, x_conv, qkv,
-        shares, height, width, x.shape[2], x_row, batch * x.shape[1], KSIZE=conv_weight.shape[-1], REVERSE=reverse,
-        NUM_GATES=num_gates, STORE_PRE=store_pre, PROJECT=project, **config)
+        x, conv_weight.contiguous(), conv_bias, *projections.kernel_args(), x_conv, qkv, shares, height, width,
+        x.shape[2], x_row, batch * x.shape[1], KSIZE=conv_weight.shape[-1], REVERSE=reverse, NUM_GATES=num_gates,
+        INPUT_GATES=projections.input_gates, STORE_PRE=store_pre, PROJECT=project, **config)
     return x_conv, qkv, shares.sum(0)
 
 
@@ -163,13 +203,15 @@ def _(x, height, width, conv_weight, conv_bias, qkv_weight, qkv_bias, gate_weigh
 
 def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor, x: Tensor, pre: Tensor,
                            qkv: Tensor, height: int, width: int, conv_weight: Tensor, conv_bias: Tensor,
-                           qkv_weight: Tensor, gate_weight: Tensor, reverse: bool, grad_x: Tensor,
+                           projections: Projections, reverse: bool, grad_x: Tensor,
                            param_grads: Optional[Tensor] = None) -> List[Tensor]:
     """The gradient of ``x`` written into ``grad_x`` (same strides as ``x``, e.g. halves of the up-projection's
-    output and of its gradient); returns those of the conv weight and bias, q/k/v weight and bias, gate weight and
-    bias as views of one flat buffer in the accumulator's dtype: ``param_grads`` if given (e.g. a slice of the
-    caller's buffer for all its parameters), in that order. ``grad_gates (B, G, N)`` of any strides, ``pre`` the
-    conv's pre-activation (:func:`conv_pre_qkv`), ``qkv`` the forward's q | k | v (for the gate weight's gradient).
+    output and of its gradient); returns those of the conv weight and bias, q/k/v weight and bias (stacked ``(3, E /
+    4, 4, 4)`` and ``(3, E)``), gate weight and bias (``(G, 3 E)``, ``(G,)``: input gates first) as views of one flat
+    buffer in the accumulator's dtype: ``param_grads`` if given (e.g. a slice of the caller's buffer for all its
+    parameters), in that order. ``grad_gates (B, G, N)`` of any strides, ``pre`` the conv's pre-activation
+    (:func:`conv_pre_qkv`), ``qkv`` the forward's q | k | v (for the gate weight's gradient); ``projections``' biases
+    are not read.
     """
     x, x_row = _rows(x)
     if grad_x.stride() != x.stride():
@@ -180,23 +222,25 @@ def conv_qkv_backward_into(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Te
     gather_grid, gather_config = _conv_launch(x, CONV_INPUT_GRAD, tokens_per_program)
     acc_dtype = _accumulator(x.dtype)[0]
     grad_pre = x.new_empty(x.shape)  # in the activations' dtype, as autograd of the official conv has it
-    shapes = [conv_weight.shape, conv_bias.shape, qkv_weight.shape, (3, chans), gate_weight.shape, (len(gate_weight),)]
+    num_gates = projections.num_gates
+    shapes = [conv_weight.shape, conv_bias.shape, (3, *projections.weights[0].shape), (3, chans),
+              (num_gates, 3 * chans), (num_gates,)]
     flat, views = _flat_grads(shapes, acc_dtype, x.device, param_grads)
     # One partial row per (token range, image), the same tokens per program (grid[0]) in all three launches, with the
     # columns of the flat gradient buffer: one sum over the rows gives every gradient.
     partial = torch.empty(grid[0] * grid[2], flat.numel(), dtype=acc_dtype, device=x.device)
-    conv_weight, qkv_weight, gate_weight = conv_weight.contiguous(), qkv_weight.contiguous(), gate_weight.contiguous()
-    grad_qkv, qkv = grad_qkv.contiguous(), qkv.contiguous()
-    gates = dict(NUM_GATES=len(gate_weight), KSIZE=ksize, REVERSE=reverse)
+    q_weight, k_weight, v_weight, *_, igate_weight, fgate_weight, _, _ = projections.kernel_args()
+    conv_weight, grad_qkv, qkv = conv_weight.contiguous(), grad_qkv.contiguous(), qkv.contiguous()
+    gates = dict(NUM_GATES=num_gates, INPUT_GATES=projections.input_gates, KSIZE=ksize)
     conv_kernels.conv_qkv_backward_kernel[grid](
-        pre.contiguous(), qkv_weight, gate_weight, grad_x_conv.contiguous(), grad_qkv, grad_gates, grad_pre, partial,
-        height, width, chans, *grad_gates.stride(), NUM_GATES=len(gate_weight), KSIZE=ksize, **config)
+        pre.contiguous(), q_weight, k_weight, igate_weight, fgate_weight, grad_x_conv.contiguous(), grad_qkv,
+        grad_gates, grad_pre, partial, height, width, chans, *grad_gates.stride(), **gates, **config)
     conv_kernels.conv_qkv_input_grad_kernel[gather_grid](
-        grad_pre, x, conv_weight, qkv_weight, gate_weight, grad_qkv, grad_gates, grad_x, partial, height, width,
-        chans, x_row, *grad_gates.stride(), **gates, **gather_config)
+        grad_pre, x, conv_weight, v_weight, igate_weight, fgate_weight, grad_qkv, grad_gates, grad_x, partial, height,
+        width, chans, x_row, *grad_gates.stride(), **gates, REVERSE=reverse, **gather_config)
     # launch 1's tiles and warps (its grid, its partial rows), but not its register cap: launch 3 is a small kernel
     conv_kernels.conv_qkv_gate_grad_kernel[grid](
-        qkv, grad_gates, partial, height, width, chans, *grad_gates.stride(), NUM_GATES=len(gate_weight), KSIZE=ksize,
+        qkv, grad_gates, partial, height, width, chans, *grad_gates.stride(), NUM_GATES=num_gates, KSIZE=ksize,
         **{k: v for k, v in config.items() if k != 'maxnreg'})
     column_sums(partial, out=flat)
     return views
@@ -223,9 +267,9 @@ def conv_qkv_backward(grad_x_conv: Tensor, grad_qkv: Tensor, grad_gates: Tensor,
     (:func:`conv_qkv_backward_into` with a fresh gradient of x)."""
     x = x.contiguous()
     grad_x = torch.empty_like(x)
-    pre, _ = conv_pre_qkv(x, height, width, conv_weight, conv_bias, None, None, reverse, project=False)
+    pre, _ = conv_pre_qkv(x, height, width, conv_weight, conv_bias, None, reverse)
     grads = conv_qkv_backward_into(grad_x_conv, grad_qkv, grad_gates, x, pre, qkv, height, width, conv_weight,
-                                   conv_bias, qkv_weight, gate_weight, reverse, grad_x)
+                                   conv_bias, Projections.stacked(qkv_weight, None, gate_weight), reverse, grad_x)
     qkv_bias_like = conv_bias.new_empty(3, x.shape[2])
     return [grad_x, *owned_grads(grads, [conv_weight, conv_bias, qkv_weight, qkv_bias_like, gate_weight,
                                          gate_weight])]
