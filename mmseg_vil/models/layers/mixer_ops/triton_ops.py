@@ -187,12 +187,13 @@ def conv_forward(x: Tensor, height: int, width: int, conv_weight: Tensor, conv_b
     grid = (triton.cdiv(batch * x.shape[1], config['BLOCK_T']), channel_tiles)  # tiles of the images' tokens in a row
     num_gates = projections.num_gates
     # (channel tiles, B, G, N): each channel tile's share of the gates
-    shares = x.new_empty(channel_tiles, len(x), num_gates, x.shape[1], dtype=_accumulator(x.dtype)[0])
+    shares = x.new_empty(channel_tiles if num_gates else 1, len(x), num_gates, x.shape[1],
+                         dtype=_accumulator(x.dtype)[0])
     conv_kernels.conv_qkv_forward_kernel[grid](
         x, conv_weight.contiguous(), conv_bias, *projections.kernel_args(), x_conv, qkv, shares, height, width,
         x.shape[2], x_row, batch * x.shape[1], KSIZE=conv_weight.shape[-1], REVERSE=reverse, NUM_GATES=num_gates,
         INPUT_GATES=projections.input_gates, STORE_PRE=store_pre, PROJECT=project, **config)
-    return x_conv, qkv, shares.sum(0)
+    return x_conv, qkv, shares.sum(0) if num_gates else shares[0]  # no gates (the recomputation): nothing to sum
 
 
 @conv_qkv.register_fake
