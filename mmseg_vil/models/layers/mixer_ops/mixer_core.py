@@ -50,8 +50,8 @@ def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bi
                skip: Tensor, down_weight: Tensor, down_bias: Tensor, heads: int, norm_eps: float, reverse: bool,
                chunk_size: int) -> List[Tensor]:
     """The mixer's output ``(B, N, D)`` for the up-projection output ``xz = x_mlstm | z (B, N, 2E)``, then what the
-    backward keeps: the cell output ``(B, N, NH, DH)``, the gates ``(B, 2 NH, N)`` and the cell's per-step
-    statistics. The q/k/v projections' and gates' parameters are the modules' own tensors (block-diagonal ``(E / 4, 4,
+    backward keeps: the down-projection's weight in the activations' dtype (cast once per step, not again in the
+    backward), the cell output ``(B, N, NH, DH)``, the gates ``(B, 2 NH, N)`` and the cell's per-step statistics. The q/k/v projections' and gates' parameters are the modules' own tensors (block-diagonal ``(E / 4, 4,
     4)`` weights, ``(NH, 3 E)`` gate weights), read by the kernels where they are. ``chunk_size``: 0 runs the cell as
     the quadratic tile kernels (``fused``), else as the chunkwise kernels with chunks of that many steps
     (``fused_chunkwise``, linear in the tokens)."""
@@ -65,7 +65,8 @@ def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bi
     else:
         h, *stats = fused_mlstm.fused_forward(*q_k_v, *igate_fgate, MLSTM_EPS, reverse)
     out = triton_ops.gated_output(h, x_conv, z, norm_weight, norm_bias, skip, norm_eps)
-    return [F.linear(out, down_weight.to(out.dtype), down_bias.to(out.dtype)), h, gates, *stats]
+    down_cast = down_weight.to(out.dtype, copy=True)  # a copy also in float32: an output may not alias an input
+    return [F.linear(out, down_cast, down_bias.to(out.dtype)), down_cast, h, gates, *stats]
 
 
 @mixer_core.register_fake
@@ -77,7 +78,8 @@ def _(xz, height, width, conv_weight, conv_bias, q_weight, k_weight, v_weight, q
     h, *stats = fused_mlstm.empty_forward_outputs(q)
     if chunk_size:  # the chunkwise kernels keep the row sums and the chunk states
         stats = chunkwise_mlstm.empty_stats(q, chunk_size)
-    return [xz.new_empty(batch, n, len(down_weight)), h, triton_ops.empty_gates(xz, 2 * heads), *stats]
+    return [xz.new_empty(batch, n, len(down_weight)), down_weight.to(xz.dtype, copy=True), h,
+            triton_ops.empty_gates(xz, 2 * heads), *stats]
 
 
 _NUM_PARAMS = 17  # conv weight and bias, q, k, v weights and biases, input and forget gate weights and biases, norm
@@ -89,8 +91,8 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
                         q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor, k_bias: Tensor,
                         v_bias: Tensor, igate_weight: Tensor, fgate_weight: Tensor, igate_bias: Tensor,
                         fgate_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, skip: Tensor, down_weight: Tensor,
-                        down_bias: Tensor, h: Tensor, gates: Tensor, stats: List[Tensor], heads: int,
-                        norm_eps: float, reverse: bool, chunk_size: int) -> List[Tensor]:
+                        down_bias: Tensor, down_cast: Tensor, h: Tensor, gates: Tensor, stats: List[Tensor],
+                        heads: int, norm_eps: float, reverse: bool, chunk_size: int) -> List[Tensor]:
     """The gradient of xz, and those of the parameters (in :func:`mixer_core`'s order) flattened into one tensor in
     the accumulator's dtype, from what the forward kept. One tensor: the reductions and products write the
     parameters' gradients straight into its slices, where separate outputs of a custom op would each need a copy."""
@@ -107,7 +109,7 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
     # the conv's pre-activation in place of its SiLU: the kernels below recompute the SiLU as they read it
     projections = _projections(*projection_params)
     pre, qkv = triton_ops.conv_pre_qkv(x_mlstm, height, width, conv_weight, conv_bias, projections, reverse)
-    grad_out = grad_y @ down_weight.to(grad_y.dtype)
+    grad_out = grad_y @ down_cast
     grad_h, grad_x_conv, out = torch.empty_like(h), torch.empty_like(pre), torch.empty_like(pre)
     triton_ops.gated_output_backward_into(grad_out, h, pre, z, norm_weight, norm_bias, skip, norm_eps, grad_h,
                                           grad_x_conv, grad_z, out, norm_part, x_conv_from_pre=True)
@@ -151,11 +153,11 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grads):
     grad_y = grads[0]  # the other outputs are kept for the backward, not differentiated
     xz, *rest = ctx.saved_tensors
-    params, (h, gates, *stats) = rest[:_NUM_PARAMS], rest[_NUM_PARAMS:]
+    params, (down_cast, h, gates, *stats) = rest[:_NUM_PARAMS], rest[_NUM_PARAMS:]
     height, width, *options = ctx.options
     if grad_y is None:
         grad_y = torch.zeros(*xz.shape[:2], len(params[-2]), dtype=xz.dtype, device=xz.device)
-    grad_xz, flat = mixer_core_backward(grad_y, xz, height, width, *params, h, gates, stats, *options)
+    grad_xz, flat = mixer_core_backward(grad_y, xz, height, width, *params, down_cast, h, gates, stats, *options)
     param_grads = (g.view(p.shape).to(p.dtype) for g, p in zip(flat.split([p.numel() for p in params]), params))
     return grad_xz, None, None, *param_grads, *(None for _ in options)
 
