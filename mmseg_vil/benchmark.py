@@ -317,11 +317,11 @@ def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[s
     With ``partial_path`` the report so far is rewritten there after every measurement, so a run cut short by a
     time limit still leaves its results.
     """
+    models, sizes = list(models), list(sizes)
+    check_options(models, sizes, batch or {}, warmup, iters, repeats, device)
     dev = torch.device(device)
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None, 'none': None}[amp]
     batch = {**DEFAULT_BATCH, **(batch or {})}
-    models, sizes = list(models), list(sizes)
-    check_options(models, sizes, batch, warmup, iters, repeats, dev)
     results: List[Result] = []
     for scope in scopes:
         for size in sizes:
@@ -343,11 +343,12 @@ def run_benchmark(models: Iterable[str], sizes: Iterable[int], modes: Iterable[s
     return dict(environment=environment(dev, amp), results=[asdict(r) for r in results])
 
 
-def check_options(models: List[str], sizes: Iterable[int], batch: Dict[int, int], warmup: int, iters: int,
-                  repeats: int, device: torch.device) -> None:
+def check_options(models: List[str], sizes: List[int], batch: Dict[int, int], warmup: int, iters: int,
+                  repeats: int, device: str) -> None:
     """Refuse, before any model is built, what would give no result or a meaningless one: unknown models or mLSTM
-    backends, sizes, batches, iterations or repeats below 1 (a batch of 0 times empty steps: 0 img/s), a negative
-    warm-up, a CUDA device where CUDA is missing."""
+    backends, sizes, batches, iterations or repeats below 1 (a batch of 0 times empty steps: 0 img/s), a batch for a
+    size that is not measured (a mistyped size would leave its default batch in the results), a negative warm-up, a
+    device name that is none, a CUDA device where CUDA is missing. ``batch`` holds the overrides of DEFAULT_BATCH."""
     for name in models:
         base, backend = split_model_name(name)
         if backend is not None and BACKBONES[base]['type'] != 'ViL':
@@ -358,9 +359,16 @@ def check_options(models: List[str], sizes: Iterable[int], batch: Dict[int, int]
         bad = [v for v in values if v < 1]
         if bad:
             raise ValueError(f'{what} must be at least 1, got {bad}')
+    unmeasured = sorted(set(batch) - set(sizes))
+    if unmeasured:
+        raise ValueError(f'batch given for size {unmeasured}, which is not among the sizes {sizes}')
     if warmup < 0:
         raise ValueError(f'warmup must be at least 0, got {warmup}')
-    if device.type == 'cuda' and not torch.cuda.is_available():
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f'device {device!r} is not a device name such as cpu, cuda, cuda:1') from error
+    if device_type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {device} asked for, but CUDA is not available here; use --device cpu')
 
 

@@ -6,7 +6,10 @@ models with nothing else installed. Everything the pre- and post-processing need
 (:mod:`.metadata`), written at export time from the model's config and checkpoint. The package itself imports no
 ONNX Runtime, so its file handling (:mod:`.files`) can serve PyTorch inference as well.
 """
-from .files import IMAGE_EXTENSIONS, InferenceSummary, collect_images, overlay
+from .files import IMAGE_EXTENSIONS, InferenceSummary, check_inputs_outside_results, collect_images, overlay
 from .metadata import ResizeSpec, SegmentorMetadata
 
-__all__ = ['IMAGE_EXTENSIONS', 'InferenceSummary', 'ResizeSpec', 'SegmentorMetadata', 'collect_images', 'overlay']
+__all__ = [
+    'IMAGE_EXTENSIONS', 'InferenceSummary', 'ResizeSpec', 'SegmentorMetadata', 'check_inputs_outside_results',
+    'collect_images', 'overlay'
+]

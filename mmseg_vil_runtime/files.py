@@ -39,13 +39,16 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
     """Expand image files, folders (recursively, image extensions only) and glob patterns into a sorted path list.
 
     An explicitly named file is kept whatever its extension or content, so that a bad file is reported rather than
-    silently ignored.
+    silently ignored; a folder without images is an error, as is a glob that matches nothing.
     """
     paths = []
     for item in inputs:
         if osp.isdir(item):
-            for folder, _, names in os.walk(item):
-                paths += [osp.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+            found = [osp.join(folder, n) for folder, _, names in os.walk(item)
+                     for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+            if not found:
+                raise FileNotFoundError(f'{item!r} is a folder without images ({", ".join(IMAGE_EXTENSIONS)})')
+            paths += found
         elif osp.isfile(item):
             paths.append(item)
         else:
@@ -54,6 +57,17 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
                 raise FileNotFoundError(f'{item!r} is neither a file, a folder nor a glob matching any file')
             paths += matches
     return sorted(set(osp.normpath(p) for p in paths))
+
+
+def check_inputs_outside_results(paths: Sequence[str], out_dir: str) -> None:
+    """Refuse inputs inside ``out_dir``'s ``pred``/``vis`` folders: a result written there could replace an input, and
+    an earlier run's results would be segmented again as inputs (when ``out_dir`` is an input folder)."""
+    result_dirs = [osp.abspath(osp.join(out_dir, name)) for name in ('pred', 'vis')]
+    for path in paths:
+        for folder in result_dirs:
+            if osp.commonpath([osp.abspath(path), folder]) == folder:
+                raise ValueError(f'input {path} is inside {folder}, where the results are written (an earlier '
+                                 'run\'s?): write them to another out dir, or leave that folder out of the inputs')
 
 
 def read_image(path: str) -> Tuple[Optional[np.ndarray], Optional[str]]:

@@ -6,7 +6,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .files import InferenceSummary, output_paths, overlay, read_image, write_image
+from .files import InferenceSummary, check_inputs_outside_results, output_paths, overlay, read_image, write_image
 from .metadata import SegmentorMetadata
 from .transforms import normalise, resize_image, resize_logits, slide_windows
 
@@ -26,7 +26,11 @@ class OnnxSegmentor:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only: the optimiser's notes about unfoldable nodes are noise here
-        self.session = ort.InferenceSession(model_path, options, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(model_path, options, providers=list(providers))
+        except Exception as error:  # noqa: BLE001  (ONNX Runtime raises its own types)
+            raise ValueError(f'{model_path} cannot be loaded by ONNX Runtime ({error}); pass the .onnx file written '
+                             'by export_onnx.py') from error
         self.meta = SegmentorMetadata.from_properties(self.session.get_modelmeta().custom_metadata_map, model_path)
         self.input_name = self.session.get_inputs()[0].name
         self.palette = np.asarray(self.meta.palette, np.uint8)
@@ -88,6 +92,7 @@ def segment_files(segment: Callable[[np.ndarray], np.ndarray], paths: Sequence[s
     """Write ``segment``'s mask and overlay of every image (layout of :mod:`.files`); record failures and go on."""
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f'opacity must be in [0, 1], got {opacity}')
+    check_inputs_outside_results(paths, out_dir)
     summary = InferenceSummary()
     if not paths:
         return summary

@@ -1,5 +1,6 @@
 """The benchmark harness: repeats with median and spread, every execution mode honoured for every scope, failures
 reported instead of dropped."""
+import runpy
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def test_compile_reaches_the_parts_each_scope_runs(scope, monkeypatch):
     (dict(iters=0), r'iters must be at least 1'),
     (dict(repeats=0), r'repeats must be at least 1'),
     (dict(warmup=-1), r'warmup must be at least 0'),
+    (dict(batch={64: 2}), r'batch given for size \[64\], which is not among the sizes \[32\]'),
+    (dict(device='gpu'), r"device 'gpu' is not a device name"),
 ])
 def test_bad_options_are_refused_before_any_model_is_built(options, match, monkeypatch):
     """A batch of 0 used to time empty steps and report 0 img/s; an unknown backend failed each model in turn."""
@@ -73,6 +76,18 @@ def test_bad_options_are_refused_before_any_model_is_built(options, match, monke
 def test_cuda_device_without_cuda_is_refused():
     with pytest.raises(ValueError, match='CUDA is not available here; use --device cpu'):
         benchmark.run_benchmark(['deit-t'], [32], ['infer'], ['backbone'], device='cuda', amp=None, batch={32: 1})
+
+
+def test_cli_refuses_bad_options_in_one_line_before_writing(tmp_path, monkeypatch, capsys):
+    """The library's refusals used to reach the user as tracebacks, after --out-dir had been created."""
+    script = str(REPO / 'tools/benchmark.py')
+    monkeypatch.setattr(sys, 'argv', [script, '--device', 'cpu', '--models', 'deit-t', '--sizes', '32', '--batch',
+                                      '64=2', '--out-dir', str(tmp_path / 'out')])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(script, run_name='__main__')
+    assert exit_info.value.code == 2
+    assert 'error: batch given for size [64], which is not among the sizes [32]' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
 
 
 def test_malformed_batch_option_is_refused():

@@ -8,6 +8,7 @@ stayed random. The models are the tiny ViL UperNet of the end-to-end tests and t
 import logging
 import os
 import os.path as osp
+import runpy
 import sys
 
 import pytest
@@ -19,7 +20,8 @@ from mmengine.logging import MMLogger
 from mmseg_vil.apis import ModelSpec, compare, init_segmentor
 from mmseg_vil.engine import load_config, run_test
 from mmseg_vil.engine.cli import train_main
-from mmseg_vil.utils.checkpoint import CheckpointMismatchError, load_state_dict_strictly
+from mmseg_vil.utils.checkpoint import (CheckpointMismatchError, load_state_dict_strictly, read_checkpoint,
+                                       read_conversion_source, read_state_dict)
 
 DEIT_CONFIG = osp.join(ROOT, 'configs', 'demo', 'deit_demo.py')
 
@@ -148,3 +150,47 @@ def test_compile_option_compiles_the_inference_model(files):
     assert 'compile' not in config
     eager = init_segmentor(config, files['good'], device='cpu')
     assert eager.backbone._compiled_call_impl is None
+
+
+@pytest.mark.parametrize('content', [b'hello', b'\x80\x02}q\x00(X\x01\x00\x00\x00a', os.urandom(64)])
+def test_file_that_is_no_checkpoint_is_named(tmp_path, content):
+    """Other bytes used to escape the unpickler as a bare KeyError or IndexError traceback."""
+    path = tmp_path / 'notes.pth'
+    path.write_bytes(content)
+    with pytest.raises(CheckpointMismatchError, match=f'{path} is not a readable weights-only PyTorch checkpoint'):
+        read_checkpoint(str(path))
+
+
+def test_test_and_train_read_the_checkpoint_before_building(files, tmp_path, monkeypatch):
+    not_a_checkpoint = tmp_path / 'notes.pth'
+    not_a_checkpoint.write_text('hello')
+    monkeypatch.setattr('mmseg_vil.engine.entrypoints.build_runner', lambda cfg: pytest.fail('a Runner was built'))
+    cfg = load_config(TINY_CONFIG, str(tmp_path / 'test'))
+    with pytest.raises(CheckpointMismatchError, match='notes.pth is not a readable'):
+        run_test(cfg, str(not_a_checkpoint))
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([TINY_CONFIG, '--work-dir', str(tmp_path / 'train'), '--load-from', str(not_a_checkpoint)])
+    assert ': error: ' in exit_info.value.code and 'notes.pth is not a readable' in exit_info.value.code
+
+
+def test_converters_replace_no_file(files, tmp_path):
+    source = files['backbone']
+    with pytest.raises(ValueError, match='missing.pth: no such checkpoint file'):
+        read_conversion_source(str(tmp_path / 'missing.pth'), str(tmp_path / 'out.pth'))
+    with pytest.raises(ValueError, match='is the source checkpoint: the converter writes a new file'):
+        read_conversion_source(source, source)
+    config = tmp_path / 'config.py'
+    config.write_text('model = dict()')
+    with pytest.raises(ValueError, match='config.py exists: the converter writes a new file'):
+        read_conversion_source(source, str(config))
+    assert config.read_text() == 'model = dict()'
+    assert read_conversion_source(source, str(tmp_path / 'out.pth')).keys() == read_state_dict(source).keys()
+
+
+def test_converter_tool_names_a_refused_source(files, tmp_path, monkeypatch, capsys):
+    converter = osp.join(ROOT, 'tools', 'model_converters', 'vil2mmpretrain.py')
+    monkeypatch.setattr(sys, 'argv', [converter, files['backbone'], str(tmp_path / 'out.pth')])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(converter, run_name='__main__')
+    assert exit_info.value.code == 2  # argparse's usage error, not a traceback
+    assert 'vil2mmpretrain.py: error: ' in capsys.readouterr().err and not osp.exists(tmp_path / 'out.pth')

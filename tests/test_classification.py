@@ -189,3 +189,13 @@ def test_classify_tool_refuses_bad_options_and_checkpoints(trained, monkeypatch,
     torch.save({'state_dict': {'backbone.layer1.0.conv1.weight': torch.zeros(1)}}, not_vil)
     message = _classify(monkeypatch, config, not_vil, image)
     assert 'Not a Vision-LSTM checkpoint' in message and 'a ViL classifier config needs a ViL checkpoint' in message
+
+
+def test_classify_tool_names_a_segmentation_config(monkeypatch, capsys, tmp_path):
+    """MMPretrain used to answer it with a registry KeyError traceback ('EncoderDecoder is not in ...')."""
+    segmentation = ROOT / 'tests' / 'configs' / 'upernet_vil-tiny_synthetic-64x64.py'
+    image = tmp_path / 'a.png'
+    image.write_bytes(b'')
+    assert _classify(monkeypatch, segmentation, 'model.pth', image) == 2
+    assert (f'config {segmentation} is a segmentation config (its model has no head), where a classification config '
+            'is needed') in capsys.readouterr().err

@@ -28,6 +28,7 @@ from mmseg_vil.apis.compare import ModelSpec, compare, render_markdown
 from mmseg_vil.apis.complexity import build_inference_model, count_flops, count_parameters
 from mmseg_vil.engine import load_config, run_train
 from mmseg_vil.models.backbones import ViL
+from mmseg_vil.utils.config import ConfigError
 
 COMPARE = osp.join(ROOT, 'tools', 'compare.py')
 COLUMNS = '| model | backbone | params (M) | backbone params (M) | GFLOPs @64x64 | mIoU | aAcc | img/s |'
@@ -204,6 +205,26 @@ def test_cli_writes_table_json_and_chart(trained, tmp_path, monkeypatch, capsys)
         assert entry['flops_shape'] == [64, 64]
     chart = cv2.imread(str(out_dir / 'comparison.png'))
     assert chart is not None and chart.shape[0] > 100 and chart.shape[1] > 400
+
+
+@pytest.mark.parametrize('options, message', [
+    (['--shape', '0', '0'], '--shape must be at least 1, got 0'),
+    (['--out-dir', TINY_CONFIG], f'--out-dir {TINY_CONFIG} is a file, not a folder'),
+])
+def test_cli_refuses_bad_options_before_evaluating(options, message, monkeypatch, capsys):
+    """Both used to end in a traceback only after every model had been evaluated."""
+    monkeypatch.setattr(sys.modules['mmseg_vil.apis.compare'], 'compare', lambda *args, **kwargs: pytest.fail('ran'))
+    monkeypatch.setattr(sys, 'argv', [COMPARE, '--eval', TINY_CONFIG, 'model.pth', '--device', 'cpu', *options])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(COMPARE, run_name='__main__')
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_config_of_another_kind_is_named_before_any_model_loads(tmp_path):
+    checkpoint = tmp_path / 'model.pth'
+    torch.save({}, checkpoint)
+    with pytest.raises(ConfigError, match=f'config {checkpoint}: not a config file'):
+        compare([ModelSpec('swapped', config=str(checkpoint), checkpoint=TINY_CONFIG)], device='cpu')
 
 
 def test_model_spec_needs_one_source():

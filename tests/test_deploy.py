@@ -171,6 +171,26 @@ def test_foreign_onnx_file_is_refused(tmp_path):
         OnnxSegmentor(path)
 
 
+def test_file_that_is_no_onnx_model_is_named(tmp_path):
+    """ONNX Runtime's InvalidProtobuf used to end tools/deploy/infer_onnx.py with a traceback."""
+    path = tmp_path / 'model.pth'
+    torch.save({}, path)
+    with pytest.raises(ValueError, match=f'{path} cannot be loaded by ONNX Runtime .*; pass the .onnx file written'):
+        OnnxSegmentor(str(path))
+
+
+@pytest.mark.parametrize('out', ['config', 'folder'])
+def test_output_that_is_no_onnx_file_name_is_refused_before_tracing(out, tmp_path, monkeypatch):
+    """Naming the config as the output used to replace it with the ONNX graph (exit status 0); a folder failed
+    only after tracing and verification, leaving a .partial file beside it."""
+    config, text = tmp_path / 'model.py', f"_base_ = ['{DEMO['deit']}']\n"
+    config.write_text(text)
+    monkeypatch.setattr('mmseg_vil.deploy.export.init_segmentor', None)  # any model building would fail loudly
+    with pytest.raises(ExportRefused, match='is not an .onnx file name: the arguments are CONFIG CHECKPOINT OUT.onnx'):
+        export_segmentor(str(config), 'model.pth', str(config if out == 'config' else tmp_path))
+    assert config.read_text() == text and [path.name for path in tmp_path.iterdir()] == ['model.py']
+
+
 @pytest.mark.parametrize('input_size', [(7, 9), (12, 12), (13, 6), (2, 30)])
 @pytest.mark.parametrize('output_size', [(1, 1), (2, 3), (6, 6)])
 def test_shape_generic_pooling_equals_adaptive_avg_pool(input_size, output_size):

@@ -169,6 +169,40 @@ def test_cli_rejects_bad_options_before_loading(model_files, image_dir, tmp_path
     assert not osp.exists(tmp_path / 'out')
 
 
+@pytest.mark.parametrize('config, message', [
+    ('checkpoint', 'not a config file (.py, .json, .yaml, .yml); give the config first, then the checkpoint'),
+    (osp.join(ROOT, 'configs', 'classification', 'vil-t16_8xb256-800e_in1k-192px.py'),
+     'is a classification config (its model has no decode_head), where a segmentation config is needed'),
+    (osp.join(ROOT, 'configs', '_base_', 'datasets', 'ade20k.py'), 'defines no model (a _base_ fragment?)'),
+])
+def test_cli_rejects_a_config_of_another_kind_before_loading(model_files, image_dir, tmp_path, monkeypatch, capsys,
+                                                             config, message):
+    """These used to end in MMEngine's tracebacks (OSError, AttributeError) or a checkpoint mismatch."""
+    monkeypatch.setattr('mmseg_vil.apis.inference.init_model', None)  # any model building would fail loudly
+    config = model_files[1] if config == 'checkpoint' else config
+    assert _run_infer(monkeypatch, config, model_files[1], image_dir, '--out-dir', tmp_path / 'out') == 2
+    assert message in capsys.readouterr().err
+    assert not osp.exists(tmp_path / 'out')
+
+
+def test_inputs_without_images_or_among_the_results_are_refused(model_files, tmp_path, monkeypatch, capsys):
+    """An empty folder used to load the model and end with '0 images'; a second run into an input folder segmented
+    the first run's results as inputs (and could write a result over an input)."""
+    monkeypatch.setattr('mmseg_vil.apis.inference.init_model', None)
+    (tmp_path / 'empty').mkdir()
+    assert _run_infer(monkeypatch, *model_files, tmp_path / 'empty', '--out-dir', tmp_path / 'out') == 2
+    assert f"'{tmp_path / 'empty'}' is a folder without images (.jpg" in capsys.readouterr().err
+    photos = tmp_path / 'photos'
+    (photos / 'pred').mkdir(parents=True)
+    for name in ('a.png', 'pred/a.png.png'):  # an image and the mask an earlier run wrote next to it
+        cv2.imwrite(str(photos / name), np.zeros((8, 8, 3), np.uint8))
+    assert _run_infer(monkeypatch, *model_files, photos, '--out-dir', photos) == 2
+    assert f'input {photos / "pred" / "a.png.png"} is inside {photos / "pred"}, where the results are written' in \
+        capsys.readouterr().err
+    with pytest.raises(ValueError, match='where the results are written'):
+        segment_images(*model_files, [str(photos)], str(photos), device='cpu')
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only machine')
 def test_device_defaults_to_cuda_when_present(model_files, image_dir, tmp_path, monkeypatch, capsys):
     assert resolve_device(None) == 'cpu'

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mmseg_vil.datasets import generate_ade20k
+from mmseg_vil.datasets.generator_cli import run_generator_cli
 
 NUM_CLASSES = 8
 SIZE = (48, 64)
@@ -121,3 +122,28 @@ def test_cli(tmp_path, monkeypatch, capsys):
     assert 'wrote 3 training and 2 validation images' in capsys.readouterr().out
     assert len(glob.glob(osp.join(root, 'images', 'training', '*.jpg'))) == 3
     assert cv2.imread(osp.join(root, 'annotations', 'validation', 'ADE_val_00000002.png')).shape[:2] == (32, 40)
+
+
+@pytest.mark.parametrize('options, message', [
+    (['--num-train', '0'], 'images per split must be at least 1, got [0, 2]'),
+    (['--size', '0', '0'], 'size must be at least 1, got [0, 0]'),
+    (['--num-classes', '151'], 'num_classes must be in 1..150, got 151'),
+])
+def test_cli_refuses_bad_options_in_one_line(options, message, tmp_path, monkeypatch, capsys):
+    """These used to print 'wrote 0 training ...' with exit status 0, or end in OpenCV's or a ValueError's traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_generator_cli(generate_ade20k, '', '', '', [str(tmp_path / 'new'), '--num-val', '2', *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / 'new').exists()
+
+
+def test_cli_writes_over_no_earlier_data(tmp_path, capsys):
+    """Pointed at a real ADE20K by mistake, the generator would replace its images with synthetic ones."""
+    image = tmp_path / 'images' / 'training' / 'ADE_train_00000001.jpg'
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b'a real photo')
+    with pytest.raises(SystemExit) as exit_info:
+        run_generator_cli(generate_ade20k, '', '', '', [str(tmp_path), '--num-train', '1', '--num-val', '1'])
+    assert exit_info.value.code == 2
+    assert f'{tmp_path} exists and is not an empty folder' in capsys.readouterr().err
+    assert image.read_bytes() == b'a real photo'

@@ -90,3 +90,18 @@ def test_missing_config_is_named(main, tmp_path, capsys):
         (train_main if main == 'train' else test_main)(argv)
     assert exit_info.value.code == 2  # argparse's usage error
     assert f'error: config {missing}: no such file' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('mistake, message', [
+    ('checkpoint as config', 'not a config file (.py, .json, .yaml, .yml); give the config first, then the checkpoint'),
+    ('work dir is a file', 'is a file, not a folder: name another --work-dir'),
+])
+def test_config_and_work_dir_mistakes_are_named(mistake, message, tmp_path, capsys):
+    """Both used to end in tracebacks (MMEngine's OSError; FileExistsError once the Runner was being built)."""
+    checkpoint = tmp_path / 'model.pth'
+    torch.save({}, checkpoint)
+    argv = ([str(checkpoint), '--work-dir', str(tmp_path / 'run')] if mistake == 'checkpoint as config' else
+            [TINY_CONFIG, '--work-dir', str(checkpoint)])
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -12,7 +12,8 @@ and benchmark.png into --out-dir.
 import argparse
 import os
 
-from mmseg_vil.benchmark import BACKBONES, EXECUTIONS, markdown_report, run_benchmark, save_report
+from mmseg_vil.apis.batch_inputs import check_out_dir
+from mmseg_vil.benchmark import BACKBONES, EXECUTIONS, check_options, markdown_report, run_benchmark, save_report
 from mmseg_vil.utils.cpu_allocator import keep_freed_memory
 
 
@@ -52,11 +53,17 @@ def main() -> None:
                         'applies to every model of the run (mmseg_vil/utils/cpu_allocator.py)')
     parser.add_argument('--out-dir', default='work_dirs/benchmark')
     args = parser.parse_args()
+    batch = parse_batch(args.batch)
+    try:
+        check_options(args.models, args.sizes, batch, args.warmup, args.iters, args.repeats, args.device)
+        check_out_dir('--out-dir', args.out_dir)
+    except ValueError as error:
+        parser.error(str(error))
     os.makedirs(args.out_dir, exist_ok=True)
     kept = args.device.startswith('cpu') and args.cpu_allocator == 'keep' and keep_freed_memory()
 
     report = run_benchmark(args.models, args.sizes, args.modes, args.scopes, device=args.device,
-                           amp=None if args.amp == 'none' else args.amp, batch=parse_batch(args.batch),
+                           amp=None if args.amp == 'none' else args.amp, batch=batch,
                            warmup=args.warmup, iters=args.iters, executions=args.execution,
                            repeats=args.repeats, interleave=args.interleave,
                            partial_path=os.path.join(args.out_dir, 'benchmark.partial.json'))

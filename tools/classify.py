@@ -18,6 +18,7 @@ import sys
 from mmseg_vil.apis.batch_inputs import check_file, check_positive, collect_images, resolve_device
 from mmseg_vil.apis.classification import build_inferencer, classify_files
 from mmseg_vil.utils.checkpoint import CheckpointMismatchError
+from mmseg_vil.utils.config import read_model_config
 
 
 def main() -> int:
@@ -32,7 +33,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         check_positive('--topk', args.topk)
-        check_file('config', args.config)
+        read_model_config(args.config, 'classification')
         check_file('checkpoint', args.checkpoint)
         device = resolve_device(args.device)
         paths = collect_images(args.images)

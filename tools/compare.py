@@ -15,9 +15,10 @@ import os
 import os.path as osp
 import sys
 
-from mmseg_vil.apis.batch_inputs import resolve_device
+from mmseg_vil.apis.batch_inputs import check_out_dir, check_positive, resolve_device
 from mmseg_vil.apis.compare import ModelSpec, compare, plot_comparison, render_markdown, write_json
 from mmseg_vil.utils.checkpoint import CheckpointMismatchError
+from mmseg_vil.utils.config import ConfigError
 
 
 def _name(path: str) -> str:
@@ -51,11 +52,14 @@ def main() -> None:
             spec.name = name
     try:
         device = resolve_device(args.device)
+        for side in args.shape:
+            check_positive('--shape', side)
+        check_out_dir('--out-dir', args.out_dir)
     except ValueError as error:
         parser.error(str(error))
     try:
         rows = compare(specs, flops_shape=tuple(args.shape), device=device, allow_partial=args.allow_partial_load)
-    except (CheckpointMismatchError, FileNotFoundError) as error:
+    except (CheckpointMismatchError, ConfigError, FileNotFoundError) as error:
         sys.exit(f'{parser.prog}: error: {error}')
     os.makedirs(args.out_dir, exist_ok=True)
     write_json(rows, osp.join(args.out_dir, 'comparison.json'))

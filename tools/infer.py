@@ -9,14 +9,15 @@ non-zero only if no image could be segmented. The options, inputs and files are 
 and a checkpoint that does not fit the config's model stops the run (unless --allow-partial-load).
 """
 import argparse
-import os.path as osp
 import sys
 
 from mmengine.config import DictAction
 
 from mmseg_vil.apis import segment_images
-from mmseg_vil.apis.batch_inputs import check_file, check_fraction, check_positive, collect_images, resolve_device
+from mmseg_vil.apis.batch_inputs import (check_file, check_fraction, check_inputs_outside_results, check_out_dir,
+                                         check_positive, collect_images, resolve_device)
 from mmseg_vil.utils.checkpoint import CheckpointMismatchError
+from mmseg_vil.utils.config import read_model_config
 from mmseg_vil.utils.cpu_allocator import keep_freed_memory
 
 
@@ -39,11 +40,10 @@ def main() -> int:
         check_fraction('--opacity', args.opacity)
         check_positive('--batch-size', args.batch_size)
         device = resolve_device(args.device)
-        check_file('config', args.config)
+        read_model_config(args.config, 'segmentation')
         check_file('checkpoint', args.checkpoint)
-        if osp.exists(args.out_dir) and not osp.isdir(args.out_dir):
-            raise ValueError(f'--out-dir {args.out_dir} is a file, not a folder')
-        collect_images(args.inputs)
+        check_out_dir('--out-dir', args.out_dir)
+        check_inputs_outside_results(collect_images(args.inputs), args.out_dir)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     if device == 'cpu':

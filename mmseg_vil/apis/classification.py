@@ -14,6 +14,7 @@ from mmpretrain import ImageClassificationInferencer
 
 from ..models.classifier_checkpoint import load_vil_classifier_checkpoint
 from ..utils.checkpoint import read_checkpoint
+from ..utils.config import read_model_config
 from .batch_inputs import read_image, resolve_device
 
 
@@ -36,6 +37,7 @@ def build_inferencer(config: str,
                      device: Optional[str] = None,
                      allow_partial: bool = False) -> ImageClassificationInferencer:
     """An inferencer whose model holds ``checkpoint`` (on CUDA when available, unless ``device`` says otherwise)."""
+    read_model_config(config, 'classification')  # MMPretrain would answer a wrong config with a registry traceback
     inferencer = ImageClassificationInferencer(config, pretrained=False, device=resolve_device(device),
                                                classes=checkpoint_classes(checkpoint))
     load_vil_classifier_checkpoint(inferencer.model, checkpoint, allow_partial=allow_partial)

@@ -26,6 +26,7 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 from torch import nn
 
+from ..utils.config import read_model_config
 from .batch_inputs import resolve_device
 from .complexity import build_inference_model, count_flops, count_parameters
 from .inference import init_segmentor
@@ -146,7 +147,7 @@ def compare(specs: Sequence[ModelSpec],
         if spec.work_dir is not None:
             sources.append((*read_work_dir(spec.work_dir), None, 'work_dir'))
         else:
-            config = Config.fromfile(spec.config)
+            config = read_model_config(spec.config, 'segmentation')
             model = init_segmentor(config, spec.checkpoint, device, allow_partial=allow_partial)
             sources.append((config, spec.checkpoint, None, model, 'evaluated'))
     rows = []

@@ -34,7 +34,9 @@ from mmseg_vil_runtime.files import InferenceSummary, output_paths, overlay  # t
 from ..engine.checkpoint_policy import load_model_checkpoint
 from ..engine.compile import compile_parts, take_compile_options
 from ..utils.checkpoint import CheckpointMismatchError
-from .batch_inputs import check_fraction, check_positive, collect_images, read_image, resolve_device
+from ..utils.config import read_model_config
+from .batch_inputs import (check_fraction, check_inputs_outside_results, check_positive, collect_images, read_image,
+                           resolve_device)
 
 
 def _dataset_meta(meta: dict, config: Config, num_classes: int) -> dict:
@@ -68,7 +70,7 @@ def init_segmentor(config: Union[str, Config],
     on CPU it fuses ViL's elementwise work; the first image of each new size is slow while it compiles.
     """
     device = resolve_device(device)
-    config = Config.fromfile(config) if not isinstance(config, Config) else config.copy()
+    config = read_model_config(config, 'segmentation') if not isinstance(config, Config) else config.copy()
     if cfg_options:
         config.merge_from_dict(cfg_options)
     compile_options = take_compile_options(config)
@@ -179,5 +181,6 @@ def segment_images(config: Union[str, Config],
     check_fraction('opacity', opacity)
     check_positive('batch_size', batch_size)
     paths = collect_images(inputs)
+    check_inputs_outside_results(paths, out_dir)
     model = init_segmentor(config, checkpoint, device, cfg_options=cfg_options, allow_partial=allow_partial)
     return SegmentationWriter(model, out_dir, opacity=opacity, batch_size=batch_size).run(paths, progress=progress)

@@ -163,6 +163,9 @@ def write_scenes(counts: Dict[str, int],
     """
     if not 1 <= num_classes <= max_classes:
         raise ValueError(f'num_classes must be in 1..{max_classes}, got {num_classes}')
+    for what, values in (('images per split', counts.values()), ('size', size)):
+        if min(values) < 1:
+            raise ValueError(f'{what} must be at least 1, got {list(values)}')
     shape = (int(size[0]), int(size[1]))
     appearances = [class_appearance(i, num_classes) for i in range(num_classes)]
     for split_id, (split, count) in enumerate(counts.items()):

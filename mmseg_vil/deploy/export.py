@@ -28,6 +28,7 @@ from mmseg_vil_runtime.metadata import SegmentorMetadata
 
 from ..apis.inference import init_segmentor
 from ..models.layers.vil_block import MLSTMMixer
+from ..utils.config import read_model_config
 from ..version import __version__
 from .describe import (describe_classes, describe_inference, describe_preprocessor, describe_test_pipeline,
                        largest_input, patch_grid)
@@ -160,6 +161,13 @@ def _max_differences(model_bytes: bytes, reference: nn.Module, sizes: Sequence[T
     return differences
 
 
+def check_output_path(out: str) -> None:
+    """Refuse, before the minutes of tracing, an ``out`` that is no ``.onnx`` file name: a folder, or the config or
+    checkpoint named by mistake, which the export would replace."""
+    if osp.isdir(out) or not out.lower().endswith('.onnx'):
+        raise ExportRefused(f'{out} is not an .onnx file name: the arguments are CONFIG CHECKPOINT OUT.onnx')
+
+
 def export_segmentor(config: str,
                      checkpoint: str,
                      out: str,
@@ -181,7 +189,8 @@ def export_segmentor(config: str,
         tolerance: the largest max |ONNX Runtime - PyTorch| of the logits accepted on a verification input.
     """
     started = time.perf_counter()
-    cfg = Config.fromfile(config)
+    check_output_path(out)
+    cfg = read_model_config(config, 'segmentation')
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     resize = describe_test_pipeline(cfg)

@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional
 from mmengine.config import DictAction
 
 from ..utils.checkpoint import CheckpointMismatchError
+from ..utils.config import ConfigError
 from .distributed import destroy_process_group
 from .entrypoints import load_config, run_test, run_train
 from .work_dir import RunRefused
@@ -38,10 +39,12 @@ def _export_local_rank(args: argparse.Namespace) -> None:
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
 
 
-def _check_config(parser: argparse.ArgumentParser, path: str) -> None:
-    """A missing config ends the tool with its path, as a missing checkpoint does (not a traceback)."""
-    if not os.path.isfile(path):
-        parser.error(f'config {path}: no such file')
+def _load_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The run's config; a file that is no model config ends the tool with its path and the fix (not a traceback)."""
+    try:
+        return load_config(args.config, args.work_dir, args.cfg_options, args.launcher)
+    except ConfigError as error:
+        parser.error(str(error))
 
 
 @contextmanager
@@ -65,9 +68,8 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--amp', action='store_true', help='automatic mixed precision (fp16; needs a GPU)')
     _add_common_args(parser)
     args = parser.parse_args(argv)
-    _check_config(parser, args.config)
     _export_local_rank(args)
-    cfg = load_config(args.config, args.work_dir, args.cfg_options, args.launcher)
+    cfg = _load_config(parser, args)
     with _tool_run(parser.prog):
         run_train(cfg, resume=args.resume, amp=args.amp, load_from=args.load_from,
                   allow_partial=args.allow_partial_load)
@@ -82,9 +84,8 @@ def test_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--tta', action='store_true', help='multi-scale and flip test-time augmentation')
     _add_common_args(parser)
     args = parser.parse_args(argv)
-    _check_config(parser, args.config)
     _export_local_rank(args)
-    cfg = load_config(args.config, args.work_dir, args.cfg_options, args.launcher)
+    cfg = _load_config(parser, args)
     with _tool_run(parser.prog):
         run_test(cfg, args.checkpoint, out=args.out, show_dir=args.show_dir, tta=args.tta,
                  allow_partial=args.allow_partial_load)

@@ -20,6 +20,8 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from ..utils.checkpoint import read_checkpoint
+from ..utils.config import ConfigError, read_model_config
 from .compile import compile_parts, take_compile_options
 from .distributed import setup_cpu_distributed
 from .work_dir import RunRefused, plan_start
@@ -31,9 +33,10 @@ def load_config(config: str,
                 launcher: str = 'none') -> Config:
     """Read ``config``, merge ``cfg_options`` and set the launcher and the work dir.
 
-    The work dir is taken from ``work_dir``, else from the config, else ``./work_dirs/<config name>``.
+    The work dir is taken from ``work_dir``, else from the config, else ``./work_dirs/<config name>``. A file that is
+    no model config, or a work dir that is a file, raises :class:`~mmseg_vil.utils.config.ConfigError`.
     """
-    cfg = Config.fromfile(config)
+    cfg = read_model_config(config)
     cfg.launcher = launcher
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
@@ -41,6 +44,8 @@ def load_config(config: str,
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
+    if osp.isfile(cfg.work_dir):
+        raise ConfigError(f'work dir {cfg.work_dir} is a file, not a folder: name another --work-dir')
     return cfg
 
 
@@ -64,6 +69,13 @@ def apply_checkpoint_policy(cfg: Config, source: str, allow_partial: bool = Fals
     hooks = [h for h in cfg.get('custom_hooks', None) or [] if h.get('type') != 'CheckpointPolicyHook']
     allow_partial = allow_partial or bool(cfg.get('allow_partial_load', False))
     cfg.custom_hooks = hooks + [dict(type='CheckpointPolicyHook', allow_partial=allow_partial, source=source)]
+
+
+def check_checkpoint_readable(path: str) -> None:
+    """Read a local checkpoint before the Runner does: MMEngine would answer a file that is no checkpoint with an
+    unpickler traceback, after building the model (a URL is left to MMEngine)."""
+    if '://' not in path:
+        read_checkpoint(path)
 
 
 def check_amp_device(cfg: Config) -> None:
@@ -111,6 +123,7 @@ def run_train(cfg: Config,
     else:
         cfg.resume = False
     if cfg.get('load_from'):
+        check_checkpoint_readable(cfg.load_from)
         apply_checkpoint_policy(cfg, cfg.load_from, allow_partial)
     runner = build_runner(cfg)
     runner.train()
@@ -144,6 +157,7 @@ def run_test(cfg: Config,
     """
     if '://' not in checkpoint and not osp.isfile(checkpoint):
         raise RunRefused(f'checkpoint {checkpoint}: no such file')
+    check_checkpoint_readable(checkpoint)
     cfg.load_from, cfg.resume = checkpoint, False
     apply_checkpoint_policy(cfg, checkpoint, allow_partial)
     if show_dir is not None:

@@ -10,7 +10,7 @@ listing them with the likely cause and its fix (:mod:`.checkpoint_hints`), befor
 logged.
 """
 import logging
-import pickle
+import os.path as osp
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -34,12 +34,17 @@ def read_checkpoint(path: str) -> Tuple[StateDict, dict]:
 
     Accepts a bare state dict or one wrapped under ``'state_dict'``, ``'model'`` or ``'module'`` (MMEngine runner
     checkpoints, released ``.th`` files, timm/DeiT files); a ``module.`` prefix (DDP) is removed as MMEngine does.
-    A file that is not a weights-only PyTorch checkpoint raises :class:`CheckpointMismatchError` naming it.
+    A file that is not a weights-only PyTorch checkpoint raises :class:`CheckpointMismatchError` naming it (a missing
+    or unreadable one, ``OSError``).
     """
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
-        raise CheckpointMismatchError(f'{path} is not a readable weights-only PyTorch checkpoint: {error}') from error
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001  (unpickling other bytes fails with any error: KeyError, IndexError...)
+        raise CheckpointMismatchError(f'{path} is not a readable weights-only PyTorch checkpoint (a truncated file, '
+                                      f'another format, or objects beyond tensors): {type(error).__name__}: {error}'
+                                      ) from error
     meta = (ckpt.get('meta') or {}) if isinstance(ckpt, Mapping) else {}
     for wrapper in ('state_dict', 'model', 'module'):
         if isinstance(ckpt, Mapping) and isinstance(ckpt.get(wrapper), Mapping):
@@ -48,6 +53,18 @@ def read_checkpoint(path: str) -> Tuple[StateDict, dict]:
     if not isinstance(ckpt, Mapping):
         raise CheckpointMismatchError(f'{path}: expected a state dict, got {type(ckpt).__name__}')
     return state_dict_tensors(ckpt), dict(meta)
+
+
+def read_conversion_source(src: str, dst: str) -> StateDict:
+    """The tensors of a converter's ``src`` (see :func:`read_checkpoint`), read only if the conversion may go ahead:
+    a converter replaces no file (neither the source, when the arguments repeat it, nor any other), so a mistyped
+    path costs nothing. A missing ``src`` or an existing ``dst`` raises ``ValueError``."""
+    if not osp.isfile(src):
+        raise ValueError(f'{src}: no such checkpoint file')
+    if osp.exists(dst):
+        what = 'is the source checkpoint' if osp.samefile(src, dst) else 'exists'
+        raise ValueError(f'{dst} {what}: the converter writes a new file; name another output path')
+    return read_state_dict(src)
 
 
 def state_dict_tensors(state_dict: Mapping[str, object]) -> StateDict:

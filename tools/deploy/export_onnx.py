@@ -15,6 +15,8 @@ import sys
 from mmengine.config import DictAction
 
 from mmseg_vil.deploy import DEFAULT_TOLERANCE, ExportRefused, export_segmentor
+from mmseg_vil.utils.checkpoint import CheckpointMismatchError
+from mmseg_vil.utils.config import ConfigError
 
 
 def main() -> int:
@@ -35,7 +37,7 @@ def main() -> int:
         report = export_segmentor(args.config, args.checkpoint, args.out, size=args.shape, dynamic=args.dynamic,
                                   mlstm_backend=args.mlstm_backend, opset=args.opset, tolerance=args.tolerance,
                                   cfg_options=args.cfg_options)
-    except ExportRefused as error:
+    except (ExportRefused, ConfigError, CheckpointMismatchError) as error:  # nothing was written
         print(f'export refused: {error}', file=sys.stderr)
         return 1
     meta = report.metadata

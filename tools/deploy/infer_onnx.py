@@ -11,7 +11,7 @@ import argparse
 import os.path as osp
 import sys
 
-from mmseg_vil_runtime import collect_images
+from mmseg_vil_runtime import check_inputs_outside_results, collect_images
 from mmseg_vil_runtime.predictor import OnnxSegmentor, segment_files
 
 
@@ -31,8 +31,9 @@ def main() -> int:
         parser.error(f'--out-dir {args.out_dir} is a file, not a folder')
     try:
         paths = collect_images(args.inputs)
+        check_inputs_outside_results(paths, args.out_dir)
         segmentor = OnnxSegmentor(args.model, providers=args.providers, threads=args.threads)
-    except (FileNotFoundError, ValueError) as error:  # an input that names nothing, or not an exported segmentor
+    except (FileNotFoundError, ValueError) as error:  # inputs naming nothing or among the results; no exported model
         parser.error(str(error))
     summary = segment_files(segmentor.segment, paths, args.out_dir, segmentor.palette, opacity=args.opacity)
     print(summary.report())

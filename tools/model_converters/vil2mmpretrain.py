@@ -13,7 +13,7 @@ import torch
 
 from mmseg_vil.models.backbones.vil_checkpoint import detect_vil_format
 from mmseg_vil.models.classifier_checkpoint import vil_classifier_state_dict
-from mmseg_vil.utils.checkpoint import read_state_dict
+from mmseg_vil.utils.checkpoint import CheckpointMismatchError, read_conversion_source
 
 
 def main() -> None:
@@ -22,8 +22,11 @@ def main() -> None:
     parser.add_argument('dst', help='output path')
     args = parser.parse_args()
 
-    source = read_state_dict(args.src)
-    state_dict = vil_classifier_state_dict(source)
+    try:
+        source = read_conversion_source(args.src, args.dst)
+        state_dict = vil_classifier_state_dict(source)
+    except (ValueError, CheckpointMismatchError) as error:
+        parser.error(str(error))
     source_format = detect_vil_format(source)
     torch.save({'state_dict': state_dict, 'meta': {'converted_from': args.src, 'source_format': source_format}},
                args.dst)

@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from mmseg_vil.models.backbones.vil_checkpoint import convert_vil_state_dict, detect_vil_format, split_backbone_and_head
-from mmseg_vil.utils.checkpoint import read_state_dict
+from mmseg_vil.utils.checkpoint import CheckpointMismatchError, read_conversion_source
 
 
 def main() -> None:
@@ -20,8 +20,11 @@ def main() -> None:
     parser.add_argument('--keep-head', action='store_true', help='keep the classifier head')
     args = parser.parse_args()
 
-    source = read_state_dict(args.src)
-    converted = convert_vil_state_dict(source)
+    try:
+        source = read_conversion_source(args.src, args.dst)
+        converted = convert_vil_state_dict(source)
+    except (ValueError, CheckpointMismatchError) as error:
+        parser.error(str(error))
     backbone, head = split_backbone_and_head(converted)
     state_dict = converted if args.keep_head else backbone
     torch.save({'state_dict': state_dict, 'meta': {'converted_from': args.src,

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from mmseg_vil.models.backbones.vim import convert_official_vim, is_official_vim
-from mmseg_vil.utils.checkpoint import read_state_dict
+from mmseg_vil.utils.checkpoint import CheckpointMismatchError, read_conversion_source
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -23,7 +23,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              'not tell. Two class tokens (use_double_cls_token) are recognised by their names')
     args = parser.parse_args(argv)
 
-    source = read_state_dict(args.src)
+    try:
+        source = read_conversion_source(args.src, args.dst)
+    except (ValueError, CheckpointMismatchError) as error:
+        parser.error(str(error))
     if not is_official_vim(source):
         parser.error(f'{args.src} has no official Vim keys (layers.*.mixer.A_log); is it converted already?')
     state_dict = convert_official_vim(source, args.cls_position)
