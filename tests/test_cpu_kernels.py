@@ -157,6 +157,55 @@ def test_kernels_read_and_write_the_halves_of_one_product_in_place(kernels):
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('update_bias,norm_bias', [(True, True), (False, False)], ids=['biases', 'no-biases'])
+def test_add_layer_norm_is_the_residual_add_then_the_norm(kernels, isa, update_bias, norm_bias, dtype):
+    """The sum written into the update bit for bit as the block's bias add and residual add round it; the norm that
+    of F.layer_norm (37 rows, 40 channels: no multiple of a vector)."""
+    gen = torch.Generator().manual_seed(0)
+    x, update = (torch.randn(3, 37, 40, generator=gen, dtype=torch.float64).to(dtype) * 3 for _ in range(2))
+    weight, bias, down_bias = (torch.randn(40, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
+    bias, down_bias = (bias if norm_bias else None), (down_bias if update_bias else None)
+    expected_sum = (update if down_bias is None else update + down_bias) + x
+    summed, normed = cpu_kernels.add_layer_norm_(x, update.clone(), weight, bias, 1e-5, down_bias)
+    assert torch.equal(summed, expected_sum)
+    torch.testing.assert_close(normed, F.layer_norm(expected_sum, (40,), weight, bias, 1e-5), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_backbone_inference_adds_the_residual_in_the_next_norm(kernels, dtype, monkeypatch):
+    """Without autograd on the CPU each block's residual add and its down-projection's bias run in the next block's
+    norm (the C++ kernel): the outputs of the blocks run one by one, within rounding (outputs after blocks 1 and 3 of
+    4)."""
+    from mmseg_vil.models.backbones import vil
+    torch.manual_seed(0)
+    model = vil.ViL(arch=dict(embed_dims=32, num_layers=4), img_size=32, patch_size=8, out_indices=(1, 3),
+                    mlstm_backend='chunkwise').to(dtype)  # the C++ cell's path
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    calls, add_layer_norm_ = [], cpu_kernels.add_layer_norm_
+    monkeypatch.setattr(cpu_kernels, 'add_layer_norm_', lambda *args: calls.append(args[-1]) or add_layer_norm_(*args))
+    with torch.no_grad():
+        fused = model.eval()(x)
+        monkeypatch.setattr(vil, 'fuses_adds', lambda _: False)
+        separate = model(x)
+    # blocks 1 and 3 add their own update, blocks 2 and 4 the previous block's, with its down-projection's bias
+    assert [bias is model.layers[i].mixer.proj_down.bias for i, bias in zip((0, 2), calls)] == [True, True]
+    for got, want in zip(fused, separate):
+        torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+def test_blocks_with_forward_hooks_are_called_one_by_one(kernels):
+    """A forward hook on a block sees the block's output: the backbone then adds no residual in the next norm."""
+    from mmseg_vil.models.backbones.vil import ViL
+    model = ViL(arch=dict(embed_dims=32, num_layers=4), img_size=32, patch_size=8, out_indices=(3,),
+                mlstm_backend='chunkwise').eval()
+    seen = []
+    model.layers[1].register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert len(seen) == 1 and seen[0].shape == (2, 16, 32)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 def test_silu_at_the_ends_of_the_exponentials_range(kernels, isa, dtype):
     """The kernels' own exponential: silu of large, tiny and extreme arguments as torch's, NaN kept (through the gated
     output with a zero norm part: h constant, so LayerNorm gives 0, bias 0, skip 1, x_conv 1: out = silu(z))."""

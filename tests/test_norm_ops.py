@@ -70,7 +70,7 @@ def test_add_layer_norm_is_the_add_then_the_norm(dtype, update_dtype, out_dtype)
 
     x, update = leaf(3, 37, 40, scale=3, shift=1), leaf(3, 37, 40, dtype=update_dtype)
     params = leaf(40, shift=1), leaf(40)
-    ours = norm_ops.add_layer_norm(x, update, *params, 1e-5, out_dtype)
+    ours = norm_ops.add_layer_norm(x, update, None, *params, 1e-5, out_dtype)
     summed = x + update
     expected = summed, norm_ops.layer_norm(summed, *params, 1e-5, out_dtype)
     grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype).to(KERNEL_DEVICE) for t in ours]

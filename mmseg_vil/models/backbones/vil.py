@@ -18,7 +18,7 @@ from ...registry import register_model
 from ...utils.checkpoint import load_state_dict_strictly, read_state_dict
 from ..layers.norm_ops import fuses_adds
 from ..layers.pos_embed import resample_grid_pos_embed
-from ..layers.vil_block import ViLBlock
+from ..layers.vil_block import Update, ViLBlock, add_update
 from .isotropic import pad_to_patches, resolve_out_indices
 from .vil_checkpoint import V1_CONV_KERNEL_SIZE, convert_vil_state_dict, split_backbone_and_head
 
@@ -40,6 +40,12 @@ DROP_PATH_DECAYS = ('none', 'blocks', 'pairs')
 INIT_SCHEMES = ('original', 'original-fixed')
 # The v1 models (official ``VisionLSTM``, released ``vil_*16_*.th``): causal 1-D conv of kernel 4, no biases.
 V1_MIXER = dict(conv_kind='causal1d', conv_kernel_size=V1_CONV_KERNEL_SIZE, proj_bias=False, norm_bias=False)
+
+
+def _runs_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks, its own or global ones."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 @register_model
@@ -233,7 +239,7 @@ class ViL(BaseModule):
         x = x + resample_grid_pos_embed(self.pos_embed, grid)
         return x.flatten(1, 2), grid
 
-    def _run_block(self, block: Callable, *args) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    def _run_block(self, block: Callable, *args) -> Union[Tensor, Tuple[Tensor, Update]]:
         if self.with_cp and self.training and args[0].requires_grad:
             return cp.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -242,16 +248,17 @@ class ViL(BaseModule):
         """Raw tokens after each block in ``out_indices`` (the last one through ``norm`` and ``out_norm`` if set).
 
         Where the norms run as kernels, each block's residual add is left to the next block's norm kernel
-        (:meth:`ViLBlock.forward_update`); the blocks whose outputs are returned add it themselves."""
+        (:meth:`ViLBlock.forward_update`); the blocks whose outputs are returned add it themselves. Blocks with forward
+        hooks (which ``forward_update`` would not run) are called one by one instead."""
         x, grid = self.embed(x)
         outs = {}
         update = None  # the previous block's update, not yet added to x
-        defer_adds = fuses_adds(x)
+        defer_adds = fuses_adds(x) and not any(_runs_hooks(block) for block in self.layers)
         for i, block in enumerate(self.layers[:self.out_indices[-1] + 1]):
             if defer_adds:
                 x, update = self._run_block(block.forward_update, x, update, grid)
                 if i in self.out_indices:
-                    x, update = x + update, None
+                    x, update = add_update(x, update), None
             else:
                 x = self._run_block(block, x, grid)
             if i in self.out_indices:

@@ -139,6 +139,20 @@ class MLSTMMixer(nn.Module):
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         """``x (B, N, D)`` pre-normed tokens in row-major order of ``grid = (h, w)``."""
+        return self._mix(x, grid, defer_down_bias=False)[0]
+
+    def forward_deferring_bias(self, x: Tensor, grid: Tuple[int, int]) -> Tuple[Tensor, Optional[Tensor]]:
+        """:meth:`forward`'s output before the down-projection's bias, and that bias for the caller to add (the next
+        block's norm adds it with the residual: one pass over the output fewer); where the one-node GPU mixer runs,
+        its output and None."""
+        return self._mix(x, grid, defer_down_bias=True)
+
+    def _project_down(self, out: Tensor, defer_bias: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        if defer_bias and self.proj_down.bias is not None:
+            return F.linear(out, self.proj_down.weight), self.proj_down.bias
+        return self.proj_down(out), None
+
+    def _mix(self, x: Tensor, grid: Tuple[int, int], defer_down_bias: bool) -> Tuple[Tensor, Optional[Tensor]]:
         if reads_strided_halves(x):  # one product, its halves read in place
             xz = linear(x, self.proj_up.weight, self.proj_up.bias)
             x_mlstm, z = xz.chunk(2, dim=-1)
@@ -163,7 +177,7 @@ class MLSTMMixer(nn.Module):
                               *(p.bias for p in projections), self.igate.weight, self.fgate.weight, self.igate.bias,
                               self.fgate.bias, self.outnorm.weight, self.outnorm.bias, self.learnable_skip,
                               self.proj_down.weight, self.proj_down.bias, self.num_heads, self.outnorm.eps,
-                              self.reverse, mixer_core_chunk_size(x_mlstm, backend))[0]
+                              self.reverse, mixer_core_chunk_size(x_mlstm, backend))[0], None
         qkv_weight = torch.stack([p.weight for p in projections])
         qkv_bias = None if self.q_proj.bias is None else torch.stack([p.bias for p in projections])
         gate_weight = torch.cat([self.igate.weight, self.fgate.weight])
@@ -188,7 +202,7 @@ class MLSTMMixer(nn.Module):
             norm_args = (self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)
             if chunkwise_inference.cell_gated_output_(*layout.qkv, igate, fgate, layout.length, self.reverse, x_conv,
                                                       z, *norm_args, up_biases[1]):
-                return self.proj_down(z)
+                return self._project_down(z, defer_down_bias)
             # the cell's output unscaled, its rows' factors applied by the output norm as it reads them
             h_scale = chunkwise_inference.cell_unscaled(*layout.qkv, igate, fgate, layout.length, self.reverse)
             if h_scale is None:
@@ -196,18 +210,28 @@ class MLSTMMixer(nn.Module):
                 h.transpose(1, 2).copy_(mlstm(*qkv, igate, fgate, backend=backend, reverse=self.reverse))
             else:
                 h, h_scale = (t.transpose(1, 2) for t in h_scale)
-            return self.proj_down(gated_output_(h, x_conv, z, *norm_args, h_scale, up_biases[1]))
+            return self._project_down(gated_output_(h, x_conv, z, *norm_args, h_scale, up_biases[1]), defer_down_bias)
         if up_biases[1] is not None:
             z = z + up_biases[1]
         out = gated_output(h, x_conv, z, self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)
-        return self.proj_down(out)
+        return self._project_down(out, defer_down_bias)
+
+
+Update = Tuple[Tensor, Optional[Tensor]]  # a block's output not yet added to the stream, and a bias still to add to it
+
+
+def add_update(x: Tensor, update: Update) -> Tensor:
+    """The stream ``x`` plus a block's :data:`Update`, rounded as the block's bias add and residual add round it."""
+    value, bias = update
+    return x + (value if bias is None else value + bias)
 
 
 class ViLBlock(nn.Module):
     """``x + drop_path(mixer(norm(x)))``; ``reverse`` selects the traversal direction of the mixer.
 
     :meth:`forward_update` leaves the residual add to the next block, whose norm kernel adds it as it reads the stream
-    (:func:`~.norm_ops.add_layer_norm`); the backbone chains blocks that way where the norms run as kernels.
+    (:func:`~.norm_ops.add_layer_norm`; without autograd on the CPU also the down-projection's bias); the backbone
+    chains blocks that way where the norms run as kernels.
     """
 
     def __init__(self, embed_dims: int, reverse: bool, drop_path: float = 0.0, norm_eps: float = 1e-5,
@@ -230,11 +254,13 @@ class ViLBlock(nn.Module):
             return x + out
         return out.add_(x)  # inference: the mixer's output is a new tensor; no extra buffer
 
-    def forward_update(self, x: Tensor, update: Optional[Tensor], grid: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
-        """The stream ``x + update`` (the previous block's update, None for none) and this block's update
-        ``drop_path(mixer(norm(x + update)))``, not yet added."""
+    def forward_update(self, x: Tensor, update: Optional[Update], grid: Tuple[int, int]) -> Tuple[Tensor, Update]:
+        """The stream ``x`` plus the previous block's :data:`Update` (None for none) and this block's update
+        ``drop_path(mixer(norm(...)))``, not yet added."""
         if update is None:
             normed = layer_norm(x, *self._norm_args(x))
         else:
-            x, normed = add_layer_norm(x, update, *self._norm_args(x))
-        return x, self.drop_path(self.mixer(normed, grid))
+            x, normed = add_layer_norm(x, *update, *self._norm_args(x))
+        if torch.is_grad_enabled() or (self.training and self.drop_path.drop_prob > 0):
+            return x, (self.drop_path(self.mixer(normed, grid)), None)
+        return x, self.mixer.forward_deferring_bias(normed, grid)

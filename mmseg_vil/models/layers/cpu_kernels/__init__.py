@@ -15,7 +15,8 @@ and the chunkwise cell (``cell_``, :mod:`..mlstm.chunkwise_inference`) chunk by 
 recurrence, its matrix products BLAS's (``sgemm_`` / ``dgemm_`` as PyTorch's CPU library exports them; where it does
 not, ``blas_found()`` is false and the cell's PyTorch form runs); ``cell_gated_output_`` is the cell with
 ``gated_output_`` as its epilogue (h is not stored). x and z may be the column halves of one up-projection output
-(:func:`rows_strided`), read and written in place.
+(:func:`rows_strided`), read and written in place. Between blocks, ``add_layer_norm_`` adds a block's output, its
+down-projection's bias and the residual stream and normalises the sum for the next block, in one pass.
 
 Built just in time on first use with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; about 10 s on
 two cores) and cached in the torch extensions directory (``TORCH_EXTENSIONS_DIR``); the build's name carries a hash
@@ -32,7 +33,7 @@ import shutil
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -156,6 +157,16 @@ def conv_qkv_gates(x: Tensor, grid, conv_weight: Tensor, conv_bias: Optional[Ten
                    qkv_weight.contiguous(), _contiguous(qkv_bias), reverse, gate_weight.contiguous(),
                    gate_bias.contiguous(), x_conv, qkv, gates)
     return x_conv, qkv, gates
+
+
+def add_layer_norm_(x: Tensor, update: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float,
+                    update_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``update + update_bias + x`` written into ``update`` (a block's output, its down-projection's bias not yet
+    added where ``update_bias`` is given), and ``F.layer_norm`` of it (check :func:`usable` first, and that ``x`` and
+    ``update`` are contiguous): the next block's norm in the same pass as the residual add."""
+    normed = torch.empty_like(x)
+    ops().add_layer_norm_(x, update, _contiguous(update_bias), weight.contiguous(), _contiguous(bias), eps, normed)
+    return update, normed
 
 
 def gated_output_(h: Tensor, x_conv: Tensor, z: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor],

@@ -75,6 +75,20 @@ struct GatedOutputArgs {
   T eps;
 };
 
+// The residual stream between two blocks: update = (update + update_bias) + x in place (as the block's bias add and
+// residual add round it), normed = LayerNorm(update) * weight + bias, rows of `dim` elements.
+template <typename T>
+struct AddNormArgs {
+  const T* x;            // (rows, dim)
+  T* update;             // (rows, dim)
+  const T* update_bias;  // (dim,) or null
+  const T* weight;
+  const T* bias;  // zeros where the norm has none
+  T* normed;      // (rows, dim)
+  int64_t dim;
+  T eps;
+};
+
 // Row-major C (M x N) = alpha op(A) (M x K) op(B) (K x N) + beta C (C not read where beta is 0), op the transpose
 // where trans_a / trans_b, each matrix with its row stride.
 template <typename T>
@@ -436,6 +450,38 @@ void gated_output_(const at::Tensor& h, const std::optional<at::Tensor>& h_scale
   });
 }
 
+// update = (update [+ update_bias]) + x in place and normed = LayerNorm(update) * weight [+ bias] for x, update,
+// normed (..., D) contiguous: a block's residual add (and its down-projection's bias) fused with the next block's norm.
+void add_layer_norm_(const at::Tensor& x, const at::Tensor& update, const std::optional<at::Tensor>& update_bias,
+                     const at::Tensor& weight, const std::optional<at::Tensor>& bias, double eps,
+                     const at::Tensor& normed) {
+  const int64_t dim = x.size(-1);
+  for (const auto* t : {&x, &update, &weight, &normed}) {
+    check_cpu(*t, "every tensor");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->is_contiguous(), "tensors of x's dtype, contiguous");
+  }
+  TORCH_CHECK(update.sizes() == x.sizes() && normed.sizes() == x.sizes() && weight.numel() == dim,
+              "update, normed: x's size; weight: (D,)");
+  for (const auto* vector : {&update_bias, &bias})
+    if (*vector) {
+      check_cpu(**vector, "biases");
+      TORCH_CHECK((*vector)->numel() == dim && (*vector)->is_contiguous() &&
+                      (*vector)->scalar_type() == x.scalar_type(),
+                  "update_bias, bias: (D,) contiguous");
+    }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "add_layer_norm_", [&] {
+    using T = scalar_t;
+    std::vector<T> zeros(bias ? 0 : dim, T(0));
+    const AddNormArgs<T> args{x.data_ptr<T>(), update.data_ptr<T>(),
+                              update_bias ? update_bias->data_ptr<T>() : nullptr, weight.data_ptr<T>(),
+                              bias ? bias->data_ptr<T>() : zeros.data(), normed.data_ptr<T>(), dim,
+                              static_cast<T>(eps)};
+    auto run = pick(KERNEL_VERSIONS(add_layer_norm_rows<T>));
+    at::parallel_for(0, dim ? x.numel() / dim : 0, std::max<int64_t>(1, kGrainWork / (4 * std::max<int64_t>(dim, 1))),
+                     [&](int64_t begin, int64_t end) { run(args, begin, end); });
+  });
+}
+
 // Checks the cell's inputs (see cell_); its sizes (B, NH, steps, DH, n).
 std::array<int64_t, 5> check_cell(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& igate, const at::Tensor& log_f, int64_t length, int64_t block) {
@@ -548,6 +594,10 @@ TORCH_LIBRARY(mmseg_vil_cpu, m) {
       "Tensor qkv_weight, Tensor? qkv_bias, bool reverse, Tensor gate_weight, Tensor gate_bias, Tensor(a!) x_conv, "
       "Tensor(b!) qkv, Tensor(c!) gates) -> ()",
       &mmseg_vil_cpu::conv_qkv);
+  m.def(
+      "add_layer_norm_(Tensor x, Tensor(a!) update, Tensor? update_bias, Tensor weight, Tensor? bias, float eps, "
+      "Tensor(b!) normed) -> ()",
+      &mmseg_vil_cpu::add_layer_norm_);
   m.def(
       "gated_output_(Tensor h, Tensor? h_scale, Tensor x_conv, Tensor(a!) z, Tensor? z_bias, Tensor norm_weight, "
       "Tensor? norm_bias, Tensor skip, float eps) -> ()",

@@ -272,6 +272,32 @@ void gated_output_tokens(const GatedOutputArgs<T>& a, int64_t begin, int64_t end
   }
 }
 
+// Rows [begin, end) of the residual stream (AddNormArgs): the sum in place, then its LayerNorm, mean and variance
+// in two passes over the row in cache.
+template <typename T>
+void add_layer_norm_rows(const AddNormArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t D = a.dim;
+  const T inv_d = T(1) / T(D);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = a.x + r * D;
+    T* __restrict u = a.update + r * D;
+    T* __restrict y = a.normed + r * D;
+    if (a.update_bias)
+      for (int64_t d = 0; d < D; ++d) u[d] = (u[d] + a.update_bias[d]) + x[d];
+    else
+      for (int64_t d = 0; d < D; ++d) u[d] += x[d];
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < D; ++d) sum += u[d];
+    const T mean = sum * inv_d;
+    T squares = 0;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t d = 0; d < D; ++d) squares += (u[d] - mean) * (u[d] - mean);
+    const T rstd = T(1) / std::sqrt(squares * inv_d + a.eps);
+    for (int64_t d = 0; d < D; ++d) y[d] = (u[d] - mean) * rstd * a.weight[d] + a.bias[d];
+  }
+}
+
 // The gates of the chunk from step p0, its steps taken in the cell's direction: running sums of the log forget gates
 // (cum_f), the keys' log-weights key_log = i - cum_f (padding: -inf) and their running max; the keys' max and the
 // chunk's total log forget gate into key_max and chunk_log_f.
