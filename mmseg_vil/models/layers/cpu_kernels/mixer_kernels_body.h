@@ -228,23 +228,31 @@ void conv_qkv_rows(const ConvQkvArgs<T>& a, int64_t row_begin, int64_t row_end) 
   }
 }
 
+// The mean of v's n values and 1 / sqrt(their variance + eps), in two passes over v (in cache).
+template <typename T>
+inline void row_moments(const T* v, int64_t n, T eps, T* mean, T* rstd) {
+  const T inv_n = T(1) / T(n);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += v[i];
+  const T m = sum * inv_n;  // a local: the loop below cannot alias it
+  T squares = 0;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < n; ++i) squares += (v[i] - m) * (v[i] - m);
+  *mean = m;
+  *rstd = T(1) / std::sqrt(squares * inv_n + eps);
+}
+
 // Head hd's channels of one token (xc, z: the token's rows of x_conv and z): z = (LayerNorm(h) * w + b + skip *
 // x_conv) * silu(z [+ z_bias]) for the head's row h (DH).
 template <typename T>
 inline void gate_head(const GatedOutputArgs<T>& a, const T* hv, int64_t hd, const T* xc, T* z) {
   const int64_t DH = a.head_dim, c0 = hd * DH;
-  const T inv_dh = T(1) / T(DH);
   if (a.z_bias)
     for (int64_t d = 0; d < DH; ++d) z[c0 + d] += a.z_bias[c0 + d];
   silu_row(z + c0, z + c0, DH);
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < DH; ++d) sum += hv[d];
-  const T mean = sum * inv_dh;
-  T squares = 0;
-#pragma omp simd reduction(+ : squares)
-  for (int64_t d = 0; d < DH; ++d) squares += (hv[d] - mean) * (hv[d] - mean);
-  const T rstd = T(1) / std::sqrt(squares * inv_dh + a.eps);
+  T mean, rstd;
+  row_moments(hv, DH, a.eps, &mean, &rstd);
   for (int64_t d = 0; d < DH; ++d) {
     const int64_t c = c0 + d;
     const T normed = a.norm_bias[c] + ((hv[d] - mean) * rstd) * a.norm_weight[c];
@@ -272,12 +280,10 @@ void gated_output_tokens(const GatedOutputArgs<T>& a, int64_t begin, int64_t end
   }
 }
 
-// Rows [begin, end) of the residual stream (AddNormArgs): the sum in place, then its LayerNorm, mean and variance
-// in two passes over the row in cache.
+// Rows [begin, end) of the residual stream (AddNormArgs): the sum in place, then its LayerNorm.
 template <typename T>
 void add_layer_norm_rows(const AddNormArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t D = a.dim;
-  const T inv_d = T(1) / T(D);
   for (int64_t r = begin; r < end; ++r) {
     const T* x = a.x + r * D;
     T* __restrict u = a.update + r * D;
@@ -286,14 +292,8 @@ void add_layer_norm_rows(const AddNormArgs<T>& a, int64_t begin, int64_t end) {
       for (int64_t d = 0; d < D; ++d) u[d] = (u[d] + a.update_bias[d]) + x[d];
     else
       for (int64_t d = 0; d < D; ++d) u[d] += x[d];
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < D; ++d) sum += u[d];
-    const T mean = sum * inv_d;
-    T squares = 0;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t d = 0; d < D; ++d) squares += (u[d] - mean) * (u[d] - mean);
-    const T rstd = T(1) / std::sqrt(squares * inv_d + a.eps);
+    T mean, rstd;
+    row_moments(u, D, a.eps, &mean, &rstd);
     for (int64_t d = 0; d < D; ++d) y[d] = (u[d] - mean) * rstd * a.weight[d] + a.bias[d];
   }
 }
