@@ -33,6 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from mmseg_vil.models.layers import norm_ops
 from mmseg_vil.models.layers.mixer_ops import triton_ops
 from mmseg_vil.models.layers.mlstm import fused
 from mmseg_vil.models.layers.mlstm.fused_chunkwise import op as chunkwise_op
@@ -166,6 +167,13 @@ def block_kernels(arch: int, dtype: torch.dtype, batch: int, grid: tuple, dims: 
         triton_ops.gated_output(h, x, z, *norm, 1e-5)
         triton_ops.gated_output_backward_into(x, h, pre, z, *norm, 1e-5, h, x, z, x, x_conv_from_pre=True)
         cell_kernels(cell, chunk, batch, n, inner, heads, dtype)
+        # the block's norm with the previous block's residual add (float32 stream, 16-bit update and output), and its
+        # backward with the stream's gradient added and the update's written
+        stream, stats = empty(batch, n, dims, dtype=torch.float32), empty(batch * n, dtype=torch.float32)
+        norm_params = [empty(dims, dtype=torch.float32) for _ in range(2)]
+        norm_ops.ops._forward(stream, empty(batch, n, dims), *norm_params, 1e-5, dtype)
+        norm_ops.ops._backward_kernel(empty(batch, n, dims), stream, norm_params[0], stats, stats, stream,
+                                      empty(batch, n, dims))
     return lines
 
 
