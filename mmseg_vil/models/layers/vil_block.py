@@ -18,7 +18,7 @@ from .mixer_ops import (conv_qkv, defers_input_biases, gated_output, gated_outpu
 from .mixer_ops.reference import CONV_KINDS, block_diagonal
 from .mlstm import MLSTM_BACKENDS, chunkwise_inference, mlstm, resolve_backend
 from .mlstm.chunkwise import CHUNK_SIZE
-from .norm_ops import add_layer_norm, compute_dtype, layer_norm
+from .norm_ops import add_layer_norm, adds_update_biases, compute_dtype, layer_norm
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -230,7 +230,7 @@ class ViLBlock(nn.Module):
     """``x + drop_path(mixer(norm(x)))``; ``reverse`` selects the traversal direction of the mixer.
 
     :meth:`forward_update` leaves the residual add to the next block, whose norm kernel adds it as it reads the stream
-    (:func:`~.norm_ops.add_layer_norm`; without autograd on the CPU also the down-projection's bias); the backbone
+    (:func:`~.norm_ops.add_layer_norm`; where its kernel takes it, also the down-projection's bias); the backbone
     chains blocks that way where the norms run as kernels.
     """
 
@@ -245,9 +245,13 @@ class ViLBlock(nn.Module):
         # the norm written in the dtype the up-projection runs in (no cast of its output under autocast)
         return self.norm.weight, self.norm.bias, self.norm.eps, compute_dtype(x)
 
+    def _infers(self) -> bool:
+        """Whether the block runs without autograd and without drop-path draws: its output may be added in place."""
+        return not (torch.is_grad_enabled() or (self.training and self.drop_path.drop_prob > 0))
+
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         normed = layer_norm(x, *self._norm_args(x))
-        if torch.is_grad_enabled() or (self.training and self.drop_path.drop_prob > 0):
+        if not self._infers():
             return x + self.drop_path(self.mixer(normed, grid))
         out = self.mixer(normed, grid)
         if out.dtype != x.dtype:  # autocast: a 16-bit mixer output, the residual stream stays in x's dtype
@@ -261,6 +265,6 @@ class ViLBlock(nn.Module):
             normed = layer_norm(x, *self._norm_args(x))
         else:
             x, normed = add_layer_norm(x, *update, *self._norm_args(x))
-        if torch.is_grad_enabled() or (self.training and self.drop_path.drop_prob > 0):
-            return x, (self.drop_path(self.mixer(normed, grid)), None)
-        return x, self.mixer.forward_deferring_bias(normed, grid)
+        if self._infers() and adds_update_biases(x):
+            return x, self.mixer.forward_deferring_bias(normed, grid)
+        return x, (self.drop_path(self.mixer(normed, grid)), None)

@@ -51,8 +51,9 @@ def mixer_core(xz: Tensor, height: int, width: int, conv_weight: Tensor, conv_bi
                chunk_size: int) -> List[Tensor]:
     """The mixer's output ``(B, N, D)`` for the up-projection output ``xz = x_mlstm | z (B, N, 2E)``, then what the
     backward keeps: the down-projection's weight in the activations' dtype (cast once per step, not again in the
-    backward), the cell output ``(B, N, NH, DH)``, the gates ``(B, 2 NH, N)`` and the cell's per-step statistics. The q/k/v projections' and gates' parameters are the modules' own tensors (block-diagonal ``(E / 4, 4,
-    4)`` weights, ``(NH, 3 E)`` gate weights), read by the kernels where they are. ``chunk_size``: 0 runs the cell as
+    backward), the cell output ``(B, N, NH, DH)``, the gates ``(B, 2 NH, N)`` and the cell's per-step statistics. The
+    q/k/v projections' and gates' parameters are the modules' own tensors (block-diagonal ``(E / 4, 4, 4)`` weights,
+    ``(NH, 3 E)`` gate weights), read by the kernels where they are. ``chunk_size``: 0 runs the cell as
     the quadratic tile kernels (``fused``), else as the chunkwise kernels with chunks of that many steps
     (``fused_chunkwise``, linear in the tokens)."""
     x_mlstm, z = xz.chunk(2, dim=-1)

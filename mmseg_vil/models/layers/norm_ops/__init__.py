@@ -48,6 +48,13 @@ def fuses_adds(x: Tensor) -> bool:
     return _runs_kernels(x, compute_dtype(x)) or _cpu_adds(x)
 
 
+def adds_update_biases(x: Tensor) -> bool:
+    """Whether :func:`add_layer_norm` adds an update's bias in the same pass as the residual (the C++ kernel, without
+    autograd on the CPU), so that a block may leave its down-projection's bias to it; elsewhere the bias would cost a
+    pass of its own."""
+    return not torch.is_grad_enabled() and _cpu_adds(x)
+
+
 def add_layer_norm(x: Tensor, update: Tensor, update_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                    eps: float, out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """``x + (update + update_bias)`` (``update_bias``: a bias of the update not yet added, or None) and
@@ -66,4 +73,4 @@ def add_layer_norm(x: Tensor, update: Tensor, update_bias: Optional[Tensor], wei
     return x, layer_norm(x, weight, bias, eps, out_dtype)
 
 
-__all__ = ['add_layer_norm', 'compute_dtype', 'fuses_adds', 'layer_norm']
+__all__ = ['add_layer_norm', 'adds_update_biases', 'compute_dtype', 'fuses_adds', 'layer_norm']
