@@ -115,6 +115,27 @@ def test_backbone_with_residual_adds_in_the_norms_is_the_block_by_block_model(wi
         assert torch.equal(got, want)
 
 
+@pytest.mark.skipif(norm_ops.ops is None or norm_ops.kernels_interpreted(), reason='compiles with Triton for sm_90')
+@pytest.mark.parametrize('dtype', ['fp64', 'fp32'])
+def test_layer_norm_backward_compiles_without_fused_multiply_adds(dtype):
+    """The backward adds the residual stream's gradient with its own rounding, as autograd sums two gradients (the
+    bit-for-bit tests above): the GPU code of its launch (offline, for an H100) holds no contracted multiply-add."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    kernel = norm_ops.ops.kernels.layer_norm_backward_kernel
+    pointers = ('X', 'W', 'MEAN', 'RSTD', 'GRAD_Y', 'GRAD_RES', 'GRAD_X', 'GRAD_UPDATE', 'PARTIAL')
+    constexprs = dict(ADD_GRAD=True, STORE_UPDATE_GRAD=True, ACC=getattr(tl, f'float{dtype[2:]}'),
+                      ROWS=8, BLOCK_D=256, TILES=norm_ops.ops.BACKWARD_TILES)
+    signature = {**{name: f'*{dtype}' for name in pointers}, 'n_rows': 'i32', 'dim': 'i32',
+                 **{name: 'constexpr' for name in constexprs}}
+    options = dict(num_warps=4, **norm_ops.ops.BACKWARD_LAUNCH)
+    ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                         target=GPUTarget('cuda', 90, 32), options=options).asm['ptx']
+    assert re.search(rf'\bmul\.rn\.f{dtype[2:]}', ptx) and not re.search(r'\bfma\.', ptx)
+
+
 def test_layer_norm_without_kernels_is_torchs_in_the_compute_dtype():
     x = torch.randn(2, 5, 24)
     weight, bias = torch.randn(24), torch.randn(24)

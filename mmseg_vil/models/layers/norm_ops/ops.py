@@ -20,6 +20,10 @@ from . import _kernels as kernels
 
 ROW_ELEMENTS = 2048  # elements of a program's (rows, D) tile
 BACKWARD_TILES = 4  # row tiles each backward program walks
+# No fused multiply-adds in the backward: with them the GPU folded the norm's last product into the add of the residual
+# stream's gradient (one rounding where autograd's sum of the two gradients has two), so the fused add's float32/64
+# gradients missed the block-by-block model's bits on the H100 (2026-12-08); the interpreter never fuses.
+BACKWARD_LAUNCH = dict(enable_fp_fusion=False)
 
 
 def _accumulator(dtype: torch.dtype):
@@ -87,7 +91,7 @@ def _backward_kernel(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rs
     kernels.layer_norm_backward_kernel[(programs,)](
         x, weight, mean, rstd, grad_y.contiguous(), None if grad_residual is None else grad_residual.contiguous(),
         grad_x, grad_update, partial, rows, dim, ADD_GRAD=grad_residual is not None,
-        STORE_UPDATE_GRAD=grad_update is not None, TILES=BACKWARD_TILES, **options)
+        STORE_UPDATE_GRAD=grad_update is not None, TILES=BACKWARD_TILES, **options, **BACKWARD_LAUNCH)
     return [grad_x, column_sums(partial.flatten(1)).view(2, dim)]
 
 
