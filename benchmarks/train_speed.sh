@@ -2,7 +2,7 @@
 # tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T on generated ADE20K-layout data (512 crops, batch 16,
 # --amp), the user's path end to end (data loading, MMEngine loop, optimizer wrapper). Usage: train_speed.sh OUT_DIR
 # ITERS (default 60) sets the iterations; CFG, one more --cfg-options entry for both models, e.g.
-# CFG="compile=dict(mode='reduce-overhead')" (CUDA graphs, README "Compiled training").
+# CFG=compile=reduce-overhead (CUDA graphs, README "Compiled training").
 set -u
 out=${1:-work_dirs/train_speed}
 data=$out/ADEChallengeData2016

@@ -168,7 +168,10 @@ def _compile_parts(model: nn.Module, scope: str) -> nn.Module:
 
 
 def _graph_replay(step, warmup: int):
-    """Capture ``step`` in a CUDA graph after ``warmup`` runs on a side stream; returns the replay function."""
+    """Capture ``step`` in a CUDA graph after one run on the current stream (where the model's small constants are
+    cached, :mod:`mmseg_vil.models.layers.constants`) and ``warmup`` runs on a side stream; returns the replay
+    function."""
+    step()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -7,7 +7,9 @@ from mmseg_vil.models.layers.column_sums import column_sums
 from op_log import OpLog
 
 
-def test_full_is_cached_per_value_and_dtype_and_grows_with_the_length():
+def test_full_is_cached_per_value_and_dtype_and_grows_with_the_length(monkeypatch):
+    monkeypatch.setattr(constants, '_CACHE', {})  # other tests' constants out of the way
+    monkeypatch.setattr(constants, '_REPLACED', [])
     like = torch.zeros(3)
     ones = constants.full(5, 1.0, like, torch.float32)
     assert torch.equal(ones, torch.ones(5))
@@ -15,9 +17,12 @@ def test_full_is_cached_per_value_and_dtype_and_grows_with_the_length():
     assert again.data_ptr() == ones.data_ptr() and torch.equal(again, torch.ones(4))  # a view of the same tensor
     assert torch.equal(constants.full(2, 1e-5, like, torch.float64), torch.full((2,), 1e-5, dtype=torch.float64))
     assert constants.full(2, 1.0, like, torch.float64).data_ptr() != ones.data_ptr()  # another dtype, another entry
+    address = ones.data_ptr()
     longer = constants.full(9, 1.0, like, torch.float32)
     assert torch.equal(longer, torch.ones(9))
     assert torch.equal(ones, torch.ones(5))  # views handed out before still hold ones
+    del ones, again  # a captured CUDA graph holds only the address: the module keeps the replaced tensor alive
+    assert any(t.data_ptr() == address for t in constants._REPLACED)
 
 
 def test_nothing_is_cached_while_tracing_and_column_sums_still_add_the_rows():
