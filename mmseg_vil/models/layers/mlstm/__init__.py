@@ -35,8 +35,8 @@ PARALLEL_MAX_LEN = 256
 FUSED_FLOAT32_MAX_HEAD_DIM = 192
 FUSED_FLOAT32_MAX_LEN = 4096
 # From this many steps the chunkwise Triton cell beats the quadratic one in half precision (ViL-T training step, H100,
-# CUDA graphs, 2026-12-07: 63.7 vs 84.1 ms at 4096 tokens, 66.9 vs 228.6 ms at 16384; at 1024 tokens 87.9 vs 44.4 ms
-# on 2026-12-06).
+# CUDA graphs, 2026-12-07: 63.7 vs 84.1 ms at 4096 tokens, 66.9 vs 228.6 ms at 16384); below, the quadratic one wins
+# (2026-12-08: 45.8 vs 43.2 ms at 1024 tokens, batch 32; 21.4 vs 15.6 ms at 196, batch 64).
 FUSED_CHUNKWISE_MIN_LEN = 4096
 
 
