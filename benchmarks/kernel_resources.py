@@ -65,7 +65,7 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict):
                 attrs[(index,)] = [['tt.divisibility', 16]]
         else:
             signature[name] = 'fp32'
-    options = {key: kwargs[key] for key in ('num_warps', 'num_stages', 'maxnreg') if key in kwargs}
+    options = {key: kwargs[key] for key in ('num_warps', 'num_stages', 'maxnreg', 'enable_fp_fusion') if key in kwargs}
     return signature, constexprs, attrs, options
 
 
