@@ -29,7 +29,8 @@
 #   ncu       Nsight Compute metrics (speed of light, occupancy, warp stalls) of each mixer and mLSTM kernel, once
 #   ncuchunk  the same for the chunkwise mLSTM kernels at ViL-T's 2048 px shape (batch 2, 16384 tokens, chunk 64)
 #   train     tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T, 512 crops, batch 16, --amp
-#   traingraphs  the same with compile=reduce-overhead (CUDA graphs of the compiled parts), 40 iterations
+#   traingraphs  the same with compile=reduce-overhead (CUDA graphs of the compiled parts), 30 iterations (the first ~10
+#             compile: about 2 minutes per model)
 #   base      A/B: the ViL-T/DeiT-T 224 training step and the fused mLSTM at ViL shapes (mlstm_kernel_check.py
 #             --vil-shapes) of an older commit, carried as .base.tar (made by `git archive -o .base.tar COMMIT`),
 #             then of this tree, on the same warm machine
@@ -106,7 +107,7 @@ for part in $parts; do
            > "$out/$name.txt" 2>&1; tail -5 "$out/$name.txt" | tee -a "$out/log.txt") \
            || echo "no ncu on this machine" | tee -a "$out/log.txt" ;;
     train) timeout 400 bash benchmarks/train_speed.sh "$out/train" 2>&1 | tail -20 | tee -a "$out/log.txt" ;;
-    traingraphs) CFG=compile=reduce-overhead ITERS=40 timeout 500 bash benchmarks/train_speed.sh \
+    traingraphs) CFG=compile=reduce-overhead ITERS=30 timeout 560 bash benchmarks/train_speed.sh \
              "$out/traingraphs" 2>&1 | tail -20 | tee -a "$out/log.txt"
            rm -rf "$out/traingraphs/ADEChallengeData2016" "$out"/traingraphs/*/*.pth ;;
     base) mkdir -p /tmp/base && tar -xf .base.tar -C /tmp/base && (cd /tmp/base && PYTHONPATH=/tmp/site:/tmp/base \
