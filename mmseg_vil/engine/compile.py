@@ -73,7 +73,8 @@ def compile_parts(model: nn.Module, options: dict) -> list:
         compiled.append(name)
     if not compiled:
         raise ValueError(f'compile: {type(model).__name__} has none of {COMPILED_PARTS} to compile')
-    where = ' for training steps (evaluation runs eagerly)' if training_only else ''
+    where = (' for training steps only (evaluation and inference run eagerly; compile=True compiles them too)'
+             if training_only else '')
     print_log(f'compile: torch.compile({options}) on {", ".join(compiled)}{where} (not on train_step); the first '
               'iterations are slow while it compiles', logger='current')
     return compiled
