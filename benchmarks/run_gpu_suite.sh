@@ -49,7 +49,9 @@ for part in $parts; do
     tests|celltests) files="tests/test_norm_ops.py tests/test_mixer_ops.py tests/test_vil_mixer.py"
              [ "$part" = celltests ] && files="tests/test_mlstm_fused_chunkwise.py tests/test_mlstm_backends.py"
              # -v: each test's name and outcome as it ends, so that a run cut off by the time limit still names them
-             MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 540 python3 -m pytest -v -rf -p no:cacheprovider $files \
+             # -n 8 (pytest-xdist, carried in .whl/): most of a test's time is Triton compiling, on the host's CPUs
+             workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+             MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 540 python3 -m pytest -v -rf -p no:cacheprovider $workers $files \
              -k "not interpreter" 2>&1 | tee "$out/$part.txt" | grep -E "FAILED|ERROR|passed|failed" | grep -v PASSED \
              | tail -25 | tee -a "$out/log.txt" ;;
     quick) timeout 300 $bench --models vil-t deit-t --sizes 224 512 1024 --batch 224=64 512=32 1024=8 \
