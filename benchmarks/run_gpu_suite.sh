@@ -25,7 +25,8 @@
 #   chunksweep  launch options of the chunkwise kernels (MMSEG_VIL_CHUNKWISE_LAUNCH, one process each): error at
 #             N=4096 and CUDA-graph ms at ViL-T 2048 px and N=4096 against SDPA, GPU us per kernel
 #   host      where the eager ViL-T step's host time goes (profile_vil_step.py --host-variants) at 224 b64 and 2048 b2
-#   profile   per-kernel GPU time of a ViL-T training step (224, batch 64), PyTorch's kernels by launch site
+#   profile   per-kernel GPU time of a ViL-T training step (224 batch 64, 512 batch 32), PyTorch's kernels by launch
+#             site
 #   ncu       Nsight Compute metrics (speed of light, occupancy, warp stalls) of each mixer and mLSTM kernel, once
 #   ncuchunk  the same for the chunkwise mLSTM kernels at ViL-T's 2048 px shape (batch 2, 16384 tokens, chunk 64)
 #   train     tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T, 512 crops, batch 16, --amp
@@ -34,6 +35,8 @@
 #   base      A/B: the ViL-T/DeiT-T 224 training step and the fused mLSTM at ViL shapes (mlstm_kernel_check.py
 #             --vil-shapes) of an older commit, carried as .base.tar (made by `git archive -o .base.tar COMMIT`),
 #             then of this tree, on the same warm machine
+# Environment: PART_TIMEOUT overrides the time limit (s) of tests, celltests and traingraphs, ITERS the iterations of
+# traingraphs, so that parts can share one call of the lent machine.
 set -u
 out=${1:-work_dirs/gpu_suite}
 shift
@@ -51,7 +54,7 @@ for part in $parts; do
              # -v: each test's name and outcome as it ends, so that a run cut off by the time limit still names them
              # -n 8 (pytest-xdist, carried in .whl/): most of a test's time is Triton compiling, on the host's CPUs
              workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-             MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout 540 python3 -m pytest -v -rf -p no:cacheprovider $workers $files \
+             MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout ${PART_TIMEOUT:-540} python3 -m pytest -v -rf -p no:cacheprovider $workers $files \
              -k "not interpreter" 2>&1 | tee "$out/$part.txt" | grep -E "FAILED|ERROR|passed|failed" | grep -v PASSED \
              | tail -25 | tee -a "$out/log.txt" ;;
     quick) timeout 300 $bench --models vil-t deit-t --sizes 224 512 1024 --batch 224=64 512=32 1024=8 \
@@ -100,8 +103,9 @@ for part in $parts; do
     host) for shape in "224 64" "2048 2"; do set -- $shape
             timeout 150 python3 benchmarks/profile_vil_step.py --host-variants --size $1 --batch $2 \
               --out "$out/host_variants.txt" 2>&1 | grep "ms to issue" | tee -a "$out/log.txt"; done ;;
-    profile) timeout 120 python3 benchmarks/profile_vil_step.py --size 224 --batch 64 --out "$out/profile.txt" \
-             2>&1 | tail -45 | tee -a "$out/log.txt" ;;
+    profile) for shape in "224 64" "512 32"; do set -- $shape
+               timeout 120 python3 benchmarks/profile_vil_step.py --size $1 --batch $2 --out "$out/profile_$1.txt" \
+               2>&1 | tail -45 | tee -a "$out/log.txt"; done ;;
     ncu|ncuchunk) ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null \
            | head -1)
          args=; name=ncu; [ "$part" = ncuchunk ] && args="--chunkwise 64" && name=ncu_chunkwise
@@ -111,7 +115,7 @@ for part in $parts; do
            > "$out/$name.txt" 2>&1; tail -5 "$out/$name.txt" | tee -a "$out/log.txt") \
            || echo "no ncu on this machine" | tee -a "$out/log.txt" ;;
     train) timeout 400 bash benchmarks/train_speed.sh "$out/train" 2>&1 | tail -20 | tee -a "$out/log.txt" ;;
-    traingraphs) CFG=compile=reduce-overhead ITERS=30 timeout 560 bash benchmarks/train_speed.sh \
+    traingraphs) CFG=compile=reduce-overhead ITERS=${ITERS:-30} timeout ${PART_TIMEOUT:-560} bash benchmarks/train_speed.sh \
              "$out/traingraphs" 2>&1 | tail -20 | tee -a "$out/log.txt"
            rm -rf "$out/traingraphs/ADEChallengeData2016" "$out"/traingraphs/*/*.pth ;;
     base) mkdir -p /tmp/base && tar -xf .base.tar -C /tmp/base && (cd /tmp/base && PYTHONPATH=/tmp/site:/tmp/base \
