@@ -65,10 +65,12 @@ def main():
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by='cuda_time_total', row_limit=30)
     kernels = kernel_table(prof, steps=2)
+    blocks = block_table(prof, steps=2, depth=len(model.layers))
     sites = launch_sites(prof, steps=2)
     with open(args.out, 'a') as f:
-        f.write(f'\n### {vars(args)}\n{table}\n\n{kernels}\n\n{sites}\n')
+        f.write(f'\n### {vars(args)}\n{table}\n\n{kernels}\n\n{blocks}\n\n{sites}\n')
     print(kernels)
+    print(blocks)
     print(sites)
 
 
@@ -134,6 +136,38 @@ def kernel_table(prof, steps: int, rows: int = 40) -> str:
              '| us per step | share | launches per step | kernel |', '| --- | --- | --- | --- |']
     for name, us in sorted(totals.items(), key=lambda item: -item[1])[:rows]:
         lines.append(f'| {us:.0f} | {us / step_us:.1%} | {calls[name] // steps} | {name[:110]} |')
+    return '\n'.join(lines)
+
+
+# The parts of a block, by kernel name: the first pattern a kernel's name contains decides (RESULTS.md's per-block
+# tables). Ours by their Triton names, the GEMMs by cuBLAS's, PyTorch's own by its namespace.
+BLOCK_PARTS = (('mLSTM cell', ('mlstm_',)), ('conv + q/k/v forward (and its recomputation)', ('conv_qkv_forward',)),
+               ('conv + q/k/v backward, launch 1', ('conv_qkv_backward',)),
+               ('conv input gradient, launch 2', ('conv_qkv_input_grad',)), ('conv gate gradients, launch 3',
+                                                                              ('conv_qkv_gate_grad',)),
+               ('gated output forward + backward', ('gated_output',)), ('LayerNorm forward + backward', ('layer_norm',)),
+               ('column sums (GEMV)', ('gemv',)), ('GEMMs', ('nvjet', 'gemm', 'cutlass', 'splitKreduce', 'xmma')),
+               ('PyTorch elementwise, reductions, copies', ('at::', 'Memcpy', 'Memset')))
+
+
+def block_table(prof, steps: int, depth: int) -> str:
+    """GPU time per step and per block (the step's time over the blocks) of each part of a block (BLOCK_PARTS; the
+    rest, e.g. the patch embedding's convolution, as 'other')."""
+    totals, calls = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            part = next((name for name, patterns in BLOCK_PARTS if any(p in event.name for p in patterns)), 'other')
+            totals[part] += event.device_time_total / steps
+            calls[part] += 1
+    lines = [f'Per block ({depth} blocks; the step\'s time of each part over the blocks)',
+             '| part | us per block | launches per block | us per step |', '| --- | --- | --- | --- |']
+    for part in [name for name, _ in BLOCK_PARTS] + ['other']:
+        if part in totals:
+            lines.append(f'| {part} | {totals[part] / depth:.0f} | {calls[part] / steps / depth:.1f} | '
+                         f'{totals[part]:.0f} |')
+    step_us = sum(totals.values())
+    lines.append(f'| **step** | **{step_us / depth:.0f}** | {sum(calls.values()) / steps / depth:.1f} | '
+                 f'{step_us:.0f} |')
     return '\n'.join(lines)
 
 
