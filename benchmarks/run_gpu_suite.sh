@@ -52,7 +52,7 @@ for part in $parts; do
     tests|celltests) files="tests/test_norm_ops.py tests/test_mixer_ops.py tests/test_vil_mixer.py"
              [ "$part" = celltests ] && files="tests/test_mlstm_fused_chunkwise.py tests/test_mlstm_backends.py"
              # -v: each test's name and outcome as it ends, so that a run cut off by the time limit still names them
-             # -n 8 (pytest-xdist, carried in .whl/): most of a test's time is Triton compiling, on the host's CPUs
+             # -n 8 (pytest-xdist, in the lent machine's image): most of a test's time is Triton compiling, on the host's CPUs
              workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
              MMSEG_VIL_FUSED_CHUNKWISE_CUDA=1 timeout ${PART_TIMEOUT:-540} python3 -m pytest -v -rf -p no:cacheprovider $workers $files \
              -k "not interpreter" 2>&1 | tee "$out/$part.txt" | grep -E "FAILED|ERROR|passed|failed" | grep -v PASSED \
