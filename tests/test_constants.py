@@ -10,11 +10,13 @@ from op_log import OpLog
 def test_full_is_cached_per_value_and_dtype_and_grows_with_the_length(monkeypatch):
     monkeypatch.setattr(constants, '_CACHE', {})  # other tests' constants out of the way
     monkeypatch.setattr(constants, '_REPLACED', [])
+    monkeypatch.setattr(constants, '_VIEWS', {})
     like = torch.zeros(3)
     ones = constants.full(5, 1.0, like, torch.float32)
     assert torch.equal(ones, torch.ones(5))
     again = constants.full(4, 1.0, like, torch.float32)
     assert again.data_ptr() == ones.data_ptr() and torch.equal(again, torch.ones(4))  # a view of the same tensor
+    assert constants.full(4, 1.0, like, torch.float32) is again  # the view itself is kept: no slice per call
     assert torch.equal(constants.full(2, 1e-5, like, torch.float64), torch.full((2,), 1e-5, dtype=torch.float64))
     assert constants.full(2, 1.0, like, torch.float64).data_ptr() != ones.data_ptr()  # another dtype, another entry
     address = ones.data_ptr()

@@ -18,6 +18,8 @@ from .custom_op import runs_directly
 
 _CACHE: Dict[Tuple[float, torch.dtype, torch.device], Tensor] = {}
 _REPLACED: List[Tensor] = []  # shorter constants that longer ones replaced, kept alive for the graphs that read them
+# The views handed out, per length: a slice is a dispatch on the host, which an eager GPU step waits for
+_VIEWS: Dict[Tuple[float, torch.dtype, torch.device, int], Tensor] = {}
 
 
 def full(length: int, value: float, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -26,9 +28,13 @@ def full(length: int, value: float, like: Tensor, dtype: torch.dtype) -> Tensor:
     if not runs_directly((like,)):
         return torch.full((length,), value, dtype=dtype, device=like.device)
     key = (value, dtype, like.device)
+    view = _VIEWS.get(key + (length,))
+    if view is not None:
+        return view
     cached = _CACHE.get(key)
     if cached is not None and len(cached) >= length:
-        return cached[:length]
+        view = _VIEWS[key + (length,)] = cached[:length]
+        return view
     fresh = torch.full((length,), value, dtype=dtype, device=like.device)
     if _may_cache(like):
         if cached is not None:

@@ -33,7 +33,7 @@ MLSTM_EPS = 1e-6  # the cell's normaliser eps (the official default)
 
 def _split_heads(qkv: Tensor, heads: int) -> List[Tensor]:
     """``(B, N, 3E)`` -> q, k, v as ``(B, NH, N, DH)`` views."""
-    return [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
+    return [t.view(*t.shape[:-1], heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
 
 
 def _projections(q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor, k_bias: Tensor, v_bias: Tensor,
@@ -121,7 +121,7 @@ def mixer_core_backward(grad_y: Tensor, xz: Tensor, height: int, width: int, con
     # share to the q | k | v gradient as it reads it.
     grad_qkv, grad_gates = torch.empty_like(qkv), torch.empty_like(gates)
     q_k_v, igate_fgate = _split_heads(qkv, heads), gates.chunk(2, dim=1)
-    grad_q_k_v = [t.unflatten(-1, (heads, -1)) for t in grad_qkv.chunk(3, dim=-1)]
+    grad_q_k_v = [t.view(*t.shape[:-1], heads, -1) for t in grad_qkv.chunk(3, dim=-1)]
     if chunk_size:
         chunkwise_mlstm.backward_kernels_into(grad_h, *q_k_v, *igate_fgate, h, stats, MLSTM_EPS, chunk_size, reverse,
                                               *grad_q_k_v, *(g.transpose(1, 2) for g in grad_gates.chunk(2, dim=1)))
@@ -159,7 +159,9 @@ def _backward(ctx, grads):
     if grad_y is None:
         grad_y = torch.zeros(*xz.shape[:2], len(params[-2]), dtype=xz.dtype, device=xz.device)
     grad_xz, flat = mixer_core_backward(grad_y, xz, height, width, *params, down_cast, h, gates, stats, *options)
-    param_grads = (g.view(p.shape).to(p.dtype) for g, p in zip(flat.split([p.numel() for p in params]), params))
+    # .to only where a dtype differs: each call is a dispatch on the host that the eager GPU step waits for
+    param_grads = (g.view(p.shape) if g.dtype == p.dtype else g.view(p.shape).to(p.dtype)
+                   for g, p in zip(flat.split([p.numel() for p in params]), params))
     return grad_xz, None, None, *param_grads, *(None for _ in options)
 
 
