@@ -1,7 +1,9 @@
 """Count what one ViL training step launches on the GPU path, on a machine without a GPU: the Triton kernels (run by
 the interpreter as no-ops) and PyTorch's compute ops (each one kernel launch on CUDA: products, casts, copies, sums,
 fills), per step and per block, by kernel and by the line that issued it. Also times the step's host work (float
-shapes too small to compute much; the Triton launches skipped), the part that an eager GPU step waits for.
+shapes too small to compute much; the Triton launches skipped), the part that an eager GPU step waits for, and
+counts the ATen calls made from outside ATen (views and no-op casts included: on the GPU machine's host each costs
+several microseconds).
 
     python benchmarks/count_launches.py [--blocks 24] [--sites]
 
@@ -80,6 +82,10 @@ def main():
     with profile(activities=[ProfilerActivity.CPU], with_stack=args.sites) as prof:
         step()
     torch_ops, sites = collections.Counter(), collections.Counter()
+    # every ATen call made from outside ATen (views and no-op casts too): each is a dispatch the host pays for
+    dispatches = sum(event.name.startswith('aten::') and not (event.cpu_parent is not None and
+                                                             event.cpu_parent.name.startswith('aten::'))
+                     for event in prof.events())
     for event in prof.events():
         if event.name.startswith('aten::') and event.name[6:] in COMPUTE_OPS and _outermost_compute(event):
             torch_ops[event.name[6:]] += 1
@@ -88,7 +94,7 @@ def main():
     total_triton, total_torch = sum(triton_launches.values()), sum(torch_ops.values())
     print(f'ViL, {args.blocks} blocks, one training step (bf16 autocast): {total_triton + total_torch} launches, '
           f'{(total_triton + total_torch) / args.blocks:.1f} per block; host time {min(times) * 1e3:.1f} ms '
-          f'(best of {len(times)}, 1 thread, launches skipped)')
+          f'(best of {len(times)}, 1 thread, launches skipped); {dispatches} ATen calls')
     print(f'Triton {total_triton} ({total_triton / args.blocks:.1f} per block):', dict(triton_launches.most_common()))
     print(f'PyTorch {total_torch} ({total_torch / args.blocks:.1f} per block):', dict(torch_ops.most_common()))
     for (name, site), count in sites.most_common():
