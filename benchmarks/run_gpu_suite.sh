@@ -29,6 +29,8 @@
 #             site
 #   ncu       Nsight Compute metrics (speed of light, occupancy, warp stalls) of each mixer and mLSTM kernel, once
 #   ncuchunk  the same for the chunkwise mLSTM kernels at ViL-T's 2048 px shape (batch 2, 16384 tokens, chunk 64)
+#   casts     float32-output products for the projections' gradients and one _foreach_copy_ for the weight casts
+#             against today's product + cast and one cast each (cast_launch_check.py; under a minute)
 #   train     tools/train.py seconds per iteration, UperNet ViL-T vs DeiT-T, 512 crops, batch 16, --amp
 #   traingraphs  the same with compile=reduce-overhead (CUDA graphs of the compiled parts), 30 iterations (the first ~10
 #             compile: about 2 minutes per model)
@@ -114,6 +116,7 @@ for part in $parts; do
            --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis python3 ncu_mixer_kernels.py $args \
            > "$out/$name.txt" 2>&1; tail -5 "$out/$name.txt" | tee -a "$out/log.txt") \
            || echo "no ncu on this machine" | tee -a "$out/log.txt" ;;
+    casts) timeout 120 python3 benchmarks/cast_launch_check.py 2>&1 | tail -8 | tee -a "$out/log.txt" ;;
     train) timeout 400 bash benchmarks/train_speed.sh "$out/train" 2>&1 | tail -20 | tee -a "$out/log.txt" ;;
     traingraphs) CFG=compile=reduce-overhead ITERS=${ITERS:-30} timeout ${PART_TIMEOUT:-560} bash benchmarks/train_speed.sh \
              "$out/traingraphs" 2>&1 | tail -20 | tee -a "$out/log.txt"
