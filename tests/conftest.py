@@ -1,7 +1,19 @@
 import pytest
 import torch
 
+import interpreted_runs
 import mmseg_vil  # noqa: F401  (applies the compat fixes and registers the models before any test imports mmseg)
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m deselected tests
+def pytest_collection_modifyitems(session, config, items):
+    """Start the interpreter runs of the selected tests that will run (tests/interpreted_runs.py)."""
+    interpreted_runs.start(item.name for item in items if item.name in interpreted_runs.RUNS
+                           and not any(mark.args and mark.args[0] for mark in item.iter_markers('skipif')))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    interpreted_runs.stop()
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -4,11 +4,8 @@ Output and every gradient in float64 (tight) and float32, both traversal directi
 that are not multiples of any tile. On a CPU-only machine the kernels run under ``TRITON_INTERPRET=1`` in a
 subprocess (the variable must be set before the kernels are decorated).
 """
-import os
-import re
-import subprocess
-import sys
 
+import interpreted_runs
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,13 +199,8 @@ def test_mixer_core_under_activation_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.skipif(KERNEL_DEVICE is not None, reason='the kernel tests run in this process')
 def test_mixer_kernels_under_triton_interpreter():
-    result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k',
-         'match_reference or mixer_core'],
-        env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    assert re.fullmatch(r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*', summary), summary
+    interpreted_runs.check('test_mixer_kernels_under_triton_interpreter',
+                           r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*')  # none skipped
 
 
 def _mixer_case(reverse: bool, backend: str = 'fused'):

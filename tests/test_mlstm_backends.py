@@ -17,11 +17,8 @@ the chunkwise form, on the same views, to copy q, k and v once (into its chunk l
 import contextlib
 import functools
 import math
-import os
-import re
-import subprocess
-import sys
 
+import interpreted_runs
 import pytest
 import torch
 import torch.nn.functional as F
@@ -528,13 +525,8 @@ def test_fused_backend_under_triton_interpreter():
     """Every test_fused_backend_matches_reference*, test_fused_kernels_* and fused test_backbone_* test, interpreted;
     none may be skipped. (The other backends' backbone tests run in this process; interpreted they only repeat the
     mixer kernels the fused cases run, at half a minute each.)"""
-    result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__,
-         '-k', 'test_fused_backend_matches_reference or test_fused_kernels_ or (test_backbone_ and fused)'],
-        env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    assert re.fullmatch(r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*', summary), summary  # none skipped
+    interpreted_runs.check('test_fused_backend_under_triton_interpreter',
+                           r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*')  # none skipped
 
 
 # ---------------------------------------------------------------------------------------------- whole backbone

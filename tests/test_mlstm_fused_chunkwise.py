@@ -10,11 +10,9 @@ validation run, every dtype). Sizes are small because the interpreter is slow.
 """
 import contextlib
 import functools
-import os
 import re
-import subprocess
-import sys
 
+import interpreted_runs
 import pytest
 import torch
 
@@ -438,9 +436,5 @@ def test_float32_refused_on_cuda_half_precision_taken():
 @pytest.mark.skipif('fused_chunkwise' not in MLSTM_BACKENDS, reason='needs Triton')
 @pytest.mark.skipif(FUSED_DEVICE == 'cpu', reason='the kernel tests run in this process')
 def test_kernels_under_triton_interpreter():
-    result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k', 'test_kernel_'],
-        env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=900)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    assert re.fullmatch(r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*', summary), summary  # none skipped
+    interpreted_runs.check('test_kernels_under_triton_interpreter',
+                           r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*')  # none skipped
