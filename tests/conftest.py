@@ -7,7 +7,10 @@ import mmseg_vil  # noqa: F401  (applies the compat fixes and registers the mode
 
 @pytest.hookimpl(trylast=True)  # after -k and -m deselected tests
 def pytest_collection_modifyitems(session, config, items):
-    """Start the interpreter runs of the selected tests that will run (tests/interpreted_runs.py)."""
+    """Start the interpreter runs of the selected tests that will run (tests/interpreted_runs.py); not in
+    pytest-xdist's workers, each of which collects every test: there a test starts its run when it runs."""
+    if hasattr(config, 'workerinput'):
+        return
     interpreted_runs.start(item.name for item in items if item.name in interpreted_runs.RUNS
                            and not any(mark.args and mark.args[0] for mark in item.iter_markers('skipif')))
 
