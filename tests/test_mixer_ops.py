@@ -199,8 +199,7 @@ def test_mixer_core_under_activation_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.skipif(KERNEL_DEVICE is not None, reason='the kernel tests run in this process')
 def test_mixer_kernels_under_triton_interpreter():
-    interpreted_runs.check('test_mixer_kernels_under_triton_interpreter',
-                           r'\d+ passed(, \d+ deselected)?(, \d+ warnings?)? in .*')  # none skipped
+    interpreted_runs.check('test_mixer_kernels_under_triton_interpreter')
 
 
 def _mixer_case(reverse: bool, backend: str = 'fused'):

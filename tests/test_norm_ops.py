@@ -147,5 +147,4 @@ def test_layer_norm_without_kernels_is_torchs_in_the_compute_dtype():
 
 @pytest.mark.skipif(KERNEL_DEVICE is not None or norm_ops.ops is None, reason='the kernel tests run in this process')
 def test_layer_norm_kernels_under_triton_interpreter():
-    interpreted_runs.check('test_layer_norm_kernels_under_triton_interpreter',
-                           r'\d+ passed(, \d+ skipped)?(, \d+ warnings?)? in .*')  # this test itself is skipped there
+    interpreted_runs.check('test_layer_norm_kernels_under_triton_interpreter')
