@@ -141,13 +141,18 @@ def kernel_table(prof, steps: int, rows: int = 40) -> str:
 
 # The parts of a block, by kernel name: the first pattern a kernel's name contains decides (RESULTS.md's per-block
 # tables). Ours by their Triton names, the GEMMs by cuBLAS's, PyTorch's own by its namespace.
-BLOCK_PARTS = (('mLSTM cell', ('mlstm_',)), ('conv + q/k/v forward (and its recomputation)', ('conv_qkv_forward',)),
-               ('conv + q/k/v backward, launch 1', ('conv_qkv_backward',)),
-               ('conv input gradient, launch 2', ('conv_qkv_input_grad',)), ('conv gate gradients, launch 3',
-                                                                              ('conv_qkv_gate_grad',)),
-               ('gated output forward + backward', ('gated_output',)), ('LayerNorm forward + backward', ('layer_norm',)),
-               ('column sums (GEMV)', ('gemv',)), ('GEMMs', ('nvjet', 'gemm', 'cutlass', 'splitKreduce', 'xmma')),
-               ('PyTorch elementwise, reductions, copies', ('at::', 'Memcpy', 'Memset')))
+BLOCK_PARTS = (
+    ('mLSTM cell', ('mlstm_',)),
+    ('conv + q/k/v forward (and its recomputation)', ('conv_qkv_forward',)),
+    ('conv + q/k/v backward, launch 1', ('conv_qkv_backward',)),
+    ('conv input gradient, launch 2', ('conv_qkv_input_grad',)),
+    ('conv gate gradients, launch 3', ('conv_qkv_gate_grad',)),
+    ('gated output forward + backward', ('gated_output',)),
+    ('LayerNorm forward + backward', ('layer_norm',)),
+    ('column sums (GEMV)', ('gemv',)),
+    ('GEMMs', ('nvjet', 'gemm', 'cutlass', 'splitKreduce', 'xmma')),
+    ('PyTorch elementwise, reductions, copies', ('at::', 'Memcpy', 'Memset')),
+)
 
 
 def block_table(prof, steps: int, depth: int) -> str:
